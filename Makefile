@@ -1,0 +1,88 @@
+# landmarks: every stage is a target; `make predict` and `make test` are all a fresh clone needs.
+# Stage commands skip work that is already done (fingerprinted shards), so reruns are cheap.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+DEMO_DIR    ?= data/demo
+DATA_DIR    ?= $(DEMO_DIR)
+WORK_DIR    ?= work
+DEFAULT_MODEL := models/default
+MODEL       ?= $(DEFAULT_MODEL)
+SUBMISSION  ?= submission/submission.csv
+SHARDS      ?= 4
+JOBS        ?= 2
+SCHEDULER   ?=
+CONFIG      ?=
+SET         ?=
+HOLDOUT_DIR ?= data/holdout
+TRAINED_MODEL ?= models/trained
+
+BIN  := $(VENV)/bin
+LM   := $(BIN)/landmarks
+COMMON = --data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --model $(MODEL) --submission $(SUBMISSION) \
+         $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+INSTALLED := $(VENV)/.installed
+# Generated inputs are built only when the defaults are in use.
+DATA_DEPS  := $(if $(filter $(DEMO_DIR),$(DATA_DIR)),$(DEMO_DIR)/.complete)
+MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_model.pb)
+
+.PHONY: help install demo-data model train features predict validate holdout import bench notebooks docs test clean
+
+help:
+	@echo "make predict   - demo data + default model + features + kNN + verification -> $(SUBMISSION)"
+	@echo "make test      - install and run the test suite"
+	@echo "other targets: install demo-data model train features validate holdout import bench notebooks docs clean"
+
+install: $(INSTALLED)
+$(INSTALLED): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo-data: $(DEMO_DIR)/.complete
+$(DEMO_DIR)/.complete: | $(INSTALLED)
+	$(LM) demo-data --out $(DEMO_DIR) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+
+model: $(DEFAULT_MODEL)/saved_model.pb
+$(DEFAULT_MODEL)/saved_model.pb: | $(INSTALLED)
+	$(LM) model build --out $(DEFAULT_MODEL) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
+
+train: $(INSTALLED) $(DATA_DEPS)
+	$(LM) train $(COMMON) --out $(TRAINED_MODEL)
+
+features: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
+	$(LM) features $(COMMON) --split train --shards $(SHARDS) --jobs $(JOBS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+	$(LM) features $(COMMON) --split test --shards $(SHARDS) --jobs $(JOBS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+
+predict: features
+	$(LM) predict $(COMMON)
+
+validate: predict
+	$(LM) validate $(COMMON)
+
+holdout: $(INSTALLED) $(DATA_DEPS)
+	$(LM) holdout --data-dir $(DATA_DIR) --out $(HOLDOUT_DIR)
+
+# Import the shared real photo sets (Paris + multiview scenes as landmarks, products as distractors).
+SHARED_DATA ?= ../shared/data
+IMPORT_DIR  ?= data/shared
+import: $(INSTALLED)
+	$(LM) import $(SHARED_DATA)/paris6k_subset/LABELS.csv $(SHARED_DATA)/multiview_scenes/LABELS.csv \
+	    --distractors $(SHARED_DATA)/distractors_products/LABELS.csv --out $(IMPORT_DIR)
+
+bench: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
+	$(LM) bench $(COMMON)
+
+notebooks: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
+	$(BIN)/python -m landmarks.notebooks --out $(WORK_DIR)/notebooks
+
+docs: predict
+	$(LM) show --docs $(COMMON) --out docs/show_example.png
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(WORK_DIR) $(SUBMISSION)

@@ -1,0 +1,5 @@
+"""landmarks: instance-level landmark recognition (Google Landmark Recognition task).
+
+Stages (one module each): data -> extract/store -> knn -> verify -> predict -> metrics/validate.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from landmarks.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""One typed configuration for every stage.
+
+The dataclass tree below holds every tunable of the pipeline.  It is loaded from a
+YAML/TOML file (``--config``) and then overridden by ``section.key=value`` strings from
+the command line (``--set verify.num_to_rerank=100``).  Each stage hashes the section(s)
+it depends on into the fingerprint of its outputs, so a changed setting redoes exactly
+the stages it affects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+@dataclass
+class ExtractConfig:
+    """DELG feature extraction (`make features`)."""
+
+    image_scales: tuple = (0.7071, 1.0, 1.4142)  # scales fed to the model (input_scales)
+    global_scales_ind: tuple = (0, 1, 2)  # which scales produce global descriptors
+    max_feature_num: int = 1000  # local features kept per image (by score)
+    abs_thres: float = 0.0  # attention/score threshold for local features (<=0: model's own default)
+    max_image_size: int = 1024  # long side is resized down to this before the model
+    max_image_pixels: int = 120_000_000  # decompression-bomb guard: bigger images are refused
+    train_local: bool = False  # extract local features for all train images up front
+    shards: int = 4  # shards per split
+    jobs: int = 2  # parallel worker processes (joblib)
+    scheduler: str = ""  # dask scheduler address (tcp://host:8786); empty = local joblib
+    local_dtype: str = "float16"  # storage dtype of local descriptors
+    intra_op_threads: int = 0  # TF threads per worker (0 = cores / jobs)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of models built or trained here (`make model`, `make train`)."""
+
+    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet50 | resnet101 | tiny
+    init: str = "imagenet"  # imagenet | random
+    global_dim: int = 1280  # FC whitening output (2048 for R50)
+    local_dim: int = 128  # autoencoder / projection size of local descriptors
+    gem_p: float = 3.0
+    gem_trainable: bool = False
+    arcface_margin: float = 0.1
+    arcface_scale: float = 0.0  # 0 -> sqrt(global_dim)
+    default_abs_thres: float = 0.0  # score threshold baked into the zero-training export (0 = auto)
+    local_projection: str = "pca_imagenet"  # how the zero-training model maps activations to 128-d
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning (`make train`); reference settings from the DELG paper."""
+
+    steps: int = 300
+    batch_size: int = 16
+    crop_size: int = 224
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    clip_norm: float = 10.0
+    attention_loss_weight: float = 1.0
+    reconstruction_loss_weight: float = 10.0
+    class_balanced: bool = True
+    checkpoint_every: int = 50
+    mixed_precision: bool = False
+    freeze_backbone: bool = False
+    seed: int = 0
+
+
+@dataclass
+class WhitenConfig:
+    """Dataset-specific learned post-processing fitted on the train split."""
+
+    global_pca: bool = False  # PCA-whitening of global descriptors
+    global_pca_dim: int = 0  # 0 = keep dimension
+    local_pca: bool = False  # PCA of local descriptors
+    local_pca_dim: int = 128
+
+
+@dataclass
+class KnnConfig:
+    """Global retrieval (`landmarks.knn`)."""
+
+    k: int = 100
+    index: str = "exact"  # exact | ivf | hnsw | numpy
+    chunk_size: int = 4096  # queries per block
+    ivf_nlist: int = 0  # 0 = 4*sqrt(N)
+    ivf_nprobe: int = 16
+    hnsw_m: int = 32
+    dba_k: int = 0  # database-side augmentation neighbours (0 = off)
+    qe_k: int = 0  # alpha query expansion neighbours (0 = off)
+    qe_alpha: float = 3.0
+
+
+@dataclass
+class VerifyConfig:
+    """Local-feature geometric verification (`landmarks.verify`)."""
+
+    enabled: bool = True
+    num_to_rerank: int = 10
+    matcher: str = "mutual"  # mutual | kdtree
+    kdtree_distance: float = 0.9  # host baseline distance bound (unit descriptors)
+    mutual_min_sim: float = 0.0  # minimum cosine similarity of a mutual-NN match
+    ratio: float = 1.0  # Lowe ratio test on similarities' distances (1.0 = off)
+    model: str = "homography"  # homography | fundamental
+    reproj_threshold: float = 4.0
+    confidence: float = 0.99
+    max_iters: int = 1000
+    min_matches: int = 4  # fewer matches than this -> 0 inliers
+    seed: int = 0
+    jobs: int = 2
+
+
+@dataclass
+class VoteConfig:
+    """Turning neighbours (+ inliers) into one label and confidence per test image."""
+
+    method: str = "sum_power"  # sum_power | host
+    top_k: int = 5  # neighbours per label that count
+    power: float = 3.0  # similarity exponent for sum_power
+    inlier_cap: int = 70  # host formula: min(inliers, cap) / cap
+    inlier_weight: float = 1.0  # weight of the inlier term in the default formula
+    suppression: str = "none"  # none | test | distractors
+    distractors_csv: str = ""  # CSV of known non-landmark image ids/paths for suppression
+    suppression_k: int = 10
+    suppression_weight: float = 1.0
+
+
+@dataclass
+class DemoConfig:
+    """Synthetic demo dataset (`make demo-data`)."""
+
+    seed: int = 0
+    num_landmarks: int = 40
+    views_per_landmark: int = 10
+    test_views_per_landmark: int = 3
+    unseen_landmarks: int = 4
+    num_distractors: int = 40
+    image_size: int = 384
+
+
+@dataclass
+class Config:
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    whiten: WhitenConfig = field(default_factory=WhitenConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    vote: VoteConfig = field(default_factory=VoteConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections (all when none given)."""
+        d = self.to_dict()
+        payload = {s: d[s] for s in (sections or sorted(d))}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a file/CLI value to the declared field type."""
+    origin = typ if isinstance(typ, type) else None
+    try:
+        if typ is bool or origin is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+        if typ is tuple:
+            if isinstance(value, str):
+                parts = [p for p in value.replace("[", "").replace("]", "").replace("(", "").replace(")", "").split(",") if p.strip()]
+                value = [float(p) if any(c in p for c in ".eE") else int(p) for p in parts]
+            return tuple(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from None
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full!r} is a section; give {full}.<key>=value")
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """Turn ['knn.k=50', 'verify.enabled=false'] into a nested dict."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- file (YAML or TOML) <- command-line overrides."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        _apply(cfg, data)
+    _apply(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

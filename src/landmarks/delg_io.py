@@ -1,0 +1,108 @@
+"""Load any DELG SavedModel (ours or Google's) and turn its raw outputs into features.
+
+Two export generations exist:
+- TF2 exports: ``loaded.signatures['serving_default']`` takes the inputs by name;
+- TF1-era exports (the Kaggle DELG models): the graph is pruned from tensor names
+  ``input_image:0`` ... to ``global_descriptors:0``, ``boxes:0``, ``features:0`` ...
+
+Post-processing follows the reference: each scale's global row is L2-normalised, the rows
+are summed and L2-normalised again; a local keypoint is its box centre (x, y), descriptors
+are L2-normalised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from landmarks.store import LocalFeatures
+from landmarks.utils import LandmarksError
+
+INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
+               "input_global_scales_ind")
+OUTPUT_NAMES = ("boxes", "features", "scales", "scores", "global_descriptors")
+
+
+@dataclass
+class DelgModel:
+    """A loaded DELG model: call it with the five official inputs, get the five outputs."""
+
+    path: str
+    kind: str  # "tf2-signature" | "tf1-prune"
+    _fn: Callable
+    _keep: object  # the loaded SavedModel, kept alive
+
+    def __call__(self, image: np.ndarray, scales, max_feature_num: int, abs_thres: float,
+                 global_scales_ind) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        feeds = (
+            tf.constant(image, tf.uint8),
+            tf.constant(np.asarray(scales, np.float32)),
+            tf.constant(int(max_feature_num), tf.int32),
+            tf.constant(float(abs_thres), tf.float32),
+            tf.constant(np.asarray(global_scales_ind, np.int32)),
+        )
+        out = self._fn(*feeds)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def load_delg(model_dir: str | Path) -> DelgModel:
+    """Load a DELG SavedModel of either generation; clear error when it is not one."""
+    import tensorflow as tf
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "saved_model.pb").exists():
+        raise LandmarksError(f"{model_dir} is not a SavedModel (no saved_model.pb): run `make model` "
+                             "or pass MODEL=<DELG SavedModel dir>")
+    loaded = tf.saved_model.load(str(model_dir))
+    sig = getattr(loaded, "signatures", {}).get("serving_default")
+    if sig is not None:
+        _, kwargs = sig.structured_input_signature
+        if set(INPUT_NAMES) <= set(kwargs):
+            def fn(*feeds):
+                out = sig(**dict(zip(INPUT_NAMES, feeds)))
+                missing = [k for k in OUTPUT_NAMES if k not in out]
+                if missing:
+                    raise LandmarksError(f"{model_dir}: signature lacks outputs {missing}")
+                return {k: out[k] for k in OUTPUT_NAMES}
+
+            return DelgModel(str(model_dir), "tf2-signature", fn, loaded)
+    if hasattr(loaded, "prune"):
+        try:
+            pruned = loaded.prune([f"{n}:0" for n in INPUT_NAMES], [f"{n}:0" for n in OUTPUT_NAMES])
+        except (KeyError, ValueError) as e:
+            raise LandmarksError(f"{model_dir}: TF1 graph lacks the DELG tensor names ({e})") from None
+
+        def fn(*feeds):
+            return dict(zip(OUTPUT_NAMES, pruned(*feeds)))
+
+        return DelgModel(str(model_dir), "tf1-prune", fn, loaded)
+    raise LandmarksError(f"{model_dir}: neither a 'serving_default' signature with the DELG inputs "
+                         f"{list(INPUT_NAMES)} nor a TF1 graph to prune")
+
+
+def l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatures]:
+    """Raw DELG outputs -> (global [D] unit vector, LocalFeatures with (x, y) keypoints)."""
+    g = np.asarray(outputs["global_descriptors"], np.float32)
+    g = g.reshape(-1, g.shape[-1])
+    global_desc = l2n(l2n(g).sum(axis=0))
+    boxes = np.asarray(outputs["boxes"], np.float32).reshape(-1, 4)
+    yx = (boxes[:, 0:2] + boxes[:, 2:4]) / 2.0
+    keypoints = yx[:, ::-1].copy()  # (x, y)
+    desc = np.asarray(outputs["features"], np.float32)
+    desc = l2n(desc.reshape(boxes.shape[0], -1)) if boxes.shape[0] else desc.reshape(0, desc.shape[-1] if desc.ndim == 2 else 128)
+    local = LocalFeatures(
+        keypoints=keypoints,
+        descriptors=desc,
+        scales=np.asarray(outputs["scales"], np.float32).reshape(-1),
+        scores=np.asarray(outputs["scores"], np.float32).reshape(-1),
+    )
+    return global_desc, local

@@ -1,0 +1,76 @@
+"""Small shared helpers: atomic writes, file fingerprints, logging, clear errors."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("landmarks")
+
+
+class LandmarksError(RuntimeError):
+    """An error with a one-line, actionable message; the CLI prints it without a traceback."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path):
+    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha1 of a file's bytes (for CSV fingerprints)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()[:16]
+
+
+def dir_digest(path: str | Path) -> str:
+    """Cheap fingerprint of a directory tree: relative names, sizes and mtimes of its files."""
+    path = Path(path)
+    h = hashlib.sha1()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}:{st.st_size}:{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def text_digest(*parts: str) -> str:
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def configure_tensorflow(threads: int = 0) -> None:
+    """Quiet TF logs and set its thread pools (call before the first TF op)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+        except RuntimeError:
+            pass  # already initialised in this process
