@@ -32,6 +32,9 @@ class ExtractConfig:
     scheduler: str = ""  # dask scheduler address (tcp://host:8786); empty = local joblib
     local_dtype: str = "float16"  # storage dtype of local descriptors
     intra_op_threads: int = 0  # TF threads per worker (0 = cores / jobs)
+    min_image_size: int = 16  # images whose short side is below this are refused ("too small")
+    prefetch: int = 2  # images decoded ahead of inference by a thread inside each worker
+    max_shard_images: int = 5000  # more shards than asked when needed: bounds worker memory (0 = no cap)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class ModelConfig:
     arcface_margin: float = 0.1
     arcface_scale: float = 0.0  # 0 -> sqrt(global_dim)
     default_abs_thres: float = 0.0  # score threshold baked into the zero-training export (0 = auto)
-    local_projection: str = "pca_imagenet"  # how the zero-training model maps activations to 128-d
+    local_projection: str = "block10"  # zero-training locals: block10 | block10_pcaw | pca_imagenet | pcaw_imagenet | random_orthogonal
 
 
 @dataclass
@@ -92,6 +95,7 @@ class KnnConfig:
     dba_k: int = 0  # database-side augmentation neighbours (0 = off)
     qe_k: int = 0  # alpha query expansion neighbours (0 = off)
     qe_alpha: float = 3.0
+    dba_alpha: float = 3.0  # DBA neighbour weights sim**alpha
 
 
 @dataclass
@@ -118,6 +122,7 @@ class VoteConfig:
     """Turning neighbours (+ inliers) into one label and confidence per test image."""
 
     method: str = "sum_power"  # sum_power | host
+    neighbours: int = 10  # nearest train images that vote (host baseline: 10)
     top_k: int = 5  # neighbours per label that count
     power: float = 3.0  # similarity exponent for sum_power
     inlier_cap: int = 70  # host formula: min(inliers, cap) / cap
@@ -126,6 +131,8 @@ class VoteConfig:
     distractors_csv: str = ""  # CSV of known non-landmark image ids/paths for suppression
     suppression_k: int = 10
     suppression_weight: float = 1.0
+    suppression_quantile: float = 0.25  # 'test': test images whose best train sim is in this lowest quantile...
+    suppression_max_sim: float = 0.0  # ...or below this similarity when > 0; they form the non-landmark pool
 
 
 @dataclass
@@ -139,6 +146,31 @@ class DemoConfig:
     unseen_landmarks: int = 4
     num_distractors: int = 40
     image_size: int = 384
+    families: int = 8  # landmark families (facades, paintings, signs, mosaics) sharing style within a family
+    jobs: int = 2  # joblib workers rendering images
+
+
+@dataclass
+class ImportConfig:
+    """`landmarks import`: real labelled photo sets -> Kaggle layout with a holdout split."""
+
+    test_fraction: float = 0.3  # per class, share of images moved to test (at least 1 stays in train)
+    heldout_class_fraction: float = 0.15  # share of classes removed from train (their test images: empty truth)
+    seed: int = 0
+    link: str = "hardlink"  # hardlink | copy | symlink
+
+
+@dataclass
+class HoldoutConfig:
+    """`landmarks holdout`: offline validation split made from a train.csv alone."""
+
+    test_images: int = 100  # test images in all (seen classes + held-out classes; distractors come on top)
+    nonlandmark_share: float = 0.2  # share of test_images taken from held-out classes (empty truth)
+    heldout_class_fraction: float = 0.1  # share of classes removed from train entirely
+    per_class_test: int = 2  # test images taken from each sampled seen class
+    min_class_images: int = 3  # classes with fewer images stay whole in train
+    seed: int = 0
+    link: str = "symlink"  # symlink | hardlink | none
 
 
 @dataclass
@@ -151,6 +183,8 @@ class Config:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     vote: VoteConfig = field(default_factory=VoteConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    dataset_import: ImportConfig = field(default_factory=ImportConfig)
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))

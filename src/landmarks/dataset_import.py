@@ -1,0 +1,235 @@
+"""Import labelled photo sets into the Kaggle layout with a holdout split (`landmarks import`).
+
+Inputs: LABELS.csv files (id,landmark_id,path; path relative to the CSV's folder) or
+folder-per-class trees; optional distractor sets (non-landmarks).  Per class a share of the
+images goes to test (at least one stays in train), a share of classes is held out entirely
+(their test images get empty truth, their other images are not used), distractors go to test
+with empty truth.  Images are hard-linked (copy fallback) as <split>/a/b/c/<id>.jpg with ids =
+sha1 of the file content; the bytes are kept as they are (readers decode by content).
+Writes train.csv, sample_submission.csv, solution.csv, label_map.csv, split.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from landmarks.utils import LandmarksError, atomic_path
+
+log = logging.getLogger("landmarks.import")
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LINK_MODES = ("hardlink", "copy", "symlink")
+
+
+def _content_id(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()[:16]
+
+
+def read_labels(src: str | Path, distractors: bool = False) -> pd.DataFrame:
+    """One labelled source -> DataFrame(src_id, cls, file). cls is '' for distractors."""
+    src = Path(src)
+    if not src.exists():
+        raise LandmarksError(f"import: {src} not found (give a LABELS.csv or a folder of class folders)")
+    if src.is_dir():
+        rows = []
+        for p in sorted(src.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+                rel = p.relative_to(src)
+                if not distractors and len(rel.parts) < 2:
+                    raise LandmarksError(f"import: {p} is not inside a class folder of {src} "
+                                         "(expected DIR/<class>/<image>)")
+                rows.append((str(rel), "" if distractors else rel.parts[0], os.path.abspath(p)))
+        if not rows:
+            raise LandmarksError(f"import: no images ({', '.join(sorted(IMAGE_EXTS))}) under {src}")
+        return pd.DataFrame(rows, columns=["src_id", "cls", "file"])
+    try:
+        df = pd.read_csv(src, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise LandmarksError(f"import: {src}: not UTF-8 text") from None
+    except pd.errors.EmptyDataError:
+        raise LandmarksError(f"import: {src}: empty file (expected id,landmark_id,path)") from None
+    need = ["path"] if distractors else ["path", "landmark_id"]
+    for col in need:
+        if col not in df.columns:
+            raise LandmarksError(f"import: {src}: missing column {col!r} (expected id,landmark_id,path)")
+    if len(df) == 0:
+        raise LandmarksError(f"import: {src}: no rows")
+    cls = df["landmark_id"].str.strip() if "landmark_id" in df.columns and not distractors else pd.Series("", index=df.index)
+    if not distractors and (cls == "").any():
+        line = int(np.flatnonzero((cls == "").to_numpy())[0]) + 2
+        raise LandmarksError(f"import: {src}: line {line}: empty landmark_id (pass non-landmarks with --distractors)")
+    if (df["path"].str.strip() == "").any():
+        line = int(np.flatnonzero((df["path"].str.strip() == "").to_numpy())[0]) + 2
+        raise LandmarksError(f"import: {src}: line {line}: empty path")
+    base = src.parent
+    src_id = df["id"] if "id" in df.columns else df["path"]
+    return pd.DataFrame({"src_id": src_id, "cls": cls, "file": [os.path.abspath(base / p) for p in df["path"].str.strip()]})
+
+
+def _place(src: str, dst: Path, mode: str, state: dict) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src = os.path.abspath(src)
+    if mode == "symlink":
+        os.symlink(src, dst)
+        return
+    if mode == "hardlink" and not state.get("copy_fallback"):
+        try:
+            os.link(src, dst)
+            return
+        except OSError as e:
+            state["copy_fallback"] = True
+            log.info("import: hard links impossible (%s); copying images instead", e.strerror or e)
+    shutil.copyfile(src, dst)
+
+
+def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fraction=None,
+                   heldout_class_fraction=None, seed=None, link=None) -> Path:
+    """Build a Kaggle-layout dataset in out_dir from labelled sets (+ distractors); returns out_dir.
+
+    `cfg` is the Config (its `dataset_import` section gives defaults for the keyword arguments).
+    """
+    from tqdm import tqdm
+
+    ic = dataclasses.replace(cfg.dataset_import)
+    for k, v in dict(test_fraction=test_fraction, heldout_class_fraction=heldout_class_fraction, seed=seed, link=link).items():
+        if v is not None:
+            setattr(ic, k, v)
+    if not 0 <= ic.test_fraction < 1:
+        raise LandmarksError(f"import: test fraction must be in [0, 1), got {ic.test_fraction}")
+    if not 0 <= ic.heldout_class_fraction < 1:
+        raise LandmarksError(f"import: held-out class fraction must be in [0, 1), got {ic.heldout_class_fraction}")
+    if ic.link not in LINK_MODES:
+        raise LandmarksError(f"import: link mode {ic.link!r} unknown (expected {', '.join(LINK_MODES)})")
+    sources = [os.path.abspath(s) for s in label_csvs_or_dirs]
+    distractors = [os.path.abspath(d) for d in distractors]
+    if not sources:
+        raise LandmarksError("import: give at least one LABELS.csv or class-folder tree")
+    out_dir = Path(out_dir)
+
+    frames = [read_labels(s).assign(source=s) for s in sources]
+    frames += [read_labels(s, distractors=True).assign(source=s) for s in distractors]
+    allrows = pd.concat(frames, ignore_index=True)
+    exists = np.fromiter((os.path.isfile(f) for f in allrows["file"]), bool, len(allrows))
+    if not exists.all():
+        from landmarks.data import missing_report
+
+        miss = allrows.loc[~exists, "file"].tolist()
+        log.warning("import: %s; they are left out", missing_report(miss))
+        allrows = allrows[exists].reset_index(drop=True)
+    allrows["id"] = [_content_id(Path(f)) for f in tqdm(allrows["file"], desc="hashing images", unit="img")]
+    dup = allrows["id"].duplicated()
+    if dup.any():
+        first = allrows.loc[dup, "file"].iloc[0]
+        log.warning("import: %d images are byte-identical to an earlier one and are left out (first: %s)", int(dup.sum()), first)
+        allrows = allrows[~dup].reset_index(drop=True)
+
+    params = {"sources": sources, "distractors": [str(d) for d in distractors], **dataclasses.asdict(ic),
+              "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16]}
+    split_file = out_dir / "split.json"
+    if split_file.exists():
+        try:
+            if json.loads(split_file.read_text()).get("params") == params:
+                log.info("import: %s is up to date; skipping", out_dir)
+                return out_dir
+        except (json.JSONDecodeError, OSError):
+            pass
+    if out_dir.exists() and any(out_dir.iterdir()) and not split_file.exists():
+        raise LandmarksError(f"import: {out_dir} is not empty and holds no split.json; choose another --out")
+
+    # ---- split (deterministic: sorted classes and ids, seeded generators)
+    lm = allrows[allrows["cls"] != ""]
+    classes = sorted(lm["cls"].unique())
+    label_of = {c: i for i, c in enumerate(classes)}
+    rng = np.random.default_rng(ic.seed)
+    n_held = int(round(ic.heldout_class_fraction * len(classes)))
+    n_held = min(n_held, max(0, len(classes) - 1))  # keep at least one class in train
+    held = set(rng.permutation(classes)[:n_held].tolist())
+    parts, class_rows = [], []
+    for c in classes:
+        g = lm[lm["cls"] == c].sort_values("id")
+        n = len(g)
+        order = np.random.default_rng([ic.seed, int(hashlib.sha1(c.encode()).hexdigest()[:8], 16)]).permutation(n)
+        n_test = int(round(ic.test_fraction * n))
+        if c in held:
+            n_test = max(1, n_test) if ic.test_fraction > 0 else 0
+        else:
+            n_test = min(n_test, n - 1)
+        is_test = np.zeros(n, bool)
+        is_test[order[:n_test]] = True
+        split = np.where(is_test, "test", "unused" if c in held else "train")
+        parts.append(g.assign(split=split, truth="" if c in held else str(label_of[c])))
+        class_rows.append({"class": c, "landmark_id": label_of[c], "held_out": c in held,
+                           "n_train": int((split == "train").sum()), "n_test": int(is_test.sum()), "n_images": n})
+    dis = allrows[allrows["cls"] == ""].assign(split="test", truth="")
+    table = pd.concat(parts + [dis], ignore_index=True)
+    used = table[table["split"] != "unused"]
+
+    # ---- write into a temporary sibling, then swap in
+    tmp = out_dir.with_name(f".{out_dir.name}.importing")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state: dict = {}
+    for iid, sp, f in tqdm(list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img"):
+        _place(f, tmp / sp / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", ic.link, state)
+    train = used[used["split"] == "train"].sort_values("id")
+    test = used[used["split"] == "test"].sort_values("id")
+    pd.DataFrame({"id": train["id"], "landmark_id": train["cls"].map(label_of)}).to_csv(tmp / "train.csv", index=False)
+    pd.DataFrame({"id": test["id"], "landmarks": ""}).to_csv(tmp / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": test["id"], "landmarks": test["truth"]}).to_csv(tmp / "solution.csv", index=False)
+    pd.DataFrame(class_rows).to_csv(tmp / "label_map.csv", index=False)
+    table[["id", "split", "cls", "src_id", "source", "file"]].sort_values("id").to_csv(tmp / "sources.csv", index=False)
+    counts = {
+        "train_images": len(train), "test_images": len(test),
+        "test_landmark": int((test["truth"] != "").sum()), "test_nonlandmark": int((test["truth"] == "").sum()),
+        "classes": len(classes), "train_classes": len(classes) - len(held), "heldout_classes": len(held),
+        "heldout_test_images": int(((test["cls"] != "") & (test["truth"] == "")).sum()),
+        "distractors": len(dis), "unused_images": int((table["split"] == "unused").sum()),
+        "link": "copy" if state.get("copy_fallback") else ic.link,
+    }
+    with atomic_path(tmp / "split.json") as p:
+        p.write_text(json.dumps({"params": params, "counts": counts, "heldout_classes": sorted(held),
+                                 "label_map": label_of}, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("import: %d train / %d test images (%d landmark, %d non-landmark), %d classes (%d held out), "
+             "%d distractors -> %s", counts["train_images"], counts["test_images"], counts["test_landmark"],
+             counts["test_nonlandmark"], counts["classes"], counts["heldout_classes"], counts["distractors"], out_dir)
+    return out_dir
+
+
+def _cmd_import(args, cfg) -> int:
+    out = import_dataset(cfg, args.labels, args.out, distractors=args.distractors or [],
+                         test_fraction=args.test_fraction, heldout_class_fraction=args.heldout_class_fraction,
+                         seed=args.seed, link=args.link_mode)
+    counts = json.loads((out / "split.json").read_text())["counts"]
+    print(json.dumps(counts))
+    return 0
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("import", parents=[common], help="import labelled photo sets as a Kaggle-layout holdout")
+    p.add_argument("labels", nargs="+", metavar="LABELS.csv|DIR", help="landmark sets (id,landmark_id,path or class folders)")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--distractors", nargs="+", default=[], metavar="LABELS.csv|DIR", help="non-landmark sets (test, empty truth)")
+    p.add_argument("--test-fraction", type=float, default=None, help="per class share of images to test (config: 0.3)")
+    p.add_argument("--heldout-class-fraction", type=float, default=None, help="share of classes held out of train")
+    p.add_argument("--seed", type=int, default=None)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--link", dest="link_mode", action="store_const", const="hardlink", help="hard-link images (default)")
+    g.add_argument("--copy", dest="link_mode", action="store_const", const="copy", help="copy images")
+    g.add_argument("--symlink", dest="link_mode", action="store_const", const="symlink", help="symlink images")
+    p.set_defaults(func=_cmd_import, link_mode=None)

@@ -1,0 +1,416 @@
+"""`make features`: sharded, parallel, resumable DELG feature extraction.
+
+The rows of a split's CSV (``data.load_split``) are cut into N contiguous ranges in CSV order;
+each range is one task that writes ``WORK_DIR/features/<split>/shard-i-of-N.h5`` atomically
+(``store.write_shard``).  Tasks run in-process (1 job), on joblib loky workers (J jobs; each
+worker loads the model once and keeps it), or on a Dask cluster (``--scheduler tcp://...``, the
+same task function through ``client.map``).  Inside a task a thread decodes the next images
+while the model runs on the current one.
+
+Resume: each shard stores a fingerprint of the model directory, the result-affecting extraction
+settings, the shard's ids (with their files' sizes and mtimes) and the local flag.  A rerun skips
+shards whose fingerprint matches; shards from another N, with another fingerprint, unreadable
+(half-deleted) or left as temp files by a killed run are removed and redone.
+
+Train gets global descriptors only (``extract.train_local`` false), test gets global + local.
+``ensure_local`` extracts global + local for given ids that lack local features and caches them
+as ``local-cache-<digest>-i-of-N.h5`` next to the shards (the predict stage calls it for the
+shortlisted train images).  Bad images never stop the stage: they go to the shard's failures
+with a short reason (see ``landmarks.images``).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
+from landmarks.utils import LandmarksError, dir_digest, log, text_digest
+
+# ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
+RESULT_FIELDS = ("image_scales", "global_scales_ind", "max_feature_num", "abs_thres", "max_image_size",
+                 "max_image_pixels", "min_image_size", "local_dtype")
+FORMAT_VERSION = 1
+PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
+
+_MODELS: dict[tuple[str, str], object] = {}  # per-process model cache: (path, digest) -> DelgModel
+
+
+@dataclass
+class ShardTask:
+    """One unit of work: extract `ids` (image files `paths`) into the shard file `out`."""
+
+    out: str
+    ids: list[str]
+    paths: list[str]
+    model_dir: str
+    settings: dict  # the RESULT_FIELDS values
+    local: bool
+    threads: int = 0  # TF intra-op threads (0 = TF default)
+    prefetch: int = 2
+    attrs: dict = field(default_factory=dict)
+
+
+def features_dir(work_dir: str | Path, split: str) -> Path:
+    return Path(work_dir) / "features" / split
+
+
+def result_settings(cfg) -> dict:
+    e = cfg.extract
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(e, k)) for k in RESULT_FIELDS)}
+
+
+def base_fingerprint(cfg, model_dir: str | Path) -> str:
+    """Model directory + result-affecting settings: shared by every shard of every split."""
+    return text_digest(f"v{FORMAT_VERSION}", dir_digest(model_dir),
+                       json.dumps(result_settings(cfg), sort_keys=True))
+
+
+def _files_digest(ids: Sequence[str], paths: Sequence[str]) -> str:
+    """Ids plus each file's size and mtime: a regenerated image invalidates its shard."""
+    parts = []
+    for i, p in zip(ids, paths):
+        try:
+            st = os.stat(p)
+            parts.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
+        except OSError:
+            parts.append(f"{i}:-")
+    return text_digest(*parts)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------
+# worker side
+# --------------------------------------------------------------------------------------------
+def _get_model(model_dir: str, threads: int):
+    """Load the model once per process (cached by path and directory digest)."""
+    from landmarks.delg_io import load_delg
+    from landmarks.utils import configure_tensorflow
+
+    key = (str(Path(model_dir).resolve()), dir_digest(model_dir))
+    model = _MODELS.get(key)
+    if model is None:
+        configure_tensorflow(threads)
+        model = _MODELS[key] = load_delg(model_dir)
+    return model
+
+
+def extract_shard(task: ShardTask) -> dict:
+    """Run one shard task (in any process): write its file, return counts and timing."""
+    from landmarks.delg_io import postprocess
+    from landmarks.images import describe_failure, load_image
+    from landmarks.store import LocalFeatures
+
+    t0 = time.time()
+    s = task.settings
+    model = _get_model(task.model_dir, task.threads)
+
+    def load(path):
+        return load_image(path, s["max_image_size"], s["max_image_pixels"], s["min_image_size"])
+
+    ok_ids: list[str] = []
+    globals_: list[np.ndarray] = []
+    locals_: list[LocalFeatures] = []
+    failures: list[tuple[str, str]] = []
+    n = len(task.ids)
+    ahead = max(1, int(task.prefetch))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = collections.deque(pool.submit(load, p) for p in task.paths[:ahead])
+        last = t0
+        for k, image_id in enumerate(task.ids):
+            if time.time() - last > PROGRESS_SECONDS:  # workers cannot drive the driver's bar
+                last = time.time()
+                print(f"  {Path(task.out).name}: {k}/{n} images, {k / (last - t0):.2f} img/s",
+                      file=sys.stderr, flush=True)
+            fut = pending.popleft()
+            if k + ahead < n:
+                pending.append(pool.submit(load, task.paths[k + ahead]))
+            try:
+                image, scale = fut.result()
+                out = model(image, s["image_scales"], s["max_feature_num"], s["abs_thres"],
+                            s["global_scales_ind"])
+                g, lf = postprocess(out)
+                if not np.all(np.isfinite(g)):
+                    raise FloatingPointError("non-finite global descriptor")
+            except Exception as e:  # noqa: BLE001 - one bad image must not stop the shard
+                reason = describe_failure(e)
+                if isinstance(e, FloatingPointError):
+                    reason = "model error (non-finite output)"
+                failures.append((image_id, reason))
+                continue
+            ok_ids.append(image_id)
+            globals_.append(g)
+            if task.local:
+                lf.keypoints = (lf.keypoints / np.float32(scale)).astype(np.float32)
+                locals_.append(lf)
+    gmat = np.stack(globals_).astype(np.float32) if globals_ else None
+    attrs = dict(task.attrs)
+    attrs["n_requested"] = n
+    attrs["global_dim"] = int(gmat.shape[1]) if gmat is not None else 0
+    write_shard(task.out, ok_ids, gmat, locals_ if task.local else None, failures, attrs,
+                local_dtype=s["local_dtype"])
+    return {"path": task.out, "n": n, "done": len(ok_ids),
+            "failures": dict(collections.Counter(r for _, r in failures)), "seconds": time.time() - t0}
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+# --------------------------------------------------------------------------------------------
+def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[dict]:
+    """Run shard tasks in-process, on loky workers or on a Dask cluster; tqdm over images."""
+    from tqdm import tqdm
+
+    results: list[dict] = []
+    total = sum(len(t.ids) for t in tasks)
+    t0 = time.time()
+    bar = tqdm(total=total, unit="img", desc=desc, disable=None, dynamic_ncols=True)
+
+    def done(r):
+        results.append(r)
+        bar.update(r["n"])
+        bar.set_postfix(shards=f"{len(results)}/{len(tasks)}",
+                        rate=f"{sum(x['n'] for x in results) / max(time.time() - t0, 1e-9):.2f} img/s")
+
+    try:
+        if not tasks:
+            return results
+        if scheduler:
+            from dask.distributed import Client, as_completed
+
+            own = isinstance(scheduler, str)
+            try:
+                client = Client(scheduler, timeout="30s") if own else scheduler
+            except (OSError, TimeoutError) as e:
+                raise LandmarksError(f"cannot reach dask scheduler {scheduler}: {e}") from None
+            try:
+                futures = client.map(extract_shard, tasks, pure=False)
+                for fut in as_completed(futures):
+                    done(fut.result())
+            finally:
+                if own:
+                    client.close()
+        elif jobs <= 1 or len(tasks) == 1:
+            for t in tasks:
+                done(extract_shard(t))
+        else:
+            from joblib import Parallel, delayed
+
+            par = Parallel(n_jobs=min(jobs, len(tasks)), backend="loky", return_as="generator_unordered")
+            for r in par(delayed(extract_shard)(t) for t in tasks):
+                done(r)
+    finally:
+        bar.close()
+    return results
+
+
+def _check_model(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir).resolve()  # absolute: dask workers may run in another directory
+    if not (model_dir / "saved_model.pb").exists():
+        raise LandmarksError(f"{model_dir} is not a SavedModel (no saved_model.pb): run `make model` "
+                             "or pass --model <DELG SavedModel dir>")
+    return model_dir
+
+
+def _clean_dir(out_dir: Path, keep: set[str], base_fp: str) -> int:
+    """Remove temp files of killed runs, shards not in `keep`, caches from another model/config."""
+    removed = 0
+    for p in list(out_dir.glob(".shard-*.tmp")) + list(out_dir.glob(".local-cache-*.tmp")):
+        p.unlink(missing_ok=True)
+        removed += 1
+    for p in out_dir.glob(SHARD_GLOB):
+        if p.name not in keep:
+            log.info("removing stale shard %s", p.name)
+            p.unlink(missing_ok=True)
+            removed += 1
+    for p in out_dir.glob(CACHE_GLOB):
+        a = read_attrs(p)
+        if a is None or a.get("base_fingerprint") != base_fp:
+            log.info("removing stale local cache %s", p.name)
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _plan(ids: Sequence[str], paths: Sequence[str], n_shards: int, name_fn, split: str, local: bool,
+          cfg, model_dir: Path, base_fp: str, threads: int, out_dir: Path, kind: str):
+    """Cut rows into contiguous shards; return (all paths, tasks still to run)."""
+    bounds = np.linspace(0, len(ids), n_shards + 1).round().astype(int)
+    settings = result_settings(cfg)
+    all_paths, todo = [], []
+    for i in range(n_shards):
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        sid, spath = list(ids[a:b]), list(paths[a:b])
+        out = out_dir / name_fn(i, n_shards)
+        fp = text_digest(base_fp, split, kind, f"{i}/{n_shards}", f"local={int(local)}", _files_digest(sid, spath))
+        all_paths.append(out)
+        attrs = read_attrs(out) if out.exists() else None
+        if attrs is not None and attrs.get("fingerprint") == fp:
+            continue
+        if out.exists():
+            log.info("redoing %s (%s)", out.name, "unreadable" if attrs is None else "fingerprint changed")
+        todo.append(ShardTask(
+            out=str(out), ids=sid, paths=spath, model_dir=str(model_dir), settings=settings, local=local,
+            threads=threads, prefetch=cfg.extract.prefetch,
+            attrs={"fingerprint": fp, "base_fingerprint": base_fp, "split": split, "shard": i,
+                   "num_shards": n_shards, "kind": kind, "model": str(model_dir),
+                   "settings": json.dumps(settings, sort_keys=True)},
+        ))
+    return all_paths, todo
+
+
+def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> str:
+    n = sum(r["n"] for r in results)
+    done = sum(r["done"] for r in results)
+    fails: collections.Counter = collections.Counter()
+    for r in results:
+        fails.update(r["failures"])
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(fails.items())) or "none"
+    return (f"features {split}: {done}/{n} images extracted, {sum(fails.values())} failed ({why}), "
+            f"{len(results)} shards run, {skipped} skipped as done, {seconds:.1f} s, "
+            f"{n / max(seconds, 1e-9):.2f} images/s")
+
+
+def _resolve_jobs(cfg, jobs, scheduler, n_tasks: int) -> tuple[int, object, int]:
+    jobs = int(cfg.extract.jobs if jobs is None else jobs)
+    if jobs < 1:
+        raise LandmarksError(f"jobs must be >= 1 (got {jobs})")
+    scheduler = cfg.extract.scheduler if scheduler is None else scheduler
+    if scheduler:
+        threads = cfg.extract.intra_op_threads  # remote workers: 0 = TF default there
+    else:
+        threads = cfg.extract.intra_op_threads or max(1, _cores() // max(1, min(jobs, max(n_tasks, 1))))
+    return jobs, scheduler, threads
+
+
+def _cap_shards(cfg, n_shards: int, n_rows: int) -> int:
+    """A shard is held in memory until written: raise N so no shard exceeds max_shard_images."""
+    cap = int(cfg.extract.max_shard_images)
+    if cap > 0 and n_rows > cap * n_shards:
+        wanted = -(-n_rows // cap)
+        log.info("%d images: using %d shards instead of %d (extract.max_shard_images=%d)",
+                 n_rows, wanted, n_shards, cap)
+        return wanted
+    return n_shards
+
+
+def run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | None = None,
+                 jobs: int | None = None, scheduler=None, local: bool | None = None) -> list[Path]:
+    """Extract features of one split into WORK_DIR/features/<split>/shard-i-of-N.h5 (resumable).
+
+    `scheduler`: a dask address (tcp://host:8786) or Client; `local`: store local features
+    (default: test yes, train only when extract.train_local).  Returns the N shard paths.
+    """
+    from landmarks.data import load_split
+
+    t0 = time.time()
+    model_dir = _check_model(model_dir)
+    n_shards = int(cfg.extract.shards if shards is None else shards)
+    if n_shards < 1:
+        raise LandmarksError(f"shards must be >= 1 (got {n_shards})")
+    if local is None:
+        local = True if split == "test" else bool(cfg.extract.train_local)
+    df = load_split(Path(data_dir).resolve(), split)
+    n_shards = _cap_shards(cfg, n_shards, len(df))
+    out_dir = features_dir(Path(work_dir).resolve(), split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_fp = base_fingerprint(cfg, model_dir)
+    keep = {shard_name(i, n_shards) for i in range(n_shards)}
+    _clean_dir(out_dir, keep, base_fp)
+    ids, paths = df["id"].tolist(), df["path"].tolist()
+    jobs, scheduler, threads = _resolve_jobs(cfg, jobs, scheduler, n_shards)
+    all_paths, todo = _plan(ids, paths, n_shards, shard_name, split, bool(local), cfg, model_dir, base_fp,
+                            threads, out_dir, "shard")
+    skipped = n_shards - len(todo)
+    if not todo:
+        log.info("features %s: all %d shards up to date in %s", split, n_shards, out_dir)
+        return all_paths
+    where = f"dask {scheduler}" if scheduler else f"{min(jobs, len(todo))} job(s)"
+    log.info("features %s: %d images in %d shard(s) to run (%d up to date), %s, local=%s",
+             split, sum(len(t.ids) for t in todo), len(todo), skipped, where, bool(local))
+    results = _run_tasks(todo, jobs, scheduler, f"features {split}")
+    log.info(_summary(split, results, skipped, time.time() - t0))
+    return all_paths
+
+
+def _cache_name(digest: str):
+    return lambda i, n: f"local-cache-{digest}-{i:05d}-of-{n:05d}.h5"
+
+
+def ensure_local(cfg, data_dir, work_dir, model_dir, split: str, ids: Iterable[str],
+                 jobs: int | None = None, scheduler=None) -> FeatureStore:
+    """Make sure the given ids have local features in the split's store; return the store.
+
+    Ids already holding local features, or known to have failed, are left alone; the others are
+    extracted (global + local) and cached as local-cache-<digest>-i-of-N.h5 (resumable).
+    """
+    model_dir = _check_model(model_dir)
+    out_dir = features_dir(Path(work_dir).resolve(), split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(out_dir)
+    failed = store.failures()
+    wanted = list(dict.fromkeys(str(i) for i in ids))
+    need = sorted(i for i in wanted if not store.has_local(i) and i not in failed)
+    if not need:
+        return store
+    store.close()
+    from landmarks.data import load_split
+
+    df = load_split(Path(data_dir).resolve(), split)
+    path_of = dict(zip(df["id"], df["path"]))
+    unknown = [i for i in need if i not in path_of]
+    if unknown:
+        raise LandmarksError(f"{len(unknown)} id(s) not in the {split} split of {data_dir} "
+                             f"(first: {', '.join(unknown[:3])})")
+    base_fp = base_fingerprint(cfg, model_dir)
+    keep = {p.name for p in out_dir.glob(SHARD_GLOB)}
+    _clean_dir(out_dir, keep, base_fp)
+    digest = text_digest(base_fp, *need)
+    n_shards = _cap_shards(cfg, max(1, min(int(cfg.extract.shards), len(need))), len(need))
+    jobs, scheduler, threads = _resolve_jobs(cfg, jobs, scheduler, n_shards)
+    t0 = time.time()
+    _, todo = _plan(need, [path_of[i] for i in need], n_shards, _cache_name(digest), split, True, cfg,
+                    model_dir, base_fp, threads, out_dir, "local-cache")
+    if todo:
+        results = _run_tasks(todo, jobs, scheduler, f"local {split}")
+        log.info(_summary(f"{split} (local cache)", results, n_shards - len(todo), time.time() - t0))
+    return FeatureStore(out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def register_cli(subparsers, common) -> None:
+    import argparse
+
+    p = subparsers.add_parser(
+        "features", parents=[common],
+        help="extract DELG features of a split into WORK_DIR/features/<split> (sharded, resumable)")
+    p.add_argument("--split", choices=["train", "test"], required=True)
+    p.add_argument("--shards", type=int, default=None, help="number of shards (default: extract.shards)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: extract.jobs)")
+    p.add_argument("--scheduler", default=None, metavar="ADDR",
+                   help="dask scheduler address, e.g. tcp://host:8786 (default: extract.scheduler; empty = local)")
+    p.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
+                   help="store local features (default: yes for test, extract.train_local for train)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, cfg) -> int:
+    paths = run_features(cfg, args.data_dir, args.work_dir, args.model, args.split, shards=args.shards,
+                         jobs=args.jobs, scheduler=args.scheduler, local=args.local)
+    print(f"{len(paths)} shard(s) in {features_dir(args.work_dir, args.split)}")
+    return 0

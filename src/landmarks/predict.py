@@ -1,0 +1,287 @@
+"""Voting: kNN neighbours (+ verified inliers) -> one label and confidence per test image.
+
+Methods (cfg.vote.method):
+- ``host``: the Landmark Recognition 2020 host baseline: each of the nearest ``neighbours`` train
+  images scores min(inliers, cap)/cap + global similarity; per label the best ``top_k`` scores are
+  summed; the label with the largest sum wins, the sum is the confidence.
+- ``sum_power`` (default): each neighbour scores max(sim, 0)**power + inlier_weight *
+  min(inliers, cap)/cap; per label the best ``top_k`` are summed.  The power sharpens the gap
+  between near duplicates of one landmark and merely similar-looking images.
+
+Non-landmark suppression (cfg.vote.suppression): a set of images known or presumed to show no
+landmark ('distractors': a CSV of ids whose global features are stored; 'test': test images whose
+best train similarity is lowest) scores like one extra label; a test image's confidence is
+lowered by weight x that score, so confident predictions on non-landmarks drop in the ranking.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from landmarks.utils import LandmarksError, atomic_path
+
+log = logging.getLogger("landmarks.predict")
+
+METHODS = ("sum_power", "host")
+SUPPRESSION = ("none", "test", "distractors")
+NO_LABEL = -1
+
+
+def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.ndarray:
+    """Score of each of the first `n` neighbours, [q, n]."""
+    sims = np.asarray(sims, np.float64)
+    if cfg.method == "host":
+        base = sims.copy()
+        weight = 1.0
+    elif cfg.method == "sum_power":
+        base = np.clip(sims, 0.0, None) ** cfg.power
+        weight = cfg.inlier_weight
+    else:
+        raise LandmarksError(f"vote.method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
+    if inliers is not None and inliers.size:
+        r = min(inliers.shape[1], base.shape[1])
+        cap = max(1, int(cfg.inlier_cap))
+        base[:, :r] += weight * np.minimum(inliers[:, :r], cap) / cap
+    return base
+
+
+def vote(cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarray,
+         inliers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ([q] int64, NO_LABEL = none) and confidences ([q] float64) from the neighbours.
+
+    `cfg` is the VoteConfig; knn_idx indexes `train_labels`; `inliers` [q, R] covers the first R
+    neighbours (None = global only).  Ties between labels go to the smaller label id.
+    """
+    q = knn_sims.shape[0]
+    n = min(int(cfg.neighbours), knn_sims.shape[1])
+    labels = np.full(q, NO_LABEL, np.int64)
+    conf = np.zeros(q, np.float64)
+    if n <= 0 or q == 0:
+        return labels, conf
+    if inliers is not None and inliers.shape[0] != q:
+        raise LandmarksError(f"vote: inliers have {inliers.shape[0]} rows, knn has {q}")
+    scores = _neighbour_scores(cfg, knn_sims[:, :n], None if inliers is None else inliers[:, :n])
+    idx = knn_idx[:, :n]
+    train_labels = np.asarray(train_labels, np.int64)
+    top_k = max(1, int(cfg.top_k))
+    for r in range(q):
+        per: dict[int, list[float]] = {}
+        for s, j in zip(scores[r], idx[r]):
+            if j < 0:
+                continue
+            per.setdefault(int(train_labels[j]), []).append(float(s))
+        if not per:
+            continue
+        best_label, best = NO_LABEL, -np.inf
+        for lab in sorted(per):
+            total = float(np.sum(sorted(per[lab], reverse=True)[:top_k]))
+            if total > best:
+                best_label, best = lab, total
+        labels[r], conf[r] = best_label, best
+    return labels, conf
+
+
+# -- non-landmark suppression --------------------------------------------------------------------
+def nonlandmark_score(cfg_vote, cfg_knn, queries: np.ndarray, query_ids: list[str], pool: np.ndarray,
+                      pool_ids: list[str]) -> np.ndarray:
+    """Per query: the vote score the non-landmark pool gets as one label (self matches excluded)."""
+    from landmarks.knn import search
+
+    q = queries.shape[0]
+    if q == 0 or pool.shape[0] == 0:
+        return np.zeros(q, np.float64)
+    k = min(max(int(cfg_vote.suppression_k), 1) + 1, pool.shape[0])
+    sims, idx = search(cfg_knn, queries, pool, k)
+    pool_ids_arr = np.asarray(pool_ids, dtype=object)
+    self_hit = pool_ids_arr[idx] == np.asarray(query_ids, dtype=object)[:, None]
+    sims = np.where(self_hit, -np.inf, sims)
+    sims = -np.sort(-sims, axis=1)[:, :k - 1 if k > 1 else 1]
+    sims = np.where(np.isfinite(sims), sims, 0.0)
+    top = sims[:, :max(1, int(cfg_vote.top_k))]
+    if cfg_vote.method == "host":
+        return np.clip(top, 0, None).sum(axis=1)
+    return (np.clip(top, 0.0, None) ** cfg_vote.power).sum(axis=1)
+
+
+def _global_matrix(cfg, directory: Path) -> tuple[list[str], np.ndarray]:
+    from landmarks.store import FeatureStore
+
+    ids, x = FeatureStore(directory).global_matrix()
+    if cfg.whiten.global_pca and len(ids):
+        from landmarks import whiten
+
+        x = whiten.apply_global(whiten.ensure_whiten(cfg, directory.parent.parent), x)
+    return ids, x
+
+
+def suppression_penalty(cfg, work_dir: str | Path, test_ids: list[str], best_train_sim: np.ndarray) -> np.ndarray:
+    """weight x non-landmark score per test image (zeros when suppression is 'none')."""
+    vc = cfg.vote
+    if vc.suppression not in SUPPRESSION:
+        raise LandmarksError(f"vote.suppression must be one of {', '.join(SUPPRESSION)} (got {vc.suppression!r})")
+    q = len(test_ids)
+    if vc.suppression == "none" or q == 0:
+        return np.zeros(q, np.float64)
+    work_dir = Path(work_dir)
+    ids, x = _global_matrix(cfg, work_dir / "features" / "test")
+    pos = {i: r for r, i in enumerate(ids)}
+    if any(i not in pos for i in test_ids):
+        raise LandmarksError("suppression: knn test ids are missing from the test store; rerun predict")
+    queries = x[[pos[i] for i in test_ids]]
+    if vc.suppression == "test":
+        best = np.asarray(best_train_sim, np.float64)
+        thr = vc.suppression_max_sim if vc.suppression_max_sim > 0 else float(np.quantile(best, vc.suppression_quantile))
+        mask = best <= thr
+        pool_ids = [i for i, m in zip(test_ids, mask) if m]
+        pool = queries[mask]
+        log.info("suppression: %d test images (best train sim <= %.3f) form the non-landmark pool", len(pool_ids), thr)
+    else:
+        pool_ids, pool = _distractor_pool(cfg, work_dir)
+    return vc.suppression_weight * nonlandmark_score(vc, cfg.knn, queries, list(test_ids), pool, pool_ids)
+
+
+def _distractor_pool(cfg, work_dir: Path) -> tuple[list[str], np.ndarray]:
+    """Global descriptors of the ids in cfg.vote.distractors_csv (features/distractors, test or train store)."""
+    import pandas as pd
+
+    path = Path(cfg.vote.distractors_csv)
+    if not cfg.vote.distractors_csv or not path.exists():
+        raise LandmarksError(f"vote.suppression=distractors needs vote.distractors_csv (not found: {path})")
+    df = pd.read_csv(path, dtype=str)
+    if "id" not in df.columns:
+        raise LandmarksError(f"{path}: needs an 'id' column")
+    want = list(dict.fromkeys(df["id"].dropna().astype(str)))
+    found: dict[str, np.ndarray] = {}
+    for split in ("distractors", "test", "train"):
+        d = work_dir / "features" / split
+        if not d.is_dir() or not any(d.glob("shard-*.h5")):
+            continue
+        ids, x = _global_matrix(cfg, d)
+        for i, row in zip(ids, x):
+            found.setdefault(i, row)
+    missing = [i for i in want if i not in found]
+    if missing:
+        raise LandmarksError(f"{len(missing)} distractor ids of {path} have no stored global features "
+                             f"(e.g. {missing[0]}); extract them into {work_dir / 'features' / 'distractors'}")
+    if not want:
+        raise LandmarksError(f"{path} lists no distractor ids")
+    return want, np.stack([found[i] for i in want]).astype(np.float32)
+
+
+# -- submission ----------------------------------------------------------------------------------
+def _label_str(label) -> str:
+    if label is None:
+        return ""
+    if isinstance(label, (int, np.integer)):
+        return "" if int(label) == NO_LABEL else str(int(label))
+    s = str(label).strip()
+    return "" if s in ("", str(NO_LABEL), "nan", "None") else s
+
+
+def write_submission(path: str | Path, test_ids, labels, confidences, expected_ids) -> Path:
+    """Write `id,landmarks` with one row per expected id in that order; ids without a prediction
+    (no features, NO_LABEL) get an empty value.  Checked against `expected_ids` before writing."""
+    expected = [str(i) for i in expected_ids]
+    if len(set(expected)) != len(expected):
+        raise LandmarksError("submission: sample_submission ids are not unique")
+    test_ids = [str(i) for i in test_ids]
+    if not (len(test_ids) == len(labels) == len(confidences)):
+        raise LandmarksError("submission: ids, labels and confidences differ in length")
+    exp_set = set(expected)
+    pred: dict[str, str] = {}
+    for i, lab, c in zip(test_ids, labels, confidences):
+        if i not in exp_set:
+            raise LandmarksError(f"submission: test id {i} is not in sample_submission")
+        if i in pred:
+            raise LandmarksError(f"submission: test id {i} predicted twice")
+        s = _label_str(lab)
+        if s and not np.isfinite(float(c)):
+            raise LandmarksError(f"submission: confidence of {i} is not finite")
+        pred[i] = f"{s} {float(c):.6f}" if s else ""
+    rows = [(i, pred.get(i, "")) for i in expected]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["id", "landmarks"])
+            w.writerows(rows)
+        _check_written(tmp, expected)
+    return path
+
+
+def _check_written(path: Path, expected: list[str]) -> None:
+    """Re-read the file (with metrics.read_submission when available) before it is renamed in place."""
+    try:
+        from landmarks.metrics import read_submission
+    except ImportError:
+        read_submission = None
+    if read_submission is not None:
+        read_submission(path, expected)
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if rows[0] != ["id", "landmarks"] or [r[0] for r in rows[1:]] != expected:
+        raise LandmarksError("submission: written file does not match sample_submission")
+
+
+# -- stage ---------------------------------------------------------------------------------------
+def load_inputs(cfg, data_dir, work_dir, model_dir, verify: bool | None = None) -> dict:
+    """knn (+ verification) results with train labels aligned to the knn train ids."""
+    from landmarks import data
+    from landmarks.knn import load_npz, run_knn
+
+    work_dir = Path(work_dir)
+    knn = load_npz(run_knn(cfg, work_dir))
+    inliers = None
+    if cfg.verify.enabled if verify is None else verify:
+        from landmarks.verify import run_verify
+
+        ver = load_npz(run_verify(cfg, data_dir, work_dir, model_dir))
+        if list(ver["test_ids"]) != list(knn["test_ids"]):
+            raise LandmarksError("verified.npz does not match knn.npz; delete it and rerun")
+        inliers = ver["inliers"]
+    train = data.load_split(data_dir, "train")
+    lab = dict(zip(train["id"].astype(str), train["landmark_id"].astype(np.int64)))
+    train_ids = [str(i) for i in knn["train_ids"]]
+    missing = [i for i in train_ids if i not in lab]
+    if missing:
+        raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv (e.g. {missing[0]}): "
+                             "features belong to another dataset; use another WORK_DIR")
+    test = data.load_split(data_dir, "test")
+    return {"knn": knn, "inliers": inliers, "train_labels": np.array([lab[i] for i in train_ids], np.int64),
+            "test_ids": [str(i) for i in knn["test_ids"]], "expected_ids": [str(i) for i in test["id"]]}
+
+
+def predict_arrays(cfg, work_dir, inputs: dict, inliers="default") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, confidences after suppression, penalty) for the knn test ids."""
+    knn = inputs["knn"]
+    inl = inputs["inliers"] if isinstance(inliers, str) else inliers
+    labels, conf = vote(cfg.vote, knn["sims"], knn["idx"], inputs["train_labels"], inl)
+    best = knn["sims"][:, 0] if knn["sims"].shape[1] else np.zeros(len(labels))
+    penalty = suppression_penalty(cfg, work_dir, inputs["test_ids"], best)
+    return labels, conf - penalty, penalty
+
+
+def run_predict(cfg, data_dir, work_dir, model_dir, submission) -> Path:
+    """knn -> (verify) -> vote -> suppression -> SUBMISSION."""
+    inputs = load_inputs(cfg, data_dir, work_dir, model_dir)
+    labels, conf, _ = predict_arrays(cfg, work_dir, inputs)
+    path = write_submission(submission, inputs["test_ids"], labels, conf, inputs["expected_ids"])
+    n_pred = int((labels != NO_LABEL).sum())
+    log.info("predict: %d of %d test images predicted -> %s", n_pred, len(inputs["expected_ids"]), path)
+    return path
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("predict", parents=[common],
+                              help="kNN + geometric verification + voting -> submission CSV")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, cfg) -> int:
+    path = run_predict(cfg, args.data_dir, args.work_dir, args.model, args.submission)
+    print(path)
+    return 0

@@ -1,0 +1,240 @@
+"""`make validate`: GAP of the pipeline's variants on a dataset with solution.csv, plus plots.
+
+Reuses WORK_DIR/knn.npz and verified.npz (voting variants are cheap; nothing is re-extracted)
+and scores: global only (no verification), global + verification (the configured default),
+host-baseline voting, and, for each option that is on, the same run with that option off.
+Writes WORK_DIR/report.md and PNG plots in WORK_DIR/plots/.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from landmarks.utils import LandmarksError, atomic_path
+
+log = logging.getLogger("landmarks.validate")
+
+
+def _predictions_df(test_ids, labels, conf, solution):
+    import pandas as pd
+
+    from landmarks.predict import NO_LABEL
+
+    keep = set(solution["id"].astype(str))
+    rows = [(i, str(int(l)) if l != NO_LABEL else "", float(c) if l != NO_LABEL else np.nan)
+            for i, l, c in zip(test_ids, labels, conf) if i in keep]
+    return pd.DataFrame(rows, columns=["id", "label", "confidence"])
+
+
+def _variants(cfg, inputs) -> list[tuple[str, object, object]]:
+    """(name, cfg, inliers) of every variant to score; inliers None = global only."""
+    from landmarks.config import VoteConfig
+
+    inl = inputs["inliers"]
+    out = []
+    verified = inl is not None
+    out.append(("global only" + (" (no verification)" if verified else ""), cfg, None))
+    if verified:
+        out.append(("global + verification", cfg, inl))
+    host = copy.deepcopy(cfg)
+    host.vote = VoteConfig(method="host", neighbours=10, top_k=5, inlier_cap=70)
+    if cfg.vote != host.vote:
+        out.append(("host baseline voting" + (" + verification" if verified else ""), host, inl))
+        if verified:
+            out.append(("host baseline voting, global only", host, None))
+    if cfg.vote.suppression != "none":
+        off = copy.deepcopy(cfg)
+        off.vote.suppression = "none"
+        out.append((f"without suppression ({cfg.vote.suppression} off)", off, inl))
+    else:
+        on = copy.deepcopy(cfg)
+        on.vote.suppression = "test"
+        out.append(("+ suppression=test (option, off by default)", on, inl))
+    return out
+
+
+def _default_name(cfg, inputs) -> str:
+    return "global + verification" if inputs["inliers"] is not None else "global only"
+
+
+def _knn_ablations(cfg, work_dir: Path, inputs) -> list[tuple[str, object, dict]]:
+    """Global-only runs with each knn-level option that is on switched off (separate knn files)."""
+    from landmarks.knn import load_npz, run_knn
+
+    out = []
+    for name, field, off in (("whiten.global_pca", ("whiten", "global_pca"), False),
+                             ("knn.dba_k", ("knn", "dba_k"), 0), ("knn.qe_k", ("knn", "qe_k"), 0)):
+        if getattr(getattr(cfg, field[0]), field[1]):
+            c = copy.deepcopy(cfg)
+            setattr(getattr(c, field[0]), field[1], off)
+            path = run_knn(c, work_dir, out=work_dir / "validate" / f"knn-no-{field[1]}.npz")
+            knn = load_npz(path)
+            if list(knn["train_ids"]) != list(inputs["knn"]["train_ids"]):
+                continue
+            out.append((f"global only, {name} off", c, {**inputs, "knn": knn, "inliers": None}))
+    return out
+
+
+def _plots(plot_dir: Path, solution, inputs, default, glob) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    truth = {str(i): set(str(t).split()) for i, t in zip(solution["id"], solution["landmarks"].fillna(""))}
+    files = {}
+
+    # 1. precision vs rank
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, df in (("default", default), ("global only", glob)):
+        d = df.dropna(subset=["confidence"]).sort_values(["confidence", "id"], ascending=[False, True], kind="mergesort")
+        corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])], float)
+        if len(corr):
+            ax.plot(np.arange(1, len(corr) + 1), np.cumsum(corr) / np.arange(1, len(corr) + 1), label=name)
+    ax.set_xlabel("rank (predictions sorted by confidence)")
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title("Precision vs rank")
+    files["precision"] = _save(fig, plot_dir / "precision_vs_rank.png")
+
+    # 2. inliers of correct vs wrong candidates
+    inl = inputs["inliers"]
+    if inl is not None:
+        knn = inputs["knn"]
+        R = inl.shape[1]
+        lab = inputs["train_labels"][np.clip(knn["idx"][:, :R], 0, None)]
+        good, bad = [], []
+        for r, tid in enumerate(inputs["test_ids"]):
+            t = truth.get(tid)
+            if t is None:
+                continue
+            for j in range(R):
+                if knn["idx"][r, j] < 0:
+                    continue
+                (good if str(lab[r, j]) in t else bad).append(inl[r, j])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        top = max([1, *good, *bad])
+        bins = np.unique(np.concatenate([[0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 40, 60, 80, 120, 200, 400, 1000], [top + 1]]))
+        bins = bins[bins <= top + 1]
+        ax.hist([good, bad], bins=bins, label=[f"correct candidates ({len(good)})", f"wrong candidates ({len(bad)})"],
+                color=["tab:green", "tab:red"], alpha=0.8)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_yscale("log")
+        ax.set_xlabel("RANSAC inliers")
+        ax.set_ylabel("candidates")
+        ax.legend()
+        ax.set_title("Inliers: correct vs wrong top candidates")
+        files["inliers"] = _save(fig, plot_dir / "inliers_correct_vs_wrong.png")
+
+    # 3. score distribution: landmark vs non-landmark test images
+    d = default.dropna(subset=["confidence"])
+    is_lm = np.array([bool(truth[i]) for i in d["id"]])
+    corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])])
+    conf = d["confidence"].to_numpy()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = [(conf[is_lm & corr], "landmark, correct", "tab:green"),
+              (conf[is_lm & ~corr], "landmark, wrong", "tab:orange"),
+              (conf[~is_lm], "non-landmark", "tab:red")]
+    allc = conf if len(conf) else np.zeros(1)
+    bins = np.linspace(allc.min(), allc.max() + 1e-9, 40)
+    for vals, name, color in groups:
+        if len(vals):
+            ax.hist(vals, bins=bins, alpha=0.6, label=f"{name} ({len(vals)})", color=color)
+    ax.set_yscale("log")
+    ax.set_xlabel("confidence (default setting)")
+    ax.set_ylabel("test images")
+    ax.legend()
+    ax.set_title("Scores: landmark vs non-landmark test images")
+    files["scores"] = _save(fig, plot_dir / "score_distribution.png")
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path.name
+
+
+def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
+    """Score the variants, write WORK_DIR/report.md and plots; print the GAP table."""
+    from landmarks import data, metrics
+    from landmarks.predict import load_inputs, predict_arrays
+
+    work_dir = Path(work_dir)
+    solution = data.load_solution(data_dir)
+    if solution is None:
+        raise LandmarksError(f"{data_dir}/solution.csv not found: validate needs a dataset with ground truth "
+                             "(demo data, `landmarks holdout` or `landmarks import`)")
+    inputs = load_inputs(cfg, data_dir, work_dir, model_dir)
+    rows, frames = [], {}
+    default_name = _default_name(cfg, inputs)
+    variants = [(n, c, {**inputs, "inliers": i}) for n, c, i in _variants(cfg, inputs)]
+    variants += _knn_ablations(cfg, work_dir, inputs)
+    for name, c, inp in variants:
+        labels, conf, _ = predict_arrays(c, work_dir, inp, inliers=inp["inliers"])
+        df = _predictions_df(inp["test_ids"], labels, conf, solution)
+        s = metrics.score(solution, df)
+        frames[name] = df
+        rows.append((name, s))
+    default_score = dict(rows)[default_name]
+    sub_line = ""
+    if Path(submission).exists():
+        try:
+            sub = metrics.score_files(Path(data_dir) / "solution.csv", submission)
+            sub_line = f"Submission `{submission}`: GAP {sub['gap']:.4f}."
+        except LandmarksError as e:
+            sub_line = f"Submission `{submission}` could not be scored: {e}"
+    glob_name = next(n for n, _ in rows if n.startswith("global only"))
+    plots = _plots(work_dir / "plots", solution, inputs, frames[default_name], frames[glob_name])
+
+    table = ["| setting | GAP | accuracy | predicted | correct | confident wrong non-landmarks |",
+             "|---|---|---|---|---|---|"]
+    for name, s in rows:
+        mark = " **(default)**" if name == default_name else ""
+        table.append(f"| {name}{mark} | {s['gap']:.4f} | {s['accuracy']:.4f} | {s['n_predicted']} | "
+                     f"{s['n_correct']} | {s['confident_wrong_nonlandmark']} |")
+    v, k, w = cfg.verify, cfg.knn, cfg.vote
+    lines = [
+        "# Validation report", "",
+        f"Dataset `{data_dir}`: {default_score['n_test']} scored test images "
+        f"({default_score['n_landmark']} landmark, {default_score['n_nonlandmark']} non-landmark); "
+        f"{len(inputs['knn']['train_ids'])} train images with features. Model `{model_dir}`.", "",
+        *table, "",
+        "\"confident wrong non-landmarks\": predictions on non-landmark images whose confidence is above "
+        "the lowest-confidence correct prediction.", "",
+        f"Settings: knn k={k.k} index={k.index} dba_k={k.dba_k} qe_k={k.qe_k}; "
+        f"verify enabled={v.enabled} matcher={v.matcher} num_to_rerank={v.num_to_rerank} "
+        f"mutual_min_sim={v.mutual_min_sim} ratio={v.ratio} model={v.model} "
+        f"reproj={v.reproj_threshold} iters={v.max_iters}; vote method={w.method} neighbours={w.neighbours} "
+        f"top_k={w.top_k} power={w.power} inlier_weight={w.inlier_weight} cap={w.inlier_cap} "
+        f"suppression={w.suppression} (weight {w.suppression_weight}); whiten global={cfg.whiten.global_pca} "
+        f"local={cfg.whiten.local_pca}.", "",
+    ]
+    if sub_line:
+        lines += [sub_line, ""]
+    lines += ["## Plots", ""] + [f"![{key}](plots/{name})" for key, name in plots.items()] + [""]
+    out = work_dir / "report.md"
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(table))
+    log.info("validate: report -> %s", out)
+    return out
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("validate", parents=[common],
+                              help="GAP of global-only / verified / host-baseline settings -> WORK_DIR/report.md")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, cfg) -> int:
+    run_validate(cfg, args.data_dir, args.work_dir, args.model, args.submission)
+    return 0

@@ -1,0 +1,184 @@
+"""Export in the official DELG signature, the zero-training default model, and load_delg paths."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from landmarks.utils import LandmarksError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def default_model(tmp_path_factory):
+    from landmarks.config import Config
+    from landmarks.export import build_default_model
+
+    return build_default_model(Config(), tmp_path_factory.mktemp("m") / "default")
+
+
+@pytest.fixture(scope="module")
+def loaded(default_model):
+    from landmarks.delg_io import load_delg
+
+    return load_delg(default_model)
+
+
+def _resize(img, h, w):
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+
+
+def test_default_model_loads_in_a_fresh_process(default_model):
+    code = (
+        "import json, sys, numpy as np\n"
+        "from landmarks.delg_io import load_delg\n"
+        "m = load_delg(sys.argv[1])\n"
+        "img = (np.arange(150*200*3) % 251).astype(np.uint8).reshape(150, 200, 3)\n"
+        "o = m(img, [0.5, 1.0], 50, 0.0, [1])\n"
+        "print(json.dumps({'kind': m.kind, **{k: [list(v.shape), str(v.dtype)] for k, v in o.items()}}))\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run([sys.executable, "-c", code, str(default_model)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kind"] == "tf2-signature"
+    n = out["boxes"][0][0]
+    assert 0 < n <= 50
+    assert out["boxes"] == [[n, 4], "float32"]
+    assert out["features"] == [[n, 128], "float32"]
+    assert out["scales"] == [[n], "float32"] and out["scores"] == [[n, 1], "float32"]
+    assert out["global_descriptors"] == [[1, 1280], "float32"]
+    meta = json.loads((default_model / "landmarks_model.json").read_text())
+    assert meta["receptive_field"]["stride"] == 16 and meta["local_projection"] == "block10"
+
+
+def test_signature_names_and_dtypes(default_model):
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(str(default_model)).signatures["serving_default"]
+    _, kw = sig.structured_input_signature
+    assert {k: (v.dtype, v.shape.as_list() if v.shape.rank is not None else None) for k, v in kw.items()} == {
+        "input_image": (tf.uint8, [None, None, 3]), "input_scales": (tf.float32, [None]),
+        "input_max_feature_num": (tf.int32, []), "input_abs_thres": (tf.float32, []),
+        "input_global_scales_ind": (tf.int32, [None])}
+    assert set(sig.structured_outputs) == {"boxes", "features", "scales", "scores", "global_descriptors"}
+
+
+def test_cap_threshold_and_scales(loaded):
+    from skimage import data
+
+    img = _resize(data.astronaut(), 256, 256)
+    o = loaded(img, [0.5, 1.0, 2.0], 40, 0.0, [0, 2])
+    assert o["boxes"].shape == (40, 4) and o["global_descriptors"].shape == (2, 1280)
+    assert set(np.unique(o["scales"])) <= {0.5, 1.0, 2.0}
+    assert np.all(np.diff(o["scores"][:, 0]) <= 1e-6)  # sorted by score
+    assert np.all(o["boxes"][:, 2] > o["boxes"][:, 0]) and np.all(o["boxes"][:, 3] > o["boxes"][:, 1])
+    # boxes divide by the scale: the same receptive field is smaller in original pixels at scale 2
+    side = o["boxes"][:, 2] - o["boxes"][:, 0] + 1
+    assert np.allclose(side * o["scales"], side[0] * o["scales"][0], rtol=0.02)
+    none = loaded(img, [1.0], 100, 1e9, [0])
+    assert none["boxes"].shape == (0, 4) and none["features"].shape == (0, 128) and none["scores"].shape == (0, 1)
+    g1 = loaded(img, [1.0], 10, 0.0, [0])["global_descriptors"]
+    assert g1.shape == (1, 1280) and np.all(g1 > 0)  # GeM of ReLU6 maps, not normalised
+
+
+def test_keypoints_scale_with_the_image(loaded):
+    from skimage import data
+
+    from landmarks.delg_io import postprocess
+
+    big = _resize(data.astronaut(), 384, 384)
+    small = _resize(big, 192, 192)
+    _, a = postprocess(loaded(small, [1.0], 60, 0.0, [0]))
+    _, b = postprocess(loaded(big, [1.0], 200, 0.0, [0]))
+    d = np.linalg.norm((a.keypoints * 2.0)[:, None] - b.keypoints[None], axis=2).min(1)
+    assert np.median(d) <= 16.0, np.median(d)  # within one stride of the big image
+    # and the big image at scale 0.5 inside the graph agrees (boxes come back in original pixels)
+    _, c = postprocess(loaded(big, [0.5], 60, 0.0, [0]))
+    d2 = np.linalg.norm(c.keypoints[:, None] - (a.keypoints * 2.0)[None], axis=2).min(1)
+    assert np.median(d2) <= 16.0, np.median(d2)
+    assert c.keypoints.max() > 250  # not left in the resized image's pixels
+
+
+def test_global_descriptor_crop_closer_than_other_image(loaded):
+    from skimage import data
+
+    from landmarks.delg_io import postprocess
+
+    def g(img):
+        return postprocess(loaded(img, [0.7071, 1.0], 10, 0.0, [0, 1]))[0]
+
+    a = data.astronaut()
+    crop = a[20:-15, 12:-25]
+    other = data.coffee()
+    ga, gc, go = g(a), g(crop), g(other)
+    assert float(ga @ gc) > float(ga @ go) + 0.05
+
+
+def test_cli_model_build_tiny(tmp_path):
+    from landmarks.cli import main
+
+    out = tmp_path / "tiny"
+    args = ["model", "build", "--out", str(out), "--backbone", "tiny", "--init", "random",
+            "--local-projection", "random_orthogonal"]
+    assert main(args) == 0
+    assert (out / "saved_model.pb").exists()
+    mtime = (out / "saved_model.pb").stat().st_mtime
+    assert main(args) == 0  # rerun skips
+    assert (out / "saved_model.pb").stat().st_mtime == mtime
+    from landmarks.delg_io import load_delg
+
+    o = load_delg(out)(np.full((64, 80, 3), 100, np.uint8), [1.0], 100, 0.0, [0])
+    assert o["features"].shape[1] == 128 and o["global_descriptors"].shape == (1, 32)
+    assert main(["model", "build", "--out", str(tmp_path / "r"), "--backbone", "nope"]) == 1
+
+
+def test_load_delg_tf1_prune_path(tmp_path):
+    import tensorflow as tf
+
+    from landmarks.delg_io import load_delg
+
+    export_dir = str(tmp_path / "tf1")
+    g = tf.Graph()
+    with g.as_default():
+        v1 = tf.compat.v1
+        img = v1.placeholder(tf.uint8, [None, None, 3], name="input_image")
+        scales = v1.placeholder(tf.float32, [None], name="input_scales")
+        maxf = v1.placeholder(tf.int32, [], name="input_max_feature_num")
+        thres = v1.placeholder(tf.float32, [], name="input_abs_thres")
+        gind = v1.placeholder(tf.int32, [None], name="input_global_scales_ind")
+        w = v1.Variable(np.ones((3, 16), np.float32), name="w")
+        mean = tf.reduce_mean(tf.cast(img, tf.float32), axis=[0, 1])
+        glob = tf.tile((mean[None] @ w), [tf.size(gind), 1]) * tf.reduce_max(scales)
+        n = maxf
+        tf.identity(glob, name="global_descriptors")
+        tf.identity(tf.zeros([n, 4]) + thres, name="boxes")
+        tf.identity(tf.ones([n, 128]), name="features")
+        tf.identity(tf.ones([n]), name="scales")
+        tf.identity(tf.ones([n, 1]), name="scores")
+        with v1.Session(graph=g) as sess:
+            sess.run(v1.global_variables_initializer())
+            b = v1.saved_model.Builder(export_dir)
+            b.add_meta_graph_and_variables(sess, [v1.saved_model.tag_constants.SERVING])
+            b.save()
+    m = load_delg(export_dir)
+    assert m.kind == "tf1-prune"
+    o = m(np.full((8, 8, 3), 2, np.uint8), [1.0, 2.0], 7, 0.5, [0, 1, 1])
+    assert o["global_descriptors"].shape == (3, 16) and np.allclose(o["global_descriptors"], 2.0 * 3 * 2.0)
+    assert o["boxes"].shape == (7, 4) and np.allclose(o["boxes"], 0.5)
+    assert o["features"].shape == (7, 128)
+
+
+def test_load_delg_rejects_non_models(tmp_path):
+    from landmarks.delg_io import load_delg
+
+    with pytest.raises(LandmarksError):
+        load_delg(tmp_path)

@@ -1,0 +1,108 @@
+"""knn: faiss vs numpy neighbours, deterministic ties, DBA/QE, the run_knn stage."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from landmarks import knn
+from landmarks.config import Config, KnnConfig
+from landmarks.store import write_shard
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_faiss_and_numpy_give_same_neighbours():
+    rng = np.random.default_rng(0)
+    db, q = _unit(rng.normal(size=(500, 32))), _unit(rng.normal(size=(70, 32)))
+    s1, i1 = knn.search(KnnConfig(index="exact", chunk_size=16), q, db, 10)
+    s2, i2 = knn.search(KnnConfig(index="numpy", chunk_size=7), q, db, 10)
+    assert s1.shape == (70, 10) and i1.dtype == np.int64
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    brute = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(i2, brute)
+    assert np.all(np.diff(s1, axis=1) <= 1e-7)
+
+
+def test_ties_resolve_by_index_in_both_backends():
+    rng = np.random.default_rng(1)
+    base = _unit(rng.normal(size=(20, 8)))
+    db = np.concatenate([base, base[[3, 3, 7]], base]).astype(np.float32)  # exact duplicates
+    q = base[[3, 7, 0]]
+    for index in ("exact", "numpy"):
+        s, i = knn.search(KnnConfig(index=index), q, db, 3)
+        assert i[0].tolist() == [3, 20, 21], index  # four copies of row 3: lowest indices first
+        assert i[1].tolist() == [7, 22, 30], index
+        assert i[2].tolist() == [0, 23, int(i[2, 2])]
+
+
+def test_approximate_indexes_and_k_capping():
+    rng = np.random.default_rng(2)
+    db, q = _unit(rng.normal(size=(300, 16))), _unit(rng.normal(size=(20, 16)))
+    _, exact = knn.search(KnnConfig(), q, db, 5)
+    for cfg in (KnnConfig(index="hnsw"), KnnConfig(index="ivf", ivf_nlist=4, ivf_nprobe=4)):
+        _, i = knn.search(cfg, q, db, 5)
+        assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(i, exact)]) > 0.9
+    s, i = knn.search(KnnConfig(), q, db[:3], 10)
+    assert i.shape == (20, 3)
+    with pytest.raises(Exception, match="index"):
+        knn.search(KnnConfig(index="bogus"), q, db, 3)
+    with pytest.raises(Exception, match="sizes differ"):
+        knn.search(KnnConfig(), q[:, :8], db, 3)
+
+
+def test_dba_and_alpha_qe_pull_views_together():
+    rng = np.random.default_rng(3)
+    centres = _unit(rng.normal(size=(10, 64)))
+    db = _unit(np.repeat(centres, 5, axis=0) + 0.25 * rng.normal(size=(50, 64)))
+    q = _unit(centres + 0.35 * rng.normal(size=(10, 64)))
+    db2 = knn.dba(db, 3, 3.0)
+    assert np.allclose(np.linalg.norm(db2, axis=1), 1, atol=1e-5)
+    labels = np.repeat(np.arange(10), 5)
+    intra = lambda x: np.mean([x[labels == c] @ x[labels == c].T for c in range(10)])
+    assert intra(db2) > intra(db)
+    s, i = knn.search(KnnConfig(), q, db, 5)
+    q2 = knn.alpha_qe(q, db, s, i, 2, 3.0)
+    own = lambda qq: np.mean(np.sum(qq * centres, axis=1))
+    assert own(q2) > own(q)
+    np.testing.assert_array_equal(knn.alpha_qe(q, db, s, i, 0, 3.0), q)
+
+
+def _stores(tmp_path, n_train=30, n_test=8, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    tr = _unit(rng.normal(size=(n_train, dim)))
+    te = _unit(tr[:n_test] + 0.1 * rng.normal(size=(n_test, dim)))
+    write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", [f"tr{i:03d}" for i in range(n_train)], tr, None)
+    write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", [f"te{i:03d}" for i in range(n_test)], te, None,
+                failures=[("tebad", "unreadable")])
+    return tr, te
+
+
+def test_run_knn_writes_and_skips(tmp_path):
+    _stores(tmp_path)
+    cfg = Config()
+    cfg.knn.k = 5
+    out = knn.run_knn(cfg, tmp_path)
+    z = knn.load_npz(out)
+    assert z["idx"].shape == (8, 5) and list(z["test_ids"])[:2] == ["te000", "te001"]
+    assert [z["train_ids"][j] for j in z["idx"][:, 0]] == [f"tr{i:03d}" for i in range(8)]
+    mtime = out.stat().st_mtime_ns
+    knn.run_knn(cfg, tmp_path)
+    assert out.stat().st_mtime_ns == mtime  # up to date: skipped
+    cfg.knn.k = 4
+    knn.run_knn(cfg, tmp_path)
+    assert knn.load_npz(out)["idx"].shape == (8, 4)  # config change redoes it
+
+
+def test_run_knn_with_whitening_dba_qe(tmp_path):
+    _stores(tmp_path, n_train=60, dim=16)
+    cfg = Config()
+    cfg.knn.k = 3
+    cfg.knn.dba_k = 2
+    cfg.knn.qe_k = 1
+    cfg.whiten.global_pca = True
+    z = knn.load_npz(knn.run_knn(cfg, tmp_path))
+    assert (tmp_path / "whiten.npz").exists()
+    assert [z["train_ids"][j] for j in z["idx"][:, 0]] == [f"tr{i:03d}" for i in range(8)]

@@ -1,0 +1,158 @@
+"""predict: voting rules, non-landmark suppression, submission writing, the run_predict stage."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from landmarks import predict
+from landmarks.config import Config, VoteConfig
+from landmarks.store import write_shard
+from landmarks.utils import LandmarksError
+
+
+def test_host_vote_formula():
+    cfg = VoteConfig(method="host", top_k=2, neighbours=10, inlier_cap=70)
+    sims = np.array([[0.9, 0.8, 0.7, 0.6]])
+    idx = np.array([[0, 1, 2, 3]])
+    labels_of = np.array([5, 7, 7, 7])
+    lab, conf = predict.vote(cfg, sims, idx, labels_of)
+    assert lab[0] == 7 and conf[0] == pytest.approx(0.8 + 0.7)  # best 2 of label 7 beat 0.9
+    inl = np.array([[140, 0, 0, 14]])  # capped at 70 -> +1.0 ; 14 -> +0.2 (label 7: 0.8 + 0.8)
+    lab, conf = predict.vote(cfg, sims, idx, labels_of, inl)
+    assert lab[0] == 5 and conf[0] == pytest.approx(1.9)
+    lab, conf = predict.vote(VoteConfig(method="host", top_k=5, neighbours=2), sims, idx, labels_of)
+    assert lab[0] == 5 and conf[0] == pytest.approx(0.9)  # only the first 2 neighbours vote
+
+
+def test_sum_power_vote_and_ties():
+    cfg = VoteConfig(method="sum_power", power=3.0, top_k=5, inlier_weight=0.5, inlier_cap=10)
+    sims = np.array([[0.9, 0.8, 0.8, -0.2], [0.5, 0.5, 0.1, 0.0]])
+    idx = np.array([[0, 1, 2, 3], [1, 0, 3, -1]])
+    labels_of = np.array([5, 7, 7, 9])
+    lab, conf = predict.vote(cfg, sims, idx, labels_of)
+    assert lab[0] == 7 and conf[0] == pytest.approx(2 * 0.8 ** 3)
+    assert lab[1] == 5 and conf[1] == pytest.approx(0.125)  # tie 5 vs 7 -> smaller label id
+    lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
+    assert lab[0] == 5 and conf[0] == pytest.approx(0.729 + 0.5)
+    with pytest.raises(LandmarksError, match="vote.method"):
+        predict.vote(VoteConfig(method="nope"), sims, idx, labels_of)
+    lab, conf = predict.vote(cfg, np.zeros((2, 0)), np.zeros((2, 0), np.int64), labels_of)
+    assert (lab == predict.NO_LABEL).all()
+
+
+def test_nonlandmark_score_excludes_self_and_ranks_distractors_high():
+    rng = np.random.default_rng(0)
+    prod = rng.normal(size=(1, 16)) + 0.3 * rng.normal(size=(6, 16))  # a tight cluster of "products"
+    land = rng.normal(size=(4, 16))
+    x = np.concatenate([prod, land])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"id{i}" for i in range(10)]
+    cfg = VoteConfig(top_k=3, suppression_k=5)
+    s = predict.nonlandmark_score(cfg, Config().knn, x, ids, x[:6], ids[:6])
+    assert s[:6].min() > s[6:].max()
+    alone = predict.nonlandmark_score(cfg, Config().knn, x[:1], ids[:1], x[:1], ids[:1])
+    assert alone[0] == 0.0  # its own copy does not count
+
+
+def test_write_submission(tmp_path):
+    from landmarks.metrics import read_submission
+
+    expected = ["aaa", "bbb", "ccc", "ddd"]
+    out = predict.write_submission(tmp_path / "s/sub.csv", ["ccc", "aaa", "ddd"], [3, 12, -1],
+                                   [0.5, 1.23456789, 0.9], expected)
+    assert out.read_text() == "id,landmarks\naaa,12 1.234568\nbbb,\nccc,3 0.500000\nddd,\n"
+    df = read_submission(out, expected)
+    assert list(df["id"]) == expected
+    with pytest.raises(LandmarksError, match="not in sample_submission"):
+        predict.write_submission(tmp_path / "x.csv", ["zzz"], [1], [1.0], expected)
+    with pytest.raises(LandmarksError, match="twice"):
+        predict.write_submission(tmp_path / "x.csv", ["aaa", "aaa"], [1, 2], [1.0, 1.0], expected)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def make_dataset(tmp_path, n_classes=4, per_class=3, n_distract=3, dim=16, seed=0, local=False):
+    """Synthetic dataset dir + feature stores: test images near their class, distractors in a cluster."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+    tr = unit(np.repeat(centres, per_class, 0) + 0.3 * rng.normal(size=(n_classes * per_class, dim)))
+    tr_ids = [f"tr{i:04d}" for i in range(len(tr))]
+    tr_lab = np.repeat(np.arange(100, 100 + n_classes), per_class)
+    te = unit(centres + 0.4 * rng.normal(size=(n_classes, dim)))
+    prod = unit(rng.normal(size=(1, dim)) + 0.2 * rng.normal(size=(n_distract, dim)))
+    te_ids = [f"te{i:04d}" for i in range(n_classes)] + [f"dx{i:04d}" for i in range(n_distract)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("id,landmark_id\n" + "".join(f"{i},{l}\n" for i, l in zip(tr_ids, tr_lab)))
+    sample = te_ids[::-1] + ["fail0001"]
+    (data / "sample_submission.csv").write_text("id,landmarks\n" + "".join(f"{i},\n" for i in sample))
+    (data / "solution.csv").write_text("id,landmarks\n" + "".join(
+        f"{i},{100 + n if i.startswith('te') else ''}\n" for n, i in enumerate(te_ids)) + "fail0001,\n")
+    work = tmp_path / "work"
+    write_shard(work / "features/train/shard-00000-of-00001.h5", tr_ids, tr, None)
+    write_shard(work / "features/test/shard-00000-of-00001.h5", te_ids, np.concatenate([te, prod]), None,
+                failures=[("fail0001", "unreadable image")])
+    return data, work
+
+
+def test_run_predict_end_to_end_and_deterministic(tmp_path):
+    data, work = make_dataset(tmp_path)
+    cfg = Config()
+    cfg.verify.enabled = False
+    cfg.vote.suppression = "test"
+    cfg.vote.suppression_quantile = 0.45
+    a = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "a.csv").read_bytes()
+    b = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "b.csv").read_bytes()
+    assert a == b
+    lines = a.decode().splitlines()
+    assert lines[0] == "id,landmarks" and lines[-1] == "fail0001,"
+    rows = dict(line.split(",") for line in lines[1:])
+    assert [rows[f"te{i:04d}"].split()[0] for i in range(4)] == ["100", "101", "102", "103"]
+    lm = min(float(rows[f"te{i:04d}"].split()[1]) for i in range(4))
+    dx = max(float(rows[f"dx{i:04d}"].split()[1]) for i in range(3))
+    assert dx < lm  # suppression pushes the distractor cluster below the landmarks
+
+    cfg.vote.suppression = "distractors"
+    (tmp_path / "d.csv").write_text("id\ndx0000\ndx0001\n")
+    cfg.vote.distractors_csv = str(tmp_path / "d.csv")
+    predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "c.csv")
+    (tmp_path / "d.csv").write_text("id\nnope0001\n")
+    with pytest.raises(LandmarksError, match="no stored global features"):
+        predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "c.csv")
+
+
+def test_run_predict_rejects_foreign_features(tmp_path):
+    data, work = make_dataset(tmp_path)
+    (data / "train.csv").write_text("id,landmark_id\nzzz0,1\n")
+    cfg = Config()
+    cfg.verify.enabled = False
+    with pytest.raises(LandmarksError, match="not in .*train.csv"):
+        predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "a.csv")
+
+
+def test_run_predict_with_verification_is_byte_identical(tmp_path):
+    """Verification on planted local features, twice (jobs 2 then 1): identical submissions."""
+    from test_verify import planted_pair
+
+    data, work = make_dataset(tmp_path, n_classes=2, per_class=2, n_distract=1)
+    rng = np.random.default_rng(7)
+    import h5py
+
+    def reshard(split, n_local):
+        path = work / f"features/{split}/shard-00000-of-00001.h5"
+        with h5py.File(path) as f:
+            ids, g = [i.decode() for i in f["ids"][:]], f["global"][:]
+        pairs = [planted_pair(rng, n=80, shared=30, noise=0.2) for _ in range(n_local)]
+        write_shard(path, ids, g, [p[0] for p in pairs], failures=[("fail0001", "x")] if split == "test" else ())
+
+    reshard("train", 4)
+    reshard("test", 3)
+    cfg = Config()
+    cfg.vote.suppression = "test"
+    outs = []
+    for jobs in (2, 1):
+        cfg.verify.jobs = jobs
+        (work / "verified.npz").unlink(missing_ok=True)
+        outs.append(predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / f"{jobs}.csv").read_bytes())
+    assert outs[0] == outs[1]
+    assert len(outs[0].decode().splitlines()) == 5

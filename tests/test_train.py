@@ -1,0 +1,95 @@
+"""Training: tiny backbone on a handful of generated images, checkpoints, resume, export."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from landmarks.utils import LandmarksError  # noqa: E402
+
+
+def _make_data(root: Path, classes=3, views=3, seed=0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(classes):
+        base = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
+        for v in range(views):
+            img = np.asarray(Image.fromarray(base).resize((96, 80), Image.NEAREST)).astype(int)
+            img = np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+            i = f"{c:x}{v:x}{rng.integers(0, 16 ** 14):014x}"
+            p = root / "train" / i[0] / i[1] / i[2] / f"{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(p)
+            rows.append((i, 1000 + c))
+    pd.DataFrame(rows, columns=["id", "landmark_id"]).to_csv(root / "train.csv", index=False)
+    return root
+
+
+def _cfg(steps=4):
+    from landmarks.config import load_config
+
+    return load_config(None, ["model.backbone=tiny", "model.init=random", "model.global_dim=32",
+                              "train.batch_size=4", "train.crop_size=64", "train.checkpoint_every=2",
+                              f"train.steps={steps}", "train.learning_rate=0.01"])
+
+
+def test_train_resume_and_export(tmp_path):
+    from landmarks.delg_io import load_delg
+    from landmarks.train import train
+
+    data = _make_data(tmp_path / "data")
+    work, out = tmp_path / "work", tmp_path / "model"
+    assert train(_cfg(), data, work, out, stop_after=2) is None  # "interrupted" after 2 steps
+    state = json.loads((work / "train" / "state.json").read_text())
+    assert state["step"] == 2 and not out.exists()
+    assert (work / "train" / state["weights"]).exists()
+    assert train(_cfg(), data, work, out) == out
+    state = json.loads((work / "train" / "state.json").read_text())
+    assert state["step"] == 4 and state["resumed_from"] == [2]
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in state["history"])
+    assert (work / "train" / "curves.png").stat().st_size > 1000
+    assert json.loads((work / "train" / "labels.json").read_text()) == ["1000", "1001", "1002"]
+    meta = json.loads((out / "landmarks_model.json").read_text())
+    assert meta["kind"] == "trained" and meta["steps"] == 4 and meta["keypoint_score"] == "attention"
+    o = load_delg(out)(np.full((96, 128, 3), 90, np.uint8), [1.0, 0.5], 20, 0.0, [0, 1])
+    assert o["features"].shape[1] == 128 and o["features"].shape[0] <= 20
+    assert o["global_descriptors"].shape == (2, 32)
+    assert np.all(o["scores"] >= 0)  # softplus attention
+    mtime = (out / "saved_model.pb").stat().st_mtime
+    assert train(_cfg(), data, work, out) == out  # rerun: nothing to train, export up to date
+    assert (out / "saved_model.pb").stat().st_mtime == mtime
+    # a changed config does not silently reuse the old checkpoint
+    with pytest.raises(LandmarksError, match="--restart"):
+        train(_cfg(steps=6), data, work, out)
+
+
+def test_class_balanced_sampling():
+    from landmarks.train import sample_indices
+
+    labels = np.array([0] * 90 + [1] * 10)
+    bal = labels[sample_indices(labels, 4000, 0, True)]
+    plain = labels[sample_indices(labels, 4000, 0, False)]
+    assert 0.45 < bal.mean() < 0.55
+    assert 0.07 < plain.mean() < 0.13
+    assert np.array_equal(sample_indices(labels, 50, 3, True), sample_indices(labels, 50, 3, True))
+
+
+def test_train_refuses_bad_input(tmp_path):
+    from landmarks.train import train
+
+    data = _make_data(tmp_path / "data", classes=2, views=2)
+    victim = next((data / "train").rglob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(LandmarksError, match="missing"):
+        train(_cfg(), data, tmp_path / "w", tmp_path / "m")
+    with pytest.raises(LandmarksError):
+        train(_cfg(), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")

@@ -1,0 +1,63 @@
+"""validate: report with the GAP table and plots from knn/verified results."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from landmarks import predict, validate
+from landmarks.config import Config
+from landmarks.store import write_shard
+from landmarks.utils import LandmarksError
+from test_predict import make_dataset
+from test_verify import planted_pair
+
+
+def test_validate_global_only(tmp_path, capsys):
+    data, work = make_dataset(tmp_path)
+    cfg = Config()
+    cfg.verify.enabled = False
+    sub = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
+    out = validate.run_validate(cfg, data, work, tmp_path / "model", sub)
+    text = out.read_text()
+    assert "| global only **(default)** | 1.0000 |" in text
+    assert "host baseline voting" in text and "suppression=test" in text
+    assert "Submission" in text and "GAP 1.0000" in text
+    for name in ("precision_vs_rank.png", "score_distribution.png"):
+        assert (work / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    assert "| setting | GAP |" in capsys.readouterr().out
+    (data / "solution.csv").unlink()
+    with pytest.raises(LandmarksError, match="solution.csv"):
+        validate.run_validate(cfg, data, work, tmp_path / "model", sub)
+
+
+def test_validate_with_verification_and_options(tmp_path):
+    """Two look-alike classes: global kNN confuses them, planted local geometry tells them apart."""
+    rng = np.random.default_rng(5)
+    data, work = make_dataset(tmp_path, n_classes=2, per_class=1, n_distract=2)
+    import h5py
+
+    with h5py.File(work / "features/train/shard-00000-of-00001.h5") as f:
+        tr_ids, tr = [i.decode() for i in f["ids"][:]], f["global"][:]
+    with h5py.File(work / "features/test/shard-00000-of-00001.h5") as f:
+        te_ids, te = [i.decode() for i in f["ids"][:]], f["global"][:]
+    te[0] = te[1] = (tr[0] + tr[1]) / np.linalg.norm(tr[0] + tr[1])  # equally close to both classes
+    te[0] += 1e-3 * (tr[1] - tr[0])  # globally nearer the wrong class
+    te[1] += 1e-3 * (tr[0] - tr[1])
+    te /= np.linalg.norm(te, axis=1, keepdims=True)
+    p0, p1 = planted_pair(rng, n=100, shared=50), planted_pair(rng, n=100, shared=50)
+    q_local = [p0[0], p1[0], p0[2], p1[2]]
+    write_shard(work / "features/train/shard-00000-of-00001.h5", tr_ids, tr, [p0[1], p1[1]])
+    write_shard(work / "features/test/shard-00000-of-00001.h5", te_ids, te, q_local,
+                failures=[("fail0001", "unreadable image")])
+    cfg = Config()
+    cfg.verify.jobs = 1
+    cfg.verify.mutual_min_sim = 0.5
+    cfg.knn.qe_k = 1
+    cfg.vote.suppression = "test"
+    sub = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
+    text = validate.run_validate(cfg, data, work, tmp_path / "model", sub).read_text()
+    row = lambda name: next(l for l in text.splitlines() if l.startswith(f"| {name}"))
+    assert float(row("global + verification **(default)**").split("|")[3]) == 1.0  # accuracy
+    assert float(row("global only (no verification)").split("|")[3]) == 0.0
+    assert "knn.qe_k off" in text and "without suppression" in text
+    assert (work / "plots" / "inliers_correct_vs_wrong.png").exists()
