@@ -76,7 +76,7 @@ bench: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(LM) bench $(COMMON)
 
 notebooks: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
-	$(BIN)/python -m landmarks.notebooks --out $(WORK_DIR)/notebooks
+	$(BIN)/python -m landmarks.notebooks $(COMMON) --out $(WORK_DIR)/notebooks
 
 docs: predict
 	$(LM) show --docs $(COMMON) --out docs/show_example.png

@@ -23,6 +23,15 @@ def default_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from landmarks.config import load_config
+    from landmarks.export import build_default_model
+
+    cfg = load_config(None, ["model.backbone=tiny", "model.init=random", "model.local_projection=random_orthogonal"])
+    return build_default_model(cfg, tmp_path_factory.mktemp("m") / "tiny")
+
+
+@pytest.fixture(scope="module")
 def loaded(default_model):
     from landmarks.delg_io import load_delg
 
@@ -35,7 +44,8 @@ def _resize(img, h, w):
     return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
 
 
-def test_default_model_loads_in_a_fresh_process(default_model):
+def test_exported_model_loads_in_a_fresh_process(tiny_model):
+    """Fresh interpreter (nothing from this process cached); the small tiny-backbone export keeps it fast."""
     code = (
         "import json, sys, numpy as np\n"
         "from landmarks.delg_io import load_delg\n"
@@ -45,7 +55,7 @@ def test_default_model_loads_in_a_fresh_process(default_model):
         "print(json.dumps({'kind': m.kind, **{k: [list(v.shape), str(v.dtype)] for k, v in o.items()}}))\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    r = subprocess.run([sys.executable, "-c", code, str(default_model)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True,
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -55,9 +65,15 @@ def test_default_model_loads_in_a_fresh_process(default_model):
     assert out["boxes"] == [[n, 4], "float32"]
     assert out["features"] == [[n, 128], "float32"]
     assert out["scales"] == [[n], "float32"] and out["scores"] == [[n, 1], "float32"]
-    assert out["global_descriptors"] == [[1, 1280], "float32"]
+    assert out["global_descriptors"] == [[1, 32], "float32"]
+    meta = json.loads((tiny_model / "landmarks_model.json").read_text())
+    assert meta["receptive_field"]["stride"] == 16 and meta["local_projection"] == "random_orthogonal"
+
+
+def test_default_model_metadata(default_model):
     meta = json.loads((default_model / "landmarks_model.json").read_text())
-    assert meta["receptive_field"]["stride"] == 16 and meta["local_projection"] == "block10"
+    assert meta["receptive_field"] == {"size": 339, "stride": 16, "padding": 154.0}
+    assert meta["local_projection"] == "block10" and meta["preprocess"] == "tf127"
 
 
 def test_signature_names_and_dtypes(default_model):

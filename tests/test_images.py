@@ -165,7 +165,7 @@ def test_decompression_bomb_refused_from_header(tmp_path):
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.time()
     assert _reason(p, max_pixels=120_000_000) == "too large (20000x20000)"
-    assert time.time() - t0 < 2.0
+    assert time.time() - t0 < 5.0  # header only (a full decode takes far longer)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert grown_mb < 100  # nothing was decoded (a full decode would need 400 MB)
 

@@ -158,3 +158,20 @@ def test_delg_heads_shapes_and_arcface_margin():
         loss = tf.reduce_sum(a)
     grads = tape.gradient(loss, net.backbone.trainable_variables)
     assert all(g is None for g in grads)
+
+
+def test_whitening_starts_from_identity_when_sizes_match():
+    import tensorflow as tf
+
+    from landmarks.config import ModelConfig
+    from landmarks.model import build_delg
+
+    net = build_delg(ModelConfig(backbone="tiny", init="random", global_dim=32), num_classes=3)
+    x = tf.random.uniform([1, 64, 64, 3], -1, 1)
+    net(x)
+    assert np.allclose(net.whiten.get_weights()[0], np.eye(32))
+    _, top = net.backbone(x)
+    assert np.allclose(np.asarray(net.serving_heads(x)[2]), np.asarray(net.gem(top)), atol=1e-5)
+    other = build_delg(ModelConfig(backbone="tiny", init="random", global_dim=16), num_classes=3)
+    other(x)
+    assert other.whiten.get_weights()[0].shape == (32, 16)

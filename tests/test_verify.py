@@ -111,3 +111,28 @@ def test_run_verify_stage(tmp_path):
     cfg.verify.jobs = 1
     verify.run_verify(cfg, tmp_path / "data", tmp_path, tmp_path / "model", out=tmp_path / "v1.npz")
     assert (tmp_path / "v1.npz").stat().st_mtime_ns == mtime
+
+
+def test_local_pca_whitening_keeps_planted_matches(tmp_path):
+    from landmarks import knn, whiten
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 6)) * np.array([10, 5, 1, 1, 0.1, 0.1])
+    w = whiten.fit_global(_unit(x))
+    y = whiten.apply_global(w, _unit(x))
+    assert y.shape == (200, 6) and np.allclose(np.linalg.norm(y, axis=1), 1, atol=1e-5)
+    assert whiten.apply_global(whiten.fit_global(_unit(x), 3), _unit(x)).shape == (200, 3)
+    pairs = [planted_pair(rng, n=100, shared=50) for _ in range(2)]
+    g = _unit(rng.normal(size=(2, 8)))
+    write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", ["tr0", "tr1"], g, [p[1] for p in pairs])
+    write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", ["te0", "te1"], g, [p[0] for p in pairs])
+    cfg = Config()
+    cfg.whiten.local_pca = True
+    cfg.whiten.local_pca_dim = 64
+    cfg.verify.jobs = 1
+    cfg.verify.mutual_min_sim = 0.3
+    knn.run_knn(cfg, tmp_path)
+    inl = knn.load_npz(verify.run_verify(cfg, tmp_path, tmp_path, tmp_path))["inliers"]
+    z = np.load(tmp_path / "whiten.npz")
+    assert z["l_proj"].shape == (128, 64)
+    assert inl[0, 0] >= 30 and inl[1, 0] >= 30 and inl[:, 1].max() < 10

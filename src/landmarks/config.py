@@ -51,6 +51,7 @@ class ModelConfig:
     arcface_scale: float = 0.0  # 0 -> sqrt(global_dim)
     default_abs_thres: float = 0.0  # score threshold baked into the zero-training export (0 = auto)
     local_projection: str = "block10"  # zero-training locals: block10 | block10_pcaw | pca_imagenet | pcaw_imagenet | random_orthogonal
+    whiten_init: str = "identity"  # FC whitening init: identity (when global_dim == channels, else glorot) | glorot
 
 
 @dataclass
@@ -174,6 +175,36 @@ class HoldoutConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`make bench`: sizes of each benchmark row (see landmarks.bench); `quick` shrinks them all."""
+
+    quick: bool = False  # tiny smoke run (CI): few images, small N, 1 repeat
+    rows: str = "1,2,3,4,5"  # rows to run
+    repeats: int = 3  # timed runs per measurement (the median is reported)
+    extract_images: int = 16  # row 1: images of the data dir's train split
+    match_classes: int = 4  # row 2: landmarks sampled for pairs (shared data, else data dir train)
+    match_per_class: int = 4  # row 2: images per landmark; every ordered pair is verified
+    match_features: int = 1000  # row 2: local features per image
+    shared_data: str = ""  # row 2: real photo sets ("" = ../shared/data next to the repo)
+    knn_sizes: tuple = (100_000, 1_000_000, 1_580_000)  # row 3: train descriptors N
+    knn_dims: tuple = (0, 2048)  # row 3: descriptor sizes (0 = the model's global dim)
+    knn_queries: int = 10_000  # row 3: queries reported
+    knn_timed_queries: int = 1_000  # row 3: queries actually run (times scaled to knn_queries)
+    knn_approx: str = "ivf"  # row 3: approximate index (ivf | hnsw), project settings from knn.*
+    knn_max_db_gb: float = 2.0  # row 3: bigger N x dim are extrapolated linearly from measured ones
+    e2e_rerank: tuple = (10, 100)  # row 4: NUM_TO_RERANK values
+    e2e_test_images: int = 32  # row 4: test images predicted (first of sample_submission; 0 = all)
+    csv_rows: int = 1_580_000  # row 5: rows of the generated train.csv
+    csv_classes: int = 81_313  # row 5: landmark ids in it (GLDv2 train clean: 81 313)
+    cpu_ghz: float = 0.0  # peak FP32 = cores x GHz x flops_per_cycle (0 = read /proc/cpuinfo)
+    flops_per_cycle: int = 32  # FP32 per core per cycle: AVX2 + 2 FMA units = 2 x 8 x 2
+    gpu_seconds_per_image: float = 0.211  # GPU assumption: DELG paper, R50 extraction on a P100
+    gldv2_train: int = 1_580_000
+    gldv2_test: tuple = (10_000, 100_000)
+    gldv2_megapixels: float = 0.48  # assumed mean input size of a GLDv2 image after max_image_size (800x600)
+
+
+@dataclass
 class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -185,6 +216,7 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     dataset_import: ImportConfig = field(default_factory=ImportConfig)
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path
+from landmarks.utils import LandmarksError
 
 log = logging.getLogger("landmarks.export")
 
@@ -313,7 +313,8 @@ def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser("model", parents=[common], help="build the zero-training DELG model (official signature)")
     p.add_argument("action", choices=["build"])
     p.add_argument("--out", default="models/default", help="SavedModel output directory")
-    p.add_argument("--backbone", default=None, help="override model.backbone (efficientnet_lite0|resnet50|resnet101|tiny)")
+    p.add_argument("--backbone", default=None,
+                   help="override model.backbone (efficientnet_lite0|resnet50|resnet101|tiny)")
     p.add_argument("--init", default=None, choices=["imagenet", "random"], help="override model.init")
     p.add_argument("--local-projection", dest="local_projection", default=None, choices=PROJECTIONS,
                    help="override model.local_projection")

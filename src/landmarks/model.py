@@ -346,7 +346,10 @@ def build_delg(cfg_model, num_classes: int, backbone=None):
             self.backbone = backbone
             self.local_channels = int(backbone.outputs[0].shape[-1])
             self.gem = GeM(mc.gem_p, mc.gem_trainable, name="gem")
-            self.whiten = L.Dense(mc.global_dim, use_bias=True, name="whiten")
+            # identity init (when sizes match) starts fine-tuning from the zero-training GeM descriptor
+            top_channels = int(backbone.outputs[1].shape[-1])
+            init = "identity" if (mc.whiten_init == "identity" and mc.global_dim == top_channels) else "glorot_uniform"
+            self.whiten = L.Dense(mc.global_dim, use_bias=True, kernel_initializer=init, name="whiten")
             self.arcface = ArcFace(num_classes, mc.arcface_margin, mc.arcface_scale, name="arcface")
             self.encoder = L.Conv2D(mc.local_dim, 1, name="autoenc_encoder")
             self.decoder = L.Conv2D(self.local_channels, 1, activation="relu", name="autoenc_decoder")

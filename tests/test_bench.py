@@ -1,0 +1,138 @@
+"""bench: the quick smoke run writes every row and the GLDv2-scale section; rows are independent."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from landmarks import bench  # noqa: E402
+from landmarks.config import load_config  # noqa: E402
+from landmarks.utils import LandmarksError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from landmarks.export import build_default_model
+
+    cfg = load_config(None, ["model.backbone=tiny", "model.init=random", "model.local_projection=random_orthogonal"])
+    return build_default_model(cfg, tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _write(root, split, image_id, img):
+    from PIL import Image
+
+    p = root / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(p, quality=92)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """3 landmarks x 3 train views (shifted crops of one texture) + 4 test images, Kaggle layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("data")
+    train, labels, test, truth = [], [], [], []
+    for lab in range(3):
+        base = np.asarray(Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).resize((160, 160)))
+        for v in range(4):
+            i = f"{rng.integers(0, 2 ** 63):016x}"
+            crop = base[v * 8:v * 8 + 128, v * 6:v * 6 + 120]
+            if v < 3:
+                _write(root, "train", i, crop)
+                train.append(i)
+                labels.append(lab * 10)
+            else:
+                _write(root, "test", i, crop)
+                test.append(i)
+                truth.append(str(lab * 10))
+    i = f"{rng.integers(0, 2 ** 63):016x}"
+    _write(root, "test", i, (rng.random((100, 90, 3)) * 255).astype(np.uint8))
+    test.append(i)
+    truth.append("")
+    pd.DataFrame({"id": train, "landmark_id": labels}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": test, "landmarks": ""}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": test, "landmarks": truth}).to_csv(root / "solution.csv", index=False)
+    return root
+
+
+def _cfg(tmp_path, *extra):
+    # no shared photo sets: row 2 takes its pairs from the data dir, as on a user's machine
+    return load_config(None, ["bench.quick=true", f"bench.shared_data={tmp_path / 'none'}",
+                              "verify.jobs=1", "extract.jobs=1", *extra])
+
+
+def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys):
+    work = tmp_path / "work"
+    out = bench.run_bench(_cfg(tmp_path), dataset, work, tiny_model)
+    assert out == work / "bench.md"
+    text = out.read_text()
+    printed = capsys.readouterr().out
+    assert "ERROR" not in text, text
+    for i, title in bench.ROW_TITLES.items():
+        assert f"## Row {i}: {title}" in text
+        assert f"| {i} | {title} |" in printed
+    for needle in ("pipeline vs", "ratio", "% of peak FP32", "GFLOP/image",  # row 1
+                   "pairs/s baseline", "mean inliers same",  # row 2
+                   "recall@K", "| exact |", "| ivf |", "| numpy |",  # row 3
+                   "test img/s", "| 2 |", "| 4 |",  # row 4
+                   "20,000 rows",  # row 5
+                   "machine:", "versions:", "tensorflow", "## GLDv2 scale on paper", "| extract train |",
+                   "train features (global only)", "to finish in one hour use"):
+        assert needle in text, needle
+    # the machine line names SIMD flags and cores; the kNN row has the model's dim (tiny: 32) and 64
+    assert "cores" in text and "| 2,000 | 32 |" in text and "| 2,000 | 64 |" in text
+    # rerun skips done work: the e2e features and the generated CSV are reused
+    csv = work / "bench" / "csv" / "train.csv"
+    mtime = csv.stat().st_mtime_ns
+    bench.run_bench(_cfg(tmp_path), dataset, work, tiny_model, rows="5")
+    assert csv.stat().st_mtime_ns == mtime
+
+
+def test_rows_are_independent_and_selectable(tmp_path, dataset, tiny_model, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise RuntimeError("index exploded")
+
+    monkeypatch.setitem(bench.ROWS, 3, (boom, bench._md_knn))
+    from landmarks.cli import main
+
+    rc = main(["bench", "--quick", "--rows", "3,5", "--data-dir", str(dataset), "--work-dir", str(tmp_path / "w"),
+               "--model", str(tiny_model), "--set", f"bench.shared_data={tmp_path / 'none'}"])
+    assert rc == 0
+    text = (tmp_path / "w" / "bench.md").read_text()
+    assert "ERROR: RuntimeError: index exploded" in text
+    assert "## Row 5" in text and "## Row 1" not in text and "## Row 4" not in text
+    assert "| 5 | Data layer: train.csv | 20,000 rows" in capsys.readouterr().out
+
+
+def test_parse_rows_and_bad_input(tmp_path):
+    assert bench.parse_rows("3,1, 3") == [1, 3]
+    assert bench.parse_rows((2, 5)) == [2, 5]
+    for bad in ("7", "a,b", ""):
+        with pytest.raises(LandmarksError, match="rows"):
+            bench.parse_rows(bad)
+    cfg = _cfg(tmp_path, "bench.knn_approx=lsh")
+    with pytest.raises(LandmarksError, match="knn_approx"):
+        bench.row_knn(cfg, None, tmp_path, tmp_path)
+
+
+def test_peak_rss_sees_an_allocation_and_csv_is_gldv2_like(tmp_path):
+    with bench.PeakRss(0.002) as mem:
+        x = np.ones(50_000_000 // 8)  # 50 MB touched
+        x.sum()
+    assert mem.delta > 30e6
+    p = bench.make_train_csv(tmp_path / "train.csv", 1000, 50)
+    df = pd.read_csv(p, dtype=str)
+    assert list(df.columns) == ["id", "landmark_id"] and len(df) == 1000 and df["id"].is_unique
+    assert df["id"].str.fullmatch(r"[0-9a-f]{16}").all()
+    counts = df["landmark_id"].value_counts()
+    assert counts.iloc[0] > 3 * counts.iloc[-1]  # long tail
+    info = bench.cpu_info()
+    assert info["cores"] >= 1
+    peak, note = bench.peak_gflops(load_config(None, ["bench.cpu_ghz=2.5"]), info)
+    assert peak == pytest.approx(info["cores"] * 2.5 * 32) and "FLOP/cycle" in note

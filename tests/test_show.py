@@ -1,0 +1,144 @@
+"""show: one readable PNG per test image (candidates, inlier lines, keypoint scores); data plots."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from landmarks import cli, show, verify
+from landmarks.config import Config
+from landmarks.data import image_path
+from landmarks.store import LocalFeatures, write_shard
+from landmarks.utils import LandmarksError
+
+H = np.array([[0.9, 0.05, 15.0], [-0.05, 0.95, 10.0], [1e-4, 0.0, 1.0]])
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _lf(kp, desc, rng):
+    return LocalFeatures(kp.astype(np.float32), desc, np.ones(len(kp), np.float32),
+                         rng.uniform(0, 1, len(kp)).astype(np.float32))
+
+
+def make_case_data(tmp_path):
+    """2 classes x 2 train images, 2 test images (one of class A, one non-landmark).
+
+    Test image t0 shares 60 planted features (related by H) with train a0, none with the others;
+    globals make a0 its nearest neighbour.  Images are 240x180 random textures."""
+    rng = np.random.default_rng(0)
+    data, work = tmp_path / "data", tmp_path / "work"
+    train = [("a0" * 8, 11), ("a1" * 8, 11), ("b0" * 8, 22), ("b1" * 8, 22)]
+    test = [("c0" * 8, "11"), ("d0" * 8, "")]
+    for split, ids in (("train", [t[0] for t in train]), ("test", [t[0] for t in test])):
+        for i in ids:
+            p = image_path(data, split, i)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (180, 240, 3), dtype=np.uint8)).save(p)
+    pd.DataFrame(train, columns=["id", "landmark_id"]).to_csv(data / "train.csv", index=False)
+    pd.DataFrame({"id": [t[0] for t in test], "landmarks": ""}).to_csv(data / "sample_submission.csv", index=False)
+    pd.DataFrame(test, columns=["id", "landmarks"]).to_csv(data / "solution.csv", index=False)
+
+    n, shared = 150, 60
+    kp_q = rng.uniform(10, 150, (n, 2))
+    d_q = _unit(rng.normal(size=(n, 128)))
+    pts = np.c_[kp_q[:shared], np.ones(shared)] @ H.T
+    kp_t = np.concatenate([pts[:, :2] / pts[:, 2:], rng.uniform(10, 170, (n - shared, 2))])
+    d_t = np.concatenate([_unit(d_q[:shared] + 0.05 * rng.normal(size=(shared, 128))),
+                          _unit(rng.normal(size=(n - shared, 128)))])
+    rand = lambda: _lf(rng.uniform(0, 170, (n, 2)), _unit(rng.normal(size=(n, 128))), rng)
+    tr_local = [_lf(kp_t, d_t, rng), rand(), rand(), rand()]
+    te_local = [_lf(kp_q, d_q, rng), rand()]
+    g = _unit(rng.normal(size=(4, 16)))
+    te_g = _unit(np.stack([g[0] + 0.1 * g[1], g[2] + g[3]]))
+    write_shard(work / "features/train/shard-00000-of-00001.h5", [t[0] for t in train], g, tr_local)
+    write_shard(work / "features/test/shard-00000-of-00001.h5", [t[0] for t in test], te_g, te_local)
+    return data, work
+
+
+def _cfg():
+    cfg = Config()
+    cfg.verify.jobs = 1
+    cfg.verify.mutual_min_sim = 0.5
+    return cfg
+
+
+def test_show_case_png_and_inliers(tmp_path):
+    data, work = make_case_data(tmp_path)
+    cfg = _cfg()
+    case = show.load_case(cfg, data, work, tmp_path / "no-model", "c0" * 8, top=3)
+    assert [c.train_id for c in case.candidates][0] == "a0" * 8
+    first = case.candidates[0]
+    assert first.correct is True and first.verified and first.inliers >= 50
+    assert all(c.inliers < 10 for c in case.candidates[1:])
+    assert case.candidates[2].correct is False  # class 22 is wrong for truth 11
+    # the drawn inliers are verify.py's count for the pair
+    from landmarks.store import FeatureStore
+
+    q = FeatureStore(work / "features/test").local(["c0" * 8])["c0" * 8]
+    t = FeatureStore(work / "features/train").local(["a0" * 8])["a0" * 8]
+    m = verify.match_mutual(q.descriptors, t.descriptors, cfg.verify.mutual_min_sim)
+    assert first.inliers == verify.count_inliers(cfg.verify, q.keypoints, t.keypoints, m)
+    assert np.allclose(np.c_[first.src, np.ones(len(first.src))] @ H.T[:, :2] / (
+        np.c_[first.src, np.ones(len(first.src))] @ H.T[:, 2:]), first.dst, atol=1.0)
+    assert case.prediction == 11 and len(case.keypoints) == 150
+
+    out = show.render_case(case, tmp_path / "case.png")
+    with Image.open(out) as im:
+        w, h = im.size
+    assert 700 < w < 2000 and 350 < h < 1500
+
+
+def test_cli_show_and_unknown_id(tmp_path, capsys):
+    data, work = make_case_data(tmp_path)
+    common = ["--data-dir", str(data), "--work-dir", str(work), "--model", str(tmp_path / "none"),
+              "--set", "verify.jobs=1", "--set", "verify.mutual_min_sim=0.5"]
+    assert cli.main(["show", "d0" * 8, *common]) == 0
+    png = work / "show" / f"{'d0' * 8}.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with Image.open(png) as im:
+        assert im.size[0] > 700  # 3 rows of panels for 4 candidates + test image
+    capsys.readouterr()
+    assert cli.main(["show", "ffffffffffffffff", *common]) == 1
+    err = capsys.readouterr().err
+    assert "unknown test id 'ffffffffffffffff'" in err and "sample_submission.csv" in err
+    assert cli.main(["show", *common]) == 1
+    assert "TEST_ID" in capsys.readouterr().err
+    # --docs picks the correct, verified example
+    assert cli.main(["show", "--docs", *common, "--out", str(tmp_path / "docs" / "ex.png")]) == 0
+    assert (tmp_path / "docs" / "ex.png").exists()
+    assert show.pick_docs_example(_cfg(), data, work, None) == "c0" * 8
+
+
+def test_test_id_without_features_is_explained(tmp_path):
+    data, work = make_case_data(tmp_path)
+    extra = "e0" * 8
+    sub = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
+    pd.concat([sub, pd.DataFrame({"id": [extra], "landmarks": [""]})]).to_csv(data / "sample_submission.csv", index=False)
+    with pytest.raises(LandmarksError, match="has no features"):
+        show.load_case(_cfg(), data, work, None, extra)
+
+
+def test_tables_and_data_plots(tmp_path):
+    data, work = make_case_data(tmp_path)
+    cfg = _cfg()
+    table = show.predictions_table(cfg, data, work, None)
+    assert set(table["id"]) == {"c0" * 8, "d0" * 8}
+    row = table.set_index("id").loc["c0" * 8]
+    assert row["correct"] == True and row["top1_inliers"] >= 50  # noqa: E712
+    cases = show.pick_cases(table)
+    assert cases == {"good": "c0" * 8, "failed": "d0" * 8}
+    comp = show.compare_verification(cfg, data, work, None)
+    assert list(comp.index) == ["global only", "global + verification"]
+    assert comp.loc["global + verification", "GAP"] == pytest.approx(1.0)
+    s = show.split_summary(data)["count"]
+    assert s["train images"] == 4 and s["test non-landmark images"] == 1
+    sizes = show.image_sizes(data, "train")
+    assert (sizes["width"] == 240).all() and (sizes["height"] == 180).all()
+    for fig in (show.plot_class_sizes(data), show.plot_class_samples(data, classes=2, per_class=2),
+                show.plot_image_sizes(data), show.plot_test_gallery(data, table, "all")):
+        fig.savefig(tmp_path / "fig.png")
+        assert (tmp_path / "fig.png").stat().st_size > 1000
