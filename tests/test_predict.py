@@ -34,6 +34,12 @@ def test_sum_power_vote_and_ties():
     assert lab[1] == 5 and conf[1] == pytest.approx(0.125)  # tie 5 vs 7 -> smaller label id
     lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
     assert lab[0] == 5 and conf[0] == pytest.approx(0.729 + 0.5)
+    cfg.inlier_floor = 15  # 20 inliers -> 5 above the chance floor -> 0.5 * 5/10
+    lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
+    assert lab[0] == 7 and conf[0] == pytest.approx(2 * 0.8 ** 3)
+    cfg.inlier_floor = 18
+    lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
+    assert conf[0] == pytest.approx(max(0.729 + 0.1, 2 * 0.512))
     with pytest.raises(LandmarksError, match="vote.method"):
         predict.vote(VoteConfig(method="nope"), sims, idx, labels_of)
     lab, conf = predict.vote(cfg, np.zeros((2, 0)), np.zeros((2, 0), np.int64), labels_of)

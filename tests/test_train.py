@@ -38,7 +38,7 @@ def _cfg(steps=4):
 
     return load_config(None, ["model.backbone=tiny", "model.init=random", "model.global_dim=32",
                               "train.batch_size=4", "train.crop_size=64", "train.checkpoint_every=2",
-                              f"train.steps={steps}", "train.learning_rate=0.01"])
+                              f"train.steps={steps}", "train.learning_rate=0.01", "train.freeze_backbone=false"])
 
 
 def test_train_resume_and_export(tmp_path):

@@ -38,7 +38,7 @@ from landmarks.utils import LandmarksError, dir_digest, log, text_digest
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
 RESULT_FIELDS = ("image_scales", "global_scales_ind", "max_feature_num", "abs_thres", "max_image_size",
                  "max_image_pixels", "min_image_size", "local_dtype")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
 
 _MODELS: dict[tuple[str, str], object] = {}  # per-process model cache: (path, digest) -> DelgModel
@@ -109,6 +109,19 @@ def _get_model(model_dir: str, threads: int):
     return model
 
 
+def _inside_image(lf, shape, scale: float):
+    """Map keypoints back to original pixels and drop those whose box centre lies outside the
+    image: feature-map cells past the border (ceil(H/stride) rows) have centres off the image and
+    match each other spuriously between unrelated images."""
+    from landmarks.store import LocalFeatures
+
+    h, w = shape[:2]
+    kp = lf.keypoints
+    keep = (kp[:, 0] >= 0) & (kp[:, 0] <= w - 1) & (kp[:, 1] >= 0) & (kp[:, 1] <= h - 1)
+    return LocalFeatures((kp[keep] / np.float32(scale)).astype(np.float32), lf.descriptors[keep],
+                         lf.scales[keep], lf.scores[keep])
+
+
 def extract_shard(task: ShardTask) -> dict:
     """Run one shard task (in any process): write its file, return counts and timing."""
     from landmarks.delg_io import postprocess
@@ -155,8 +168,7 @@ def extract_shard(task: ShardTask) -> dict:
             ok_ids.append(image_id)
             globals_.append(g)
             if task.local:
-                lf.keypoints = (lf.keypoints / np.float32(scale)).astype(np.float32)
-                locals_.append(lf)
+                locals_.append(_inside_image(lf, image.shape, scale))
     gmat = np.stack(globals_).astype(np.float32) if globals_ else None
     attrs = dict(task.attrs)
     attrs["n_requested"] = n

@@ -66,6 +66,7 @@ def _numpy_topk(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 
 def _faiss_index(cfg, db: np.ndarray):
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise at INFO
     import faiss
 
     n, d = db.shape

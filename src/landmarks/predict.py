@@ -5,7 +5,7 @@ Methods (cfg.vote.method):
   images scores min(inliers, cap)/cap + global similarity; per label the best ``top_k`` scores are
   summed; the label with the largest sum wins, the sum is the confidence.
 - ``sum_power`` (default): each neighbour scores max(sim, 0)**power + inlier_weight *
-  min(inliers, cap)/cap; per label the best ``top_k`` are summed.  The power sharpens the gap
+  min(max(inliers - floor, 0), cap)/cap; per label the best ``top_k`` are summed.  The power sharpens the gap
   between near duplicates of one landmark and merely similar-looking images.
 
 Non-landmark suppression (cfg.vote.suppression): a set of images known or presumed to show no
@@ -35,16 +35,16 @@ def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.n
     sims = np.asarray(sims, np.float64)
     if cfg.method == "host":
         base = sims.copy()
-        weight = 1.0
+        weight, floor = 1.0, 0
     elif cfg.method == "sum_power":
         base = np.clip(sims, 0.0, None) ** cfg.power
-        weight = cfg.inlier_weight
+        weight, floor = cfg.inlier_weight, max(0, int(cfg.inlier_floor))
     else:
         raise LandmarksError(f"vote.method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
     if inliers is not None and inliers.size:
         r = min(inliers.shape[1], base.shape[1])
         cap = max(1, int(cfg.inlier_cap))
-        base[:, :r] += weight * np.minimum(inliers[:, :r], cap) / cap
+        base[:, :r] += weight * np.minimum(np.clip(inliers[:, :r] - floor, 0, None), cap) / cap
     return base
 
 
