@@ -93,6 +93,8 @@ class KnnConfig:
     ivf_nlist: int = 0  # 0 = 4*sqrt(N)
     ivf_nprobe: int = 16
     hnsw_m: int = 32
+    hnsw_ef_search: int = 256  # at least 2*k is used
+    hnsw_ef_construction: int = 80
     dba_k: int = 0  # database-side augmentation neighbours (0 = off)
     qe_k: int = 0  # alpha query expansion neighbours (0 = off)
     qe_alpha: float = 3.0

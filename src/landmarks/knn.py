@@ -81,6 +81,7 @@ def _faiss_index(cfg, db: np.ndarray):
         index.nprobe = min(cfg.ivf_nprobe, nlist)
     elif cfg.index == "hnsw":
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, int(cfg.hnsw_ef_construction))
     else:
         raise LandmarksError(f"knn.index must be one of {', '.join(INDEXES)} (got {cfg.index!r})")
     index.add(db)
@@ -113,6 +114,8 @@ def search(cfg, queries: np.ndarray, database: np.ndarray, k: int | None = None)
         return sims, idx
     index = _faiss_index(cfg, db)
     kk = min(db.shape[0], k + TIE_MARGIN)
+    if cfg.index == "hnsw":  # faiss's default efSearch (16) caps recall far below k=100
+        index.hnsw.efSearch = max(int(cfg.hnsw_ef_search), 2 * kk)
     for a in range(0, nq, chunk):
         s, i = index.search(q[a:a + chunk], kk)
         sims[a:a + chunk], idx[a:a + chunk] = _sort_rows(s, i, k)
