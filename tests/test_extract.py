@@ -282,3 +282,18 @@ def test_shards_raised_to_bound_memory(dataset, tmp_path, fake_model):
     paths = run_features(_cfg(max_shard_images=4), root, tmp_path / "w", fake_model, "test", shards=1, jobs=1)
     assert [p.name for p in paths] == [f"shard-{i:05d}-of-00003.h5" for i in range(3)]  # 9 rows / 4
     assert set(FeatureStore(paths[0].parent).ids) | set(FeatureStore(paths[0].parent).failures()) == set(test)
+
+
+def test_keypoints_outside_the_image_are_dropped_and_mapped_to_original_pixels():
+    """Feature-map cells past the border have box centres off the image: they are dropped, the
+    rest are mapped from resized to original pixels (scale = resized / original)."""
+    from landmarks.extract import _inside_image
+    from landmarks.store import LocalFeatures
+
+    kp = np.array([[10, 10], [99, 49], [100, 20], [-1, 5], [50, 50], [30, 60]], np.float32)
+    lf = LocalFeatures(kp, np.eye(6, 128, dtype=np.float32), np.ones(6, np.float32),
+                       np.arange(6, dtype=np.float32))
+    out = _inside_image(lf, (50, 100, 3), scale=0.5)  # resized image: 50 rows x 100 columns
+    assert out.scores.tolist() == [0.0, 1.0]
+    np.testing.assert_allclose(out.keypoints, [[20, 20], [198, 98]])
+    assert out.descriptors.shape == (2, 128) and out.scales.shape == (2,)
