@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from landmarks.utils import LandmarksError, atomic_path
+from landmarks.utils import LandmarksError, atomic_path, stamp_matches
 
 log = logging.getLogger("landmarks.import")
 
@@ -138,13 +138,9 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
     params = {"sources": sources, "distractors": [str(d) for d in distractors], **dataclasses.asdict(ic),
               "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16]}
     split_file = out_dir / "split.json"
-    if split_file.exists():
-        try:
-            if json.loads(split_file.read_text()).get("params") == params:
-                log.info("import: %s is up to date; skipping", out_dir)
-                return out_dir
-        except (json.JSONDecodeError, OSError):
-            pass
+    if stamp_matches(split_file, "params", params):
+        log.info("import: %s is up to date; skipping", out_dir)
+        return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not split_file.exists():
         raise LandmarksError(f"import: {out_dir} is not empty and holds no split.json; choose another --out")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path
+from landmarks.utils import LandmarksError, atomic_path, stamp_matches
 
 log = logging.getLogger("landmarks.demo")
 
@@ -350,13 +350,9 @@ def make_demo(dc, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     key = _demo_key(dc)
     stamp = out_dir / _STAMP
-    if stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("config") == key:
-                log.info("demo data in %s is complete (same config); skipping", out_dir)
-                return out_dir
-        except (json.JSONDecodeError, OSError):
-            pass
+    if stamp_matches(stamp, "config", key):
+        log.info("demo data in %s is complete (same config); skipping", out_dir)
+        return out_dir
     if dc.num_landmarks < 1 or dc.views_per_landmark < 1 or dc.image_size < 64:
         raise LandmarksError("demo: need num_landmarks >= 1, views_per_landmark >= 1 and image_size >= 64")
     if out_dir.exists() and any(out_dir.iterdir()) and not stamp.exists() and not (out_dir / "demo.json").exists():

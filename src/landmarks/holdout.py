@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from landmarks.utils import LandmarksError, atomic_path, file_digest
+from landmarks.utils import LandmarksError, atomic_path, file_digest, stamp_matches
 
 log = logging.getLogger("landmarks.holdout")
 
@@ -100,13 +100,9 @@ def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
               "train_csv": file_digest(data_dir / "train.csv") if (data_dir / "train.csv").exists() else None,
               "distractors": str(distractors) if distractors else None}
     split_file = out_dir / "split.json"
-    if split_file.exists():
-        try:
-            if json.loads(split_file.read_text()).get("params") == params:
-                log.info("holdout: %s is up to date; skipping", out_dir)
-                return out_dir
-        except (json.JSONDecodeError, OSError):
-            pass
+    if stamp_matches(split_file, "params", params):
+        log.info("holdout: %s is up to date; skipping", out_dir)
+        return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not split_file.exists():
         raise LandmarksError(f"holdout: {out_dir} is not empty and holds no split.json; choose another --out")
 

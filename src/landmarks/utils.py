@@ -74,3 +74,14 @@ def configure_tensorflow(threads: int = 0) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
         except RuntimeError:
             pass  # already initialised in this process
+
+
+def stamp_matches(path: str | Path, key: str, value) -> bool:
+    """True when the JSON stamp file `path` exists and records `value` under `key`: the output it
+    describes was made with the same parameters, so a rerun can skip it."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text()).get(key) == value
+    except (OSError, ValueError, AttributeError):
+        return False
