@@ -26,16 +26,12 @@ def build_fake_delg(out_dir: str | Path) -> Path:
     import numpy as np
     import tensorflow as tf
 
+    from landmarks.delg_io import serving_input_signature
+
     proj = tf.constant(np.random.default_rng(0).standard_normal((CELL * CELL * 3, 128)).astype(np.float32))
 
     class FakeDelg(tf.Module):
-        @tf.function(input_signature=[
-            tf.TensorSpec([None, None, 3], tf.uint8, name="input_image"),
-            tf.TensorSpec([None], tf.float32, name="input_scales"),
-            tf.TensorSpec([], tf.int32, name="input_max_feature_num"),
-            tf.TensorSpec([], tf.float32, name="input_abs_thres"),
-            tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"),
-        ])
+        @tf.function(input_signature=serving_input_signature())
         def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres,
                   input_global_scales_ind):
             img = (tf.cast(input_image, tf.float32) - 128.0) / 128.0

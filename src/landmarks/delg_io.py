@@ -25,6 +25,15 @@ INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_ab
 OUTPUT_NAMES = ("boxes", "features", "scales", "scores", "global_descriptors")
 
 
+def serving_input_signature() -> list:
+    """TensorSpecs of the official DELG inputs, in signature order (for exports and test models)."""
+    import tensorflow as tf
+
+    shapes = ([None, None, 3], [None], [], [], [None])
+    dtypes = (tf.uint8, tf.float32, tf.int32, tf.float32, tf.int32)
+    return [tf.TensorSpec(sh, dt, name=n) for sh, dt, n in zip(shapes, dtypes, INPUT_NAMES)]
+
+
 @dataclass
 class DelgModel:
     """A loaded DELG model: call it with the five official inputs, get the five outputs."""

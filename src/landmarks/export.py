@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks.delg_io import serving_input_signature
 from landmarks.utils import LandmarksError
 
 log = logging.getLogger("landmarks.export")
@@ -63,13 +64,7 @@ def _serving_class():
             self.local_dim = int(local_dim)
             self.global_dim = int(global_dim)
 
-        @tf.function(input_signature=[
-            tf.TensorSpec([None, None, 3], tf.uint8, name="input_image"),
-            tf.TensorSpec([None], tf.float32, name="input_scales"),
-            tf.TensorSpec([], tf.int32, name="input_max_feature_num"),
-            tf.TensorSpec([], tf.float32, name="input_abs_thres"),
-            tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"),
-        ])
+        @tf.function(input_signature=serving_input_signature())
         def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres,
                   input_global_scales_ind):
             heads = getattr(self.owner, self._heads_name)

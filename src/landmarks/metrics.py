@@ -79,12 +79,7 @@ def read_solution(path: str | Path) -> pd.DataFrame:
     for line, f in rows:
         if len(f) < len(header):
             f = f + [""] * (len(header) - len(f))
-        rid = f[i_id].strip()
-        if not rid:
-            raise LandmarksError(f"{path}: line {line}: empty id")
-        if rid in seen:
-            raise LandmarksError(f"{path}: line {line}: duplicate id {rid!r} (first on line {seen[rid]})")
-        seen[rid] = line
+        rid = _row_id(path, line, f[i_id], seen)
         use = f[i_use].strip() if i_use is not None else None
         if use is not None and use not in USAGE_KEEP + ("Ignored",):
             raise LandmarksError(f"{path}: line {line}: unknown Usage {use!r} (expected Public, Private or Ignored)")
@@ -99,6 +94,17 @@ def read_solution(path: str | Path) -> pd.DataFrame:
         df["Usage"] = pd.Series(uses, dtype=object)
     df.attrs["ignored_ids"] = ignored
     return df
+
+
+def _row_id(path, line: int, raw: str, seen: dict) -> str:
+    """The id of one CSV row; empty or repeated ids are errors naming the line."""
+    rid = raw.strip()
+    if not rid:
+        raise LandmarksError(f"{path}: line {line}: empty id")
+    if rid in seen:
+        raise LandmarksError(f"{path}: line {line}: duplicate id {rid!r} (first on line {seen[rid]})")
+    seen[rid] = line
+    return rid
 
 
 def read_submission(path: str | Path, expected_ids=None) -> pd.DataFrame:
@@ -118,12 +124,7 @@ def read_submission(path: str | Path, expected_ids=None) -> pd.DataFrame:
     for line, f in rows:
         if len(f) <= max(i_id, i_lm):
             f = f + [""] * (max(i_id, i_lm) + 1 - len(f))
-        rid = f[i_id].strip()
-        if not rid:
-            raise LandmarksError(f"{path}: line {line}: empty id")
-        if rid in seen:
-            raise LandmarksError(f"{path}: line {line}: duplicate id {rid!r} (first on line {seen[rid]})")
-        seen[rid] = line
+        rid = _row_id(path, line, f[i_id], seen)
         if expected is not None and rid not in expected:
             raise LandmarksError(f"{path}: line {line}: unknown id {rid!r} (not a test id)")
         parts = f[i_lm].split()
