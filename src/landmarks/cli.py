@@ -26,6 +26,7 @@ STAGE_MODULES = [
     "extract",
     "predict",
     "validate",
+    "hard",
     "bench",
     "show",
 ]
