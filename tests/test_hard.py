@@ -183,3 +183,18 @@ def test_real_hard_protocol_splits():
         assert int((pool["role"] == "distractor").sum()) == cfg.hard.distractor_sample
         extra = set(pool.loc[pool["role"] == "extra", "id"])
         assert extra <= set(s.train_ids) and not extra & set(s.test_ids)
+
+
+@pytest.mark.parametrize("confidence, expected", [("score", 0.9), ("margin", 0.9 - 0.8)])
+def test_vote_confidence_score_or_margin(confidence, expected):
+    from landmarks.config import VoteConfig
+    from landmarks.predict import vote
+
+    cfg = VoteConfig(power=1.0, neighbours=3, top_k=1, confidence=confidence)
+    labels, conf = vote(cfg, np.array([[0.9, 0.8, 0.1], [0.5, 0.4, 0.3]]), np.array([[0, 1, 2], [0, 3, 3]]),
+                        np.array([5, 6, 7, 5]))
+    assert labels.tolist() == [5, 5]
+    assert conf[0] == pytest.approx(expected)
+    assert conf[1] == pytest.approx(0.5)  # one label only: nothing to subtract
+    with pytest.raises(LandmarksError, match="vote.confidence"):
+        vote(VoteConfig(confidence="odds"), np.ones((1, 1)), np.zeros((1, 1), np.int64), np.array([1]))

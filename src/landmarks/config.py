@@ -131,6 +131,7 @@ class VoteConfig:
     inlier_cap: int = 70  # host formula: min(inliers, cap) / cap
     inlier_weight: float = 1.0  # weight of the inlier term in the default formula
     inlier_floor: int = 0  # sum_power: inliers below this are chance matches (subtracted before the cap)
+    confidence: str = "score"  # score: the winning label's score | margin: minus the runner-up label's score
     suppression: str = "none"  # none | test | distractors
     distractors_csv: str = ""  # CSV of known non-landmark image ids/paths for suppression
     suppression_k: int = 10
