@@ -226,6 +226,7 @@ class HardConfig:
     probe_features: int = 1000  # local features kept per probe scale (>= extract.max_feature_num)
     probe_batch: int = 16  # images per probe file (the unit of resume)
     recall_at: tuple = (1, 5, 10, 20, 50, 100)  # shortlist recall@R reported
+    demo_dir: str = "data/demo"  # the demo dataset, scored as a guard when present ("" = skip)
 
 
 @dataclass

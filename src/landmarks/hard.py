@@ -54,11 +54,12 @@ VARIANTS: dict[str, list[str]] = {
     "local scales 0.5-1.0": ["extract.local_scales=0.5,0.7071,1.0"],
     "local scales 0.35-1.0": ["extract.local_scales=0.3536,0.5,0.7071,1.0"],
     "local scales 0.71-1.41 (old)": ["extract.local_scales=0.7071,1.0,1.4142"],
+    "local scales 0.25-1.0": ["extract.local_scales=0.25,0.3536,0.5,0.7071,1.0"],
     "local scales 0.25-1.41": ["extract.local_scales=0.25,0.3536,0.5,0.7071,1.0,1.4142"],
-    "rerank R=10": ["verify.num_to_rerank=10"],
-    "rerank R=20": ["verify.num_to_rerank=20"],
-    "rerank R=50": ["verify.num_to_rerank=50"],
-    "rerank R=100": ["verify.num_to_rerank=100"],
+    "rerank R=10": ["verify.num_to_rerank=10", "vote.neighbours=10"],
+    "rerank R=20": ["verify.num_to_rerank=20", "vote.neighbours=20"],
+    "rerank R=50": ["verify.num_to_rerank=50", "vote.neighbours=50"],
+    "rerank R=100": ["verify.num_to_rerank=100", "vote.neighbours=100"],
     "fundamental matrix": ["verify.geometry=fundamental"],
     "no inlier floor": ["vote.inlier_floor=0"],
     "inlier floor 8": ["vote.inlier_floor=8"],
@@ -67,12 +68,16 @@ VARIANTS: dict[str, list[str]] = {
     "RANSAC threshold 16 px": ["verify.reproj_threshold=16"],
     "RANSAC threshold 32 px": ["verify.reproj_threshold=32"],
     "RANSAC 5000 iterations": ["verify.max_iters=5000"],
+    "fundamental matrix, threshold 8 px": ["verify.geometry=fundamental", "verify.reproj_threshold=8"],
     "confidence = margin over runner-up label": ["vote.confidence=margin"],
     "local PCA (train)": ["whiten.local_pca=true"],
     "mutual NN min sim 0.5": ["verify.mutual_min_sim=0.5"],
     "ratio test 0.9": ["verify.ratio=0.9"],
     "500 local features": ["extract.max_feature_num=500"],
     "global PCA whitening (train)": ["whiten.global_pca=true"],
+    "global PCA whitening (train), power 3": ["whiten.global_pca=true", "vote.power=3"],
+    "global PCA whitening (train), power 3, margin": ["whiten.global_pca=true", "vote.power=3", "vote.confidence=margin"],
+    "DBA k=1": ["knn.dba_k=1"],
     "DBA k=2": ["knn.dba_k=2"],
     "alpha-QE k=2": ["knn.qe_k=2"],
     "global only": ["verify.enabled=false"],
@@ -104,8 +109,22 @@ def pool_table(hc) -> pd.DataFrame:
     dis = pool[pool["role"] == "distractor"]
     if len(dis) > hc.distractor_sample:
         dis = sample_distractors(dis, hc.distractor_sample, 0)
-    pool = pd.concat([pool[pool["role"] != "distractor"], dis], ignore_index=True)
+    pool = pd.concat([pool[pool["role"] != "distractor"], dis, demo_rows(hc)], ignore_index=True)
     return pool.sort_values("id").reset_index(drop=True)[["id", "cls", "role", "file"]]
+
+
+def demo_rows(hc) -> pd.DataFrame:
+    """The demo dataset's images (guard set), when hard.demo_dir holds one: roles demo-train / demo-test."""
+    from landmarks import data
+
+    d = Path(hc.demo_dir) if hc.demo_dir else None
+    if d is None or not (d / "train.csv").exists() or not (d / "solution.csv").exists():
+        return pd.DataFrame(columns=["id", "cls", "role", "file"])
+    train, test = data.load_split(d, "train"), data.load_split(d, "test")
+    return pd.concat([pd.DataFrame({"id": train["id"], "cls": train["landmark_id"].astype(str), "role": "demo-train",
+                                    "file": train["path"]}),
+                      pd.DataFrame({"id": test["id"], "cls": "", "role": "demo-test", "file": test["path"]})],
+                     ignore_index=True)
 
 
 # -- probe extraction -------------------------------------------------------------------------------
@@ -250,7 +269,7 @@ def make_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
 
     hc = cfg.hard
     pool = pool[pool["id"].isin(usable)]
-    lm = pool[pool["role"] != "distractor"].assign(extra=lambda d: d["role"] == "extra")
+    lm = pool[pool["role"].isin(["landmark", "extra"])].assign(extra=lambda d: d["role"] == "extra")
     dis = pool[pool["role"] == "distractor"]
     out = []
     for k in hc.shots:
@@ -264,6 +283,32 @@ def make_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
             out.append(Split(f"K={k} seed={seed}", int(k), seed, list(train["id"]),
                              train["cls"].map(label_of).to_numpy(np.int64), test_ids,
                              pd.DataFrame({"id": test_ids, "landmarks": truth})))
+    return out
+
+
+def guard_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
+    """The easy sets as guards: the `make import` split of the extra-train sets (+ the product sample),
+    and the demo dataset when present.  A change must not make them worse."""
+    from landmarks import data
+    from landmarks.dataset_import import plan_split
+
+    pool = pool[pool["id"].isin(usable)]
+    out = []
+    easy = pool[pool["role"] == "extra"]
+    if len(easy):
+        rows, _, _, label_of = plan_split(easy, cfg.dataset_import)
+        train = rows[rows["split"] == "train"].sort_values("id")
+        test = rows[rows["split"] == "test"].sort_values("id")
+        dis = pool[pool["role"] == "distractor"]
+        ids, truth = list(test["id"]) + list(dis["id"]), list(test["truth"]) + [""] * len(dis)
+        out.append(Split("easy import", 0, cfg.dataset_import.seed, list(train["id"]),
+                         train["cls"].map(label_of).to_numpy(np.int64), ids, pd.DataFrame({"id": ids, "landmarks": truth})))
+    demo_train = pool[pool["role"] == "demo-train"]
+    if len(demo_train):
+        sol = data.load_solution(cfg.hard.demo_dir)
+        sol = sol[sol["id"].isin(usable)]
+        out.append(Split("demo", 0, 0, list(demo_train["id"]), demo_train["cls"].astype(np.int64).to_numpy(),
+                         list(sol["id"]), sol[["id", "landmarks"]].fillna("").reset_index(drop=True)))
     return out
 
 
@@ -386,13 +431,16 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
         log.warning("hard: %d pool images failed and are left out: %s", len(probe.failures),
                     ", ".join(f"{k}: {v}" for k, v in list(probe.failures.items())[:3]))
     splits = make_splits(cfg, pool, set(probe.globals_))
+    guards = guard_splits(cfg, pool, set(probe.globals_))
     scorer = Scorer(probe)
     results = {}
     for name, c in configs:
         t0, v0 = time.time(), scorer.verify_seconds
         per = [scorer.score(c, s) for s in splits]
-        results[name] = {"splits": per, "seconds": time.time() - t0, "verify_seconds": scorer.verify_seconds - v0}
-        log.info("hard: %-60s %s", name, "  ".join(f"K={k}: {_mean(per, splits, k):.4f}" for k in cfg.hard.shots))
+        results[name] = {"splits": per, "guards": {g.name: scorer.score(c, g)["gap"] for g in guards},
+                         "seconds": time.time() - t0, "verify_seconds": scorer.verify_seconds - v0}
+        log.info("hard: %-60s %s  %s", name, "  ".join(f"K={k}: {_mean(per, splits, k):.4f}" for k in cfg.hard.shots),
+                 "  ".join(f"{g}: {v:.4f}" for g, v in results[name]["guards"].items()))
     return write_report(cfg, work_dir, pool, splits, results, model_dir)
 
 
@@ -407,6 +455,7 @@ def _span(per, splits, k, key="gap") -> str:
 
 def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     shots = list(cfg.hard.shots)
+    guard_names = list(next(iter(results.values()))["guards"])
     n_lm = {s.name: int((s.solution["landmarks"] != "").sum()) for s in splits}
     lines = ["# Hard protocol report", "",
              f"Pool: {int((pool['role'] == 'landmark').sum())} wide-baseline photos, "
@@ -414,14 +463,16 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
              f"product photos; model `{model_dir}`; {len(splits)} splits "
              f"(K in {shots}, {cfg.hard.seeds} seeds, held-out class share {cfg.hard.heldout_class_fraction}).", "",
              "## GAP, mean (min-max) over seeds", "",
+             "Guard columns (GAP on one split each): `easy import` is the `make import` split of the Paris and "
+             "multiview scenes with the product sample as non-landmarks; `demo` is the demo dataset.", "",
              "| setting | " + " | ".join(f"hard K={k}" for k in shots) + " | " +
-             " | ".join(f"accuracy K={k}" for k in shots) + " | verify s |",
-             "|---|" + "---|" * (2 * len(shots) + 1)]
+             " | ".join(f"accuracy K={k}" for k in shots) + " | " + "".join(f"{g} | " for g in guard_names) + "verify s |",
+             "|---|" + "---|" * (2 * len(shots) + len(guard_names) + 1)]
     for name, r in results.items():
         per = r["splits"]
         lines.append(f"| {name} | " + " | ".join(_span(per, splits, k) for k in shots) + " | " +
-                     " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots) +
-                     f" | {r['verify_seconds']:.1f} |")
+                     " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots) + " | " +
+                     "".join(f"{r['guards'][g]:.4f} | " for g in guard_names) + f"{r['verify_seconds']:.1f} |")
     default = results[DEFAULT_ROW]["splits"]
     at = list(cfg.hard.recall_at)
     lines += ["", f"## Per split ({DEFAULT_ROW})", "",
@@ -430,9 +481,14 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     for s, p in zip(splits, default):
         lines.append(f"| {s.name} | {n_lm[s.name]} | {len(s.test_ids)} | {p['gap']:.4f} | {p['accuracy']:.3f} | " +
                      " | ".join(f"{p['recall'][r]:.3f}" for r in at) + " |")
-    lines += ["", "## Shortlist recall@R (mean over seeds)", "",
+    lines += ["", "## Shortlist recall@R (mean over seeds; rows with the same shortlist as a row above are left out)", "",
               "| setting | K | " + " | ".join(f"R@{r}" for r in at) + " |", "|---|---|" + "---|" * len(at)]
+    seen_recall = set()
     for name, r in results.items():
+        key = json.dumps([p["recall"] for p in r["splits"]])
+        if key in seen_recall:  # same shortlist as a row above (settings that leave the global kNN alone)
+            continue
+        seen_recall.add(key)
         for k in shots:
             per = [p for p, s in zip(r["splits"], splits) if s.shots == k]
             lines.append(f"| {name} | {k} | " + " | ".join(f"{np.mean([p['recall'][a] for p in per]):.3f}" for a in at) + " |")
@@ -454,6 +510,7 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     js = {name: {"gap": {str(k): [p["gap"] for p, s in zip(r["splits"], splits) if s.shots == k] for k in shots},
+                 "guards": r["guards"],
                  "verify_seconds": r["verify_seconds"], "separation": summary.get(name)}
           for name, r in results.items()}
     with atomic_path(work_dir / "results.json") as tmp:
