@@ -290,11 +290,11 @@ def predict_arrays(cfg, work_dir, inputs: dict, inliers="default") -> tuple[np.n
 
 
 def check_early(cfg, data_dir) -> None:
-    """Every input CSV of the stage (train, test, solution when present, distractors when used),
-    read and checked before knn and verification run.  Config choices are checked at load."""
+    """The input CSVs that load_inputs does not read first (solution when present, distractors
+    when used), checked before knn and verification run.  Config choices are checked at load."""
     from landmarks import data
 
-    data.check_inputs(data_dir)
+    data.load_solution(data_dir)
     if cfg.vote.suppression == "distractors":
         _read_distractor_ids(cfg)
 
