@@ -148,10 +148,15 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
     assert "hard K=1" in capsys.readouterr().out
     # the probe is resumable: a rerun reads the stored batches and runs no image through the model
     probes = sorted((work / "hard" / "probe").glob("probe-*.h5"))
-    assert len(probes) == 4  # 4x3 + 2x2 + 3 distractors = 19 images in batches of 5
+    assert len(probes) == 4  # 4x3 + 2x2 + 3 distractors = 19 images in batches of 5 (probe files are kept by id)
     stamps = [p.stat().st_mtime_ns for p in probes]
     hard.run_validate_hard(cfg, work, fake_model, variants=["global only"])
     assert [p.stat().st_mtime_ns for p in probes] == stamps
+    # a larger pool probes only the new images (skip by id), in a new file
+    hard.run_validate_hard(_hard_cfg(root, **{"hard.distractor_sample": 5}), work, fake_model, variants=["global only"])
+    now = sorted((work / "hard" / "probe").glob("probe-*.h5"))
+    assert len(now) == 5 and [p.stat().st_mtime_ns for p in probes] == stamps
+    assert len(hard._probed_ids(next(p for p in now if p not in probes))) == 2
 
 
 def test_validate_hard_errors(tmp_path, fake_model):

@@ -77,6 +77,7 @@ VARIANTS: dict[str, list[str]] = {
     "global PCA whitening (train)": ["whiten.global_pca=true"],
     "global PCA whitening (train), power 3": ["whiten.global_pca=true", "vote.power=3"],
     "global PCA whitening (train), power 3, margin": ["whiten.global_pca=true", "vote.power=3", "vote.confidence=margin"],
+    "global PCA whitening (train) to 128-d, power 3": ["whiten.global_pca=true", "whiten.global_pca_dim=128", "vote.power=3"],
     "DBA k=1": ["knn.dba_k=1"],
     "DBA k=2": ["knn.dba_k=2"],
     "alpha-QE k=2": ["knn.qe_k=2"],
@@ -167,33 +168,48 @@ def probe_settings(cfg) -> dict:
             "min_image_size": e.min_image_size, "abs_thres": e.abs_thres, "version": PROBE_VERSION}
 
 
+def probe_fingerprint(cfg, model_dir) -> str:
+    return text_digest(dir_digest(model_dir), json.dumps(probe_settings(cfg), sort_keys=True))[:12]
+
+
+def _probed_ids(path: Path) -> list[str]:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return list(f.keys())
+    except OSError:  # unreadable (a killed writer leaves none: files are renamed when complete)
+        return []
+
+
 def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
-    """Probe every pool image once (resumable: batch files named by their content); returns the files."""
+    """Probe the pool images that no stored probe file holds yet (skip by id, as a rerun or a larger
+    pool needs); returns every probe file of this model and these settings."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from landmarks.extract import _cores, _check_model
+    from landmarks.extract import _check_model, _cores
 
     model_dir = _check_model(model_dir)
     settings = probe_settings(cfg)
-    fp = text_digest(dir_digest(model_dir), json.dumps(settings, sort_keys=True))
+    fp = probe_fingerprint(cfg, model_dir)
     out_dir = Path(work_dir) / "probe"
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = {i for p in out_dir.glob(f"probe-{fp}-*.h5") for i in _probed_ids(p)}
+    todo_rows = pool[~pool["id"].isin(done)]
     size = max(1, int(cfg.hard.probe_batch))
-    batches = [pool.iloc[a:a + size] for a in range(0, len(pool), size)]
-    paths = [out_dir / f"probe-{text_digest(fp, *b['id'])}.h5" for b in batches]
-    todo = [(b, p) for b, p in zip(batches, paths) if not p.exists()]
+    todo = [todo_rows.iloc[a:a + size] for a in range(0, len(todo_rows), size)]
     if todo:
         jobs = max(1, min(int(cfg.extract.jobs), len(todo)))
         threads = max(1, _cores() // jobs)
-        log.info("hard: probing %d of %d pool images at scales %s (%d jobs)", sum(len(b) for b, _ in todo),
-                 len(pool), settings["probe_scales"], jobs)
-        tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings, str(p))
-                 for b, p in todo)
+        log.info("hard: probing %d of %d pool images at scales %s (%d jobs)", len(todo_rows), len(pool),
+                 settings["probe_scales"], jobs)
+        tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings,
+                                       str(out_dir / f"probe-{fp}-{text_digest(*b['id'])}.h5")) for b in todo)
         with tqdm(total=len(todo), desc="hard: probe batches", unit="batch") as bar:
             for _ in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
                 bar.update(1)
-    return paths
+    return sorted(out_dir.glob(f"probe-{fp}-*.h5"))
 
 
 @dataclass
@@ -206,7 +222,7 @@ class Probe:
     failures: dict  # id -> reason
 
     @classmethod
-    def load(cls, paths: list[Path], scales) -> "Probe":
+    def load(cls, paths: list[Path], scales, wanted: set[str] | None = None) -> "Probe":
         import h5py
 
         from landmarks.store import LocalFeatures
@@ -215,6 +231,8 @@ class Probe:
         for p in paths:
             with h5py.File(p, "r") as f:
                 for image_id, grp in f.items():
+                    if wanted is not None and image_id not in wanted:
+                        continue
                     if "failure" in grp.attrs:
                         fail[image_id] = str(grp.attrs["failure"])
                         continue
@@ -426,7 +444,7 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
     work_dir = Path(work_dir) / "hard"
     configs = variant_configs(cfg, variants)
     pool = pool_table(cfg.hard)
-    probe = Probe.load(extract_probe(cfg, pool, model_dir, work_dir), cfg.hard.probe_scales)
+    probe = Probe.load(extract_probe(cfg, pool, model_dir, work_dir), cfg.hard.probe_scales, set(pool["id"]))
     if probe.failures:
         log.warning("hard: %d pool images failed and are left out: %s", len(probe.failures),
                     ", ".join(f"{k}: {v}" for k, v in list(probe.failures.items())[:3]))
