@@ -26,7 +26,7 @@ INSTALLED := $(VENV)/.installed
 DATA_DEPS  := $(if $(filter $(DEMO_DIR),$(DATA_DIR)),$(DEMO_DIR)/.complete)
 MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_model.pb)
 
-.PHONY: help install demo-data model train features predict validate holdout import bench notebooks docs test clean
+.PHONY: help install demo-data model train features predict validate holdout import bench cluster-check notebooks docs test clean
 
 help:
 	@echo "make predict   - demo data + default model + features + kNN + verification -> $(SUBMISSION)"
@@ -74,6 +74,11 @@ import: $(INSTALLED)
 
 bench: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(LM) bench $(COMMON)
+
+# A real Dask cluster on 127.0.0.1 (dask scheduler + 2 dask workers as subprocesses, stopped after):
+# shards byte-identical to a local run, and a worker killed mid-run is survived.
+cluster-check: $(INSTALLED)
+	$(BIN)/python -m pytest -q tests/test_cluster.py
 
 notebooks: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(BIN)/python -m landmarks.notebooks $(COMMON) --out $(WORK_DIR)/notebooks

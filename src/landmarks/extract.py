@@ -44,6 +44,7 @@ RESULT_FIELDS = ("image_scales", "global_scales_ind", "max_feature_num", "abs_th
                  "max_image_pixels", "min_image_size", "local_dtype")
 FORMAT_VERSION = 2
 PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
+WATCH_SECONDS = 0.25  # the dask driver checks which workers are alive this often
 
 _MODELS: dict[tuple[str, str], object] = {}  # per-process model cache: (path, digest) -> DelgModel
 
@@ -298,7 +299,7 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
         if not tasks:
             return results
         if scheduler:
-            from dask.distributed import Client, as_completed
+            from dask.distributed import Client
 
             own = isinstance(scheduler, str)
             try:
@@ -306,9 +307,7 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
             except (OSError, TimeoutError) as e:
                 raise LandmarksError(f"cannot reach dask scheduler {scheduler}: {e}") from None
             try:
-                futures = client.map(extract_shard, tasks, pure=False)
-                for fut in as_completed(futures):
-                    done(fut.result())
+                _run_dask(client, tasks, done)
             finally:
                 if own:
                     client.close()
@@ -324,6 +323,49 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
     finally:
         bar.close()
     return results
+
+
+def _run_dask(client, tasks: list[ShardTask], done) -> None:
+    """client.map the tasks; while waiting, watch the workers: when one leaves (killed, lost), log
+    which shards it was running: the scheduler reruns them on the remaining workers (its
+    allowed-failures bound applies), and since a shard is written atomically a half-run task
+    leaves nothing behind."""
+    from dask.distributed import wait
+
+    futures = client.map(extract_shard, tasks, pure=False)
+    shard_of = {f.key: Path(t.out).name for f, t in zip(futures, tasks)}
+    pending = set(futures)
+
+    def running() -> dict:
+        try:
+            return {w: [shard_of[k] for k in keys if k in shard_of] for w, keys in client.processing().items()}
+        except Exception:  # noqa: BLE001 - the watch must never break the run
+            return {}
+
+    held: dict[str, set] = {w: set(v) for w, v in running().items()}  # shards seen on each worker, not yet done
+    while pending:
+        try:
+            finished, pending = wait(pending, timeout=WATCH_SECONDS, return_when="FIRST_COMPLETED")
+        except TimeoutError:  # nothing finished within the watch period
+            finished = set()
+        for fut in finished:
+            r = fut.result()  # a task that failed on every try raises here
+            log.info("%s done on %s (%d extracted, %d kept)", Path(r["path"]).name, r.get("worker", "?"),
+                     r.get("extracted", r["n"]), r.get("kept", 0))
+            done(r)
+            for v in held.values():
+                v.discard(Path(r["path"]).name)
+        now = running()
+        if not now:  # the scheduler did not answer: keep what we know
+            continue
+        for w in set(held) - set(now):
+            log.warning("dask worker %s left while holding %s; the scheduler retries them on %d remaining "
+                        "worker(s)", w, ", ".join(sorted(held[w])) or "no shard", len(now))
+            del held[w]
+        for w, v in now.items():
+            if w not in held:
+                log.info("dask worker %s joined", w)
+            held.setdefault(w, set()).update(v)
 
 
 def _check_model(model_dir: str | Path) -> Path:
