@@ -11,6 +11,9 @@ Rows (``bench.rows``; each runs on its own, a failing row prints its error and t
    faiss exact vs approximate vs chunked numpy, recall@K of the approximate index.
 4. End to end: test images/s of ``predict.run_predict`` for each NUM_TO_RERANK (features ready).
 5. Data layer: reading a generated GLDv2-size train.csv and building the label arrays.
+6. Verification: time per test image at N = 1 k and 1.58 M synthetic train ids (flat: one id
+   index per stage).
+7. Incremental extraction: time to add 1 % of rows to an extracted set vs extracting it all.
 
 Every timing is the median of ``bench.repeats`` runs; ratios come from the same run.  Output:
 the table on stdout and WORK_DIR/bench.md (machine, versions, inputs, the rows, and the "GLDv2
@@ -41,6 +44,8 @@ ROW_TITLES = {
     3: "kNN: exact vs approximate vs numpy",
     4: "End to end: predict",
     5: "Data layer: train.csv",
+    6: "Verification vs train size N",
+    7: "Incremental extraction: add 1 %",
 }
 
 
@@ -62,6 +67,9 @@ def quick_config(bc):
     q.e2e_test_images = min(bc.e2e_test_images, 8) if bc.e2e_test_images > 0 else 8
     q.csv_rows = 20_000
     q.csv_classes = 500
+    q.verify_sizes = (200, 20_000)
+    q.verify_test_images = 8
+    q.incr_images = 8
     return q
 
 
@@ -74,7 +82,7 @@ def parse_rows(text) -> list[int]:
         raise LandmarksError(f"--rows must look like 1,3 (got {text!r})") from None
     bad = [r for r in rows if r not in ROW_TITLES]
     if bad or not rows:
-        raise LandmarksError(f"--rows: unknown row(s) {bad or text!r} (rows are 1-5)")
+        raise LandmarksError(f"--rows: unknown row(s) {bad or text!r} (rows are 1-{max(ROW_TITLES)})")
     return rows
 
 
@@ -822,6 +830,175 @@ def _md_data(r: dict) -> list[str]:
             f"| + label arrays (id->label dict as predict, np.unique) | {r['total_s']:.2f} | {_gb(r['mem'])} |"]
 
 
+# ---------------------------------------------------------------------------------- row 6
+def _verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, seed: int = 0) -> None:
+    """A synthetic stage at N train ids: global-only train shards of `cap` ids (4-d globals:
+    verification never reads them), local features for the shortlisted ids only (a local cache,
+    as predict leaves it), test shard with local features, and knn.npz.  Built once per N."""
+    from landmarks.store import LocalFeatures, write_shard
+    from landmarks.utils import text_digest
+
+    marker = d / "complete.json"
+    want = {"n": n, "test": n_test, "R": R, "cap": cap, "feat": n_feat, "seed": seed, "v": 1}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    tr, te = d / "features" / "train", d / "features" / "test"
+    train_ids = [f"{k:016x}" for k in range(n)]
+    n_sh = max(1, -(-n // cap))
+    for i in range(n_sh):
+        ids = train_ids[i * cap:(i + 1) * cap]
+        g = np.zeros((len(ids), 4), np.float32)
+        g[:, 0] = 1
+        write_shard(tr / f"shard-{i:05d}-of-{n_sh:05d}.h5", ids, g, None, order=range(i * cap, i * cap + len(ids)))
+    idx = rng.choice(n, (n_test, R), replace=n < n_test * R)
+    for r in range(n_test):  # distinct candidates per row
+        idx[r] = rng.choice(n, R, replace=False)
+
+    def lf():
+        desc = rng.standard_normal((n_feat, 128)).astype(np.float32)
+        desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+        return LocalFeatures(rng.uniform(0, 800, (n_feat, 2)).astype(np.float32), desc,
+                             np.ones(n_feat, np.float32), rng.random(n_feat).astype(np.float32))
+
+    short = sorted(set(idx.ravel().tolist()))
+    write_shard(tr / "local-cache-bench-00000-of-00001.h5", [train_ids[j] for j in short],
+                np.ones((len(short), 4), np.float32), [lf() for _ in short])
+    test_ids = [f"t{k:015x}" for k in range(n_test)]
+    write_shard(te / "shard-00000-of-00001.h5", test_ids, np.ones((n_test, 4), np.float32),
+                [lf() for _ in test_ids], order=range(n_test))
+    with atomic_path(d / "knn.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str),
+                     sims=np.ones((n_test, R), np.float32), idx=idx.astype(np.int64),
+                     fingerprint=np.array(text_digest("bench-knn", json.dumps(want))))
+    marker.write_text(json.dumps(want))
+
+
+def row_verify(cfg, data_dir, work_dir, model_dir) -> dict:
+    """Verification time per test image at small and GLDv2-size N: flat when the id index is
+    built once per stage (it was rebuilt for every batch of 16 test images)."""
+    from landmarks import verify
+    from landmarks.store import INDEX_NAME
+
+    bc = cfg.bench
+    R, T = int(cfg.verify.num_to_rerank), int(bc.verify_test_images)
+    cap = max(1, int(cfg.extract.max_shard_images) or 5000)
+    cells = []
+    for n in bc.verify_sizes:
+        d = Path(work_dir).resolve() / "bench" / f"verify-{n}"
+        t = time.perf_counter()
+        _verify_set(d, int(n), T, R, cap, min(int(cfg.extract.max_feature_num), 1000))
+        gen = time.perf_counter() - t
+        times, cold = [], []
+        for k in range(bc.repeats + 1):
+            if k == 0:  # first run: no persisted index, the stage builds it once
+                for split in ("train", "test"):
+                    (d / "features" / split / INDEX_NAME).unlink(missing_ok=True)
+            out = d / "verified.npz"
+            out.unlink(missing_ok=True)
+            t = time.perf_counter()
+            verify.run_verify(cfg, data_dir, d, model_dir, out=out)
+            (cold if k == 0 else times).append(time.perf_counter() - t)
+        cells.append({"n": int(n), "shards": len(list((d / "features" / "train").glob("shard-*.h5"))), "gen_s": gen,
+                      "s": _median(times), "cold_s": cold[0], "per_img": _median(times) / T,
+                      "cold_per_img": cold[0] / T})
+    small, big = cells[0], cells[-1]
+    return {"cells": cells, "T": T, "R": R, "ratio": big["per_img"] / small["per_img"],
+            "cold_ratio": big["cold_per_img"] / small["cold_per_img"]}
+
+
+def _md_verify(r: dict) -> list[str]:
+    L = [f"`verify.run_verify` on {r['T']} test images x {r['R']} candidates against N synthetic train ids in "
+         "global-only shards (extract.max_shard_images ids each) plus a local cache holding only the shortlisted "
+         "ids; random local features (RANSAC does its full iterations). 'warm' = the id index persisted by an "
+         "earlier stage (knn or features); 'cold' = the stage builds it once itself.", "",
+         "| N | shards | s/test image (warm) | s/test image (cold: + one index build) |", "|---|---|---|---|"]
+    for c in r["cells"]:
+        L.append(f"| {c['n']:,} | {c['shards']} | {c['per_img']:.4f} | {c['cold_per_img']:.4f} |")
+    ok = "flat" if abs(r["ratio"] - 1) <= 0.10 else "NOT flat"
+    L += ["", f"Ratio largest / smallest N: **{r['ratio']:.3f}** warm ({ok}: aim within 10 %), "
+          f"{r['cold_ratio']:.3f} cold (the one build is spread over only {r['T']} test images here)."]
+    return L
+
+
+# ---------------------------------------------------------------------------------- row 7
+def row_incremental(cfg, data_dir, work_dir, model_dir) -> dict:
+    """Time to extract a set, then to add 1 % of rows to it (and to remove them again), with the
+    number of images that went through the model each time."""
+    import shutil
+
+    import pandas as pd
+
+    from landmarks import extract
+
+    bc = cfg.bench
+    src = Path(data_dir).resolve()
+    df = pd.read_csv(src / "train.csv", dtype=str, keep_default_na=False)
+    n = min(int(bc.incr_images), len(df) - 1)
+    add = max(1, n // 100)
+    if n < 2:
+        raise LandmarksError(f"row 7 needs at least 3 train rows in {src}")
+    d = Path(work_dir).resolve() / "bench" / "incr"
+    shutil.rmtree(d, ignore_errors=True)
+    data = d / "data"
+    data.mkdir(parents=True)
+    (data / "train").symlink_to(src / "train", target_is_directory=True)
+    shards = max(1, min(int(cfg.extract.shards), n))
+
+    def run(rows: int) -> tuple[float, int]:
+        df.head(rows).to_csv(data / "train.csv", index=False)
+        t = time.perf_counter()
+        extract.run_features(cfg, data, d, model_dir, "train", shards=shards, jobs=1)
+        s = time.perf_counter() - t
+        from landmarks.store import FeatureStore
+
+        st = FeatureStore(extract.features_dir(d, "train"))
+        assert len(st.ids) + len(st.failures()) == rows
+        return s, rows
+
+    counts = {}
+    real = extract._get_model
+
+    def counting(model_dir_, threads):
+        m = real(model_dir_, threads)
+
+        def call(image, *a):
+            counts["n"] = counts.get("n", 0) + 1
+            return m(image, *a)
+        return call
+
+    extract._get_model = counting
+    try:
+        counts.clear()
+        full_s, _ = run(n)
+        full_calls = counts.get("n", 0)
+        counts.clear()
+        add_s, _ = run(n + add)
+        add_calls = counts.get("n", 0)
+        counts.clear()
+        rm_s, _ = run(n)
+        rm_calls = counts.get("n", 0)
+    finally:
+        extract._get_model = real
+    return {"n": n, "add": add, "shards": shards, "full_s": full_s, "add_s": add_s, "rm_s": rm_s,
+            "full_calls": full_calls, "add_calls": add_calls, "rm_calls": rm_calls, "ratio": add_s / full_s}
+
+
+def _md_incremental(r: dict) -> list[str]:
+    return [f"`run_features` on the first {r['n']} train rows of the data dir ({r['shards']} id-hash shards, 1 job, "
+            f"the project model), then {r['add']} row(s) appended (1 %), then removed again; model calls counted.", "",
+            "| step | s | images through the model |", "|---|---|---|",
+            f"| extract {r['n']} images | {r['full_s']:.2f} | {r['full_calls']} |",
+            f"| add {r['add']} (1 %) | {r['add_s']:.2f} | {r['add_calls']} |",
+            f"| remove them again | {r['rm_s']:.2f} | {r['rm_calls']} |", "",
+            f"Ratio add-1 % / full extraction: **{r['ratio']:.3f}** (every shard is rewritten: kept rows are copied, "
+            "only new images run the model)."]
+
+
 # ---------------------------------------------------------------------------------- scale
 def scale_section(cfg, res: dict) -> list[str]:
     """'GLDv2 scale on paper': what a full run costs here and on a GPU box, from the measured rows."""
@@ -929,7 +1106,8 @@ def scale_section(cfg, res: dict) -> list[str]:
 
 # ---------------------------------------------------------------------------------- driver
 ROWS = {1: (row_extraction, _md_extraction), 2: (row_matching, _md_matching), 3: (row_knn, _md_knn),
-        4: (row_e2e, _md_e2e), 5: (row_data, _md_data)}
+        4: (row_e2e, _md_e2e), 5: (row_data, _md_data), 6: (row_verify, _md_verify),
+        7: (row_incremental, _md_incremental)}
 
 
 def _summary_line(i: int, r: dict | None, cfg) -> str:
@@ -959,6 +1137,13 @@ def _summary_line(i: int, r: dict | None, cfg) -> str:
         return "; ".join(f"R={x['R']}: {x['ips']:.1f} test img/s" for x in r["runs"])
     if i == 5:
         return f"{r['rows']:,} rows in {r['total_s']:.2f} s, peak +{_gb(r['mem'])}"
+    if i == 6:
+        a, b = r["cells"][0], r["cells"][-1]
+        return (f"{1000 * a['per_img']:.1f} ms/test image at N={a['n']:,} vs {1000 * b['per_img']:.1f} at "
+                f"N={b['n']:,}: ratio {r['ratio']:.3f} (aim within 10 %)")
+    if i == 7:
+        return (f"add 1 % ({r['add']} img): {r['add_s']:.1f} s, {r['add_calls']} model calls, vs {r['full_s']:.1f} s "
+                f"for all {r['n']}: ratio {r['ratio']:.3f}")
     return ""
 
 

@@ -211,7 +211,7 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
     if vc.model not in MODELS:
         raise LandmarksError(f"verify.model must be one of {', '.join(MODELS)} (got {vc.model!r})")
     test_ids = [str(x) for x in knn["test_ids"]]
-    train_ids = np.asarray(knn["train_ids"]).astype(str)
+    train_ids = knn["train_ids"]  # 1.58 M ids: only the shortlisted ones are turned into str below
     R = min(int(vc.num_to_rerank), knn["idx"].shape[1])
     cand = [[str(train_ids[j]) for j in row if j >= 0] for row in knn["idx"][:, :R]]
     test_dir, train_dir = work_dir / "features" / "test", work_dir / "features" / "train"
