@@ -61,6 +61,7 @@ def quick_config(bc):
     q.match_features = min(bc.match_features, 200)
     q.knn_sizes = (2000,)
     q.knn_dims = (0, 64)
+    q.knn_real_images = min(bc.knn_real_images, 6)
     q.knn_queries = 200
     q.knn_timed_queries = 100
     q.e2e_rerank = (2, 4)
@@ -574,18 +575,99 @@ def _synthetic(n: int, d: int, seed: int, chunk: int = 65536, centres: np.ndarra
     return out
 
 
-def knn_child(n: int, d: int, q: int, k: int, knn_cfg: dict, approx: str, seed: int = 0) -> dict:
-    """One (N, dim) kNN measurement (run in a fresh process): time, peak RSS delta, recall@k."""
+def _realistic(real: np.ndarray, n: int, seed: int, noise: float, chunk: int = 65536) -> np.ndarray:
+    """n unit vectors with the structure of real descriptors: a random real descriptor plus noise
+    drawn from the real set's own principal components and variances (x noise), so copies of
+    different photos overlap as views of real landmarks do, in the real set's low-dimensional span."""
+    rng = np.random.default_rng(seed)
+    real = np.asarray(real, np.float32)
+    _, sv, vt = np.linalg.svd(real - real.mean(0), full_matrices=False)
+    std = (sv / math.sqrt(len(real))).astype(np.float32) * np.float32(noise)
+    iso = np.float32(0.05 * noise * float(std.mean()))  # a little full-rank noise on top
+    out = np.empty((n, real.shape[1]), np.float32)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        x = real[rng.integers(0, len(real), b - a)] + (rng.standard_normal((b - a, len(std)), np.float32) * std) @ vt
+        x += rng.standard_normal(x.shape, np.float32) * iso
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[a:b] = x
+    return out
+
+
+def _real_globals(cfg, data_dir, work_dir, model_dir) -> tuple[np.ndarray | None, str]:
+    """Real global descriptors to give row 3 realistic structure: the shared real photos (first
+    bench.knn_real_images, one scale, cached), else the work dir's stored train features."""
+    import pandas as pd
+
+    from landmarks.utils import dir_digest, text_digest
+
+    bc = cfg.bench
+    shared = _shared_dir(cfg)
+    sets = [shared / s for s in ("paris6k_subset", "multiview_scenes", "wide_baseline_scenes")]
+    sets = [s for s in sets if (s / "LABELS.csv").exists()]
+    if sets and bc.knn_real_images > 0 and (Path(model_dir) / "saved_model.pb").exists():
+        paths = []
+        for s in sets:
+            d = pd.read_csv(s / "LABELS.csv", dtype=str).sort_values("id")
+            paths += [str(s / p) for p in d["path"] if (s / p).exists()]
+        step = max(1, len(paths) // bc.knn_real_images)
+        paths = paths[::step][:bc.knn_real_images]
+        e = cfg.extract
+        key = text_digest(dir_digest(model_dir), json.dumps([paths, e.max_image_size]))
+        cache = Path(work_dir).resolve() / "bench" / f"real-globals-{key}.npy"
+        if not cache.exists():
+            from tqdm import tqdm
+
+            from landmarks.delg_io import load_delg, postprocess
+            from landmarks.images import load_image
+            from landmarks.utils import configure_tensorflow
+
+            configure_tensorflow(_cores())
+            model = load_delg(model_dir)
+            rows = []
+            for p in tqdm(paths, desc="bench: real global descriptors", unit="img", disable=None):
+                try:
+                    img, _ = load_image(p, e.max_image_size, e.max_image_pixels, e.min_image_size)
+                    g, _ = postprocess(model(img, (1.0,), 1, e.abs_thres, (0,)))
+                    rows.append(np.asarray(g, np.float32))
+                except Exception:  # noqa: BLE001 - a bad photo is just left out
+                    continue
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.stack(rows))
+        return np.load(cache), f"{len(paths)} shared real photos ({', '.join(s.name for s in sets)}; scale 1.0)"
+    train = Path(work_dir) / "features" / "train"
+    if train.is_dir():
+        from landmarks.store import FeatureStore
+
+        ids, x = FeatureStore(train).global_matrix()
+        if len(ids) >= 10:
+            return x, f"{len(ids)} stored train descriptors of {work_dir}"
+    return None, "none found: synthetic families only"
+
+
+def knn_child(n: int, d: int, q: int, k: int, knn_cfg: dict, approx: str, seed: int = 0,
+              real_path: str | None = None, real_noise: float = 1.0) -> dict:
+    """One (N, dim) kNN measurement (run in a fresh process): time, peak RSS delta, recall@k.
+
+    `real_path`: .npy of real descriptors of dim d: data and queries are real descriptors plus
+    noise shaped like them (``_realistic``), else two-level synthetic families."""
     from landmarks import knn
     from landmarks.config import KnnConfig
 
     kc = KnnConfig(**knn_cfg)
     t = time.perf_counter()
-    # two levels like landmarks in a region: families of 1000, clusters ('landmarks') of 10 images
-    families = _synthetic(max(1, n // 1000), d, seed + 1, noise=math.sqrt(d))  # random unit directions
-    centres = _synthetic(max(1, n // 10), d, seed + 4, centres=families, noise=0.7)
-    db = _synthetic(n, d, seed + 2, centres=centres)
-    queries = _synthetic(q, d, seed + 3, centres=centres)
+    if real_path:
+        real = np.load(real_path)
+        db = _realistic(real, n, seed + 2, real_noise)
+        queries = _realistic(real, q, seed + 3, real_noise)
+    else:
+        # two levels like landmarks in a region: families of 1000, clusters ('landmarks') of 10 images
+        families = _synthetic(max(1, n // 1000), d, seed + 1, noise=math.sqrt(d))  # random unit directions
+        centres = _synthetic(max(1, n // 10), d, seed + 4, centres=families, noise=0.7)
+        db = _synthetic(n, d, seed + 2, centres=centres)
+        queries = _synthetic(q, d, seed + 3, centres=centres)
     gen_s = time.perf_counter() - t
     out = {"gen_s": gen_s, "db_bytes": db.nbytes}
     results = {}
@@ -627,8 +709,15 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
     qt = min(int(bc.knn_timed_queries), int(bc.knn_queries))
     scale = bc.knn_queries / qt
     knn_cfg = dataclasses.asdict(cfg.knn)
+    real, real_src = _real_globals(cfg, data_dir, work_dir, model_dir) if bc.knn_real_images >= 0 else (None, "off")
+    real_path = None
+    if real is not None:
+        real_path = Path(work_dir).resolve() / "bench" / "knn-real.npy"
+        real_path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(real_path, real)
     cells = []
     for d in dict.fromkeys(dims):
+        rp = str(real_path) if real is not None and real.shape[1] == d else None
         measured = None
         for n in sorted(bc.knn_sizes):
             cell = {"n": int(n), "d": d}
@@ -638,8 +727,8 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
             if fits or basis:
                 t = time.perf_counter()
                 log.info("bench kNN: N=%d dim=%d, %d queries", n, d, qt)
-                m = _in_child(knn_child, int(n), d, qt, k, knn_cfg, approx)
-                cell.update(m, measured=True, wall=time.perf_counter() - t)
+                m = _in_child(knn_child, int(n), d, qt, k, knn_cfg, approx, 0, rp, float(bc.knn_real_noise))
+                cell.update(m, measured=True, wall=time.perf_counter() - t, data="real+noise" if rp else "synthetic")
                 measured = cell
             elif measured is not None:  # brute force is linear in N; memory too
                 f = n / measured["n"]
@@ -654,6 +743,7 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
                     cell[meth]["search_total_s"] = cell[meth]["search_s"] * scale
             cells.append(cell)
     return {"cells": cells, "k": k, "approx": approx, "queries": bc.knn_queries, "timed": qt, "scale": scale,
+            "real_src": real_src, "real_noise": bc.knn_real_noise,
             "approx_desc": (f"IVF-Flat nlist={cfg.knn.ivf_nlist or '4*sqrt(N)'} nprobe={cfg.knn.ivf_nprobe}"
                             if approx == "ivf" else f"HNSW-Flat M={cfg.knn.hnsw_m}")}
 
@@ -663,18 +753,21 @@ def _md_knn(r: dict) -> list[str]:
          f"unit vectors (N/1000 random families, N/10 clusters of 10 around them, each vector = its cluster centre + noise, "
          f"so a query's top-{r['k']} is mostly its family; float32, generated in chunks); approximate = "
          f"{r['approx_desc']}; memory = peak RSS above the generated data, sampled every 10 ms; rows marked * are "
-         "extrapolated linearly in N from the measured N (over bench.knn_max_db_gb).", "",
-         "| N | dim | method | build s | search s | peak RSS + data | recall@K |", "|---|---|---|---|---|---|---|"]
+         "extrapolated linearly in N from the measured N (over bench.knn_max_db_gb). Data 'real+noise': "
+         f"real global descriptors ({r.get('real_src', 'n/a')}) plus noise drawn from their own principal "
+         f"components x {r.get('real_noise', 1.0)} (bench.knn_real_noise), queries likewise: views of one photo overlap "
+         "those of others as real landmarks do. IVF k-means trains on knn.ivf_train_per_centroid points per list.", "",
+         "| N | dim | data | method | build s | search s | peak RSS + data | recall@K |", "|---|---|---|---|---|---|---|---|"]
     for c in r["cells"]:
         if c.get("skipped"):
-            L.append(f"| {c['n']:,} | {c['d']} | (skipped: over bench.knn_max_db_gb) | | | | |")
+            L.append(f"| {c['n']:,} | {c['d']} | | (skipped: over bench.knn_max_db_gb) | | | | |")
             continue
         star = "" if c["measured"] else "*"
         for meth in ("exact", r["approx"], "numpy"):
             m = c[meth]
             rec = (f"{c['recall']:.3f} (@10: {c['recall10']:.3f})" if meth == r["approx"] and c["measured"]
                    else "")
-            L.append(f"| {c['n']:,}{star} | {c['d']} | {meth} | {m['build_s']:.1f} | {m['search_total_s']:.1f} | "
+            L.append(f"| {c['n']:,}{star} | {c['d']} | {c.get('data', '')} | {meth} | {m['build_s']:.1f} | {m['search_total_s']:.1f} | "
                      f"{_gb(m['mem'])} + {_gb(c['db_bytes'])} | {rec} |")
     return L
 
@@ -1130,8 +1223,10 @@ def _summary_line(i: int, r: dict | None, cfg) -> str:
             e, a, n = c["exact"], c[r["approx"]], c["numpy"]
             rec = (f" r@{r['k']} {c['recall']:.3f} r@10 {c['recall10']:.3f}" if c.get("recall") is not None
                    else "")
-            parts.append(f"N={c['n']:,}{star}/d{c['d']}: exact {e['search_total_s']:.0f}s, {r['approx']} "
-                         f"{a['build_s'] + a['search_total_s']:.0f}s{rec}, numpy {n['search_total_s']:.0f}s")
+            ratio = (a["build_s"] + a["search_total_s"]) / max(e["build_s"] + e["search_total_s"], 1e-9)
+            parts.append(f"N={c['n']:,}{star}/d{c['d']}{'/real' if c.get('data') == 'real+noise' else ''}: exact "
+                         f"{e['search_total_s']:.0f}s, {r['approx']} {a['build_s'] + a['search_total_s']:.0f}s "
+                         f"({ratio:.2f}x exact){rec}, numpy {n['search_total_s']:.0f}s")
         return "; ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
     if i == 4:
         return "; ".join(f"R={x['R']}: {x['ips']:.1f} test img/s" for x in r["runs"])

@@ -206,6 +206,8 @@ class BenchConfig:
     gldv2_train: int = 1_580_000
     gldv2_test: tuple = (10_000, 100_000)
     gldv2_megapixels: float = 0.48  # assumed mean input size of a GLDv2 image after max_image_size (800x600)
+    knn_real_images: int = 120  # row 3: shared real photos whose descriptors (+ noise) give realistic data (0 = stored train features, -1 = off)
+    knn_real_noise: float = 1.0  # row 3: noise scale relative to the real descriptors' own spread
     verify_sizes: tuple = (1_000, 1_580_000)  # row 6: synthetic train ids N (global-only shards)
     verify_test_images: int = 32  # row 6: test images verified per run
     incr_images: int = 100  # row 7: images of the extracted set (the data dir's train split) before 1 % is added
