@@ -1145,6 +1145,16 @@ def scale_section(cfg, res: dict) -> list[str]:
                 n_loc = min(q * cfg.verify.num_to_rerank, bc.gldv2_train)
                 rows.append((f"train locals on demand (<= {n_loc:,} images)", hrs(n_loc * spi),
                              hrs(n_loc * bc.gpu_seconds_per_image)))
+    r6, r7 = res.get(6), res.get(7)
+    if r6:
+        big = r6["cells"][-1]
+        for q in bc.gldv2_test:
+            rows.append((f"verify stage {q:,} test at N={big['n']:,} (row 6: {1000 * big['per_img']:.0f} ms/test image, "
+                         f"R={r6['R']}, synthetic features)", hrs(q * big["per_img"]), "same (CPU)"))
+    if spi and r7:
+        add = math.ceil(bc.gldv2_train / 100)
+        rows.append((f"add 1 % to train ({add:,} new images; row 7: only they run the model)", hrs(add * spi),
+                     hrs(add * bc.gpu_seconds_per_image)))
     if r5:
         rows.append(("read train.csv + labels", f"{r5['total_s']:.1f} s", "same"))
     if rows:
