@@ -224,14 +224,16 @@ def extract_shard(task: ShardTask) -> dict:
 
 def _worker_name() -> str:
     """The dask worker running this task (for the driver's log), else host:pid."""
-    try:
-        from distributed import get_worker
+    if "distributed" in sys.modules:  # only a dask worker has it loaded; never import it elsewhere
+        try:
+            from distributed import get_worker
 
-        return get_worker().address
-    except (ImportError, ValueError):
-        import socket
+            return get_worker().address
+        except ValueError:
+            pass
+    import socket
 
-        return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _reusable(task: ShardTask) -> dict:
