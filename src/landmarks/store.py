@@ -167,6 +167,7 @@ class StoreIndex:
     l_loc: np.ndarray  # i64 [m, 2]
     f_ids: np.ndarray  # S  [k] failures without a global row
     f_reasons: np.ndarray  # S [k]
+    local_only: bool = False  # loaded without the global ids and failures
 
     @staticmethod
     def build(directory: Path, files: Sequence[Path], digest: str) -> "StoreIndex":
@@ -219,14 +220,20 @@ class StoreIndex:
                          f_ids=self.f_ids, f_reasons=self.f_reasons)
 
     @staticmethod
-    def load(path: Path, digest: str) -> "StoreIndex | None":
-        """The persisted index when it matches `digest`, else None."""
+    def load(path: Path, digest: str, local_only: bool = False) -> "StoreIndex | None":
+        """The persisted index when it matches `digest`, else None.  `local_only`: skip the global
+        ids and failures (1.58 M entries) for readers that only want local features."""
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(path, allow_pickle=False) as z:  # an npz reads only the members asked for
                 if str(z["digest"]) != digest:
                     return None
-                return StoreIndex(digest, [str(x) for x in z["files"]], z["g_ids"], z["g_loc"], z["l_ids"],
-                                  z["l_loc"], z["f_ids"], z["f_reasons"])
+                if local_only:
+                    none, loc = np.zeros((0,), "S1"), np.zeros((0, 2), np.int64)
+                    g_ids, g_loc, f_ids, f_reasons = none, loc, none, none
+                else:
+                    g_ids, g_loc, f_ids, f_reasons = z["g_ids"], z["g_loc"], z["f_ids"], z["f_reasons"]
+                return StoreIndex(digest, [str(x) for x in z["files"]], g_ids, g_loc, z["l_ids"], z["l_loc"],
+                                  f_ids, f_reasons, local_only)
         except (OSError, KeyError, ValueError):
             return None
 
@@ -235,16 +242,17 @@ def _encode(ids: Sequence[str]) -> np.ndarray:
     return np.array([i.encode() for i in ids], dtype="S") if len(ids) else np.zeros((0,), "S1")
 
 
-def load_index(directory: str | Path, persist: bool = True) -> StoreIndex:
+def load_index(directory: str | Path, persist: bool = True, local_only: bool = False) -> StoreIndex:
     """The split directory's id index: read from ``store-index.npz`` when its digest matches the
-    shards' names, sizes and mtimes, else built by one scan and saved there (atomically)."""
+    shards' names, sizes and mtimes, else built by one scan and saved there (atomically).
+    `local_only`: a persisted index is read without its global part (see ``StoreIndex.load``)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise LandmarksError(f"no features in {directory}: run `make features` first")
     files = _store_files(directory)
     digest = files_digest(files)
     path = directory / INDEX_NAME
-    idx = StoreIndex.load(path, digest)
+    idx = StoreIndex.load(path, digest, local_only)
     if idx is None:
         idx = StoreIndex.build(directory, files, digest)
         if persist:
@@ -280,8 +288,13 @@ class FeatureStore:
             i.decode(): (int(a), int(b)) for i, (a, b) in zip(index.l_ids.tolist(), index.l_loc.tolist())}
         self._order_cache: list[str] | None = None
 
+    def _full(self) -> None:
+        if self.index.local_only:
+            raise LandmarksError(f"{self.directory}: store opened for local features only")
+
     @property
     def _order(self) -> list[str]:
+        self._full()
         if self._order_cache is None:
             self._order_cache = [i.decode() for i in self.index.g_ids.tolist()]
         return self._order_cache
@@ -294,6 +307,7 @@ class FeatureStore:
 
     def failures(self) -> dict[str, str]:
         """id -> reason for images that produced no features."""
+        self._full()
         return {i.decode(): r.decode() for i, r in zip(self.index.f_ids.tolist(), self.index.f_reasons.tolist())}
 
     def global_matrix(self, dtype=np.float32) -> tuple[list[str], np.ndarray]:

@@ -11,6 +11,7 @@ Determinism: matches are put in a canonical order and pydegensac gets a fixed se
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def _store(directory: str, digest: str):
         return have[1]
     if have is not None:
         have[1].close()
-    index = StoreIndex.load(Path(directory) / INDEX_NAME, digest) or load_index(directory)
+    index = StoreIndex.load(Path(directory) / INDEX_NAME, digest, local_only=True) or load_index(directory)
     store = FeatureStore(directory, index=index)
     _STORES[directory] = (digest, store)
     return store
@@ -183,8 +184,11 @@ def verify_fingerprint(cfg, knn_fp: str) -> str:
 
 
 def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None,
-               knn_path: str | Path | None = None) -> Path:
+               knn_path: str | Path | None = None, timing: dict | None = None) -> Path:
     """Verify the top num_to_rerank candidates of knn.npz; write WORK_DIR/verified.npz.
+
+    `timing` (optional dict) receives setup_s (knn.npz + id indexes, once per stage) and
+    batches_s (the verification batches) for the benchmark.
 
     verified.npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), fingerprint.
     Train local features missing from the store are extracted on demand (extract.ensure_local).
@@ -193,8 +197,9 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
     from tqdm import tqdm
 
     from landmarks.knn import load_npz
-    from landmarks.store import FeatureStore
+    from landmarks.store import FeatureStore, load_index
 
+    t_start = time.perf_counter()
     work_dir = Path(work_dir)
     out = Path(out) if out else work_dir / "verified.npz"
     knn = load_npz(Path(knn_path) if knn_path else work_dir / "knn.npz")
@@ -219,7 +224,8 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
     digests = []
     for split, directory, wanted in (("test", test_dir, test_ids),
                                      ("train", train_dir, sorted({c for row in cand for c in row}))):
-        store = FeatureStore(directory)  # the stage's one index build (or load of the persisted one)
+        # the stage's one index build, or the load of the persisted one (its local part is all we need)
+        store = FeatureStore(directory, index=load_index(directory, local_only=True))
         missing = [i for i in wanted if not store.has_local(i)]
         if missing:
             store.close()
@@ -237,6 +243,7 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
 
         w_local = whiten.ensure_whiten(cfg, work_dir)
 
+    t_batches = time.perf_counter()
     batches = [list(range(a, min(a + BATCH_IMAGES, len(test_ids)))) for a in range(0, len(test_ids), BATCH_IMAGES)]
     tasks = (delayed(_verify_batch)(vc, str(test_dir), str(train_dir), [test_ids[r] for r in b],
                                     [cand[r] for r in b], w_local, digests) for b in batches)
@@ -253,6 +260,8 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
                 bar.update(len(b))
     finally:
         _release_stores()
+    if timing is not None:
+        timing.update(setup_s=t_batches - t_start, batches_s=time.perf_counter() - t_batches)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, test_ids=np.array(test_ids, dtype=str), inliers=inliers, fingerprint=np.array(fp))
