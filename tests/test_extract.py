@@ -354,3 +354,18 @@ def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, f
     calls.clear()
     run_features(_cfg(max_image_size=48), root, work, fake_model, "train", shards=4, jobs=1)
     assert len(calls) == len(keep) - 1
+
+
+def test_shard_count_raised_by_the_cap_sticks_while_rows_grow_a_little(tmp_path):
+    """Appending 1 % must not re-bucket every id: the count on disk stays within 1.25 x the cap."""
+    from landmarks.extract import _sticky_shards
+    from landmarks.store import write_shard
+
+    cfg = _cfg(max_shard_images=4)
+    d = tmp_path / "f"
+    assert _sticky_shards(d, 1, 3, 9, cfg) == 3  # nothing on disk: the capped count
+    for i in range(3):
+        write_shard(d / f"shard-{i:05d}-of-00003.h5", [], None, None, attrs={"num_shards": 3})
+    assert _sticky_shards(d, 1, 4, 13, cfg) == 3  # 13 rows <= 1.25 x 4 x 3: keep 3 shards
+    assert _sticky_shards(d, 1, 5, 17, cfg) == 5  # too many rows for 3 shards: re-bucket
+    assert _sticky_shards(d, 4, 4, 13, cfg) == 4  # an explicit --shards is obeyed
