@@ -26,12 +26,12 @@ INSTALLED := $(VENV)/.installed
 DATA_DEPS  := $(if $(filter $(DEMO_DIR),$(DATA_DIR)),$(DEMO_DIR)/.complete)
 MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_model.pb)
 
-.PHONY: help install demo-data model train features predict validate validate-hard holdout import import-hard bench notebooks docs test clean
+.PHONY: help install demo-data model train features predict validate validate-hard holdout import import-hard bench cluster-check notebooks docs test clean
 
 help:
 	@echo "make predict   - demo data + default model + features + kNN + verification -> $(SUBMISSION)"
 	@echo "make test      - install and run the test suite"
-	@echo "other targets: install demo-data model train features validate validate-hard holdout import import-hard bench notebooks docs clean"
+	@echo "other targets: install demo-data model train features validate validate-hard holdout import import-hard bench cluster-check notebooks docs clean"
 
 install: $(INSTALLED)
 $(INSTALLED): requirements.txt pyproject.toml
@@ -92,6 +92,11 @@ validate-hard: $(INSTALLED) $(MODEL_DEPS)
 
 bench: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(LM) bench $(COMMON)
+
+# A real Dask cluster on 127.0.0.1 (dask scheduler + 2 dask workers as subprocesses, stopped after):
+# shards byte-identical to a local run, and a worker killed mid-run is survived.
+cluster-check: $(INSTALLED)
+	$(BIN)/python -m pytest -q tests/test_cluster.py
 
 notebooks: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(BIN)/python -m landmarks.notebooks $(COMMON) --out $(WORK_DIR)/notebooks

@@ -82,6 +82,8 @@ def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys):
                    "recall@K", "| exact |", "| ivf |", "| numpy |",  # row 3
                    "test img/s", "| 2 |", "| 4 |",  # row 4
                    "20,000 rows",  # row 5
+                   "| 20,000 | 4 |", "Ratio largest / smallest N",  # row 6: 20 k ids in 4 shards
+                   "| add 1 (1 %) |", "| 1 |\n| remove them again |",  # row 7: one model call, then none
                    "machine:", "versions:", "tensorflow", "## GLDv2 scale on paper", "| extract train |",
                    "train features (global only)", "to finish in one hour use"):
         assert needle in text, needle
@@ -113,7 +115,7 @@ def test_rows_are_independent_and_selectable(tmp_path, dataset, tiny_model, monk
 def test_parse_rows_and_bad_input(tmp_path):
     assert bench.parse_rows("3,1, 3") == [1, 3]
     assert bench.parse_rows((2, 5)) == [2, 5]
-    for bad in ("7", "a,b", ""):
+    for bad in ("8", "a,b", ""):
         with pytest.raises(LandmarksError, match="rows"):
             bench.parse_rows(bad)
     cfg = _cfg(tmp_path, "bench.knn_approx=lsh")

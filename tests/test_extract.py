@@ -297,3 +297,75 @@ def test_keypoints_outside_the_image_are_dropped_and_mapped_to_original_pixels()
     assert out.scores.tolist() == [0.0, 1.0]
     np.testing.assert_allclose(out.keypoints, [[20, 20], [198, 98]])
     assert out.descriptors.shape == (2, 128) and out.scales.shape == (2,)
+
+
+def _counting_model(monkeypatch):
+    """Wrap the per-process model so every image sent through it is recorded."""
+    import landmarks.extract as extract
+
+    calls = []
+    real = extract._get_model
+
+    def get(model_dir, threads):
+        m = real(model_dir, threads)
+        return lambda image, *a: calls.append(image.shape) or m(image, *a)
+
+    monkeypatch.setattr(extract, "_get_model", get)
+    return calls
+
+
+def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, fake_model, monkeypatch):
+    rng = np.random.default_rng(7)
+    root = tmp_path / "data"
+    ids = _write_split(root, "train", 100, rng, bad=False)
+    broken = ids[10]
+    _path(root, "train", broken).write_bytes(b"")  # a stored failure is kept too, not retried
+    csv = root / "train.csv"
+    pd.DataFrame({"id": ids, "landmark_id": np.arange(100) % 5}).to_csv(csv, index=False)
+    cfg, work = _cfg(), tmp_path / "w"
+    calls = _counting_model(monkeypatch)
+    paths = run_features(cfg, root, work, fake_model, "train", shards=4, jobs=1)
+    assert len(calls) == 99  # the empty file fails before the model
+    ref_ids, ref_g = FeatureStore(paths[0].parent).global_matrix()
+
+    # append 1 % (one row): only that image goes through the model, the CSV order is kept
+    new = _write_split(root, "train", 1, rng, bad=False)
+    pd.DataFrame({"id": ids + new, "landmark_id": np.arange(101) % 5}).to_csv(csv, index=False)
+    calls.clear()
+    run_features(cfg, root, work, fake_model, "train", shards=4, jobs=1)
+    assert len(calls) == 1
+    store = FeatureStore(paths[0].parent)
+    got_ids, got_g = store.global_matrix()
+    assert got_ids == ref_ids + new and store.failures() == {broken: "empty file"}
+    np.testing.assert_array_equal(got_g[:-1], ref_g)
+    # the same set extracted from scratch: identical shards (kept rows = extracted rows)
+    fresh = run_features(cfg, root, tmp_path / "w2", fake_model, "train", shards=4, jobs=1)
+    _assert_same(_contents(paths), _contents(fresh))
+
+    # remove rows (and change one image): only the changed image is extracted again
+    keep = [i for k, i in enumerate(ids + new) if k % 10 != 3]
+    Image.fromarray(np.full((70, 90, 3), 77, np.uint8)).save(_path(root, "train", keep[0]))
+    pd.DataFrame({"id": keep, "landmark_id": np.arange(len(keep)) % 5}).to_csv(csv, index=False)
+    calls.clear()
+    run_features(cfg, root, work, fake_model, "train", shards=4, jobs=1)
+    assert len(calls) == 1
+    assert FeatureStore(paths[0].parent).ids == [i for i in keep if i != broken]
+    # another model or result setting keeps nothing
+    calls.clear()
+    run_features(_cfg(max_image_size=48), root, work, fake_model, "train", shards=4, jobs=1)
+    assert len(calls) == len(keep) - 1
+
+
+def test_shard_count_raised_by_the_cap_sticks_while_rows_grow_a_little(tmp_path):
+    """Appending 1 % must not re-bucket every id: the count on disk stays within 1.25 x the cap."""
+    from landmarks.extract import _sticky_shards
+    from landmarks.store import write_shard
+
+    cfg = _cfg(max_shard_images=4)
+    d = tmp_path / "f"
+    assert _sticky_shards(d, 1, 3, 9, cfg) == 3  # nothing on disk: the capped count
+    for i in range(3):
+        write_shard(d / f"shard-{i:05d}-of-00003.h5", [], None, None, attrs={"num_shards": 3})
+    assert _sticky_shards(d, 1, 4, 13, cfg) == 3  # 13 rows <= 1.25 x 4 x 3: keep 3 shards
+    assert _sticky_shards(d, 1, 5, 17, cfg) == 5  # too many rows for 3 shards: re-bucket
+    assert _sticky_shards(d, 4, 4, 13, cfg) == 4  # an explicit --shards is obeyed

@@ -106,3 +106,24 @@ def test_run_knn_with_whitening_dba_qe(tmp_path):
     z = knn.load_npz(knn.run_knn(cfg, tmp_path))
     assert (tmp_path / "whiten.npz").exists()
     assert [z["train_ids"][j] for j in z["idx"][:, 0]] == [f"tr{i:03d}" for i in range(8)]
+
+
+def test_ivf_trains_on_a_sample_and_keeps_recall(monkeypatch):
+    """k-means sees per_centroid x nlist rows (fixed sample), every row is still searchable."""
+    rng = np.random.default_rng(9)
+    centres = _unit(rng.normal(size=(60, 24)))
+    db = _unit(centres[rng.integers(0, 60, 6000)] + 0.3 * rng.normal(size=(6000, 24)))
+    q = _unit(centres[rng.integers(0, 60, 50)] + 0.3 * rng.normal(size=(50, 24)))
+    sample = knn.ivf_sample(db, 16, 40)
+    assert sample.shape == (640, 24) and np.array_equal(sample, knn.ivf_sample(db, 16, 40))
+    assert knn.ivf_sample(db, 16, 0) is db and knn.ivf_sample(db, 200, 40) is db  # 0 = all; too few rows = all
+    import faiss
+
+    seen = []
+    real = faiss.IndexIVFFlat.train
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: seen.append(len(x)) or real(self, x))
+    cfg = KnnConfig(index="ivf", ivf_nlist=16, ivf_nprobe=8, ivf_train_per_centroid=40)
+    _, i = knn.search(cfg, q, db, 20)
+    _, exact = knn.search(KnnConfig(), q, db, 20)
+    assert seen == [640]
+    assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(i, exact)]) > 0.9

@@ -11,6 +11,9 @@ Rows (``bench.rows``; each runs on its own, a failing row prints its error and t
    faiss exact vs approximate vs chunked numpy, recall@K of the approximate index.
 4. End to end: test images/s of ``predict.run_predict`` for each NUM_TO_RERANK (features ready).
 5. Data layer: reading a generated GLDv2-size train.csv and building the label arrays.
+6. Verification: time per test image at N = 1 k and 1.58 M synthetic train ids (flat: one id
+   index per stage).
+7. Incremental extraction: time to add 1 % of rows to an extracted set vs extracting it all.
 
 Every timing is the median of ``bench.repeats`` runs; ratios come from the same run.  Output:
 the table on stdout and WORK_DIR/bench.md (machine, versions, inputs, the rows, and the "GLDv2
@@ -41,6 +44,8 @@ ROW_TITLES = {
     3: "kNN: exact vs approximate vs numpy",
     4: "End to end: predict",
     5: "Data layer: train.csv",
+    6: "Verification vs train size N",
+    7: "Incremental extraction: add 1 %",
 }
 
 
@@ -56,12 +61,16 @@ def quick_config(bc):
     q.match_features = min(bc.match_features, 200)
     q.knn_sizes = (2000,)
     q.knn_dims = (0, 64)
+    q.knn_real_images = min(bc.knn_real_images, 6)
     q.knn_queries = 200
     q.knn_timed_queries = 100
     q.e2e_rerank = (2, 4)
     q.e2e_test_images = min(bc.e2e_test_images, 8) if bc.e2e_test_images > 0 else 8
     q.csv_rows = 20_000
     q.csv_classes = 500
+    q.verify_sizes = (200, 20_000)
+    q.verify_test_images = 8
+    q.incr_images = 8
     return q
 
 
@@ -74,7 +83,7 @@ def parse_rows(text) -> list[int]:
         raise LandmarksError(f"--rows must look like 1,3 (got {text!r})") from None
     bad = [r for r in rows if r not in ROW_TITLES]
     if bad or not rows:
-        raise LandmarksError(f"--rows: unknown row(s) {bad or text!r} (rows are 1-5)")
+        raise LandmarksError(f"--rows: unknown row(s) {bad or text!r} (rows are 1-{max(ROW_TITLES)})")
     return rows
 
 
@@ -567,18 +576,99 @@ def _synthetic(n: int, d: int, seed: int, chunk: int = 65536, centres: np.ndarra
     return out
 
 
-def knn_child(n: int, d: int, q: int, k: int, knn_cfg: dict, approx: str, seed: int = 0) -> dict:
-    """One (N, dim) kNN measurement (run in a fresh process): time, peak RSS delta, recall@k."""
+def _realistic(real: np.ndarray, n: int, seed: int, noise: float, chunk: int = 65536) -> np.ndarray:
+    """n unit vectors with the structure of real descriptors: a random real descriptor plus noise
+    drawn from the real set's own principal components and variances (x noise), so copies of
+    different photos overlap as views of real landmarks do, in the real set's low-dimensional span."""
+    rng = np.random.default_rng(seed)
+    real = np.asarray(real, np.float32)
+    _, sv, vt = np.linalg.svd(real - real.mean(0), full_matrices=False)
+    std = (sv / math.sqrt(len(real))).astype(np.float32) * np.float32(noise)
+    iso = np.float32(0.05 * noise * float(std.mean()))  # a little full-rank noise on top
+    out = np.empty((n, real.shape[1]), np.float32)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        x = real[rng.integers(0, len(real), b - a)] + (rng.standard_normal((b - a, len(std)), np.float32) * std) @ vt
+        x += rng.standard_normal(x.shape, np.float32) * iso
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[a:b] = x
+    return out
+
+
+def _real_globals(cfg, data_dir, work_dir, model_dir) -> tuple[np.ndarray | None, str]:
+    """Real global descriptors to give row 3 realistic structure: the shared real photos (first
+    bench.knn_real_images, one scale, cached), else the work dir's stored train features."""
+    import pandas as pd
+
+    from landmarks.utils import dir_digest, text_digest
+
+    bc = cfg.bench
+    shared = _shared_dir(cfg)
+    sets = [shared / s for s in ("paris6k_subset", "multiview_scenes", "wide_baseline_scenes")]
+    sets = [s for s in sets if (s / "LABELS.csv").exists()]
+    if sets and bc.knn_real_images > 0 and (Path(model_dir) / "saved_model.pb").exists():
+        paths = []
+        for s in sets:
+            d = pd.read_csv(s / "LABELS.csv", dtype=str).sort_values("id")
+            paths += [str(s / p) for p in d["path"] if (s / p).exists()]
+        step = max(1, len(paths) // bc.knn_real_images)
+        paths = paths[::step][:bc.knn_real_images]
+        e = cfg.extract
+        key = text_digest(dir_digest(model_dir), json.dumps([paths, e.max_image_size]))
+        cache = Path(work_dir).resolve() / "bench" / f"real-globals-{key}.npy"
+        if not cache.exists():
+            from tqdm import tqdm
+
+            from landmarks.delg_io import load_delg, postprocess
+            from landmarks.images import load_image
+            from landmarks.utils import configure_tensorflow
+
+            configure_tensorflow(_cores())
+            model = load_delg(model_dir)
+            rows = []
+            for p in tqdm(paths, desc="bench: real global descriptors", unit="img", disable=None):
+                try:
+                    img, _ = load_image(p, e.max_image_size, e.max_image_pixels, e.min_image_size)
+                    g, _ = postprocess(model(img, (1.0,), 1, e.abs_thres, (0,)))
+                    rows.append(np.asarray(g, np.float32))
+                except Exception:  # noqa: BLE001 - a bad photo is just left out
+                    continue
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.stack(rows))
+        return np.load(cache), f"{len(paths)} shared real photos ({', '.join(s.name for s in sets)}; scale 1.0)"
+    train = Path(work_dir) / "features" / "train"
+    if train.is_dir():
+        from landmarks.store import FeatureStore
+
+        ids, x = FeatureStore(train).global_matrix()
+        if len(ids) >= 10:
+            return x, f"{len(ids)} stored train descriptors of {work_dir}"
+    return None, "none found: synthetic families only"
+
+
+def knn_child(n: int, d: int, q: int, k: int, knn_cfg: dict, approx: str, seed: int = 0,
+              real_path: str | None = None, real_noise: float = 1.0) -> dict:
+    """One (N, dim) kNN measurement (run in a fresh process): time, peak RSS delta, recall@k.
+
+    `real_path`: .npy of real descriptors of dim d: data and queries are real descriptors plus
+    noise shaped like them (``_realistic``), else two-level synthetic families."""
     from landmarks import knn
     from landmarks.config import KnnConfig
 
     kc = KnnConfig(**knn_cfg)
     t = time.perf_counter()
-    # two levels like landmarks in a region: families of 1000, clusters ('landmarks') of 10 images
-    families = _synthetic(max(1, n // 1000), d, seed + 1, noise=math.sqrt(d))  # random unit directions
-    centres = _synthetic(max(1, n // 10), d, seed + 4, centres=families, noise=0.7)
-    db = _synthetic(n, d, seed + 2, centres=centres)
-    queries = _synthetic(q, d, seed + 3, centres=centres)
+    if real_path:
+        real = np.load(real_path)
+        db = _realistic(real, n, seed + 2, real_noise)
+        queries = _realistic(real, q, seed + 3, real_noise)
+    else:
+        # two levels like landmarks in a region: families of 1000, clusters ('landmarks') of 10 images
+        families = _synthetic(max(1, n // 1000), d, seed + 1, noise=math.sqrt(d))  # random unit directions
+        centres = _synthetic(max(1, n // 10), d, seed + 4, centres=families, noise=0.7)
+        db = _synthetic(n, d, seed + 2, centres=centres)
+        queries = _synthetic(q, d, seed + 3, centres=centres)
     gen_s = time.perf_counter() - t
     out = {"gen_s": gen_s, "db_bytes": db.nbytes}
     results = {}
@@ -620,8 +710,15 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
     qt = min(int(bc.knn_timed_queries), int(bc.knn_queries))
     scale = bc.knn_queries / qt
     knn_cfg = dataclasses.asdict(cfg.knn)
+    real, real_src = _real_globals(cfg, data_dir, work_dir, model_dir) if bc.knn_real_images >= 0 else (None, "off")
+    real_path = None
+    if real is not None:
+        real_path = Path(work_dir).resolve() / "bench" / "knn-real.npy"
+        real_path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(real_path, real)
     cells = []
     for d in dict.fromkeys(dims):
+        rp = str(real_path) if real is not None and real.shape[1] == d else None
         measured = None
         for n in sorted(bc.knn_sizes):
             cell = {"n": int(n), "d": d}
@@ -631,8 +728,8 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
             if fits or basis:
                 t = time.perf_counter()
                 log.info("bench kNN: N=%d dim=%d, %d queries", n, d, qt)
-                m = _in_child(knn_child, int(n), d, qt, k, knn_cfg, approx)
-                cell.update(m, measured=True, wall=time.perf_counter() - t)
+                m = _in_child(knn_child, int(n), d, qt, k, knn_cfg, approx, 0, rp, float(bc.knn_real_noise))
+                cell.update(m, measured=True, wall=time.perf_counter() - t, data="real+noise" if rp else "synthetic")
                 measured = cell
             elif measured is not None:  # brute force is linear in N; memory too
                 f = n / measured["n"]
@@ -647,6 +744,7 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
                     cell[meth]["search_total_s"] = cell[meth]["search_s"] * scale
             cells.append(cell)
     return {"cells": cells, "k": k, "approx": approx, "queries": bc.knn_queries, "timed": qt, "scale": scale,
+            "real_src": real_src, "real_noise": bc.knn_real_noise,
             "approx_desc": (f"IVF-Flat nlist={cfg.knn.ivf_nlist or '4*sqrt(N)'} nprobe={cfg.knn.ivf_nprobe}"
                             if approx == "ivf" else f"HNSW-Flat M={cfg.knn.hnsw_m}")}
 
@@ -656,18 +754,21 @@ def _md_knn(r: dict) -> list[str]:
          f"unit vectors (N/1000 random families, N/10 clusters of 10 around them, each vector = its cluster centre + noise, "
          f"so a query's top-{r['k']} is mostly its family; float32, generated in chunks); approximate = "
          f"{r['approx_desc']}; memory = peak RSS above the generated data, sampled every 10 ms; rows marked * are "
-         "extrapolated linearly in N from the measured N (over bench.knn_max_db_gb).", "",
-         "| N | dim | method | build s | search s | peak RSS + data | recall@K |", "|---|---|---|---|---|---|---|"]
+         "extrapolated linearly in N from the measured N (over bench.knn_max_db_gb). Data 'real+noise': "
+         f"real global descriptors ({r.get('real_src', 'n/a')}) plus noise drawn from their own principal "
+         f"components x {r.get('real_noise', 1.0)} (bench.knn_real_noise), queries likewise: views of one photo overlap "
+         "those of others as real landmarks do. IVF k-means trains on knn.ivf_train_per_centroid points per list.", "",
+         "| N | dim | data | method | build s | search s | peak RSS + data | recall@K |", "|---|---|---|---|---|---|---|---|"]
     for c in r["cells"]:
         if c.get("skipped"):
-            L.append(f"| {c['n']:,} | {c['d']} | (skipped: over bench.knn_max_db_gb) | | | | |")
+            L.append(f"| {c['n']:,} | {c['d']} | | (skipped: over bench.knn_max_db_gb) | | | | |")
             continue
         star = "" if c["measured"] else "*"
         for meth in ("exact", r["approx"], "numpy"):
             m = c[meth]
             rec = (f"{c['recall']:.3f} (@10: {c['recall10']:.3f})" if meth == r["approx"] and c["measured"]
                    else "")
-            L.append(f"| {c['n']:,}{star} | {c['d']} | {meth} | {m['build_s']:.1f} | {m['search_total_s']:.1f} | "
+            L.append(f"| {c['n']:,}{star} | {c['d']} | {c.get('data', '')} | {meth} | {m['build_s']:.1f} | {m['search_total_s']:.1f} | "
                      f"{_gb(m['mem'])} + {_gb(c['db_bytes'])} | {rec} |")
     return L
 
@@ -823,6 +924,189 @@ def _md_data(r: dict) -> list[str]:
             f"| + label arrays (id->label dict as predict, np.unique) | {r['total_s']:.2f} | {_gb(r['mem'])} |"]
 
 
+# ---------------------------------------------------------------------------------- row 6
+def _verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, seed: int = 0) -> None:
+    """A synthetic stage at N train ids: global-only train shards of `cap` ids (4-d globals:
+    verification never reads them), local features for the shortlisted ids only (a local cache,
+    as predict leaves it), test shard with local features, and knn.npz.  Built once per N."""
+    from landmarks.store import LocalFeatures, write_shard
+    from landmarks.utils import text_digest
+
+    marker = d / "complete.json"
+    want = {"n": n, "test": n_test, "R": R, "cap": cap, "feat": n_feat, "seed": seed, "v": 1}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    tr, te = d / "features" / "train", d / "features" / "test"
+    train_ids = [f"{k:016x}" for k in range(n)]
+    n_sh = max(1, -(-n // cap))
+    for i in range(n_sh):
+        ids = train_ids[i * cap:(i + 1) * cap]
+        g = np.zeros((len(ids), 4), np.float32)
+        g[:, 0] = 1
+        write_shard(tr / f"shard-{i:05d}-of-{n_sh:05d}.h5", ids, g, None, order=range(i * cap, i * cap + len(ids)))
+    idx = rng.choice(n, (n_test, R), replace=n < n_test * R)
+    for r in range(n_test):  # distinct candidates per row
+        idx[r] = rng.choice(n, R, replace=False)
+
+    def lf():
+        desc = rng.standard_normal((n_feat, 128)).astype(np.float32)
+        desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+        return LocalFeatures(rng.uniform(0, 800, (n_feat, 2)).astype(np.float32), desc,
+                             np.ones(n_feat, np.float32), rng.random(n_feat).astype(np.float32))
+
+    short = sorted(set(idx.ravel().tolist()))
+    write_shard(tr / "local-cache-bench-00000-of-00001.h5", [train_ids[j] for j in short],
+                np.ones((len(short), 4), np.float32), [lf() for _ in short])
+    test_ids = [f"t{k:015x}" for k in range(n_test)]
+    write_shard(te / "shard-00000-of-00001.h5", test_ids, np.ones((n_test, 4), np.float32),
+                [lf() for _ in test_ids], order=range(n_test))
+    with atomic_path(d / "knn.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str),
+                     sims=np.ones((n_test, R), np.float32), idx=idx.astype(np.int64),
+                     fingerprint=np.array(text_digest("bench-knn", json.dumps(want))))
+    marker.write_text(json.dumps(want))
+
+
+def row_verify(cfg, data_dir, work_dir, model_dir) -> dict:
+    """Verification time per test image at small and GLDv2-size N: flat when the id index is
+    built once per stage (it was rebuilt for every batch of 16 test images)."""
+    from landmarks import verify
+    from landmarks.store import INDEX_NAME
+
+    bc = cfg.bench
+    R, T = int(cfg.verify.num_to_rerank), int(bc.verify_test_images)
+    cap = max(1, int(cfg.extract.max_shard_images) or 5000)
+    dirs, gen = {}, {}
+    for n in bc.verify_sizes:
+        d = dirs[n] = Path(work_dir).resolve() / "bench" / f"verify-{n}"
+        t = time.perf_counter()
+        _verify_set(d, int(n), T, R, cap, min(int(cfg.extract.max_feature_num), 1000))
+        gen[n] = time.perf_counter() - t
+    runs: dict = {n: [] for n in dirs}
+    cold: dict = {}
+    for k in range(bc.repeats + 1):  # sizes interleaved: load drift on a shared machine hits both alike
+        for n, d in dirs.items():
+            if k == 0:  # first run: no persisted index, the stage builds it once
+                for split in ("train", "test"):
+                    (d / "features" / split / INDEX_NAME).unlink(missing_ok=True)
+            out = d / "verified.npz"
+            out.unlink(missing_ok=True)
+            tm: dict = {}
+            t = time.perf_counter()
+            verify.run_verify(cfg, data_dir, d, model_dir, out=out, timing=tm)
+            tm["total_s"] = time.perf_counter() - t
+            if k == 0:
+                cold[n] = tm
+            else:
+                runs[n].append(tm)
+    cells = []
+    for n, d in dirs.items():
+        med = {key: _median([r[key] for r in runs[n]]) for key in ("total_s", "setup_s", "batches_s")}
+        cells.append({"n": int(n), "shards": len(list((d / "features" / "train").glob("shard-*.h5"))), "gen_s": gen[n],
+                      "per_img": med["batches_s"] / T, "total_per_img": med["total_s"] / T,
+                      "setup_s": med["setup_s"], "cold_setup_s": cold[n]["setup_s"]})
+    small, big = cells[0], cells[-1]
+    return {"cells": cells, "T": T, "R": R, "ratio": big["per_img"] / small["per_img"],
+            "total_ratio": big["total_per_img"] / small["total_per_img"]}
+
+
+def _md_verify(r: dict) -> list[str]:
+    L = [f"`verify.run_verify` on {r['T']} test images x {r['R']} candidates against N synthetic train ids in "
+         "global-only shards (extract.max_shard_images ids each) plus a local cache holding only the shortlisted "
+         "ids; random local features (RANSAC does its full iterations). Per test image = the verification batches "
+         "(16 test images each: this is where the index used to be rebuilt); stage setup = knn.npz + the id "
+         "indexes, once per stage: 'warm' loads the index persisted by an earlier stage, 'cold' builds it.", "",
+         "| N | shards | s/test image (batches) | s/test image (whole stage) | stage setup s warm | stage setup s cold |",
+         "|---|---|---|---|---|---|"]
+    for c in r["cells"]:
+        L.append(f"| {c['n']:,} | {c['shards']} | {c['per_img']:.4f} | {c['total_per_img']:.4f} | {c['setup_s']:.2f} | "
+                 f"{c['cold_setup_s']:.2f} |")
+    ok = "flat" if abs(r["ratio"] - 1) <= 0.10 else "NOT flat"
+    L += ["", f"Ratio largest / smallest N, per test image: **{r['ratio']:.3f}** ({ok}: aim within 10 %); whole "
+          f"stage {r['total_ratio']:.3f} (the once-per-stage setup is spread over only {r['T']} test images here; "
+          "over 10,000 it is negligible)."]
+    return L
+
+
+# ---------------------------------------------------------------------------------- row 7
+def row_incremental(cfg, data_dir, work_dir, model_dir) -> dict:
+    """Time to extract a set, then to add 1 % of rows to it (and to remove them again), with the
+    number of images that went through the model each time."""
+    import shutil
+
+    import pandas as pd
+
+    from landmarks import extract
+
+    bc = cfg.bench
+    src = Path(data_dir).resolve()
+    df = pd.read_csv(src / "train.csv", dtype=str, keep_default_na=False)
+    n = min(int(bc.incr_images), len(df) - 1)
+    add = max(1, n // 100)
+    if n < 2:
+        raise LandmarksError(f"row 7 needs at least 3 train rows in {src}")
+    d = Path(work_dir).resolve() / "bench" / "incr"
+    shutil.rmtree(d, ignore_errors=True)
+    data = d / "data"
+    data.mkdir(parents=True)
+    (data / "train").symlink_to(src / "train", target_is_directory=True)
+    shards = max(1, min(int(cfg.extract.shards), n))
+
+    def run(rows: int) -> tuple[float, int]:
+        df.head(rows).to_csv(data / "train.csv", index=False)
+        t = time.perf_counter()
+        extract.run_features(cfg, data, d, model_dir, "train", shards=shards, jobs=1)
+        s = time.perf_counter() - t
+        from landmarks.store import FeatureStore
+
+        st = FeatureStore(extract.features_dir(d, "train"))
+        assert len(st.ids) + len(st.failures()) == rows
+        return s, rows
+
+    counts = {}
+    real = extract._get_model
+
+    def counting(model_dir_, threads):
+        m = real(model_dir_, threads)
+
+        def call(image, *a):
+            counts["n"] = counts.get("n", 0) + 1
+            return m(image, *a)
+        return call
+
+    extract._get_model = counting
+    try:
+        counts.clear()
+        full_s, _ = run(n)
+        full_calls = counts.get("n", 0)
+        counts.clear()
+        add_s, _ = run(n + add)
+        add_calls = counts.get("n", 0)
+        counts.clear()
+        rm_s, _ = run(n)
+        rm_calls = counts.get("n", 0)
+    finally:
+        extract._get_model = real
+    return {"n": n, "add": add, "shards": shards, "full_s": full_s, "add_s": add_s, "rm_s": rm_s,
+            "full_calls": full_calls, "add_calls": add_calls, "rm_calls": rm_calls, "ratio": add_s / full_s}
+
+
+def _md_incremental(r: dict) -> list[str]:
+    return [f"`run_features` on the first {r['n']} train rows of the data dir ({r['shards']} id-hash shards, 1 job, "
+            f"the project model), then {r['add']} row(s) appended (1 %), then removed again; model calls counted.", "",
+            "| step | s | images through the model |", "|---|---|---|",
+            f"| extract {r['n']} images | {r['full_s']:.2f} | {r['full_calls']} |",
+            f"| add {r['add']} (1 %) | {r['add_s']:.2f} | {r['add_calls']} |",
+            f"| remove them again | {r['rm_s']:.2f} | {r['rm_calls']} |", "",
+            f"Ratio add-1 % / full extraction: **{r['ratio']:.3f}** (every shard is rewritten: kept rows are copied, "
+            "only new images run the model)."]
+
+
 # ---------------------------------------------------------------------------------- scale
 def scale_section(cfg, res: dict) -> list[str]:
     """'GLDv2 scale on paper': what a full run costs here and on a GPU box, from the measured rows."""
@@ -876,6 +1160,16 @@ def scale_section(cfg, res: dict) -> list[str]:
                 n_loc = min(q * cfg.verify.num_to_rerank, bc.gldv2_train)
                 rows.append((f"train locals on demand (<= {n_loc:,} images)", hrs(n_loc * spi),
                              hrs(n_loc * bc.gpu_seconds_per_image)))
+    r6, r7 = res.get(6), res.get(7)
+    if r6:
+        big = r6["cells"][-1]
+        for q in bc.gldv2_test:
+            rows.append((f"verify stage {q:,} test at N={big['n']:,} (row 6: {1000 * big['per_img']:.0f} ms/test image, "
+                         f"R={r6['R']}, synthetic features)", hrs(q * big["per_img"]), "same (CPU)"))
+    if spi and r7:
+        add = math.ceil(bc.gldv2_train / 100)
+        rows.append((f"add 1 % to train ({add:,} new images; row 7: only they run the model)", hrs(add * spi),
+                     hrs(add * bc.gpu_seconds_per_image)))
     if r5:
         rows.append(("read train.csv + labels", f"{r5['total_s']:.1f} s", "same"))
     if rows:
@@ -930,7 +1224,8 @@ def scale_section(cfg, res: dict) -> list[str]:
 
 # ---------------------------------------------------------------------------------- driver
 ROWS = {1: (row_extraction, _md_extraction), 2: (row_matching, _md_matching), 3: (row_knn, _md_knn),
-        4: (row_e2e, _md_e2e), 5: (row_data, _md_data)}
+        4: (row_e2e, _md_e2e), 5: (row_data, _md_data), 6: (row_verify, _md_verify),
+        7: (row_incremental, _md_incremental)}
 
 
 def _summary_line(i: int, r: dict | None, cfg) -> str:
@@ -953,13 +1248,22 @@ def _summary_line(i: int, r: dict | None, cfg) -> str:
             e, a, n = c["exact"], c[r["approx"]], c["numpy"]
             rec = (f" r@{r['k']} {c['recall']:.3f} r@10 {c['recall10']:.3f}" if c.get("recall") is not None
                    else "")
-            parts.append(f"N={c['n']:,}{star}/d{c['d']}: exact {e['search_total_s']:.0f}s, {r['approx']} "
-                         f"{a['build_s'] + a['search_total_s']:.0f}s{rec}, numpy {n['search_total_s']:.0f}s")
+            ratio = (a["build_s"] + a["search_total_s"]) / max(e["build_s"] + e["search_total_s"], 1e-9)
+            parts.append(f"N={c['n']:,}{star}/d{c['d']}{'/real' if c.get('data') == 'real+noise' else ''}: exact "
+                         f"{e['search_total_s']:.0f}s, {r['approx']} {a['build_s'] + a['search_total_s']:.0f}s "
+                         f"({ratio:.2f}x exact){rec}, numpy {n['search_total_s']:.0f}s")
         return "; ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
     if i == 4:
         return "; ".join(f"R={x['R']}: {x['ips']:.1f} test img/s" for x in r["runs"])
     if i == 5:
         return f"{r['rows']:,} rows in {r['total_s']:.2f} s, peak +{_gb(r['mem'])}"
+    if i == 6:
+        a, b = r["cells"][0], r["cells"][-1]
+        return (f"{1000 * a['per_img']:.1f} ms/test image at N={a['n']:,} vs {1000 * b['per_img']:.1f} at "
+                f"N={b['n']:,}: ratio {r['ratio']:.3f} (aim within 10 %)")
+    if i == 7:
+        return (f"add 1 % ({r['add']} img): {r['add_s']:.1f} s, {r['add_calls']} model calls, vs {r['full_s']:.1f} s "
+                f"for all {r['n']}: ratio {r['ratio']:.3f}")
     return ""
 
 

@@ -95,6 +95,7 @@ class KnnConfig:
     chunk_size: int = 4096  # queries per block
     ivf_nlist: int = 0  # 0 = 4*sqrt(N)
     ivf_nprobe: int = 16
+    ivf_train_per_centroid: int = 40  # IVF k-means trains on a sample of this many points per list (0 = all)
     hnsw_m: int = 32
     hnsw_ef_search: int = 256  # at least 2*k is used
     hnsw_ef_construction: int = 80
@@ -188,7 +189,7 @@ class BenchConfig:
     """`make bench`: sizes of each benchmark row (see landmarks.bench); `quick` shrinks them all."""
 
     quick: bool = False  # tiny smoke run (CI): few images, small N, 1 repeat
-    rows: str = "1,2,3,4,5"  # rows to run
+    rows: str = "1,2,3,4,5,6,7"  # rows to run
     repeats: int = 3  # timed runs per measurement (the median is reported)
     extract_images: int = 16  # row 1: images of the data dir's train split
     match_classes: int = 4  # row 2: landmarks sampled for pairs (shared data, else data dir train)
@@ -211,6 +212,11 @@ class BenchConfig:
     gldv2_train: int = 1_580_000
     gldv2_test: tuple = (10_000, 100_000)
     gldv2_megapixels: float = 0.48  # assumed mean input size of a GLDv2 image after max_image_size (800x600)
+    knn_real_images: int = 120  # row 3: shared real photos whose descriptors (+ noise) give realistic data (0 = stored train features, -1 = off)
+    knn_real_noise: float = 1.0  # row 3: noise scale relative to the real descriptors' own spread
+    verify_sizes: tuple = (1_000, 1_580_000)  # row 6: synthetic train ids N (global-only shards)
+    verify_test_images: int = 32  # row 6: test images verified per run
+    incr_images: int = 100  # row 7: images of the extracted set (the data dir's train split) before 1 % is added
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`make features`: sharded, parallel, resumable DELG feature extraction.
 
-The rows of a split's CSV (``data.load_split``) are cut into N contiguous ranges in CSV order;
-each range is one task that writes ``WORK_DIR/features/<split>/shard-i-of-N.h5`` atomically
+The rows of a split's CSV (``data.load_split``) are cut into N id-hash buckets (sha1(id) mod N,
+rows in CSV order, each row's CSV position stored so readers restore CSV order); each bucket is
+one task that writes ``WORK_DIR/features/<split>/shard-i-of-N.h5`` atomically
 (``store.write_shard``).  Tasks run in-process (1 job), on joblib loky workers (J jobs; each
 worker loads the model once and keeps it), or on a Dask cluster (``--scheduler tcp://...``, the
 same task function through ``client.map``).  Inside a task a thread decodes the next images
@@ -10,7 +11,10 @@ while the model runs on the current one.
 Resume: each shard stores a fingerprint of the model directory, the result-affecting extraction
 settings, the shard's ids (with their files' sizes and mtimes) and the local flag.  A rerun skips
 shards whose fingerprint matches; shards from another N, with another fingerprint, unreadable
-(half-deleted) or left as temp files by a killed run are removed and redone.
+(half-deleted) or left as temp files by a killed run are removed and redone.  Incremental: a
+redone shard keeps the rows (and failures) of its old file whose image key (id, size, mtime)
+and base fingerprint are unchanged, so appending or removing 1 % of the rows sends only the
+new images through the model (hloc-style skip by key, within a stable id-hash partition).
 
 Train gets global descriptors only (``extract.train_local`` false), test gets global + local.
 ``ensure_local`` extracts global + local for given ids that lack local features and caches them
@@ -40,6 +44,7 @@ RESULT_FIELDS = ("global_scales", "local_scales", "max_feature_num", "abs_thres"
                  "max_image_pixels", "min_image_size", "local_dtype")
 FORMAT_VERSION = 2
 PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
+WATCH_SECONDS = 0.25  # the dask driver checks which workers are alive this often
 
 _MODELS: dict[tuple[str, str], object] = {}  # per-process model cache: (path, digest) -> DelgModel
 
@@ -57,6 +62,8 @@ class ShardTask:
     threads: int = 0  # TF intra-op threads (0 = TF default)
     prefetch: int = 2
     attrs: dict = field(default_factory=dict)
+    order: list | None = None  # each id's CSV row (id-hash shards; readers sort by it)
+    keys: list | None = None  # each id's file key: rows of the old `out` with the same key are kept
 
 
 def features_dir(work_dir: str | Path, split: str) -> Path:
@@ -74,8 +81,8 @@ def base_fingerprint(cfg, model_dir: str | Path) -> str:
                        json.dumps(result_settings(cfg), sort_keys=True))
 
 
-def _files_digest(ids: Sequence[str], paths: Sequence[str]) -> str:
-    """Ids plus each file's size and mtime: a regenerated image invalidates its shard."""
+def file_keys(ids: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """Id plus its file's size and mtime: a regenerated image gets a new key."""
     parts = []
     for i, p in zip(ids, paths):
         try:
@@ -83,7 +90,20 @@ def _files_digest(ids: Sequence[str], paths: Sequence[str]) -> str:
             parts.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
         except OSError:
             parts.append(f"{i}:-")
-    return text_digest(*parts)
+    return parts
+
+
+def _files_digest(ids: Sequence[str], paths: Sequence[str]) -> str:
+    """Ids plus each file's size and mtime: a regenerated image invalidates its shard."""
+    return text_digest(*file_keys(ids, paths))
+
+
+def id_bucket(ids: Sequence[str], n: int) -> np.ndarray:
+    """Stable shard of each id: sha1(id) mod n (independent of CSV order and of other rows)."""
+    import hashlib
+
+    return np.fromiter((int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") % n for i in ids),
+                       np.int64, len(ids))
 
 
 def _cores() -> int:
@@ -175,7 +195,11 @@ def extract_shard(task: ShardTask) -> dict:
 
     t0 = time.time()
     s = task.settings
-    model = _get_model(task.model_dir, task.threads)
+    kept = _reusable(task)
+    if len(kept) == len(task.ids):
+        model = None  # every row is kept: the model is not even loaded
+    else:
+        model = _get_model(task.model_dir, task.threads)
 
     def load(path):
         return load_image(path, s["max_image_size"], s["max_image_pixels"], s["min_image_size"])
@@ -184,19 +208,21 @@ def extract_shard(task: ShardTask) -> dict:
     globals_: list[np.ndarray] = []
     locals_: list[LocalFeatures] = []
     failures: list[tuple[str, str]] = []
-    n = len(task.ids)
+    run = [k for k, i in enumerate(task.ids) if i not in kept]  # rows that go through the model
+    run_ids, run_paths = [task.ids[k] for k in run], [task.paths[k] for k in run]
+    n = len(run_ids)
     ahead = max(1, int(task.prefetch))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = collections.deque(pool.submit(load, p) for p in task.paths[:ahead])
+        pending = collections.deque(pool.submit(load, p) for p in run_paths[:ahead])
         last = t0
-        for k, image_id in enumerate(task.ids):
+        for k, image_id in enumerate(run_ids):
             if time.time() - last > PROGRESS_SECONDS:  # workers cannot drive the driver's bar
                 last = time.time()
                 print(f"  {Path(task.out).name}: {k}/{n} images, {k / (last - t0):.2f} img/s",
                       file=sys.stderr, flush=True)
             fut = pending.popleft()
             if k + ahead < n:
-                pending.append(pool.submit(load, task.paths[k + ahead]))
+                pending.append(pool.submit(load, run_paths[k + ahead]))
             try:
                 image, scale = fut.result()
                 g, lf = run_model(model, image, s, task.local)
@@ -212,14 +238,88 @@ def extract_shard(task: ShardTask) -> dict:
             globals_.append(g)
             if task.local:
                 locals_.append(_inside_image(lf, image.shape, scale))
+    if kept or task.order is not None or task.keys is not None:  # kept and new rows back into the task's (CSV) order
+        new = {i: ("ok", g, lf) for i, g, lf in zip(ok_ids, globals_, locals_ if task.local else [None] * len(ok_ids))}
+        new.update((i, ("fail", r)) for i, r in failures)
+        new.update(kept)
+        rows = [(k, i, new[i]) for k, i in enumerate(task.ids)]
+        ok = [(k, i, v) for k, i, v in rows if v[0] == "ok"]
+        ok_ids, globals_ = [i for _, i, _ in ok], [v[1] for _, _, v in ok]
+        locals_ = [v[2] for _, _, v in ok] if task.local else []
+        failures = [(i, v[1]) for _, i, v in rows if v[0] == "fail"]
+        ok_rows, fail_rows = [k for k, _, _ in ok], [k for k, _, v in rows if v[0] == "fail"]
     gmat = np.stack(globals_).astype(np.float32) if globals_ else None
     attrs = dict(task.attrs)
-    attrs["n_requested"] = n
+    attrs["n_requested"] = len(task.ids)
     attrs["global_dim"] = int(gmat.shape[1]) if gmat is not None else 0
+    extra = {}
+    if task.order is not None:
+        extra["order"] = [task.order[k] for k in ok_rows]
+    if task.keys is not None:
+        extra["keys"] = [task.keys[k] for k in ok_rows]
+        extra["failure_keys"] = [task.keys[k] for k in fail_rows]
     call_writing(task.out, write_shard, task.out, ok_ids, gmat, locals_ if task.local else None, failures, attrs,
-                 local_dtype=s["local_dtype"])  # a full disk: one line, not a trace through joblib
-    return {"path": task.out, "n": n, "done": len(ok_ids),
-            "failures": dict(collections.Counter(r for _, r in failures)), "seconds": time.time() - t0}
+                 local_dtype=s["local_dtype"], **extra)  # a full disk: one line, not a trace through joblib
+    return {"path": task.out, "n": len(task.ids), "done": len(ok_ids), "extracted": n, "kept": len(kept),
+            "failures": dict(collections.Counter(r for _, r in failures)), "seconds": time.time() - t0,
+            "worker": _worker_name()}
+
+
+def _worker_name() -> str:
+    """The dask worker running this task (for the driver's log), else host:pid."""
+    if "distributed" in sys.modules:  # only a dask worker has it loaded; never import it elsewhere
+        try:
+            from distributed import get_worker
+
+            return get_worker().address
+        except ValueError:
+            pass
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _reusable(task: ShardTask) -> dict:
+    """Rows of the shard file already at `task.out` that this task may keep instead of extracting:
+    same model and result settings (base fingerprint), same local flag, same file key (id, size,
+    mtime).  id -> ("ok", global, local | None) or ("fail", reason)."""
+    if task.keys is None or not os.path.exists(task.out):
+        return {}
+    import h5py
+
+    from landmarks.store import _decode
+
+    want = dict(zip(task.ids, task.keys))
+    out: dict = {}
+    try:
+        with h5py.File(task.out, "r") as f:
+            a = f.attrs
+            if (a.get("base_fingerprint") != task.attrs.get("base_fingerprint") or bool(a.get("has_local")) != task.local
+                    or "keys" not in f or "keys" not in f["failures"]):
+                return {}
+            ids, keys = _decode(f["ids"][:]), _decode(f["keys"][:])
+            rows = [r for r, (i, key) in enumerate(zip(ids, keys)) if want.get(i) == key]
+            if rows:
+                g = f["global"][:] if "global" in f else None
+                if task.local:
+                    from landmarks.store import LocalFeatures
+
+                    lg = f["local"]
+                    offs = lg["offsets"][:]
+                    kp, de, sc, so = (lg[k][:] for k in ("keypoints", "descriptors", "scales", "scores"))
+                for r in rows:
+                    lf = None
+                    if task.local:
+                        a0, b0 = offs[r], offs[r + 1]
+                        lf = LocalFeatures(kp[a0:b0], de[a0:b0].astype(np.float32), sc[a0:b0], so[a0:b0])
+                    out[ids[r]] = ("ok", g[r] if g is not None else None, lf)
+            for i, reason, key in zip(_decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:]),
+                                      _decode(f["failures/keys"][:])):
+                if want.get(i) == key:
+                    out[i] = ("fail", reason)
+    except (OSError, KeyError):  # unreadable: nothing is kept, everything is extracted again
+        return {}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +344,7 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
         if not tasks:
             return results
         if scheduler:
-            from dask.distributed import Client, as_completed
+            from dask.distributed import Client
 
             own = isinstance(scheduler, str)
             try:
@@ -252,9 +352,7 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
             except (OSError, TimeoutError) as e:
                 raise LandmarksError(f"cannot reach dask scheduler {scheduler}: {e}") from None
             try:
-                futures = client.map(extract_shard, tasks, pure=False)
-                for fut in as_completed(futures):
-                    done(fut.result())
+                _run_dask(client, tasks, done)
             finally:
                 if own:
                     client.close()
@@ -270,6 +368,49 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
     finally:
         bar.close()
     return results
+
+
+def _run_dask(client, tasks: list[ShardTask], done) -> None:
+    """client.map the tasks; while waiting, watch the workers: when one leaves (killed, lost), log
+    which shards it was running: the scheduler reruns them on the remaining workers (its
+    allowed-failures bound applies), and since a shard is written atomically a half-run task
+    leaves nothing behind."""
+    from dask.distributed import wait
+
+    futures = client.map(extract_shard, tasks, pure=False)
+    shard_of = {f.key: Path(t.out).name for f, t in zip(futures, tasks)}
+    pending = set(futures)
+
+    def running() -> dict:
+        try:
+            return {w: [shard_of[k] for k in keys if k in shard_of] for w, keys in client.processing().items()}
+        except Exception:  # noqa: BLE001 - the watch must never break the run
+            return {}
+
+    held: dict[str, set] = {w: set(v) for w, v in running().items()}  # shards seen on each worker, not yet done
+    while pending:
+        try:
+            finished, pending = wait(pending, timeout=WATCH_SECONDS, return_when="FIRST_COMPLETED")
+        except TimeoutError:  # nothing finished within the watch period
+            finished = set()
+        for fut in finished:
+            r = fut.result()  # a task that failed on every try raises here
+            log.info("%s done on %s (%d extracted, %d kept)", Path(r["path"]).name, r.get("worker", "?"),
+                     r.get("extracted", r["n"]), r.get("kept", 0))
+            done(r)
+            for v in held.values():
+                v.discard(Path(r["path"]).name)
+        now = running()
+        if not now:  # the scheduler did not answer: keep what we know
+            continue
+        for w in set(held) - set(now):
+            log.warning("dask worker %s left while holding %s; the scheduler retries them on %d remaining "
+                        "worker(s)", w, ", ".join(sorted(held[w])) or "no shard", len(now))
+            del held[w]
+        for w, v in now.items():
+            if w not in held:
+                log.info("dask worker %s joined", w)
+            held.setdefault(w, set()).update(v)
 
 
 def _check_model(model_dir: str | Path) -> Path:
@@ -301,16 +442,31 @@ def _clean_dir(out_dir: Path, keep: set[str], base_fp: str) -> int:
 
 
 def _plan(ids: Sequence[str], paths: Sequence[str], n_shards: int, name_fn, split: str, local: bool,
-          cfg, model_dir: Path, base_fp: str, threads: int, out_dir: Path, kind: str):
-    """Cut rows into contiguous shards; return (all paths, tasks still to run)."""
-    bounds = np.linspace(0, len(ids), n_shards + 1).round().astype(int)
+          cfg, model_dir: Path, base_fp: str, threads: int, out_dir: Path, kind: str, by_hash: bool = False):
+    """Cut rows into shards; return (all paths, tasks still to run).
+
+    Contiguous row ranges, or (`by_hash`) id-hash buckets: an id's shard never depends on the
+    other rows, and a changed shard keeps the rows of its old file whose file key is unchanged,
+    so appending or removing rows only sends the new images through the model."""
     settings = result_settings(cfg)
     all_paths, todo = [], []
+    if by_hash:
+        bucket = id_bucket(ids, n_shards)
+        keys_all = file_keys(ids, paths)
+        members = [np.flatnonzero(bucket == i) for i in range(n_shards)]
+    else:
+        bounds = np.linspace(0, len(ids), n_shards + 1).round().astype(int)
+        members = [np.arange(int(bounds[i]), int(bounds[i + 1])) for i in range(n_shards)]
     for i in range(n_shards):
-        a, b = int(bounds[i]), int(bounds[i + 1])
-        sid, spath = list(ids[a:b]), list(paths[a:b])
+        rows = members[i].tolist()
+        sid, spath = [ids[r] for r in rows], [paths[r] for r in rows]
         out = out_dir / name_fn(i, n_shards)
-        fp = text_digest(base_fp, split, kind, f"{i}/{n_shards}", f"local={int(local)}", _files_digest(sid, spath))
+        if by_hash:
+            skeys = [keys_all[r] for r in rows]
+            content = text_digest("hash", *(f"{r}:{k}" for r, k in zip(rows, skeys)))
+        else:
+            skeys, content = None, _files_digest(sid, spath)
+        fp = text_digest(base_fp, split, kind, f"{i}/{n_shards}", f"local={int(local)}", content)
         all_paths.append(out)
         attrs = read_attrs(out) if out.exists() else None
         if attrs is not None and attrs.get("fingerprint") == fp:
@@ -323,6 +479,7 @@ def _plan(ids: Sequence[str], paths: Sequence[str], n_shards: int, name_fn, spli
             attrs={"fingerprint": fp, "base_fingerprint": base_fp, "split": split, "shard": i,
                    "num_shards": n_shards, "kind": kind, "model": str(model_dir),
                    "settings": json.dumps(settings, sort_keys=True)},
+            order=rows if by_hash else None, keys=skeys,
         ))
     return all_paths, todo
 
@@ -330,12 +487,13 @@ def _plan(ids: Sequence[str], paths: Sequence[str], n_shards: int, name_fn, spli
 def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> str:
     n = sum(r["n"] for r in results)
     done = sum(r["done"] for r in results)
+    kept = sum(r.get("kept", 0) for r in results)
     fails: collections.Counter = collections.Counter()
     for r in results:
         fails.update(r["failures"])
     why = ", ".join(f"{k}: {v}" for k, v in sorted(fails.items())) or "none"
     return (f"features {split}: {done}/{n} images extracted, {sum(fails.values())} failed ({why}), "
-            f"{len(results)} shards run, {skipped} skipped as done, {seconds:.1f} s, "
+            f"{len(results)} shards run ({kept} rows kept from them), {skipped} skipped as done, {seconds:.1f} s, "
             f"{n / max(seconds, 1e-9):.2f} images/s")
 
 
@@ -360,6 +518,18 @@ def _cap_shards(cfg, n_shards: int, n_rows: int) -> int:
                  n_rows, wanted, n_shards, cap)
         return wanted
     return n_shards
+
+
+def _sticky_shards(out_dir: Path, asked: int, capped: int, n_rows: int, cfg) -> int:
+    """When max_shard_images raised the shard count, keep the count already on disk while its
+    shards stay within 1.25 x the cap: adding 1 % of rows must not re-bucket every id."""
+    if capped == asked:
+        return capped
+    counts = {a.get("num_shards") for a in (read_attrs(p) for p in sorted(out_dir.glob(SHARD_GLOB))[:1]) if a}
+    old = int(next(iter(counts))) if counts else 0
+    if old >= asked and n_rows <= 1.25 * int(cfg.extract.max_shard_images) * old:
+        return old
+    return capped
 
 
 def run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | None = None,
@@ -391,16 +561,16 @@ def _run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | 
     if local is None:
         local = True if split == "test" else bool(cfg.extract.train_local)
     df = load_split(Path(data_dir).resolve(), split)
-    n_shards = _cap_shards(cfg, n_shards, len(df))
     out_dir = features_dir(Path(work_dir).resolve(), split)
     out_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = _sticky_shards(out_dir, n_shards, _cap_shards(cfg, n_shards, len(df)), len(df), cfg)
     base_fp = base_fingerprint(cfg, model_dir)
     keep = {shard_name(i, n_shards) for i in range(n_shards)}
     _clean_dir(out_dir, keep, base_fp)
     ids, paths = df["id"].tolist(), df["path"].tolist()
     jobs, scheduler, threads = _resolve_jobs(cfg, jobs, scheduler, n_shards)
     all_paths, todo = _plan(ids, paths, n_shards, shard_name, split, bool(local), cfg, model_dir, base_fp,
-                            threads, out_dir, "shard")
+                            threads, out_dir, "shard", by_hash=True)
     skipped = n_shards - len(todo)
     if not todo:
         log.info("features %s: all %d shards up to date in %s", split, n_shards, out_dir)

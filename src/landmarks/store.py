@@ -3,6 +3,8 @@
 One shard file per extraction task, written atomically (temp name, then rename):
 
     ids                     str  [n]        image ids with features, in shard order
+    order                   i64  [n]        each id's row in the split's CSV (id-hash shards)
+    keys                    str  [n]        id:size:mtime of each image file (reuse by key)
     global                  f32  [n, D]     L2-normalised global descriptors
     local/offsets           i64  [n + 1]    row range of image i in the arrays below
     local/keypoints         f32  [m, 2]     (x, y) box centres in original-image pixels
@@ -10,10 +12,12 @@ One shard file per extraction task, written atomically (temp name, then rename):
     local/scales            f32  [m]        image scale each feature came from
     local/scores            f32  [m]        attention (keypoint) score
     failures/ids, failures/reasons  str     images that produced no features, and why
+    failures/keys           str             their file keys (id-hash shards)
     attrs: fingerprint, split, shard, num_shards, has_local, n_requested, ...
 
 Train-side local features fetched on demand are cached in the same format as
-``local-cache-*.h5`` next to the shards.
+``local-cache-*.h5`` next to the shards.  ``store-index.npz`` beside them persists the
+id -> (file, row) index, keyed by the files' names, sizes and mtimes (``load_index``).
 """
 from __future__ import annotations
 
@@ -59,8 +63,14 @@ def write_shard(
     failures: Sequence[tuple[str, str]] = (),
     attrs: dict | None = None,
     local_dtype: str = "float16",
+    order: Sequence[int] | None = None,
+    keys: Sequence[str] | None = None,
+    failure_keys: Sequence[str] | None = None,
 ) -> Path:
-    """Write one shard atomically. `local` is None for global-only shards."""
+    """Write one shard atomically. `local` is None for global-only shards.
+
+    `order`: each id's row in the split's CSV (readers sort by it); `keys`/`failure_keys`: each
+    id's file key (id, size, mtime) so a later run can keep the row instead of extracting again."""
     import h5py
 
     path = Path(path)
@@ -73,6 +83,10 @@ def write_shard(
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=str_dt)
+            if order is not None:
+                f.create_dataset("order", data=np.asarray(order, np.int64).reshape(n))
+            if keys is not None:
+                f.create_dataset("keys", data=np.array(list(keys), dtype=object), dtype=str_dt)
             if global_desc is not None:
                 f.create_dataset("global", data=np.asarray(global_desc, np.float32))
             if local is not None:
@@ -93,6 +107,8 @@ def write_shard(
             fg = f.create_group("failures")
             fg.create_dataset("ids", data=np.array([a for a, _ in failures], dtype=object), dtype=str_dt)
             fg.create_dataset("reasons", data=np.array([b for _, b in failures], dtype=object), dtype=str_dt)
+            if failure_keys is not None:
+                fg.create_dataset("keys", data=np.array(list(failure_keys), dtype=object), dtype=str_dt)
             f.attrs["has_local"] = local is not None
             f.attrs["has_global"] = global_desc is not None
             for k, v in (attrs or {}).items():
@@ -115,39 +131,173 @@ def _decode(arr) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in arr]
 
 
-class FeatureStore:
-    """Read access to all shards of one split directory (e.g. WORK_DIR/features/train)."""
+INDEX_NAME = "store-index.npz"
+INDEX_VERSION = 1
 
-    def __init__(self, directory: str | Path):
+
+def files_digest(files: Sequence[Path]) -> str:
+    """Names, sizes and mtimes of the shard files: an atomic rewrite of any shard changes it."""
+    import hashlib
+
+    h = hashlib.sha1(f"index-v{INDEX_VERSION}\n".encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _store_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob(SHARD_GLOB)) + sorted(directory.glob(CACHE_GLOB))
+
+
+@dataclass
+class StoreIndex:
+    """id -> (file, row) of one split directory, built by one scan of the shards' ids.
+
+    Global rows are in stored order: the CSV position (``order`` dataset) when every shard has one,
+    else shard order.  Ids are kept as numpy byte arrays; dicts are built lazily, so a worker that
+    only reads local features never pays for the 1.58 M global ids.
+    """
+
+    digest: str
+    files: list  # file names, in index order
+    g_ids: np.ndarray  # S  [n]
+    g_loc: np.ndarray  # i64 [n, 2] (file, row)
+    l_ids: np.ndarray  # S  [m]
+    l_loc: np.ndarray  # i64 [m, 2]
+    f_ids: np.ndarray  # S  [k] failures without a global row
+    f_reasons: np.ndarray  # S [k]
+    local_only: bool = False  # loaded without the global ids and failures
+
+    @staticmethod
+    def build(directory: Path, files: Sequence[Path], digest: str) -> "StoreIndex":
+        import h5py
+
+        g_ids, g_loc, g_ord, l_ids, l_loc, fails = [], [], [], [], [], {}
+        seen_g, seen_l = set(), set()
+        have_order = True
+        for fi, p in enumerate(files):
+            with h5py.File(p, "r") as f:
+                raw = f["ids"][:]
+                ids = _decode(raw)
+                is_cache = p.name.startswith("local-cache")
+                order = f["order"][:] if ("order" in f and not is_cache) else None
+                if "global" in f:
+                    for row, i in enumerate(ids):
+                        if i not in seen_g:
+                            seen_g.add(i)
+                            g_ids.append(i)
+                            g_loc.append((fi, row))
+                            if order is not None:
+                                g_ord.append(int(order[row]))
+                            elif not is_cache:
+                                have_order = False
+                            else:
+                                g_ord.append(np.iinfo(np.int64).max)  # cache-only ids go last
+                if "local" in f:
+                    for row, i in enumerate(ids):
+                        if i not in seen_l:
+                            seen_l.add(i)
+                            l_ids.append(i)
+                            l_loc.append((fi, row))
+                for i, r in zip(_decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:])):
+                    fails.setdefault(i, r)
+        g_loc_a = np.asarray(g_loc, np.int64).reshape(-1, 2)
+        g_ids_a = _encode(g_ids)
+        if have_order and g_ord:
+            perm = np.argsort(np.asarray(g_ord, np.int64), kind="stable")
+            g_ids_a, g_loc_a = g_ids_a[perm], g_loc_a[perm]
+        fails = {i: r for i, r in fails.items() if i not in seen_g}
+        return StoreIndex(digest, [p.name for p in files], g_ids_a, g_loc_a, _encode(l_ids),
+                          np.asarray(l_loc, np.int64).reshape(-1, 2), _encode(list(fails)),
+                          _encode(list(fails.values())))
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, digest=np.array(self.digest), files=np.array(self.files, dtype=str),
+                         g_ids=self.g_ids, g_loc=self.g_loc, l_ids=self.l_ids, l_loc=self.l_loc,
+                         f_ids=self.f_ids, f_reasons=self.f_reasons)
+
+    @staticmethod
+    def load(path: Path, digest: str, local_only: bool = False) -> "StoreIndex | None":
+        """The persisted index when it matches `digest`, else None.  `local_only`: skip the global
+        ids and failures (1.58 M entries) for readers that only want local features."""
+        try:
+            with np.load(path, allow_pickle=False) as z:  # an npz reads only the members asked for
+                if str(z["digest"]) != digest:
+                    return None
+                if local_only:
+                    none, loc = np.zeros((0,), "S1"), np.zeros((0, 2), np.int64)
+                    g_ids, g_loc, f_ids, f_reasons = none, loc, none, none
+                else:
+                    g_ids, g_loc, f_ids, f_reasons = z["g_ids"], z["g_loc"], z["f_ids"], z["f_reasons"]
+                return StoreIndex(digest, [str(x) for x in z["files"]], g_ids, g_loc, z["l_ids"], z["l_loc"],
+                                  f_ids, f_reasons, local_only)
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def _encode(ids: Sequence[str]) -> np.ndarray:
+    return np.array([i.encode() for i in ids], dtype="S") if len(ids) else np.zeros((0,), "S1")
+
+
+def load_index(directory: str | Path, persist: bool = True, local_only: bool = False) -> StoreIndex:
+    """The split directory's id index: read from ``store-index.npz`` when its digest matches the
+    shards' names, sizes and mtimes, else built by one scan and saved there (atomically).
+    `local_only`: a persisted index is read without its global part (see ``StoreIndex.load``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LandmarksError(f"no features in {directory}: run `make features` first")
+    files = _store_files(directory)
+    digest = files_digest(files)
+    path = directory / INDEX_NAME
+    idx = StoreIndex.load(path, digest, local_only)
+    if idx is None:
+        idx = StoreIndex.build(directory, files, digest)
+        if persist:
+            try:
+                idx.save(path)
+            except OSError:  # a read-only feature directory still works, it just rebuilds
+                pass
+    return idx
+
+
+class FeatureStore:
+    """Read access to all shards of one split directory (e.g. WORK_DIR/features/train).
+
+    `index`: a StoreIndex already built for this directory (verification builds it once per
+    stage and hands it to its workers); default: ``load_index`` (persisted, rebuilt when stale).
+    """
+
+    def __init__(self, directory: str | Path, index: StoreIndex | None = None):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise LandmarksError(f"no features in {self.directory}: run `make features` first")
-        self.reload()
+        self._handles: dict[int, object] = {}
+        self._use(index if index is not None else load_index(self.directory))
 
     def reload(self) -> None:
-        import h5py
+        self.close()
+        self._use(load_index(self.directory))
 
-        self.files = sorted(self.directory.glob(SHARD_GLOB)) + sorted(self.directory.glob(CACHE_GLOB))
-        self._global_rows: dict[str, tuple[int, int]] = {}
-        self._local_rows: dict[str, tuple[int, int]] = {}
-        self._failures: dict[str, str] = {}
-        self._order: list[str] = []
-        self._handles: dict[int, object] = {}
-        for fi, p in enumerate(self.files):
-            with h5py.File(p, "r") as f:
-                ids = _decode(f["ids"][:])
-                has_global = "global" in f
-                for row, i in enumerate(ids):
-                    if has_global and i not in self._global_rows:
-                        self._global_rows[i] = (fi, row)
-                        self._order.append(i)
-                    if "local" in f and i not in self._local_rows:
-                        self._local_rows[i] = (fi, row)
-                for i, r in zip(_decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:])):
-                    if i not in self._global_rows:
-                        self._failures.setdefault(i, r)
-        for i in self._global_rows:
-            self._failures.pop(i, None)
+    def _use(self, index: StoreIndex) -> None:
+        self.index = index
+        self.files = [self.directory / n for n in index.files]
+        self._local_rows: dict[str, tuple[int, int]] = {
+            i.decode(): (int(a), int(b)) for i, (a, b) in zip(index.l_ids.tolist(), index.l_loc.tolist())}
+        self._order_cache: list[str] | None = None
+
+    def _full(self) -> None:
+        if self.index.local_only:
+            raise LandmarksError(f"{self.directory}: store opened for local features only")
+
+    @property
+    def _order(self) -> list[str]:
+        self._full()
+        if self._order_cache is None:
+            self._order_cache = [i.decode() for i in self.index.g_ids.tolist()]
+        return self._order_cache
 
     # -- global -----------------------------------------------------------------------
     @property
@@ -157,13 +307,15 @@ class FeatureStore:
 
     def failures(self) -> dict[str, str]:
         """id -> reason for images that produced no features."""
-        return dict(self._failures)
+        self._full()
+        return {i.decode(): r.decode() for i, r in zip(self.index.f_ids.tolist(), self.index.f_reasons.tolist())}
 
     def global_matrix(self, dtype=np.float32) -> tuple[list[str], np.ndarray]:
-        """All global descriptors as one [n, D] array (shard order) with their ids."""
+        """All global descriptors of the shards as one [n, D] array with their ids, in CSV order
+        (the shards' ``order`` rows; shard order for shards written without one)."""
         import h5py
 
-        ids, blocks = [], []
+        ids, blocks, orders = [], [], []
         for p in self.files:
             if p.name.startswith("local-cache"):
                 continue
@@ -172,9 +324,15 @@ class FeatureStore:
                     continue
                 ids.extend(_decode(f["ids"][:]))
                 blocks.append(f["global"][:].astype(dtype, copy=False))
+                orders.append(f["order"][:] if "order" in f else None)
         if not blocks:
             return [], np.zeros((0, 0), dtype)
-        return ids, np.concatenate(blocks)
+        mat = np.concatenate(blocks)
+        if all(o is not None for o in orders):
+            perm = np.argsort(np.concatenate(orders).astype(np.int64), kind="stable")
+            if np.any(perm != np.arange(len(perm))):
+                ids, mat = [ids[k] for k in perm], mat[perm]
+        return ids, mat
 
     # -- local ------------------------------------------------------------------------
     def has_local(self, image_id: str) -> bool:

@@ -11,6 +11,7 @@ Determinism: matches are put in a canonical order and pydegensac gets a fixed se
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,24 +133,50 @@ def _pca_local(lf, w):
     return LocalFeatures(lf.keypoints, apply_local(w, lf.descriptors), lf.scales, lf.scores)
 
 
-def _verify_batch(cfg_verify, test_dir: str, train_dir: str, test_ids: list[str], cand_ids: list[list[str]],
-                  w_local: dict | None) -> np.ndarray:
-    """One joblib task: read the batch's local features once, verify each test image."""
-    from landmarks.store import FeatureStore
+_STORES: dict[str, tuple[str, object]] = {}  # per process: directory -> (index digest, FeatureStore)
 
-    test_store, train_store = FeatureStore(test_dir), FeatureStore(train_dir)
-    try:
-        q_local = test_store.local(test_ids)
-        t_local = train_store.local(sorted({c for row in cand_ids for c in row}))
-        out = np.zeros((len(test_ids), max((len(r) for r in cand_ids), default=0)), np.int32)
-        for r, (tid, row) in enumerate(zip(test_ids, cand_ids)):
-            q = _pca_local(q_local.get(tid), w_local)
-            cands = [_pca_local(t_local.get(c), w_local) for c in row]
-            out[r, :len(row)] = verify_image(cfg_verify, q, cands)
-        return out
-    finally:
-        test_store.close()
-        train_store.close()
+
+def _store(directory: str, digest: str):
+    """The FeatureStore of `directory` whose index has `digest`, opened once per process: the
+    driver builds the index once per stage and persists it; a worker loads that file on its first
+    batch and keeps the store (and its open shard handles) for the next ones."""
+    from landmarks.store import INDEX_NAME, FeatureStore, StoreIndex, load_index
+
+    have = _STORES.get(directory)
+    if have is not None and have[0] == digest:
+        return have[1]
+    if have is not None:
+        have[1].close()
+    index = StoreIndex.load(Path(directory) / INDEX_NAME, digest, local_only=True) or load_index(directory)
+    store = FeatureStore(directory, index=index)
+    _STORES[directory] = (digest, store)
+    return store
+
+
+def _release_stores() -> None:
+    for _, store in _STORES.values():
+        store.close()
+    _STORES.clear()
+
+
+def _verify_batch(cfg_verify, test_dir: str, train_dir: str, test_ids: list[str], cand_ids: list[list[str]],
+                  w_local: dict | None, digests: tuple[str, str] | None = None) -> np.ndarray:
+    """One joblib task: read the batch's local features once, verify each test image.
+
+    `digests`: the (test, train) index digests of this stage; None = look the stores up afresh."""
+    from landmarks.store import load_index
+
+    if digests is None:
+        digests = (load_index(test_dir).digest, load_index(train_dir).digest)
+    test_store, train_store = _store(str(test_dir), digests[0]), _store(str(train_dir), digests[1])
+    q_local = test_store.local(test_ids)
+    t_local = train_store.local(sorted({c for row in cand_ids for c in row}))
+    out = np.zeros((len(test_ids), max((len(r) for r in cand_ids), default=0)), np.int32)
+    for r, (tid, row) in enumerate(zip(test_ids, cand_ids)):
+        q = _pca_local(q_local.get(tid), w_local)
+        cands = [_pca_local(t_local.get(c), w_local) for c in row]
+        out[r, :len(row)] = verify_image(cfg_verify, q, cands)
+    return out
 
 
 def verify_fingerprint(cfg, knn_fp: str) -> str:
@@ -157,8 +184,11 @@ def verify_fingerprint(cfg, knn_fp: str) -> str:
 
 
 def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None,
-               knn_path: str | Path | None = None) -> Path:
+               knn_path: str | Path | None = None, timing: dict | None = None) -> Path:
     """Verify the top num_to_rerank candidates of knn.npz; write WORK_DIR/verified.npz.
+
+    `timing` (optional dict) receives setup_s (knn.npz + id indexes, once per stage) and
+    batches_s (the verification batches) for the benchmark.
 
     verified.npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), fingerprint.
     Train local features missing from the store are extracted on demand (extract.ensure_local).
@@ -167,8 +197,9 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
     from tqdm import tqdm
 
     from landmarks.knn import load_npz
-    from landmarks.store import FeatureStore
+    from landmarks.store import FeatureStore, load_index
 
+    t_start = time.perf_counter()
     work_dir = Path(work_dir)
     out = Path(out) if out else work_dir / "verified.npz"
     knn = load_npz(Path(knn_path) if knn_path else work_dir / "knn.npz")
@@ -185,21 +216,26 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
     if vc.geometry not in MODELS:
         raise LandmarksError(f"verify.geometry must be one of {', '.join(MODELS)} (got {vc.geometry!r})")
     test_ids = [str(x) for x in knn["test_ids"]]
-    train_ids = np.asarray(knn["train_ids"]).astype(str)
+    train_ids = knn["train_ids"]  # 1.58 M ids: only the shortlisted ones are turned into str below
     R = min(int(vc.num_to_rerank), knn["idx"].shape[1])
     cand = [[str(train_ids[j]) for j in row if j >= 0] for row in knn["idx"][:, :R]]
     test_dir, train_dir = work_dir / "features" / "test", work_dir / "features" / "train"
 
-    for split, directory, wanted in (("train", train_dir, sorted({c for row in cand for c in row})),
-                                     ("test", test_dir, test_ids)):
-        store = FeatureStore(directory)
+    digests = []
+    for split, directory, wanted in (("test", test_dir, test_ids),
+                                     ("train", train_dir, sorted({c for row in cand for c in row}))):
+        # the stage's one index build, or the load of the persisted one (its local part is all we need)
+        store = FeatureStore(directory, index=load_index(directory, local_only=True))
         missing = [i for i in wanted if not store.has_local(i)]
-        store.close()
         if missing:
+            store.close()
             log.info("verify: %d %s images lack local features; extracting them", len(missing), split)
             from landmarks import extract
 
-            extract.ensure_local(cfg, data_dir, work_dir, model_dir, split, missing)
+            store = extract.ensure_local(cfg, data_dir, work_dir, model_dir, split, missing)
+        _STORES[str(directory)] = (store.index.digest, store)  # the in-process batches use it as is
+        digests.append(store.index.digest)
+    digests = tuple(digests)
 
     w_local = None
     if cfg.whiten.local_pca:
@@ -207,18 +243,25 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
 
         w_local = whiten.ensure_whiten(cfg, work_dir)
 
+    t_batches = time.perf_counter()
     batches = [list(range(a, min(a + BATCH_IMAGES, len(test_ids)))) for a in range(0, len(test_ids), BATCH_IMAGES)]
     tasks = (delayed(_verify_batch)(vc, str(test_dir), str(train_dir), [test_ids[r] for r in b],
-                                    [cand[r] for r in b], w_local) for b in batches)
+                                    [cand[r] for r in b], w_local, digests) for b in batches)
     jobs = max(1, int(vc.jobs))
     inliers = np.zeros((len(test_ids), R), np.int32)
     results = Parallel(n_jobs=jobs, return_as="generator")(tasks) if jobs > 1 else (
-        _verify_batch(vc, str(test_dir), str(train_dir), [test_ids[r] for r in b], [cand[r] for r in b], w_local)
+        _verify_batch(vc, str(test_dir), str(train_dir), [test_ids[r] for r in b], [cand[r] for r in b], w_local,
+                      digests)
         for b in batches)
-    with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img") as bar:
-        for b, res in zip(batches, results):
-            inliers[b, :res.shape[1]] = res
-            bar.update(len(b))
+    try:
+        with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img") as bar:
+            for b, res in zip(batches, results):
+                inliers[b, :res.shape[1]] = res
+                bar.update(len(b))
+    finally:
+        _release_stores()
+    if timing is not None:
+        timing.update(setup_s=t_batches - t_start, batches_s=time.perf_counter() - t_batches)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, test_ids=np.array(test_ids, dtype=str), inliers=inliers, fingerprint=np.array(fp))
