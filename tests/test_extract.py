@@ -251,6 +251,7 @@ def test_real_photos_from_shared_data(tmp_path, fake_model):
         p.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(SHARED / "paris6k_subset" / rel, p)
     pd.DataFrame({"id": ids, "landmarks": ""}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": ids[:1], "landmark_id": [0]}).to_csv(root / "train.csv", index=False)  # inputs are checked together
     cfg = _cfg(max_image_size=256)
     run_features(cfg, root, tmp_path / "w", fake_model, "test", shards=1, jobs=1)
     store = FeatureStore(features_dir(tmp_path / "w", "test"))
