@@ -134,9 +134,9 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
     _write_set(root, "dis", 1, 5, 2, labelled=False)
     cfg = _hard_cfg(root)
     work = tmp_path / "work"
-    report = hard.run_validate_hard(cfg, work, fake_model, variants=["global only", "rerank R=20"])
+    report = hard.run_validate_hard(cfg, work, fake_model, variants=["global only", "rerank R=50"])
     text = report.read_text()
-    for needle in ("| current config (default) |", "| global only |", "| rerank R=20 |", "| K=1 seed=1 |",
+    for needle in ("| current config (default) |", "| global only |", "| rerank R=50 |", "| K=1 seed=1 |",
                    "| K=2 seed=0 |", "Shortlist recall@R", "Inlier separation"):
         assert needle in text
     res = json.loads((work / "hard" / "results.json").read_text())

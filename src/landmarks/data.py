@@ -206,9 +206,10 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
 def check_inputs(data_dir: str | Path, skip: str | None = None) -> None:
     """Read and check every input CSV of a dataset (train, test, solution when present) before an
     expensive stage starts, so a broken file stops the run at once with a one-line error.
-    `skip`: a split the caller reads itself anyway."""
+    `skip`: a split the caller reads itself anyway.  A file that is absent is left to the stage
+    that needs it (extracting train features needs no sample_submission.csv)."""
     for split in SPLITS:
-        if split != skip:
+        if split != skip and (Path(data_dir) / SPLITS[split]).exists():
             load_split(data_dir, split)
     load_solution(data_dir)
 
