@@ -23,6 +23,7 @@ STAGE_MODULES = [
     "metrics",
     "export",
     "train",
+    "adapt",
     "extract",
     "predict",
     "validate",
