@@ -148,6 +148,10 @@ def test_adapt_resumes_exactly_and_exports(tmp_path):
     mtime = (out / "saved_model.pb").stat().st_mtime
     assert adapt(_cfg(), data, work, out) == out  # up to date: nothing retrained or re-exported
     assert (out / "saved_model.pb").stat().st_mtime == mtime
+    # another exported score is a re-export of the same head, not a new adaptation
+    assert adapt(_cfg(extra=["adapt.score=norm"]), data, work, out) == out
+    assert json.loads((out / "landmarks_model.json").read_text())["keypoint_score"] == "norm"
+    assert json.loads((work / "adapt" / "state.json").read_text())["resumed_from"] == [2]
     with pytest.raises(LandmarksError, match="--restart"):  # other settings never reuse the checkpoint
         adapt(_cfg(steps=6), data, work, out)
 

@@ -9,7 +9,7 @@ the same local block is trained without labels, from pairs of views of each trai
   then both views get photometric changes (brightness, contrast, gamma, blur, JPEG) and B a
   random occluding rectangle.  The homography is known, so every cell of A's feature map has an
   exact position on B's map (:func:`cell_targets`).
-- **Descriptor** (DELG's autoencoder place): ``desc = x @ W0 + MLP(x)`` to ``model.local_dim``
+- **Descriptor** (DELG's autoencoder place): ``desc = x @ W0 + MLP(x)`` (``adapt.context``: the MLP sees 1x1 or 3x3 cells) to ``model.local_dim``
   (128) with ``W0`` initialised to the zero-padding identity of the default model and the MLP's
   last layer to zero, so training starts exactly from today's descriptors.  Loss: InfoNCE of each
   visible A cell against its true B position (bilinear sample of B's map) as the positive and
@@ -44,6 +44,9 @@ from landmarks.utils import LandmarksError, atomic_path, text_digest
 log = logging.getLogger("landmarks.adapt")
 
 SCORES = ("reliability", "norm", "norm_x_reliability")
+# adapt settings that do not change the learned head (export choice, the check, checkpoint period)
+NOT_TRAINING = ("score", "checkpoint_every", "eval_images", "eval_warps", "eval_crop", "eval_features",
+                "eval_tolerance", "eval_data")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -201,18 +204,22 @@ def make_batch(images: list[np.ndarray], step: int, ac, rf, grid) -> dict[str, n
 
 # ------------------------------------------------------------------------------------ model
 
-def build_head(channels: int, local_dim: int, hidden: int):
-    """Keras model: local block [b, h, w, C] -> (descriptor [b, h, w, local_dim], reliability logit [b, h, w, 1])."""
+def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
+    """Keras model: local block [b, h, w, C] -> (descriptor [b, h, w, local_dim], reliability logit [b, h, w, 1]).
+
+    descriptor = x @ eye(C, local_dim) + b + MLP(x); the MLP's first layer sees `context` x `context`
+    cells (1 = the cell alone), its last layer starts at zero, so step 0 reproduces the default model.
+    """
     import keras
 
     L = keras.layers
     inp = keras.Input((None, None, channels), name="local_block")
     base = L.Dense(local_dim, use_bias=True, kernel_initializer=keras.initializers.Identity(),
                    name="adapt_linear")(inp)  # Identity of a C x D kernel = eye(C, D): the block10 padding
-    hid = L.Dense(hidden, activation="relu", name="adapt_hidden")(inp)
+    hid = L.Conv2D(hidden, context, padding="same", activation="relu", name="adapt_hidden")(inp)
     res = L.Dense(local_dim, kernel_initializer="zeros", name="adapt_residual")(hid)
     desc = L.Add(name="adapt_descriptor")([base, res])
-    r = L.Dense(64, activation="relu", name="adapt_rel_hidden")(inp)
+    r = L.Conv2D(64, context, padding="same", activation="relu", name="adapt_rel_hidden")(inp)
     rel = L.Dense(1, name="adapt_reliability")(r)
     return keras.Model(inp, [desc, rel], name="adapt_head")
 
@@ -284,6 +291,15 @@ def _check(ac) -> None:
         raise LandmarksError("adapt.scale_min <= adapt.scale_max must be > 0 and adapt.temperature > 0")
 
 
+def train_fingerprint(cfg, data_fp: str) -> str:
+    """What the learned head depends on: model + adapt settings except export/check-only keys + the images."""
+    import hashlib
+
+    d = cfg.to_dict()
+    ad = {k: v for k, v in d["adapt"].items() if k not in NOT_TRAINING}
+    return text_digest(hashlib.sha1(json.dumps([d["model"], ad], sort_keys=True).encode()).hexdigest(), data_fp)
+
+
 def data_fingerprint(ids: list[str]) -> str:
     """Fingerprint of the train images an adaptation used (sorted ids + count)."""
     return text_digest(str(len(ids)), ",".join(sorted(map(str, ids))))
@@ -314,7 +330,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         df = df.sample(n=ac.max_images, random_state=ac.seed).sort_index()
     ids = df["id"].astype(str).tolist()
     data_fp = data_fingerprint(ids)
-    fp = text_digest(cfg.section_hash("model", "adapt"), data_fp)
+    fp = train_fingerprint(cfg, data_fp)
     adapt_dir = Path(work_dir) / "adapt"
     adapt_dir.mkdir(parents=True, exist_ok=True)
     ck = _Checkpointer(adapt_dir, fp)
@@ -325,7 +341,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     meta_path = Path(out_dir) / "landmarks_model.json"
     if not restart and meta_path.exists() and (Path(out_dir) / "saved_model.pb").exists():
         old = json.loads(meta_path.read_text())
-        if old.get("fingerprint") == fp and old.get("steps") == ac.steps:
+        if old.get("fingerprint") == fp and old.get("steps") == ac.steps and old.get("keypoint_score") == ac.score:
             log.info("%s is up to date (adapted %d steps on %d images)", out_dir, ac.steps, len(ids))
             return Path(out_dir)
 
@@ -339,7 +355,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         raise LandmarksError(f"adapt keeps the local block's {channels} channels inside the {mc.local_dim}-d "
                              "descriptor; raise model.local_dim")
     grid = tuple(int(d) for d in local_model(tf.zeros([1, ac.crop_size, ac.crop_size, 3])).shape[1:3])
-    head = build_head(channels, mc.local_dim, ac.hidden)
+    head = build_head(channels, mc.local_dim, ac.hidden, ac.context)
     optimizer = keras.optimizers.Adam(ac.learning_rate)
     optimizer.build(head.trainable_variables)
 
@@ -360,7 +376,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     w_rel = float(ac.reliability_weight)
 
     def sample(f, u):
-        """Bilinear sample of f [b, rows, cols, C] at u [b, n, 2] (x, y) grid coordinates."""
+        """Bilinear sample of f [b, rows, cols, D] at u [b, n, 2] (x, y) grid coordinates -> [b, n, D]."""
         x, y = u[..., 0], u[..., 1]
         x0 = tf.clip_by_value(tf.floor(x), 0.0, cols - 1.0)
         y0 = tf.clip_by_value(tf.floor(y), 0.0, rows - 1.0)
@@ -377,15 +393,13 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     def train_step(xa, xb, u, valid):
         fa = tf.cast(local_model(normalize_pixels(xa, mode), training=False), tf.float32)
         fb = tf.cast(local_model(normalize_pixels(xb, mode), training=False), tf.float32)
-        pos_in = sample(fb, u)[:, :, None, :]  # [b, n, 1, C]
         with tf.GradientTape() as tape:
             da, ra = head(fa)
             db, _ = head(fb)
-            dp, _ = head(pos_in)
+            dp = tf.math.l2_normalize(sample(db, u), -1)  # B's descriptor at A's exact position
             b = tf.shape(da)[0]
             da = tf.math.l2_normalize(tf.reshape(da, [b, rows * cols, -1]), -1)
             db = tf.math.l2_normalize(tf.reshape(db, [b, rows * cols, -1]), -1)
-            dp = tf.math.l2_normalize(dp[:, :, 0, :], -1)
             sim = tf.einsum("bnd,bmd->bnm", da, db)
             pos = tf.reduce_sum(da * dp, -1)
             d2 = tf.reduce_sum(tf.square(u[:, :, None, :] - gxy[None, None]), -1)  # [b, n, m]
