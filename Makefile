@@ -27,12 +27,12 @@ INSTALLED := $(VENV)/.installed
 DATA_DEPS  := $(if $(filter $(DEMO_DIR),$(DATA_DIR)),$(DEMO_DIR)/.complete)
 MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_model.pb)
 
-.PHONY: help install demo-data model train adapt features predict validate holdout import bench notebooks docs test clean
+.PHONY: help install demo-data model train adapt features predict validate validate-hard holdout import import-hard bench notebooks docs test clean
 
 help:
 	@echo "make predict   - demo data + default model + features + kNN + verification -> $(SUBMISSION)"
 	@echo "make test      - install and run the test suite"
-	@echo "other targets: install demo-data model train adapt features validate holdout import bench notebooks docs clean"
+	@echo "other targets: install demo-data model train adapt features validate validate-hard holdout import import-hard bench notebooks docs clean"
 
 install: $(INSTALLED)
 $(INSTALLED): requirements.txt pyproject.toml
@@ -73,9 +73,27 @@ holdout: $(INSTALLED) $(DATA_DEPS)
 # Import the shared real photo sets (Paris + multiview scenes as landmarks, products as distractors).
 SHARED_DATA ?= ../shared/data
 IMPORT_DIR  ?= data/shared
+CONFIG_ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 import: $(INSTALLED)
 	$(LM) import $(SHARED_DATA)/paris6k_subset/LABELS.csv $(SHARED_DATA)/multiview_scenes/LABELS.csv \
-	    --distractors $(SHARED_DATA)/distractors_products/LABELS.csv --out $(IMPORT_DIR)
+	    --distractors $(SHARED_DATA)/distractors_products/LABELS.csv --out $(IMPORT_DIR) $(CONFIG_ARGS)
+
+# One split of the hard protocol as a Kaggle-layout dataset (wide-baseline scenes K-shot, Paris and
+# multiview scenes as extra train classes, 100 product photos as non-landmarks).
+K    ?= 1
+SEED ?= 0
+HARD_DIR ?= data/hard-k$(K)-s$(SEED)
+import-hard: $(INSTALLED)
+	$(LM) import $(SHARED_DATA)/wide_baseline_scenes/LABELS.csv \
+	    --extra-train $(SHARED_DATA)/paris6k_subset/LABELS.csv $(SHARED_DATA)/multiview_scenes/LABELS.csv \
+	    --distractors $(SHARED_DATA)/distractors_products/LABELS.csv --distractor-sample 100 \
+	    --train-per-class $(K) --seed $(SEED) --heldout-class-fraction 0.2 --out $(HARD_DIR) $(CONFIG_ARGS)
+
+# The hard protocol: K-shot splits (K = 1, 2; 5 seeds each) of the wide-baseline scenes, every
+# named setting scored on every split -> WORK_DIR/hard/report.md.  VARIANT="name;name" limits the rows.
+validate-hard: $(INSTALLED) $(MODEL_DEPS)
+	$(LM) validate-hard --work-dir $(WORK_DIR) --model $(MODEL) --set hard.shared_data=$(SHARED_DATA) $(CONFIG_ARGS) \
+	    $(if $(VARIANT),--variant "$(VARIANT)")
 
 bench: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(LM) bench $(COMMON)

@@ -8,10 +8,10 @@ from landmarks.config import Config, ConfigError, dump_config, load_config
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["knn.k=7", "verify.enabled=false", "extract.image_scales=0.5,1.0", "vote.power=2"])
+    cfg = load_config(None, ["knn.k=7", "verify.enabled=false", "extract.global_scales=0.5,1.0", "vote.power=2"])
     assert cfg.knn.k == 7 and isinstance(cfg.knn.k, int)
     assert cfg.verify.enabled is False
-    assert cfg.extract.image_scales == (0.5, 1.0)
+    assert cfg.extract.global_scales == (0.5, 1.0)
     assert cfg.vote.power == 2.0
 
 
@@ -32,7 +32,7 @@ def test_bad_overrides_name_the_key(bad):
 
 
 def test_dump_roundtrip(tmp_path):
-    cfg = load_config(None, ["knn.k=5", "extract.image_scales=1.0"])
+    cfg = load_config(None, ["knn.k=5", "extract.global_scales=1.0"])
     p = tmp_path / "dump.yaml"
     p.write_text(dump_config(cfg))
     again = load_config(p)

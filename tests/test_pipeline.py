@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     lm("demo-data", "--out", data, *small)
     lm("model", "build", "--out", model)
     common = ["--data-dir", data, "--work-dir", work, "--model", model, "--submission", sub,
-              "--set", "extract.image_scales=0.7071,1.0", "--set", "extract.global_scales_ind=0,1",
+              "--set", "extract.global_scales=0.7071,1.0", "--set", "extract.local_scales=0.7071,1.0",
               "--set", "extract.max_feature_num=300"]
     for split in ("train", "test"):
         lm("features", *common, "--split", split, "--shards", 2, "--jobs", 1)

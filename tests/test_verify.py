@@ -71,10 +71,10 @@ def test_seeded_ransac_is_reproducible_on_noisy_matches():
     assert len(counts) == 1  # canonical match order + fixed seed
     assert verify.count_inliers(cfg, src, dst, matches[:4]) == 0  # minimal sample proves nothing
     assert verify.count_inliers(VerifyConfig(min_matches=50), src, dst, matches[:40]) == 0
-    f = verify.count_inliers(VerifyConfig(model="fundamental", reproj_threshold=2.0), src, src * 1.01, matches)
+    f = verify.count_inliers(VerifyConfig(geometry="fundamental", reproj_threshold=2.0), src, src * 1.01, matches)
     assert f > 100
-    with pytest.raises(Exception, match="verify.model"):
-        verify.count_inliers(VerifyConfig(model="affine"), src, dst, matches)
+    with pytest.raises(Exception, match="verify.geometry"):
+        verify.count_inliers(VerifyConfig(geometry="affine"), src, dst, matches)
 
 
 def test_run_verify_stage(tmp_path):

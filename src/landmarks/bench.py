@@ -298,7 +298,8 @@ def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
     model = extract._get_model(str(model_dir), cores)  # the very model object the pipeline used
     images = [load_image(p, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"])[0]
               for p in paths]
-    args = (settings["image_scales"], settings["max_feature_num"], settings["abs_thres"], settings["global_scales_ind"])
+    scales, rows, cap = extract.model_call(settings, local=True)  # the test-side call (global + local)
+    args = (scales, cap, settings["abs_thres"], rows)
 
     def model_only():  # model call alone on decoded images: decode, post-processing and write excluded
         t = time.perf_counter()
@@ -308,7 +309,7 @@ def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
 
     n = len(images)
     mpix = sum(im.shape[0] * im.shape[1] for im in images) / n / 1e6
-    res = {"n": n, "mpix": mpix, "scales": list(settings["image_scales"]), "backbone": None}
+    res = {"n": n, "mpix": mpix, "scales": list(scales), "backbone": None}
     meta = _model_meta(model_dir)
     bb = None
     if meta is None:
@@ -321,7 +322,7 @@ def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
         inputs = []
         for im in images:  # the sizes the serving graph resizes to: round(h*s), round(w*s)
             h, w = im.shape[:2]
-            for sc in settings["image_scales"]:
+            for sc in scales:
                 nh, nw = max(1, int(round(h * sc))), max(1, int(round(w * sc)))
                 x = tf.image.resize(tf.cast(im, tf.float32)[None], (nh, nw), method="bilinear")
                 inputs.append(normalize_pixels(x, pre))
@@ -440,7 +441,7 @@ def _match_features(cfg, model_dir, items, cache: Path) -> tuple[list, dict]:
     from landmarks.utils import configure_tensorflow, dir_digest, text_digest
 
     e = cfg.extract
-    key = text_digest(dir_digest(model_dir), json.dumps([items, list(e.image_scales), cfg.bench.match_features,
+    key = text_digest(dir_digest(model_dir), json.dumps([items, list(e.local_scales), cfg.bench.match_features,
                                                          e.abs_thres, e.max_image_size]))
     path = cache / f"match-{key}.npz"
     if path.exists():
@@ -455,7 +456,7 @@ def _match_features(cfg, model_dir, items, cache: Path) -> tuple[list, dict]:
 
     def one(p):
         img, scale = load_image(p, e.max_image_size, e.max_image_pixels, e.min_image_size)
-        _, lf = postprocess(model(img, e.image_scales, cfg.bench.match_features, e.abs_thres, e.global_scales_ind))
+        _, lf = postprocess(model(img, list(e.local_scales), cfg.bench.match_features, e.abs_thres, [0]))
         lf.keypoints = (lf.keypoints / np.float32(scale)).astype(np.float32)
         return lf, img.shape[0] * img.shape[1]
 
@@ -1000,7 +1001,7 @@ def run_bench(cfg, data_dir, work_dir, model_dir, rows=None, out: str | Path | N
             "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
             f"- inputs: data {data_dir}, model {model_dir} ({(_model_meta(model_dir) or {}).get('backbone', 'foreign')}),"
             f" work {work_dir}; repeats {cfg.bench.repeats} (medians)",
-            f"- settings: extract scales {list(cfg.extract.image_scales)}, max_image_size {cfg.extract.max_image_size}, "
+            f"- settings: global scales {list(cfg.extract.global_scales)}, local scales {list(cfg.extract.local_scales)}, max_image_size {cfg.extract.max_image_size}, "
             f"max_feature_num {cfg.extract.max_feature_num}; knn k {cfg.knn.k}; verify {cfg.verify.matcher}, "
             f"num_to_rerank {cfg.verify.num_to_rerank}", ""]
     body = ["## Summary", ""] + table + [""]

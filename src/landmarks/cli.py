@@ -27,6 +27,7 @@ STAGE_MODULES = [
     "extract",
     "predict",
     "validate",
+    "hard",
     "bench",
     "show",
 ]

@@ -20,8 +20,8 @@ from typing import Any, get_type_hints
 class ExtractConfig:
     """DELG feature extraction (`make features`)."""
 
-    image_scales: tuple = (0.7071, 1.0, 1.4142)  # scales fed to the model (input_scales)
-    global_scales_ind: tuple = (0, 1, 2)  # which scales produce global descriptors
+    global_scales: tuple = (0.7071, 1.0, 1.4142)  # image scales pooled into the global descriptor
+    local_scales: tuple = (0.7071, 1.0, 1.4142)  # image scales local features are taken from
     max_feature_num: int = 1000  # local features kept per image (by score)
     abs_thres: float = 0.0  # attention/score threshold for local features (<=0: model's own default)
     max_image_size: int = 1024  # long side is resized down to this before the model
@@ -111,7 +111,7 @@ class VerifyConfig:
     kdtree_distance: float = 0.9  # host baseline distance bound (unit descriptors)
     mutual_min_sim: float = 0.0  # minimum cosine similarity of a mutual-NN match
     ratio: float = 1.0  # Lowe ratio test on similarities' distances (1.0 = off)
-    model: str = "homography"  # homography | fundamental
+    geometry: str = "homography"  # homography | fundamental
     reproj_threshold: float = 4.0
     confidence: float = 0.99
     max_iters: int = 1000
@@ -131,6 +131,7 @@ class VoteConfig:
     inlier_cap: int = 70  # host formula: min(inliers, cap) / cap
     inlier_weight: float = 1.0  # weight of the inlier term in the default formula
     inlier_floor: int = 0  # sum_power: inliers below this are chance matches (subtracted before the cap)
+    confidence: str = "score"  # score: the winning label's score | margin: minus the runner-up label's score
     suppression: str = "none"  # none | test | distractors
     distractors_csv: str = ""  # CSV of known non-landmark image ids/paths for suppression
     suppression_k: int = 10
@@ -162,6 +163,8 @@ class ImportConfig:
     heldout_class_fraction: float = 0.15  # share of classes removed from train (their test images: empty truth)
     seed: int = 0
     link: str = "hardlink"  # hardlink | copy | symlink
+    train_per_class: int = 0  # k-shot splits: K train images per class, the rest to test (0 = use test_fraction)
+    distractor_sample: int = 0  # use a seeded sample of this many distractors (0 = all)
 
 
 @dataclass
@@ -241,6 +244,24 @@ class AdaptConfig:
 
 
 @dataclass
+class HardConfig:
+    """The hard protocol (`make validate-hard`): k-shot splits of the shared wide-baseline photos."""
+
+    shared_data: str = "../shared/data"  # folder holding the photo sets below
+    landmarks: str = "wide_baseline_scenes"  # the landmarks under test
+    extra_train: tuple = ("paris6k_subset", "multiview_scenes")  # extra train classes (always in train)
+    distractors: str = "distractors_products"  # non-landmark test photos
+    distractor_sample: int = 100  # seeded sample of distractors put in every split's test set
+    shots: tuple = (1, 2)  # K train photos per landmark
+    seeds: int = 5  # splits per K
+    heldout_class_fraction: float = 0.2  # landmarks left out of train (unseen)
+    probe_scales: tuple = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142)  # every scale a scored setting may use
+    probe_features: int = 1000  # local features kept per probe scale (>= extract.max_feature_num)
+    probe_batch: int = 16  # images per probe file (the unit of resume)
+    recall_at: tuple = (1, 5, 10, 20, 50, 100)  # shortlist recall@R reported
+
+
+@dataclass
 class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -254,6 +275,7 @@ class Config:
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    hard: HardConfig = field(default_factory=HardConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -299,11 +321,21 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if typ is tuple:
             if isinstance(value, str):
                 parts = [p for p in value.replace("[", "").replace("]", "").replace("(", "").replace(")", "").split(",") if p.strip()]
-                value = [float(p) if any(c in p for c in ".eE") else int(p) for p in parts]
+                value = [_number_or_text(p.strip()) for p in parts]
             return tuple(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from None
     return value
+
+
+def _number_or_text(text: str) -> Any:
+    """One item of a comma-separated tuple value: an int, a float, or else the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:

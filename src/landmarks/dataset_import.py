@@ -94,32 +94,93 @@ def _place(src: str, dst: Path, mode: str, state: dict) -> None:
     shutil.copyfile(src, dst)
 
 
+def sample_distractors(dis: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of n distractor rows (in id order)."""
+    dis = dis.sort_values("id")
+    pick = np.random.default_rng([int(seed), 7919]).permutation(len(dis))[:n]
+    return dis.iloc[np.sort(pick)]
+
+
+def _class_order(cls: str, seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng([int(seed), int(hashlib.sha1(cls.encode()).hexdigest()[:8], 16)]).permutation(n)
+
+
+def plan_split(lm: pd.DataFrame, ic) -> tuple[pd.DataFrame, set, list[dict], dict]:
+    """Assign each landmark image (columns id, cls[, extra]) to train, test or unused.
+
+    Deterministic for a seed: classes and ids are sorted, each class has its own generator.
+    `ic.train_per_class` K > 0: a class keeps exactly K images in train (all when it has <= K),
+    the rest go to test (k-shot); otherwise `ic.test_fraction` of each class goes to test and at
+    least one image stays in train.  A share `ic.heldout_class_fraction` of the classes is unseen:
+    k-shot sends all their images to test, the fraction mode its test share (the rest unused);
+    their truth is empty.  Rows with extra=True (extra train classes) all go to train.
+    Returns (rows with split and truth, held-out classes, per-class counts, class -> label id).
+    """
+    extra = lm["extra"].astype(bool) if "extra" in lm.columns else pd.Series(False, index=lm.index)
+    classes = sorted(lm["cls"].unique())
+    label_of = {c: i for i, c in enumerate(classes)}
+    extra_classes = set(lm.loc[extra, "cls"])
+    candidates = [c for c in classes if c not in extra_classes]
+    rng = np.random.default_rng(ic.seed)
+    n_held = int(round(ic.heldout_class_fraction * len(candidates)))
+    n_held = min(n_held, max(0, len(classes) - 1))  # keep at least one class in train
+    held = set(rng.permutation(candidates)[:n_held].tolist()) if n_held else set()
+    k = int(getattr(ic, "train_per_class", 0) or 0)
+    parts, class_rows = [], []
+    for c in classes:
+        g = lm[lm["cls"] == c].sort_values("id")
+        n = len(g)
+        order = _class_order(c, ic.seed, n)
+        if c in extra_classes:
+            n_test = 0
+        elif k > 0:
+            n_test = n if c in held else n - min(k, n)
+        else:
+            n_test = int(round(ic.test_fraction * n))
+            n_test = (max(1, n_test) if ic.test_fraction > 0 else 0) if c in held else min(n_test, n - 1)
+        is_test = np.zeros(n, bool)
+        is_test[order[:n_test]] = True
+        split = np.where(is_test, "test", "unused" if c in held else "train")
+        parts.append(g.assign(split=split, truth="" if c in held else str(label_of[c])))
+        class_rows.append({"class": c, "landmark_id": label_of[c], "held_out": c in held, "extra_train": c in extra_classes,
+                           "n_train": int((split == "train").sum()), "n_test": int(is_test.sum()), "n_images": n})
+    return pd.concat(parts, ignore_index=True), held, class_rows, label_of
+
+
 def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fraction=None,
-                   heldout_class_fraction=None, seed=None, link=None) -> Path:
+                   heldout_class_fraction=None, seed=None, link=None, extra_train=(), train_per_class=None,
+                   distractor_sample=None) -> Path:
     """Build a Kaggle-layout dataset in out_dir from labelled sets (+ distractors); returns out_dir.
 
     `cfg` is the Config (its `dataset_import` section gives defaults for the keyword arguments).
+    `extra_train` sets only add train classes (all their images go to train; more classes to
+    confuse, as in GLDv2); `train_per_class` K > 0 makes a k-shot split (see `plan_split`).
     """
     from tqdm import tqdm
 
     ic = dataclasses.replace(cfg.dataset_import)
-    for k, v in dict(test_fraction=test_fraction, heldout_class_fraction=heldout_class_fraction, seed=seed, link=link).items():
+    for k, v in dict(test_fraction=test_fraction, heldout_class_fraction=heldout_class_fraction, seed=seed, link=link,
+                     train_per_class=train_per_class, distractor_sample=distractor_sample).items():
         if v is not None:
             setattr(ic, k, v)
     if not 0 <= ic.test_fraction < 1:
         raise LandmarksError(f"import: test fraction must be in [0, 1), got {ic.test_fraction}")
     if not 0 <= ic.heldout_class_fraction < 1:
         raise LandmarksError(f"import: held-out class fraction must be in [0, 1), got {ic.heldout_class_fraction}")
+    if ic.train_per_class < 0 or ic.distractor_sample < 0:
+        raise LandmarksError("import: train_per_class and distractor_sample must be >= 0")
     if ic.link not in LINK_MODES:
         raise LandmarksError(f"import: link mode {ic.link!r} unknown (expected {', '.join(LINK_MODES)})")
     sources = [os.path.abspath(s) for s in label_csvs_or_dirs]
+    extra_train = [os.path.abspath(s) for s in extra_train]
     distractors = [os.path.abspath(d) for d in distractors]
     if not sources:
         raise LandmarksError("import: give at least one LABELS.csv or class-folder tree")
     out_dir = Path(out_dir)
 
-    frames = [read_labels(s).assign(source=s) for s in sources]
-    frames += [read_labels(s, distractors=True).assign(source=s) for s in distractors]
+    frames = [read_labels(s).assign(source=s, extra=False) for s in sources]
+    frames += [read_labels(s).assign(source=s, extra=True) for s in extra_train]
+    frames += [read_labels(s, distractors=True).assign(source=s, extra=False) for s in distractors]
     allrows = pd.concat(frames, ignore_index=True)
     exists = np.fromiter((os.path.isfile(f) for f in allrows["file"]), bool, len(allrows))
     if not exists.all():
@@ -135,7 +196,7 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
         log.warning("import: %d images are byte-identical to an earlier one and are left out (first: %s)", int(dup.sum()), first)
         allrows = allrows[~dup].reset_index(drop=True)
 
-    params = {"sources": sources, "distractors": [str(d) for d in distractors], **dataclasses.asdict(ic),
+    params = {"sources": sources, "extra_train": extra_train, "distractors": [str(d) for d in distractors], **dataclasses.asdict(ic),
               "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16]}
     split_file = out_dir / "split.json"
     if stamp_matches(split_file, "params", params):
@@ -144,32 +205,11 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
     if out_dir.exists() and any(out_dir.iterdir()) and not split_file.exists():
         raise LandmarksError(f"import: {out_dir} is not empty and holds no split.json; choose another --out")
 
-    # ---- split (deterministic: sorted classes and ids, seeded generators)
-    lm = allrows[allrows["cls"] != ""]
-    classes = sorted(lm["cls"].unique())
-    label_of = {c: i for i, c in enumerate(classes)}
-    rng = np.random.default_rng(ic.seed)
-    n_held = int(round(ic.heldout_class_fraction * len(classes)))
-    n_held = min(n_held, max(0, len(classes) - 1))  # keep at least one class in train
-    held = set(rng.permutation(classes)[:n_held].tolist())
-    parts, class_rows = [], []
-    for c in classes:
-        g = lm[lm["cls"] == c].sort_values("id")
-        n = len(g)
-        order = np.random.default_rng([ic.seed, int(hashlib.sha1(c.encode()).hexdigest()[:8], 16)]).permutation(n)
-        n_test = int(round(ic.test_fraction * n))
-        if c in held:
-            n_test = max(1, n_test) if ic.test_fraction > 0 else 0
-        else:
-            n_test = min(n_test, n - 1)
-        is_test = np.zeros(n, bool)
-        is_test[order[:n_test]] = True
-        split = np.where(is_test, "test", "unused" if c in held else "train")
-        parts.append(g.assign(split=split, truth="" if c in held else str(label_of[c])))
-        class_rows.append({"class": c, "landmark_id": label_of[c], "held_out": c in held,
-                           "n_train": int((split == "train").sum()), "n_test": int(is_test.sum()), "n_images": n})
+    parts, held, class_rows, label_of = plan_split(allrows[allrows["cls"] != ""], ic)
     dis = allrows[allrows["cls"] == ""].assign(split="test", truth="")
-    table = pd.concat(parts + [dis], ignore_index=True)
+    if ic.distractor_sample and len(dis) > ic.distractor_sample:
+        dis = sample_distractors(dis, ic.distractor_sample, ic.seed)
+    table = pd.concat([parts, dis], ignore_index=True)
     used = table[table["split"] != "unused"]
 
     # ---- write into a temporary sibling, then swap in
@@ -190,7 +230,7 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
     counts = {
         "train_images": len(train), "test_images": len(test),
         "test_landmark": int((test["truth"] != "").sum()), "test_nonlandmark": int((test["truth"] == "").sum()),
-        "classes": len(classes), "train_classes": len(classes) - len(held), "heldout_classes": len(held),
+        "classes": len(label_of), "train_classes": len(label_of) - len(held), "heldout_classes": len(held),
         "heldout_test_images": int(((test["cls"] != "") & (test["truth"] == "")).sum()),
         "distractors": len(dis), "unused_images": int((table["split"] == "unused").sum()),
         "link": "copy" if state.get("copy_fallback") else ic.link,
@@ -210,7 +250,8 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
 def _cmd_import(args, cfg) -> int:
     out = import_dataset(cfg, args.labels, args.out, distractors=args.distractors or [],
                          test_fraction=args.test_fraction, heldout_class_fraction=args.heldout_class_fraction,
-                         seed=args.seed, link=args.link_mode)
+                         seed=args.seed, link=args.link_mode, extra_train=args.extra_train or [],
+                         train_per_class=args.train_per_class, distractor_sample=args.distractor_sample)
     counts = json.loads((out / "split.json").read_text())["counts"]
     print(json.dumps(counts))
     return 0
@@ -224,6 +265,12 @@ def register_cli(subparsers, common) -> None:
     p.add_argument("--test-fraction", type=float, default=None, help="per class share of images to test (config: 0.3)")
     p.add_argument("--heldout-class-fraction", type=float, default=None, help="share of classes held out of train")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--extra-train", nargs="+", default=[], metavar="LABELS.csv|DIR",
+                   help="sets whose classes only join train (all their images)")
+    p.add_argument("--train-per-class", type=int, default=None, metavar="K",
+                   help="k-shot: exactly K train images per class, the rest to test (config: 0 = off)")
+    p.add_argument("--distractor-sample", type=int, default=None, metavar="N",
+                   help="use a seeded sample of N distractor images (config: 0 = all)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--link", dest="link_mode", action="store_const", const="hardlink", help="hard-link images (default)")
     g.add_argument("--copy", dest="link_mode", action="store_const", const="copy", help="copy images")

@@ -36,7 +36,7 @@ from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, sh
 from landmarks.utils import LandmarksError, dir_digest, log, text_digest
 
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
-RESULT_FIELDS = ("image_scales", "global_scales_ind", "max_feature_num", "abs_thres", "max_image_size",
+RESULT_FIELDS = ("global_scales", "local_scales", "max_feature_num", "abs_thres", "max_image_size",
                  "max_image_pixels", "min_image_size", "local_dtype")
 FORMAT_VERSION = 2
 PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
@@ -122,9 +122,54 @@ def _inside_image(lf, shape, scale: float):
                          lf.scales[keep], lf.scores[keep])
 
 
+SCALE_DECIMALS = 4  # scales are compared after rounding (the model echoes them as float32)
+ALL_FEATURES = 1 << 20  # feature cap that keeps every above-threshold cell (selection in numpy)
+
+
+def model_call(settings: dict, local: bool) -> tuple[list[float], list[int], int]:
+    """Scales, global-scale rows and feature cap of the one model call that serves both scale sets.
+
+    Global-only extraction runs the backbone at the global scales alone.  With local features the
+    call covers the union of both sets; when the union holds scales that are not local ones, the
+    call keeps every feature and `select_local` applies the local set and the cap afterwards."""
+    glob = [float(x) for x in settings["global_scales"]]
+    if not local:
+        return glob, list(range(len(glob))), int(settings["max_feature_num"])
+    loc = [float(x) for x in settings["local_scales"]]
+    union = sorted(set(glob) | set(loc))
+    rows = [union.index(x) for x in glob]
+    exact = set(np.round(union, SCALE_DECIMALS)) == set(np.round(loc, SCALE_DECIMALS))
+    return union, rows, int(settings["max_feature_num"]) if exact else ALL_FEATURES
+
+
+def select_local(lf, local_scales, cap: int):
+    """Local features of the given scales: per scale the `cap` best scores, then the `cap` best of
+    all (what a model call at these scales alone with this cap returns), ordered by score."""
+    from landmarks.store import LocalFeatures
+
+    sc = np.round(lf.scales.astype(np.float64), SCALE_DECIMALS)
+    keep = []
+    for s in np.round(np.asarray(local_scales, np.float64), SCALE_DECIMALS):
+        rows = np.flatnonzero(sc == s)
+        keep.append(rows[np.argsort(-lf.scores[rows], kind="stable")[:cap]])
+    rows = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    rows = rows[np.argsort(-lf.scores[rows], kind="stable")[:cap]]
+    return LocalFeatures(lf.keypoints[rows], lf.descriptors[rows], lf.scales[rows], lf.scores[rows])
+
+
+def run_model(model, image: np.ndarray, settings: dict, local: bool):
+    """One image through the DELG model -> (global unit vector, LocalFeatures at the local scales)."""
+    from landmarks.delg_io import postprocess
+
+    scales, rows, cap = model_call(settings, local)
+    g, lf = postprocess(model(image, scales, cap, settings["abs_thres"], rows))
+    if local and cap == ALL_FEATURES:
+        lf = select_local(lf, settings["local_scales"], int(settings["max_feature_num"]))
+    return g, lf
+
+
 def extract_shard(task: ShardTask) -> dict:
     """Run one shard task (in any process): write its file, return counts and timing."""
-    from landmarks.delg_io import postprocess
     from landmarks.images import describe_failure, load_image
     from landmarks.store import LocalFeatures
 
@@ -154,9 +199,7 @@ def extract_shard(task: ShardTask) -> dict:
                 pending.append(pool.submit(load, task.paths[k + ahead]))
             try:
                 image, scale = fut.result()
-                out = model(image, s["image_scales"], s["max_feature_num"], s["abs_thres"],
-                            s["global_scales_ind"])
-                g, lf = postprocess(out)
+                g, lf = run_model(model, image, s, task.local)
                 if not np.all(np.isfinite(g)):
                     raise FloatingPointError("non-finite global descriptor")
             except Exception as e:  # noqa: BLE001 - one bad image must not stop the shard

@@ -27,6 +27,7 @@ log = logging.getLogger("landmarks.predict")
 
 METHODS = ("sum_power", "host")
 SUPPRESSION = ("none", "test", "distractors")
+CONFIDENCES = ("score", "margin")
 NO_LABEL = -1
 
 
@@ -63,6 +64,8 @@ def vote(cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarra
         return labels, conf
     if inliers is not None and inliers.shape[0] != q:
         raise LandmarksError(f"vote: inliers have {inliers.shape[0]} rows, knn has {q}")
+    if cfg.confidence not in CONFIDENCES:
+        raise LandmarksError(f"vote.confidence must be one of {', '.join(CONFIDENCES)} (got {cfg.confidence!r})")
     scores = _neighbour_scores(cfg, knn_sims[:, :n], None if inliers is None else inliers[:, :n])
     idx = knn_idx[:, :n]
     train_labels = np.asarray(train_labels, np.int64)
@@ -75,12 +78,14 @@ def vote(cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarra
             per.setdefault(int(train_labels[j]), []).append(float(s))
         if not per:
             continue
-        best_label, best = NO_LABEL, -np.inf
+        best_label, best, second = NO_LABEL, -np.inf, 0.0
         for lab in sorted(per):
             total = float(np.sum(sorted(per[lab], reverse=True)[:top_k]))
             if total > best:
-                best_label, best = lab, total
-        labels[r], conf[r] = best_label, best
+                best_label, best, second = lab, total, max(best, second)
+            else:
+                second = max(second, total)
+        labels[r], conf[r] = best_label, best - second if cfg.confidence == "margin" else best
     return labels, conf
 
 

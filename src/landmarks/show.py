@@ -71,10 +71,10 @@ def inlier_matches(vcfg, query, cand) -> tuple[np.ndarray, np.ndarray, int]:
         m = verify.match_kdtree(query.descriptors, cand.descriptors, vcfg.kdtree_distance)
     else:
         raise LandmarksError(f"verify.matcher must be one of {', '.join(verify.MATCHERS)} (got {vcfg.matcher!r})")
-    if vcfg.model not in verify.MODELS:
-        raise LandmarksError(f"verify.model must be one of {', '.join(verify.MODELS)} (got {vcfg.model!r})")
+    if vcfg.geometry not in verify.MODELS:
+        raise LandmarksError(f"verify.geometry must be one of {', '.join(verify.MODELS)} (got {vcfg.geometry!r})")
     n = len(m)
-    if n <= verify.MODELS[vcfg.model] or n < vcfg.min_matches:
+    if n <= verify.MODELS[vcfg.geometry] or n < vcfg.min_matches:
         return empty, empty, n
     import pydegensac
 
@@ -82,7 +82,7 @@ def inlier_matches(vcfg, query, cand) -> tuple[np.ndarray, np.ndarray, int]:
     src = np.ascontiguousarray(query.keypoints[m[:, 0]], np.float64)
     dst = np.ascontiguousarray(cand.keypoints[m[:, 1]], np.float64)
     args = (src, dst, float(vcfg.reproj_threshold), float(vcfg.confidence), int(vcfg.max_iters))
-    if vcfg.model == "homography":
+    if vcfg.geometry == "homography":
         _, mask = pydegensac.findHomography(*args, seed=int(vcfg.seed))
     else:
         _, mask = pydegensac.findFundamentalMatrix(*args, seed=int(vcfg.seed))

@@ -18,6 +18,74 @@ from landmarks.utils import LandmarksError, atomic_path
 log = logging.getLogger("landmarks.validate")
 
 
+# -- shortlist and verification diagnostics (also used by the hard protocol) --------------------------
+def shortlist_recall(cand_labels: np.ndarray, truth, at) -> dict[int, float]:
+    """Share of landmark test images with a correct-class train image among the top R neighbours."""
+    truth = np.asarray(truth, dtype=str)
+    lm = truth != ""
+    if not lm.any():
+        return {int(r): float("nan") for r in at}
+    hit = cand_labels[lm] == truth[lm][:, None]
+    return {int(r): float(hit[:, :r].any(axis=1).mean()) for r in at}
+
+
+def split_inliers(cand_labels: np.ndarray, truth, inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inliers of correct-class candidates and of wrong ones (landmark test images only)."""
+    truth = np.asarray(truth, dtype=str)
+    lm = truth != ""
+    same = cand_labels[lm] == truth[lm][:, None]
+    inl = inliers[lm]
+    return inl[same].astype(np.int64), inl[~same].astype(np.int64)
+
+
+def separation(good: np.ndarray, bad: np.ndarray) -> dict:
+    """Quantiles of correct and wrong inliers, ROC AUC (correct above wrong) and the random floor."""
+    def q(x, p):
+        return float(np.quantile(x, p)) if len(x) else float("nan")
+
+    if len(good) and len(bad):
+        both = np.concatenate([good, bad]).astype(np.float64)
+        from scipy.stats import rankdata
+
+        ranks = rankdata(both)
+        auc = float((ranks[:len(good)].sum() - len(good) * (len(good) + 1) / 2) / (len(good) * len(bad)))
+    else:
+        auc = float("nan")
+    return {"n_good": len(good), "n_bad": len(bad), "good_q10": q(good, 0.1), "good_q50": q(good, 0.5),
+            "good_q90": q(good, 0.9), "bad_q50": q(bad, 0.5), "bad_q90": q(bad, 0.9), "floor": q(bad, 0.95),
+            "auc": auc, "good_at_floor": float(np.mean(good <= q(bad, 0.95))) if len(good) and len(bad) else float("nan")}
+
+
+
+def diagnostics_section(cfg, solution, inputs) -> list[str]:
+    """Report lines: shortlist recall@R of the global kNN and the inlier separation of verification."""
+    truth_of = dict(zip(solution["id"].astype(str), solution["landmarks"].fillna("").astype(str)))
+    rows = [r for r, t in enumerate(inputs["test_ids"]) if t in truth_of]
+    truth = np.array([truth_of[inputs["test_ids"][r]] for r in rows], dtype=str)
+    idx = np.asarray(inputs["knn"]["idx"])[rows]
+    labels = np.asarray(inputs["train_labels"])
+    cand = np.where(idx >= 0, labels[np.clip(idx, 0, None)], -1).astype(str)
+    at = [r for r in cfg.hard.recall_at if r <= idx.shape[1]] or [idx.shape[1]]
+    rec = shortlist_recall(cand, truth, at)
+    out = ["## Shortlist recall@R (global kNN)", "",
+           "Share of landmark test images with a correct-class train image among the top R neighbours "
+           f"({int((truth != '').sum())} landmark test images).", "",
+           "| " + " | ".join(f"R@{r}" for r in at) + " |", "|" + "---|" * len(at),
+           "| " + " | ".join(f"{rec[r]:.3f}" for r in at) + " |", ""]
+    if inputs["inliers"] is None:
+        return out
+    inl = np.asarray(inputs["inliers"])[rows]
+    sep = separation(*split_inliers(cand[:, :inl.shape[1]], truth, inl))
+    out += ["## Inlier separation (verification)", "",
+            f"Inliers of the top {inl.shape[1]} candidates of landmark test images: correct-class against wrong "
+            "candidates. The random floor is what a non-matching pair gets (wrong candidates' 95th percentile).", "",
+            "| correct n | correct q10 / q50 / q90 | wrong n | wrong q50 / q90 | random floor | correct at or below floor | ROC AUC |",
+            "|---|---|---|---|---|---|---|",
+            f"| {sep['n_good']} | {sep['good_q10']:.0f} / {sep['good_q50']:.0f} / {sep['good_q90']:.0f} | {sep['n_bad']} | "
+            f"{sep['bad_q50']:.0f} / {sep['bad_q90']:.0f} | {sep['floor']:.0f} | {sep['good_at_floor']:.3f} | {sep['auc']:.3f} |", ""]
+    return out
+
+
 def _predictions_df(test_ids, labels, conf, solution):
     import pandas as pd
 
@@ -212,7 +280,7 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
         "the lowest-confidence correct prediction.", "",
         f"Settings: knn k={k.k} index={k.index} dba_k={k.dba_k} qe_k={k.qe_k}; "
         f"verify enabled={v.enabled} matcher={v.matcher} num_to_rerank={v.num_to_rerank} "
-        f"mutual_min_sim={v.mutual_min_sim} ratio={v.ratio} model={v.model} "
+        f"mutual_min_sim={v.mutual_min_sim} ratio={v.ratio} geometry={v.geometry} "
         f"reproj={v.reproj_threshold} iters={v.max_iters}; vote method={w.method} neighbours={w.neighbours} "
         f"top_k={w.top_k} power={w.power} inlier_weight={w.inlier_weight} cap={w.inlier_cap} "
         f"suppression={w.suppression} (weight {w.suppression_weight}); whiten global={cfg.whiten.global_pca} "
@@ -220,6 +288,7 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     ]
     if sub_line:
         lines += [sub_line, ""]
+    lines += diagnostics_section(cfg, solution, inputs)
     lines += ["## Plots", ""] + [f"![{key}](plots/{name})" for key, name in plots.items()] + [""]
     out = work_dir / "report.md"
     with atomic_path(out) as tmp:

@@ -84,10 +84,10 @@ def match_mutual_batch(desc_q: np.ndarray, descs_t: list[np.ndarray], min_sim: f
 # -- geometry ----------------------------------------------------------------------------------
 def count_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) -> int:
     """RANSAC inliers of the matched keypoints (pydegensac, seeded); too few matches -> 0."""
-    if cfg.model not in MODELS:
-        raise LandmarksError(f"verify.model must be one of {', '.join(MODELS)} (got {cfg.model!r})")
+    if cfg.geometry not in MODELS:
+        raise LandmarksError(f"verify.geometry must be one of {', '.join(MODELS)} (got {cfg.geometry!r})")
     n = len(matches)
-    if n <= MODELS[cfg.model] or n < cfg.min_matches:
+    if n <= MODELS[cfg.geometry] or n < cfg.min_matches:
         return 0
     import pydegensac
 
@@ -95,7 +95,7 @@ def count_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) 
     src = np.ascontiguousarray(kp_q[m[:, 0]], np.float64)
     dst = np.ascontiguousarray(kp_t[m[:, 1]], np.float64)
     seed = int(cfg.seed)
-    if cfg.model == "homography":
+    if cfg.geometry == "homography":
         _, mask = pydegensac.findHomography(src, dst, float(cfg.reproj_threshold), float(cfg.confidence),
                                             int(cfg.max_iters), seed=seed)
     else:
@@ -182,8 +182,8 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
     vc = cfg.verify
     if vc.matcher not in MATCHERS:
         raise LandmarksError(f"verify.matcher must be one of {', '.join(MATCHERS)} (got {vc.matcher!r})")
-    if vc.model not in MODELS:
-        raise LandmarksError(f"verify.model must be one of {', '.join(MODELS)} (got {vc.model!r})")
+    if vc.geometry not in MODELS:
+        raise LandmarksError(f"verify.geometry must be one of {', '.join(MODELS)} (got {vc.geometry!r})")
     test_ids = [str(x) for x in knn["test_ids"]]
     train_ids = np.asarray(knn["train_ids"]).astype(str)
     R = min(int(vc.num_to_rerank), knn["idx"].shape[1])

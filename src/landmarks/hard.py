@@ -1,0 +1,478 @@
+"""`make validate-hard`: the hard protocol — k-shot splits of real wide-baseline photos.
+
+The wide-baseline scenes (few photos per landmark, day/night, seasons, wide viewpoint changes)
+are the landmarks under test; the Paris and multiview scenes join train as extra classes (more
+classes to confuse, as in GLDv2); a seeded sample of product photos joins test as non-landmarks.
+For each K in ``hard.shots`` and each of ``hard.seeds`` seeds, ``dataset_import.plan_split``
+keeps K train photos per landmark, sends the rest to test and holds a share of the landmarks out
+(unseen: empty truth).  The test sets are small (a few dozen landmark queries), so decisions are
+taken on the mean over seeds.
+
+Every image of the pool goes through the model once (``probe``): per image the per-scale global
+descriptors and the best local features of every probe scale are kept.  A setting's features
+are then selected from the probe with the very functions the features stage uses
+(``extract.select_local``, ``delg_io`` pooling), and each split is scored with the stage
+functions: ``knn.search`` (+ whitening, DBA, QE), ``verify.verify_image``, ``predict.vote`` and
+``metrics.score``.  So one extraction serves every split and every setting (``hard.variants``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from landmarks.utils import LandmarksError, atomic_path, dir_digest, text_digest
+
+log = logging.getLogger("landmarks.hard")
+
+PROBE_VERSION = 1
+
+# Named settings scored by the protocol: config overrides on top of the effective config.
+# "old defaults" restores the defaults before the hard protocol existed; the levers are each
+# applied alone on top of the current config, so a row shows what that one change does.
+OLD_DEFAULTS = ["extract.global_scales=0.7071,1.0,1.4142", "extract.local_scales=0.7071,1.0,1.4142",
+                "verify.num_to_rerank=10", "verify.geometry=homography", "vote.inlier_floor=0",
+                "vote.neighbours=10", "vote.power=8", "verify.mutual_min_sim=0.0", "verify.ratio=1.0",
+                "whiten.global_pca=false", "whiten.local_pca=false", "knn.dba_k=0", "knn.qe_k=0"]
+REFERENCE = ["extract.global_scales=0.3536,0.5,0.7071", "verify.enabled=false", "vote.neighbours=1",
+             "whiten.global_pca=false", "knn.dba_k=0", "knn.qe_k=0"]
+VARIANTS: dict[str, list[str]] = {
+    "plain reference (Lite0 GeM, 512 px x 3 scales, cosine top-1)": REFERENCE,
+    "old defaults": OLD_DEFAULTS,
+    "old defaults, global only": OLD_DEFAULTS + ["verify.enabled=false"],
+    "global scales 0.25-0.5": ["extract.global_scales=0.25,0.3536,0.5"],
+    "global scales 0.35-0.71 (=512 px x 3)": ["extract.global_scales=0.3536,0.5,0.7071"],
+    "global scales 0.5-1.0": ["extract.global_scales=0.5,0.7071,1.0"],
+    "global scales 0.71-1.41 (old)": ["extract.global_scales=0.7071,1.0,1.4142"],
+    "local scales 0.5-1.0": ["extract.local_scales=0.5,0.7071,1.0"],
+    "local scales 0.35-1.0": ["extract.local_scales=0.3536,0.5,0.7071,1.0"],
+    "local scales 0.71-1.41 (old)": ["extract.local_scales=0.7071,1.0,1.4142"],
+    "local scales 0.25-1.41": ["extract.local_scales=0.25,0.3536,0.5,0.7071,1.0,1.4142"],
+    "rerank R=10": ["verify.num_to_rerank=10"],
+    "rerank R=20": ["verify.num_to_rerank=20"],
+    "rerank R=50": ["verify.num_to_rerank=50"],
+    "rerank R=100": ["verify.num_to_rerank=100"],
+    "fundamental matrix": ["verify.geometry=fundamental"],
+    "no inlier floor": ["vote.inlier_floor=0"],
+    "inlier floor 8": ["vote.inlier_floor=8"],
+    "inlier floor 12": ["vote.inlier_floor=12"],
+    "RANSAC threshold 8 px": ["verify.reproj_threshold=8"],
+    "RANSAC threshold 16 px": ["verify.reproj_threshold=16"],
+    "RANSAC threshold 32 px": ["verify.reproj_threshold=32"],
+    "RANSAC 5000 iterations": ["verify.max_iters=5000"],
+    "confidence = margin over runner-up label": ["vote.confidence=margin"],
+    "local PCA (train)": ["whiten.local_pca=true"],
+    "mutual NN min sim 0.5": ["verify.mutual_min_sim=0.5"],
+    "ratio test 0.9": ["verify.ratio=0.9"],
+    "500 local features": ["extract.max_feature_num=500"],
+    "global PCA whitening (train)": ["whiten.global_pca=true"],
+    "DBA k=2": ["knn.dba_k=2"],
+    "alpha-QE k=2": ["knn.qe_k=2"],
+    "global only": ["verify.enabled=false"],
+}
+DEFAULT_ROW = "current config (default)"
+
+
+# -- pool ---------------------------------------------------------------------------------------
+def pool_table(hc) -> pd.DataFrame:
+    """Every image the protocol may use: columns id, cls, role (landmark | extra | distractor), file."""
+    from landmarks.dataset_import import read_labels, sample_distractors
+
+    root = Path(hc.shared_data)
+    if not (root / hc.landmarks).is_dir():
+        raise LandmarksError(f"hard protocol: {root / hc.landmarks} not found (set hard.shared_data)")
+
+    def labels(name: str, role: str) -> pd.DataFrame:
+        src = root / name / "LABELS.csv"
+        return read_labels(src if src.exists() else root / name, distractors=role == "distractor").assign(role=role)
+
+    frames = [labels(hc.landmarks, "landmark")] + [labels(n, "extra") for n in hc.extra_train]
+    if hc.distractors and hc.distractor_sample:
+        frames.append(labels(hc.distractors, "distractor"))
+    pool = pd.concat(frames, ignore_index=True)
+    from landmarks.dataset_import import _content_id
+
+    pool["id"] = [_content_id(Path(f)) for f in pool["file"]]
+    pool = pool.drop_duplicates("id").reset_index(drop=True)
+    dis = pool[pool["role"] == "distractor"]
+    if len(dis) > hc.distractor_sample:
+        dis = sample_distractors(dis, hc.distractor_sample, 0)
+    pool = pd.concat([pool[pool["role"] != "distractor"], dis], ignore_index=True)
+    return pool.sort_values("id").reset_index(drop=True)[["id", "cls", "role", "file"]]
+
+
+# -- probe extraction -------------------------------------------------------------------------------
+def _probe_batch(model_dir: str, threads: int, ids: list[str], files: list[str], settings: dict, out: str) -> str:
+    """Worker: run the model at every probe scale, keep per-scale globals and top local features."""
+    import h5py
+
+    from landmarks.delg_io import postprocess
+    from landmarks.extract import ALL_FEATURES, _get_model, select_local
+    from landmarks.images import describe_failure, load_image
+
+    model = _get_model(model_dir, threads)
+    scales = [float(s) for s in settings["probe_scales"]]
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        for image_id, path in zip(ids, files):
+            g = f.create_group(image_id)
+            try:
+                image, scale = load_image(path, settings["max_image_size"], settings["max_image_pixels"],
+                                          settings["min_image_size"])
+                raw = model(image, scales, ALL_FEATURES, settings["abs_thres"], list(range(len(scales))))
+                _, lf = postprocess(raw)
+            except Exception as e:  # noqa: BLE001 - recorded, like the features stage does
+                g.attrs["failure"] = describe_failure(e)
+                continue
+            lf = select_local(lf, scales, int(settings["probe_features"]))
+            g.create_dataset("global", data=np.asarray(raw["global_descriptors"], np.float32))
+            g.create_dataset("keypoints", data=lf.keypoints)
+            g.create_dataset("descriptors", data=lf.descriptors.astype(np.float16))
+            g.create_dataset("scales", data=lf.scales)
+            g.create_dataset("scores", data=lf.scores)
+            g.attrs["shape"] = np.asarray(image.shape[:2], np.int64)
+            g.attrs["scale"] = float(scale)
+    return out
+
+
+def probe_settings(cfg) -> dict:
+    e, h = cfg.extract, cfg.hard
+    return {"probe_scales": [float(s) for s in h.probe_scales], "probe_features": int(h.probe_features),
+            "max_image_size": e.max_image_size, "max_image_pixels": e.max_image_pixels,
+            "min_image_size": e.min_image_size, "abs_thres": e.abs_thres, "version": PROBE_VERSION}
+
+
+def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
+    """Probe every pool image once (resumable: batch files named by their content); returns the files."""
+    from joblib import Parallel, delayed
+    from tqdm import tqdm
+
+    from landmarks.extract import _cores, _check_model
+
+    model_dir = _check_model(model_dir)
+    settings = probe_settings(cfg)
+    fp = text_digest(dir_digest(model_dir), json.dumps(settings, sort_keys=True))
+    out_dir = Path(work_dir) / "probe"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = max(1, int(cfg.hard.probe_batch))
+    batches = [pool.iloc[a:a + size] for a in range(0, len(pool), size)]
+    paths = [out_dir / f"probe-{text_digest(fp, *b['id'])}.h5" for b in batches]
+    todo = [(b, p) for b, p in zip(batches, paths) if not p.exists()]
+    if todo:
+        jobs = max(1, min(int(cfg.extract.jobs), len(todo)))
+        threads = max(1, _cores() // jobs)
+        log.info("hard: probing %d of %d pool images at scales %s (%d jobs)", sum(len(b) for b, _ in todo),
+                 len(pool), settings["probe_scales"], jobs)
+        tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings, str(p))
+                 for b, p in todo)
+        with tqdm(total=len(todo), desc="hard: probe batches", unit="batch") as bar:
+            for _ in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+                bar.update(1)
+    return paths
+
+
+@dataclass
+class Probe:
+    """Probe outputs of the pool, in memory: per-scale globals and per-scale top local features."""
+
+    scales: np.ndarray  # [S] probe scales
+    globals_: dict  # id -> [S, D]
+    raw_local: dict  # id -> (LocalFeatures in resized-image pixels, image shape, resize scale)
+    failures: dict  # id -> reason
+
+    @classmethod
+    def load(cls, paths: list[Path], scales) -> "Probe":
+        import h5py
+
+        from landmarks.store import LocalFeatures
+
+        g, loc, fail = {}, {}, {}
+        for p in paths:
+            with h5py.File(p, "r") as f:
+                for image_id, grp in f.items():
+                    if "failure" in grp.attrs:
+                        fail[image_id] = str(grp.attrs["failure"])
+                        continue
+                    g[image_id] = grp["global"][()]
+                    lf = LocalFeatures(grp["keypoints"][()], grp["descriptors"][()].astype(np.float32),
+                                       grp["scales"][()], grp["scores"][()])
+                    loc[image_id] = (lf, tuple(grp.attrs["shape"]), float(grp.attrs["scale"]))
+        return cls(np.asarray(scales, np.float64), g, loc, fail)
+
+    def _rows(self, wanted) -> list[int]:
+        rows = []
+        for s in wanted:
+            hit = np.flatnonzero(np.isclose(self.scales, float(s), atol=1e-3))
+            if not len(hit):
+                raise LandmarksError(f"hard: scale {s} is not among the probe scales {list(self.scales)} "
+                                     "(add it to hard.probe_scales)")
+            rows.append(int(hit[0]))
+        return rows
+
+    def global_matrix(self, ids: list[str], scales) -> np.ndarray:
+        """Global descriptors pooled over `scales` exactly as delg_io.postprocess pools them."""
+        from landmarks.delg_io import l2n
+
+        rows = self._rows(scales)
+        return np.stack([l2n(l2n(self.globals_[i][rows]).sum(axis=0)) for i in ids]).astype(np.float32)
+
+    def local(self, image_id: str, scales, cap: int):
+        """Local features at `scales` with `cap`, as the features stage stores them."""
+        from landmarks.extract import _inside_image, select_local
+
+        self._rows(scales)
+        lf, shape, scale = self.raw_local[image_id]
+        return _inside_image(select_local(lf, scales, cap), shape, scale)
+
+
+# -- splits -----------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    name: str
+    shots: int
+    seed: int
+    train_ids: list[str]
+    train_labels: np.ndarray  # int64 class codes
+    test_ids: list[str]
+    solution: pd.DataFrame  # id, landmarks (empty = non-landmark)
+
+
+def make_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
+    """k-shot splits for every K in hard.shots and seed in range(hard.seeds) (dataset_import.plan_split)."""
+    from landmarks.config import ImportConfig
+    from landmarks.dataset_import import plan_split
+
+    hc = cfg.hard
+    pool = pool[pool["id"].isin(usable)]
+    lm = pool[pool["role"] != "distractor"].assign(extra=lambda d: d["role"] == "extra")
+    dis = pool[pool["role"] == "distractor"]
+    out = []
+    for k in hc.shots:
+        for seed in range(int(hc.seeds)):
+            ic = ImportConfig(train_per_class=int(k), seed=seed, heldout_class_fraction=hc.heldout_class_fraction)
+            rows, _, _, label_of = plan_split(lm, ic)
+            train = rows[rows["split"] == "train"].sort_values("id")
+            test = rows[rows["split"] == "test"].sort_values("id")
+            test_ids = list(test["id"]) + list(dis["id"])
+            truth = list(test["truth"]) + [""] * len(dis)
+            out.append(Split(f"K={k} seed={seed}", int(k), seed, list(train["id"]),
+                             train["cls"].map(label_of).to_numpy(np.int64), test_ids,
+                             pd.DataFrame({"id": test_ids, "landmarks": truth})))
+    return out
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+def _local_key(cfg) -> str:
+    e = cfg.extract
+    return json.dumps([list(e.local_scales), e.max_feature_num, cfg.whiten.local_pca, cfg.whiten.local_pca_dim])
+
+
+class Scorer:
+    """Scores settings on splits with the stage functions; caches local features and pair inliers."""
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+        self._local: dict = {}
+        self._pairs: dict = {}
+        self.verify_seconds = 0.0
+        self.pairs_verified = 0
+
+    def _lf(self, cfg, image_id: str, w_local=None, tag: str = ""):
+        """Local features of one image under cfg (PCA-projected with w_local, fitted on split `tag`)."""
+        key = (_local_key(cfg), tag if w_local is not None else "", image_id)
+        lf = self._local.get(key)
+        if lf is None:
+            lf = self.probe.local(image_id, cfg.extract.local_scales, int(cfg.extract.max_feature_num))
+            if w_local is not None:
+                from landmarks.verify import _pca_local
+
+                lf = _pca_local(lf, w_local)
+            self._local[key] = lf
+        return lf
+
+    def _global(self, cfg, split: Split):
+        from landmarks import knn, whiten
+
+        db = self.probe.global_matrix(split.train_ids, cfg.extract.global_scales)
+        q = self.probe.global_matrix(split.test_ids, cfg.extract.global_scales)
+        if cfg.whiten.global_pca:
+            w = whiten.fit_global(db, cfg.whiten.global_pca_dim)
+            db, q = whiten.apply_global(w, db), whiten.apply_global(w, q)
+        kc = copy.deepcopy(cfg.knn)
+        kc.index = "exact"
+        if kc.dba_k:
+            db = knn.dba(db, kc.dba_k, kc.dba_alpha, kc)
+        k = min(int(kc.k), db.shape[0])
+        sims, idx = knn.search(kc, q, db, k)
+        if kc.qe_k:
+            sims, idx = knn.search(kc, knn.alpha_qe(q, db, sims, idx, kc.qe_k, kc.qe_alpha), db, k)
+        return sims, idx
+
+    def _inliers(self, cfg, split: Split, idx: np.ndarray) -> np.ndarray:
+        from landmarks import whiten
+        from landmarks.verify import verify_image
+
+        R = min(int(cfg.verify.num_to_rerank), idx.shape[1])
+        w_local = None
+        if cfg.whiten.local_pca:
+            desc = np.concatenate([self._lf(cfg, i).descriptors for i in split.train_ids])
+            w_local = whiten.fit_local(desc, cfg.whiten.local_pca_dim)
+        vkey = json.dumps([_local_key(cfg), split.name if w_local is not None else "", cfg.section_hash("verify")])
+        inl = np.zeros((len(split.test_ids), R), np.int32)
+        t0 = time.time()
+        for r, qid in enumerate(split.test_ids):
+            cand = [split.train_ids[j] for j in idx[r, :R] if j >= 0]
+            todo = [c for c in cand if (vkey, qid, c) not in self._pairs]
+            if todo:
+                q = self._lf(cfg, qid, w_local, split.name)
+                cands = [self._lf(cfg, c, w_local, split.name) for c in todo]
+                for c, n in zip(todo, verify_image(cfg.verify, q, cands)):
+                    self._pairs[(vkey, qid, c)] = int(n)
+                self.pairs_verified += len(todo)
+            inl[r, :len(cand)] = [self._pairs[(vkey, qid, c)] for c in cand]
+        self.verify_seconds += time.time() - t0
+        return inl
+
+    def score(self, cfg, split: Split) -> dict:
+        """GAP, accuracy, recall@R and the inliers of correct and wrong candidates on one split."""
+        from landmarks import metrics, validate
+        from landmarks.predict import NO_LABEL, vote
+
+        sims, idx = self._global(cfg, split)
+        inl = self._inliers(cfg, split, idx) if cfg.verify.enabled else None
+        labels, conf = vote(cfg.vote, sims, idx, split.train_labels, inl)
+        ok = labels != NO_LABEL
+        preds = pd.DataFrame({"id": np.asarray(split.test_ids)[ok], "label": labels[ok].astype(str),
+                              "confidence": conf[ok]})
+        s = metrics.score(split.solution, preds)
+        truth = split.solution["landmarks"].to_numpy()
+        cand_labels = np.where(idx >= 0, split.train_labels[np.clip(idx, 0, None)], -1).astype(str)
+        s["recall"] = validate.shortlist_recall(cand_labels, truth, cfg.hard.recall_at)
+        if inl is not None:
+            s["good"], s["bad"] = validate.split_inliers(cand_labels[:, :inl.shape[1]], truth, inl)
+        return s
+
+
+# -- stage ----------------------------------------------------------------------------------------
+def variant_configs(cfg, names=None) -> list[tuple[str, object]]:
+    from landmarks.config import _apply, parse_overrides
+
+    unknown = sorted(set(names or ()) - set(VARIANTS))
+    if unknown:
+        raise LandmarksError(f"hard: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    out = [(DEFAULT_ROW, cfg)]
+    for name, overrides in VARIANTS.items():
+        if names and name not in names:
+            continue
+        c = copy.deepcopy(cfg)
+        _apply(c, parse_overrides(overrides))
+        out.append((name, c))
+    return out
+
+
+def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
+    """Score every variant on every k-shot split; write WORK_DIR/hard/report.md (+ results.json)."""
+    work_dir = Path(work_dir) / "hard"
+    configs = variant_configs(cfg, variants)
+    pool = pool_table(cfg.hard)
+    probe = Probe.load(extract_probe(cfg, pool, model_dir, work_dir), cfg.hard.probe_scales)
+    if probe.failures:
+        log.warning("hard: %d pool images failed and are left out: %s", len(probe.failures),
+                    ", ".join(f"{k}: {v}" for k, v in list(probe.failures.items())[:3]))
+    splits = make_splits(cfg, pool, set(probe.globals_))
+    scorer = Scorer(probe)
+    results = {}
+    for name, c in configs:
+        t0, v0 = time.time(), scorer.verify_seconds
+        per = [scorer.score(c, s) for s in splits]
+        results[name] = {"splits": per, "seconds": time.time() - t0, "verify_seconds": scorer.verify_seconds - v0}
+        log.info("hard: %-60s %s", name, "  ".join(f"K={k}: {_mean(per, splits, k):.4f}" for k in cfg.hard.shots))
+    return write_report(cfg, work_dir, pool, splits, results, model_dir)
+
+
+def _mean(per, splits, k, key="gap") -> float:
+    return float(np.mean([p[key] for p, s in zip(per, splits) if s.shots == k]))
+
+
+def _span(per, splits, k, key="gap") -> str:
+    v = [p[key] for p, s in zip(per, splits) if s.shots == k]
+    return f"{np.mean(v):.4f} ({np.min(v):.3f}-{np.max(v):.3f})"
+
+
+def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
+    shots = list(cfg.hard.shots)
+    n_lm = {s.name: int((s.solution["landmarks"] != "").sum()) for s in splits}
+    lines = ["# Hard protocol report", "",
+             f"Pool: {int((pool['role'] == 'landmark').sum())} wide-baseline photos, "
+             f"{int((pool['role'] == 'extra').sum())} extra-train photos, {int((pool['role'] == 'distractor').sum())} "
+             f"product photos; model `{model_dir}`; {len(splits)} splits "
+             f"(K in {shots}, {cfg.hard.seeds} seeds, held-out class share {cfg.hard.heldout_class_fraction}).", "",
+             "## GAP, mean (min-max) over seeds", "",
+             "| setting | " + " | ".join(f"hard K={k}" for k in shots) + " | " +
+             " | ".join(f"accuracy K={k}" for k in shots) + " | verify s |",
+             "|---|" + "---|" * (2 * len(shots) + 1)]
+    for name, r in results.items():
+        per = r["splits"]
+        lines.append(f"| {name} | " + " | ".join(_span(per, splits, k) for k in shots) + " | " +
+                     " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots) +
+                     f" | {r['verify_seconds']:.1f} |")
+    default = results[DEFAULT_ROW]["splits"]
+    at = list(cfg.hard.recall_at)
+    lines += ["", f"## Per split ({DEFAULT_ROW})", "",
+              "| split | landmark queries | test images | GAP | accuracy | " + " | ".join(f"R@{r}" for r in at) + " |",
+              "|---|---|---|---|---|" + "---|" * len(at)]
+    for s, p in zip(splits, default):
+        lines.append(f"| {s.name} | {n_lm[s.name]} | {len(s.test_ids)} | {p['gap']:.4f} | {p['accuracy']:.3f} | " +
+                     " | ".join(f"{p['recall'][r]:.3f}" for r in at) + " |")
+    lines += ["", "## Shortlist recall@R (mean over seeds)", "",
+              "| setting | K | " + " | ".join(f"R@{r}" for r in at) + " |", "|---|---|" + "---|" * len(at)]
+    for name, r in results.items():
+        for k in shots:
+            per = [p for p, s in zip(r["splits"], splits) if s.shots == k]
+            lines.append(f"| {name} | {k} | " + " | ".join(f"{np.mean([p['recall'][a] for p in per]):.3f}" for a in at) + " |")
+    lines += ["", "## Inlier separation (all splits pooled): correct-class against wrong candidates", "",
+              "| setting | correct q10/q50/q90 | wrong q50/q90 | random floor (wrong q95) | correct at or below floor | ROC AUC |",
+              "|---|---|---|---|---|---|"]
+    from landmarks import validate
+
+    summary = {}
+    for name, r in results.items():
+        if "good" not in r["splits"][0]:
+            continue
+        sep = validate.separation(np.concatenate([p["good"] for p in r["splits"]]), np.concatenate([p["bad"] for p in r["splits"]]))
+        summary[name] = sep
+        lines.append(f"| {name} | {sep['good_q10']:.0f}/{sep['good_q50']:.0f}/{sep['good_q90']:.0f} | "
+                     f"{sep['bad_q50']:.0f}/{sep['bad_q90']:.0f} | {sep['floor']:.0f} | {sep['good_at_floor']:.3f} | "
+                     f"{sep['auc']:.3f} |")
+    out = work_dir / "report.md"
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    js = {name: {"gap": {str(k): [p["gap"] for p, s in zip(r["splits"], splits) if s.shots == k] for k in shots},
+                 "verify_seconds": r["verify_seconds"], "separation": summary.get(name)}
+          for name, r in results.items()}
+    with atomic_path(work_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps(js, indent=1), encoding="utf-8")
+    print("\n".join(lines[:lines.index(f"## Per split ({DEFAULT_ROW})")]))
+    log.info("hard: report -> %s", out)
+    return out
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("validate-hard", parents=[common],
+                              help="hard protocol: k-shot splits of the wide-baseline photos -> WORK_DIR/hard/report.md")
+    p.add_argument("--variant", action="append", default=None, metavar="NAME[;NAME...]",
+                   help="score only these named variants (repeatable, or ';'-separated; default: all); "
+                        "the current config is always scored")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, cfg) -> int:
+    names = [n.strip() for v in args.variant or [] for n in v.split(";") if n.strip()]
+    run_validate_hard(cfg, args.work_dir, args.model, names or None)
+    return 0

@@ -1,0 +1,200 @@
+"""Hard protocol: k-shot splits, separate global/local scale sets, recall@R and inlier separation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from landmarks import extract, hard, validate
+from landmarks.config import Config, ImportConfig, load_config
+from landmarks.dataset_import import import_dataset, plan_split
+from landmarks.store import LocalFeatures
+from landmarks.utils import LandmarksError
+
+
+def _landmarks(n_classes=5, sizes=(1, 2, 3, 4, 6)):
+    rows = [(f"{c}{i:02d}", f"class{c}") for c, n in zip("abcdefgh"[:n_classes], sizes) for i in range(n)]
+    return pd.DataFrame(rows, columns=["id", "cls"])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_plan_split_k_shot(k):
+    lm = pd.concat([_landmarks(), pd.DataFrame({"id": ["x1", "x2", "x3"], "cls": ["extra"] * 3})], ignore_index=True)
+    lm["extra"] = lm["cls"] == "extra"
+    rows, held, class_rows, label_of = plan_split(lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=3))
+    assert len(held) == 1 and "extra" not in held  # 20 % of the 5 candidate classes; extra never held out
+    for c, g in rows.groupby("cls"):
+        n = len(g)
+        n_train, n_test = int((g["split"] == "train").sum()), int((g["split"] == "test").sum())
+        if c == "extra":
+            assert (n_train, n_test) == (3, 0)
+        elif c in held:
+            assert (n_train, n_test) == (0, n) and (g["truth"] == "").all()
+        else:
+            assert (n_train, n_test) == (min(k, n), n - min(k, n))
+            assert (g["truth"] == str(label_of[c])).all()
+    again, *_ = plan_split(lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=3))
+    pd.testing.assert_frame_equal(rows, again)
+    other = [plan_split(lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=s))[0] for s in range(4, 9)]
+    assert any(not o["split"].equals(rows["split"]) for o in other)
+
+
+def _write_set(root, name, classes, per_class, seed, labelled=True):
+    """A photo set in the shared layout (LABELS.csv id,landmark_id,path) of textured generated images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    d = root / name
+    d.mkdir(parents=True)
+    rows = []
+    for c in range(classes):
+        base = rng.integers(0, 256, (12, 12, 3)).astype(np.uint8)
+        big = np.asarray(Image.fromarray(base).resize((96, 96), Image.NEAREST))
+        for v in range(per_class):
+            img = np.roll(big, (4 * v, 3 * v), axis=(0, 1)).astype(np.int16) + rng.integers(-6, 7, big.shape)
+            path = d / f"c{c}_{v}.png"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+            rows.append((f"{name}-{c}-{v}", f"{name}{c}" if labelled else "", path.name))
+    pd.DataFrame(rows, columns=["id", "landmark_id", "path"]).to_csv(d / "LABELS.csv", index=False)
+    return d
+
+
+def test_import_k_shot_with_extra_train(tmp_path):
+    root = tmp_path / "shared"
+    _write_set(root, "hard", 4, 3, 0)
+    _write_set(root, "extra", 2, 2, 1)
+    _write_set(root, "dis", 1, 6, 2, labelled=False)
+    out = import_dataset(Config(), [root / "hard/LABELS.csv"], tmp_path / "ds", distractors=[root / "dis/LABELS.csv"],
+                         extra_train=[root / "extra/LABELS.csv"], train_per_class=1, heldout_class_fraction=0.25,
+                         distractor_sample=4, seed=0)
+    counts = json.loads((out / "split.json").read_text())["counts"]
+    # 3 seen landmarks keep 1 photo each, + 4 extra-train photos; test: 3x2 seen + 3 unseen + 4 distractors
+    assert counts["train_images"] == 3 + 4 and counts["heldout_classes"] == 1
+    assert counts["test_images"] == 6 + 3 + 4 and counts["test_landmark"] == 6
+    train = pd.read_csv(out / "train.csv")
+    assert train["landmark_id"].value_counts().max() == 2  # only the extra classes have 2
+
+
+def test_select_local_equals_a_call_at_the_local_scales_alone(fake_model):
+    from landmarks.delg_io import load_delg, postprocess
+
+    model = load_delg(fake_model)
+    img = np.random.default_rng(0).integers(0, 256, (70, 90, 3)).astype(np.uint8)
+    settings = {"global_scales": [0.5, 0.7071], "local_scales": [1.0, 0.7071], "max_feature_num": 40, "abs_thres": 0.0}
+    scales, rows, cap = extract.model_call(settings, local=True)
+    assert scales == [0.5, 0.7071, 1.0] and rows == [0, 1] and cap == extract.ALL_FEATURES
+    g, lf = extract.run_model(model, img, settings, local=True)
+    g_ref, _ = postprocess(model(img, [0.5, 0.7071], 40, 0.0, [0, 1]))
+    _, lf_ref = postprocess(model(img, [0.7071, 1.0], 40, 0.0, [0]))
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+    assert len(lf) == len(lf_ref) == 40
+    key = lambda f: sorted(map(tuple, np.round(np.c_[f.keypoints, f.scales], 3)))
+    assert key(lf) == key(lf_ref)
+    assert set(np.round(lf.scales, 4)) <= {0.7071, 1.0}
+    # global-only extraction runs the global scales alone; equal sets need no selection
+    assert extract.model_call(settings, local=False) == ([0.5, 0.7071], [0, 1], 40)
+    same = dict(settings, local_scales=[0.5, 0.7071])
+    assert extract.model_call(same, local=True) == ([0.5, 0.7071], [0, 1], 40)
+
+
+def test_select_local_caps_per_scale_then_overall():
+    lf = LocalFeatures(np.arange(12, dtype=np.float32).reshape(6, 2), np.eye(6, 4, dtype=np.float32),
+                       np.array([1, 1, 1, 2, 2, 0.5], np.float32), np.array([5, 4, 3, 9, 1, 10], np.float32))
+    out = extract.select_local(lf, [1.0, 2.0], 2)
+    assert out.scores.tolist() == [9, 5] and out.scales.tolist() == [2, 1]
+
+
+def test_recall_and_separation():
+    cand = np.array([["1", "2", "1"], ["3", "2", "2"], ["-1", "-1", "-1"]])
+    truth = ["2", "2", ""]
+    assert validate.shortlist_recall(cand, truth, [1, 2, 3]) == {1: 0.0, 2: 1.0, 3: 1.0}
+    inl = np.array([[5, 40, 4], [6, 30, 20], [1, 1, 1]])
+    good, bad = validate.split_inliers(cand, truth, inl)
+    assert sorted(good.tolist()) == [20, 30, 40] and sorted(bad.tolist()) == [4, 5, 6]
+    sep = validate.separation(good, bad)
+    assert sep["auc"] == 1.0 and sep["good_at_floor"] == 0.0 and sep["good_q50"] == 30
+    assert validate.separation(np.array([3, 3]), np.array([3, 3]))["auc"] == 0.5
+
+
+def _hard_cfg(root, **over):
+    overrides = [f"hard.shared_data={root}", "hard.landmarks=hard", "hard.extra_train=extra", "hard.distractors=dis",
+                 "hard.distractor_sample=3", "hard.shots=1,2", "hard.seeds=2", "hard.heldout_class_fraction=0.25",
+                 "hard.probe_scales=0.5,1.0", "hard.probe_features=60", "hard.probe_batch=5",
+                 "extract.global_scales=0.5,1.0", "extract.local_scales=1.0", "extract.max_feature_num=50",
+                 "extract.jobs=1", "verify.jobs=1", "verify.num_to_rerank=3"]
+    return load_config(None, overrides + [f"{k}={v}" for k, v in over.items()])
+
+
+def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
+    root = tmp_path / "shared"
+    _write_set(root, "hard", 4, 3, 0)
+    _write_set(root, "extra", 2, 2, 1)
+    _write_set(root, "dis", 1, 5, 2, labelled=False)
+    cfg = _hard_cfg(root)
+    work = tmp_path / "work"
+    report = hard.run_validate_hard(cfg, work, fake_model, variants=["global only", "rerank R=20"])
+    text = report.read_text()
+    for needle in ("| current config (default) |", "| global only |", "| rerank R=20 |", "| K=1 seed=1 |",
+                   "| K=2 seed=0 |", "Shortlist recall@R", "Inlier separation"):
+        assert needle in text
+    res = json.loads((work / "hard" / "results.json").read_text())
+    gaps = res[hard.DEFAULT_ROW]["gap"]
+    assert len(gaps["1"]) == len(gaps["2"]) == 2 and all(0 <= g <= 1 for g in gaps["1"] + gaps["2"])
+    assert res["global only"]["separation"] is None and res[hard.DEFAULT_ROW]["separation"]["n_good"] > 0
+    assert "hard K=1" in capsys.readouterr().out
+    # the probe is resumable: a rerun reads the stored batches and runs no image through the model
+    probes = sorted((work / "hard" / "probe").glob("probe-*.h5"))
+    assert len(probes) == 4  # 4x3 + 2x2 + 3 distractors = 19 images in batches of 5
+    stamps = [p.stat().st_mtime_ns for p in probes]
+    hard.run_validate_hard(cfg, work, fake_model, variants=["global only"])
+    assert [p.stat().st_mtime_ns for p in probes] == stamps
+
+
+def test_validate_hard_errors(tmp_path, fake_model):
+    with pytest.raises(LandmarksError, match="not found"):
+        hard.run_validate_hard(_hard_cfg(tmp_path / "absent"), tmp_path / "w", fake_model)
+    root = tmp_path / "shared"
+    _write_set(root, "hard", 2, 2, 0)
+    _write_set(root, "extra", 1, 2, 1)
+    _write_set(root, "dis", 1, 2, 2, labelled=False)
+    with pytest.raises(LandmarksError, match="unknown variant"):
+        hard.run_validate_hard(_hard_cfg(root), tmp_path / "w", fake_model, variants=["no such row"])
+    with pytest.raises(LandmarksError, match="probe scales"):
+        hard.run_validate_hard(_hard_cfg(root, **{"extract.local_scales": "2.0"}), tmp_path / "w", fake_model,
+                               variants=["global only"])
+
+
+def test_real_hard_protocol_splits():
+    """On the shared photos (when present): every K-shot split has the protocol's shape."""
+    cfg = Config()
+    from pathlib import Path
+
+    if not (Path(cfg.hard.shared_data) / cfg.hard.landmarks).is_dir():
+        pytest.skip("../shared/data is absent")
+    pool = hard.pool_table(cfg.hard)
+    splits = hard.make_splits(cfg, pool, set(pool["id"]))
+    assert len(splits) == len(cfg.hard.shots) * cfg.hard.seeds
+    lm = pool[pool["role"] == "landmark"]
+    for s in splits:
+        n_lm = int((s.solution["landmarks"] != "").sum())
+        assert 10 <= n_lm < len(lm)  # a few dozen landmark queries at most
+        assert int((pool["role"] == "distractor").sum()) == cfg.hard.distractor_sample
+        extra = set(pool.loc[pool["role"] == "extra", "id"])
+        assert extra <= set(s.train_ids) and not extra & set(s.test_ids)
+
+
+@pytest.mark.parametrize("confidence, expected", [("score", 0.9), ("margin", 0.9 - 0.8)])
+def test_vote_confidence_score_or_margin(confidence, expected):
+    from landmarks.config import VoteConfig
+    from landmarks.predict import vote
+
+    cfg = VoteConfig(power=1.0, neighbours=3, top_k=1, confidence=confidence)
+    labels, conf = vote(cfg, np.array([[0.9, 0.8, 0.1], [0.5, 0.4, 0.3]]), np.array([[0, 1, 2], [0, 3, 3]]),
+                        np.array([5, 6, 7, 5]))
+    assert labels.tolist() == [5, 5]
+    assert conf[0] == pytest.approx(expected)
+    assert conf[1] == pytest.approx(0.5)  # one label only: nothing to subtract
+    with pytest.raises(LandmarksError, match="vote.confidence"):
+        vote(VoteConfig(confidence="odds"), np.ones((1, 1)), np.zeros((1, 1), np.int64), np.array([1]))
