@@ -506,7 +506,7 @@ def evaluate(cfg, models: dict[str, str | Path], photos: list[str]) -> dict[str,
     """Match precision under known warps of real photos, per model.
 
     For each photo and each of adapt.eval_warps seeded warps (with the photometric changes), both
-    views go through the model's official signature (extract.image_scales, adapt.eval_features);
+    views go through the model's official signature (extract.local_scales, adapt.eval_features);
     mutual nearest neighbours are correct when within adapt.eval_tolerance px of the true position.
     Also pydegensac inliers of each true pair against those of a wrong pair (view A of this photo,
     view B of the next photo).
@@ -528,7 +528,7 @@ def evaluate(cfg, models: dict[str, str | Path], photos: list[str]) -> dict[str,
         model = load_delg(path)
 
         def feats(x):
-            _, lf = postprocess(model(x, e.image_scales, ac.eval_features, e.abs_thres, e.global_scales_ind))
+            _, lf = postprocess(model(x, list(e.local_scales), ac.eval_features, e.abs_thres, [0]))
             return lf
 
         fa = [feats(a) for _, a, _, _, _ in pairs]

@@ -223,7 +223,7 @@ class AdaptConfig:
     temperature: float = 0.07  # InfoNCE temperature on cosine similarities
     neg_radius: float = 1.5  # B cells closer than this (in cells) to the true position are not negatives
     hidden: int = 256  # hidden units of the residual projection MLP
-    context: int = 1  # the MLP's first layer sees context x context cells (1 = pointwise, 3 = neighbours)
+    context: int = 3  # the MLP's first layer sees context x context cells (1 = pointwise, 3 = neighbours)
     reliability_weight: float = 1.0  # weight of the keypoint (reliability) BCE
     score: str = "reliability"  # exported keypoint score: reliability | norm | norm_x_reliability
     scale_min: float = 0.5  # zoom of view B against view A (log-uniform)
