@@ -263,10 +263,10 @@ def _plot(history: list[dict], path: Path) -> None:
         return
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    import pandas as pd
+
     for key in ("loss", "infonce", "reliability"):
-        v = np.convolve([h[key] for h in history], np.ones(5) / 5, mode="same") if len(history) >= 5 else \
-            [h[key] for h in history]
-        axes[0].plot(steps, v, label=key)
+        axes[0].plot(steps, pd.Series([h[key] for h in history]).rolling(5, min_periods=1).mean(), label=key)
     axes[0].set_xlabel("step")
     axes[0].set_title("loss (running mean of 5)")
     axes[0].legend()
