@@ -235,7 +235,7 @@ class AdaptConfig:
     occlusion: float = 0.5  # probability of an occluding rectangle on view B
     checkpoint_every: int = 50
     seed: int = 0
-    eval_images: int = 12  # match-precision check: held-out photos
+    eval_images: int = 24  # match-precision check: held-out photos
     eval_warps: int = 2  # known warps per photo
     eval_crop: int = 384  # view side in the check
     eval_features: int = 500  # local features per view in the check
