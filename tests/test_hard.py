@@ -123,7 +123,7 @@ def _hard_cfg(root, **over):
                  "hard.distractor_sample=3", "hard.shots=1,2", "hard.seeds=2", "hard.heldout_class_fraction=0.25",
                  "hard.probe_scales=0.5,1.0", "hard.probe_features=60", "hard.probe_batch=5",
                  "extract.global_scales=0.5,1.0", "extract.local_scales=1.0", "extract.max_feature_num=50",
-                 "extract.jobs=1", "verify.jobs=1", "verify.num_to_rerank=3"]
+                 "extract.jobs=1", "verify.jobs=1", "verify.num_to_rerank=3", "hard.demo_dir="]
     return load_config(None, overrides + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -143,13 +143,20 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
     gaps = res[hard.DEFAULT_ROW]["gap"]
     assert len(gaps["1"]) == len(gaps["2"]) == 2 and all(0 <= g <= 1 for g in gaps["1"] + gaps["2"])
     assert res["global only"]["separation"] is None and res[hard.DEFAULT_ROW]["separation"]["n_good"] > 0
+    assert list(res["global only"]["guards"]) == ["easy import"]  # the extra-train set split as `make import` does
+    assert 0 <= res["global only"]["guards"]["easy import"] <= 1 and "| easy import |" in text
     assert "hard K=1" in capsys.readouterr().out
     # the probe is resumable: a rerun reads the stored batches and runs no image through the model
     probes = sorted((work / "hard" / "probe").glob("probe-*.h5"))
-    assert len(probes) == 4  # 4x3 + 2x2 + 3 distractors = 19 images in batches of 5
+    assert len(probes) == 4  # 4x3 + 2x2 + 3 distractors = 19 images in batches of 5 (probe files are kept by id)
     stamps = [p.stat().st_mtime_ns for p in probes]
     hard.run_validate_hard(cfg, work, fake_model, variants=["global only"])
     assert [p.stat().st_mtime_ns for p in probes] == stamps
+    # a larger pool probes only the new images (skip by id), in a new file
+    hard.run_validate_hard(_hard_cfg(root, **{"hard.distractor_sample": 5}), work, fake_model, variants=["global only"])
+    now = sorted((work / "hard" / "probe").glob("probe-*.h5"))
+    assert len(now) == 5 and [p.stat().st_mtime_ns for p in probes] == stamps
+    assert len(hard._probed_ids(next(p for p in now if p not in probes))) == 2
 
 
 def test_validate_hard_errors(tmp_path, fake_model):

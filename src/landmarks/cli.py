@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from landmarks.config import ConfigError, dump_config, load_config
-from landmarks.utils import LandmarksError, setup_logging
+from landmarks.utils import LandmarksError, error_text, setup_logging
 
 # Stage modules that contribute sub-commands, in the order shown by --help.
 STAGE_MODULES = [
@@ -79,14 +80,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         rc = args.func(args, cfg)
+        sys.stdout.flush()  # a closed pipe (`landmarks gap ... | head -1`) shows up here, not at exit
         return int(rc or 0)
-    except (LandmarksError, ConfigError, FileNotFoundError) as e:
+    except BrokenPipeError:
+        # the reader went away: stop quietly, and keep Python from failing again on its exit flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell tool killed by the pipe
+    except (LandmarksError, ConfigError, OSError) as e:
         logging.getLogger("landmarks").debug("error", exc_info=True)
-        print(f"landmarks {args.command}: error: {e}", file=sys.stderr)
+        print(f"landmarks {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; OS errors (full disk, permissions, ...) as '[Errno N] reason: path'."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return f"{type(e).__name__}: {error_text(e)}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -1,52 +1,172 @@
-"""Reader of the Kaggle GLDv2 layout (CONVENTIONS.md).
+"""Reader of the Kaggle GLDv2 layout (CONVENTIONS.md), with the id and label rules.
 
 DATA/train.csv (id, landmark_id[, url...]), DATA/sample_submission.csv (id, landmarks),
 optional DATA/solution.csv, images at DATA/<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg.
-Built for the 1.58M-row GLDv2 train.csv: one pandas read with dtype hints, vectorised paths.
+Built for the 1.58M-row GLDv2 train.csv: one pandas read, vectorised checks and paths.
+
+Id rule (every CSV, every stage): after stripping surrounding whitespace (warned once per
+file), an id is 1-200 ASCII letters, digits, '_' or '-' (so it is a safe file name: no
+separator, no '.', no NUL); image ids (train.csv, sample_submission.csv) have at least 3.
+Label rule: a landmark_id is a non-negative decimal integer below 2**63 written plainly
+(no sign, no leading zero, no exponent or fraction), so it round-trips exactly through int64.
 """
 from __future__ import annotations
 
+import csv
+import logging
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from landmarks.utils import LandmarksError
 
+log = logging.getLogger("landmarks.data")
+
 SPLITS = {"train": "train.csv", "test": "sample_submission.csv"}
+ID_CHARS = "A-Za-z0-9_-"
+ID_MAX_LEN = 200  # '<id>.jpg' stays below the usual 255-byte file-name limit
+IMAGE_ID_MIN_LEN = 3  # <a>/<b>/<c>/ directory levels
+LABEL_MAX = 2**63 - 1
+_ID_RE = re.compile(f"[{ID_CHARS}]+")
+_LABEL_RE = re.compile(r"0|[1-9][0-9]*")
+ID_RULE = f"1-{ID_MAX_LEN} characters of A-Z a-z 0-9 _ -"
+LABEL_RULE = "a non-negative integer below 2**63 in plain decimal"
+
+
+def id_problem(value, min_len: int = 1) -> str | None:
+    """Why `value` (already stripped) is not a valid id, or None when it is."""
+    if not isinstance(value, str) or value == "":
+        return "empty id"
+    if "\x00" in value:
+        return f"id {value!r} contains a NUL byte"
+    if not _ID_RE.fullmatch(value):
+        bad = next(c for c in value if not _ID_RE.fullmatch(c))
+        return f"id {value!r} contains {bad!r} (ids are {ID_RULE})"
+    if len(value) < min_len:
+        return f"id {value!r} is shorter than {min_len} characters"
+    if len(value) > ID_MAX_LEN:
+        return f"id {value[:20]!r}... is longer than {ID_MAX_LEN} characters"
+    return None
+
+
+def label_problem(value) -> str | None:
+    """Why `value` (already stripped text) is not a valid landmark_id, or None."""
+    if not isinstance(value, str) or value == "":
+        return "empty landmark_id"
+    if _LABEL_RE.fullmatch(value):
+        return None if int(value) <= LABEL_MAX else f"landmark_id {value!r} is too large (must be below 2**63)"
+    if value.isascii() and value[:1] in "+-" and value[1:].isdigit():
+        return f"landmark_id {value!r} has a sign ({LABEL_RULE})"
+    if value.isascii() and value.isdigit():
+        return f"landmark_id {value!r} has a leading zero; write {int(value)}"
+    return f"landmark_id {value!r} is not {LABEL_RULE}"
+
+
+def check_label(value) -> str:
+    """A label as text, checked ('' is not a label); LandmarksError naming the rule otherwise."""
+    s = str(int(value)) if isinstance(value, (int, np.integer)) else str(value).strip()
+    why = label_problem(s)
+    if why:
+        raise LandmarksError(why)
+    return s
 
 
 def image_path(data_dir: str | Path, split: str, image_id: str) -> Path:
-    """DATA/<split>/<a>/<b>/<c>/<id>.jpg"""
+    """DATA/<split>/<a>/<b>/<c>/<id>.jpg; the id is checked and the path must stay in DATA/<split>/."""
     image_id = str(image_id)
-    if len(image_id) < 3:
-        raise LandmarksError(f"image id {image_id!r} is shorter than 3 characters (GLDv2 ids are 16 hex digits)")
-    return Path(data_dir) / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+    why = id_problem(image_id, IMAGE_ID_MIN_LEN)
+    if why:
+        raise LandmarksError(f"image {why}")
+    root = Path(data_dir) / split
+    path = root / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+    _check_inside(root, path)
+    return path
+
+
+def _check_inside(root: Path, path: Path) -> None:
+    """Refuse a path that leaves root once '..' and '.' are resolved (lexically: a symlink placed
+    inside the dataset on purpose, as `landmarks holdout` makes, stays allowed)."""
+    r, p = os.path.normpath(os.path.abspath(root)), os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([r, p]) != r:
+        raise LandmarksError(f"image path {path} leaves {root}")
 
 
 def image_paths(data_dir: str | Path, split: str, ids: pd.Series) -> pd.Series:
-    """Vectorised image_path for a Series of ids (strings)."""
+    """Vectorised image_path for a Series of ids already checked by check_ids (load_split)."""
     prefix = f"{Path(data_dir)}{os.sep}{split}{os.sep}"
     sep = os.sep
     vals = [f"{prefix}{i[0]}{sep}{i[1]}{sep}{i[2]}{sep}{i}.jpg" for i in ids.tolist()]
     return pd.Series(vals, index=ids.index, dtype=object)
 
 
-def _header(path: Path) -> list[str]:
+def read_header(path: Path) -> list[str]:
+    """Column names of a CSV file, parsed as CSV (quoted names allowed), stripped."""
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            line = f.readline()
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
+            row = next(csv.reader(f), [])
     except UnicodeDecodeError:
         raise LandmarksError(f"{path}: line 1: not UTF-8 text; save the file as UTF-8") from None
-    if not line.strip():
+    except csv.Error as e:
+        raise LandmarksError(f"{path}: line 1: malformed CSV header ({e})") from None
+    header = [c.strip() for c in row]
+    if not any(header):
         raise LandmarksError(f"{path}: empty file (expected a header line such as 'id,landmark_id')")
-    return [c.strip() for c in line.rstrip("\r\n").split(",")]
+    return header
 
 
-def _first_lines(mask: pd.Series, limit: int = 3) -> str:
+def _first_lines(mask, limit: int = 3) -> str:
     """Line numbers (1 = header) of the first rows where mask is true."""
-    idx = mask.to_numpy().nonzero()[0][:limit]
+    idx = np.asarray(mask).nonzero()[0][:limit]
     return ", ".join(str(i + 2) for i in idx)
+
+
+def _as_text(col: pd.Series) -> pd.Series:
+    """Object column of str (missing fields -> '')."""
+    col = col.astype(object)
+    if col.map(type).ne(str).any():
+        col = col.map(lambda v: v if isinstance(v, str) else "")
+    return col
+
+
+def strip_column(col: pd.Series, path, name: str) -> pd.Series:
+    """Strip surrounding whitespace, with one warning per file naming the first line."""
+    stripped = col.str.strip()
+    changed = stripped.ne(col).to_numpy()
+    if changed.any():
+        log.warning("%s: %d %s value(s) had surrounding whitespace, stripped (first: line %s, %r)",
+                    path, int(changed.sum()), name, _first_lines(changed, 1), col[changed].iloc[0])
+    return stripped
+
+
+def check_ids(ids: pd.Series, path, min_len: int = 1) -> None:
+    """Every id follows the id rule and is unique; LandmarksError naming the first bad line."""
+    ok = ids.str.fullmatch(_ID_RE.pattern).fillna(False).to_numpy(bool, copy=True)
+    lens = ids.str.len().to_numpy()
+    ok &= (lens >= min_len) & (lens <= ID_MAX_LEN)
+    if not ok.all():
+        first = int(np.flatnonzero(~ok)[0])
+        raise LandmarksError(f"{path}: line {first + 2}: {id_problem(ids.iloc[first], min_len)}")
+    dup = ids.duplicated().to_numpy()
+    if dup.any():
+        raise LandmarksError(f"{path}: line {_first_lines(dup)}: duplicate id {ids[dup].iloc[0]!r} "
+                             f"({int(dup.sum())} duplicates in all)")
+
+
+def labels_to_int(labels: pd.Series, path) -> np.ndarray:
+    """Checked landmark_id texts -> int64 (exact: the rule admits only canonical integers < 2**63)."""
+    ok = labels.str.fullmatch(_LABEL_RE.pattern).fillna(False).to_numpy(bool, copy=True)
+    lens = labels.str.len().to_numpy()
+    ok &= lens <= 19
+    big = np.flatnonzero(ok & (lens == 19))
+    if len(big):
+        ok[big] = [int(s) <= LABEL_MAX for s in labels.iloc[big]]
+    if not ok.all():
+        first = int(np.flatnonzero(~ok)[0])
+        raise LandmarksError(f"{path}: line {first + 2}: {label_problem(labels.iloc[first])}")
+    return labels.astype(np.int64).to_numpy()
 
 
 def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
@@ -59,48 +179,38 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
         hint = "run `landmarks demo-data`, `landmarks import` or `landmarks holdout` to make one" \
             if not data_dir.exists() else f"expected {SPLITS[split]} in it"
         raise LandmarksError(f"{path} not found: {data_dir} is not a Kaggle-layout dataset ({hint})")
-    header = _header(path)
+    header = read_header(path)
     need = ["id", "landmark_id"] if split == "train" else ["id"]
     for col in need:
         if col not in header:
             raise LandmarksError(f"{path}: missing column {col!r} (header: {','.join(header)})")
-    def read(lm_dtype):
-        return pd.read_csv(path, usecols=need, dtype={"id": object, "landmark_id": lm_dtype}, encoding="utf-8-sig",
-                           keep_default_na=False, na_filter=False, engine="c", skipinitialspace=True)
-
     try:
-        try:
-            df = read("int64")  # fast path: well-formed integers
-        except (ValueError, TypeError, OverflowError):
-            df = read(object)  # re-read as text to name the bad row below
+        df = pd.read_csv(path, usecols=lambda c: c.strip() in need, dtype=object, encoding="utf-8-sig",
+                         keep_default_na=False, na_filter=False, engine="c", index_col=False)
     except UnicodeDecodeError:
         raise LandmarksError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
-    except pd.errors.ParserError as e:
-        raise LandmarksError(f"{path}: malformed CSV ({str(e).strip()})") from None
+    except (pd.errors.ParserError, ValueError) as e:
+        raise LandmarksError(f"{path}: malformed CSV ({str(e).strip().splitlines()[0]})") from None
+    df.columns = [c.strip() for c in df.columns]
     if len(df) == 0:
         raise LandmarksError(f"{path}: no rows after the header")
-    ids = df["id"].astype(object)
-    if ids.map(type).ne(str).any():
-        ids = ids.astype(str)
-    bad = ids.str.len() < 3
-    if bad.any():
-        raise LandmarksError(f"{path}: line {_first_lines(bad)}: empty or too short id (need >= 3 characters)")
-    dup = ids.duplicated()
-    if dup.any():
-        raise LandmarksError(f"{path}: line {_first_lines(dup)}: duplicate id {ids[dup].iloc[0]!r} "
-                             f"({int(dup.sum())} duplicates in all)")
+    ids = strip_column(_as_text(df["id"]), path, "id")
+    check_ids(ids, path, IMAGE_ID_MIN_LEN)
     out = pd.DataFrame({"id": ids, "path": image_paths(data_dir, split, ids)})
     if split == "train":
-        lm = df["landmark_id"]
-        if lm.dtype != "int64":
-            num = pd.to_numeric(lm.astype(str).str.strip(), errors="coerce")
-            bad = num.isna() | (num != num.round())
-            if bad.any():
-                raise LandmarksError(f"{path}: line {_first_lines(bad)}: landmark_id {lm[bad].iloc[0]!r} "
-                                     "is not an integer")
-            lm = num
-        out["landmark_id"] = lm.astype("int64")
+        labels = strip_column(_as_text(df["landmark_id"]), path, "landmark_id")
+        out["landmark_id"] = labels_to_int(labels, path)
     return out
+
+
+def check_inputs(data_dir: str | Path, skip: str | None = None) -> None:
+    """Read and check every input CSV of a dataset (train, test, solution when present) before an
+    expensive stage starts, so a broken file stops the run at once with a one-line error.
+    `skip`: a split the caller reads itself anyway."""
+    for split in SPLITS:
+        if split != skip:
+            load_split(data_dir, split)
+    load_solution(data_dir)
 
 
 def check_images(df: pd.DataFrame) -> list[str]:

@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
-from landmarks.utils import LandmarksError, dir_digest, log, text_digest
+from landmarks.utils import LandmarksError, call_writing, dir_digest, log, text_digest
 
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
 RESULT_FIELDS = ("global_scales", "local_scales", "max_feature_num", "abs_thres", "max_image_size",
@@ -216,8 +216,8 @@ def extract_shard(task: ShardTask) -> dict:
     attrs = dict(task.attrs)
     attrs["n_requested"] = n
     attrs["global_dim"] = int(gmat.shape[1]) if gmat is not None else 0
-    write_shard(task.out, ok_ids, gmat, locals_ if task.local else None, failures, attrs,
-                local_dtype=s["local_dtype"])
+    call_writing(task.out, write_shard, task.out, ok_ids, gmat, locals_ if task.local else None, failures, attrs,
+                 local_dtype=s["local_dtype"])  # a full disk: one line, not a trace through joblib
     return {"path": task.out, "n": n, "done": len(ok_ids),
             "failures": dict(collections.Counter(r for _, r in failures)), "seconds": time.time() - t0}
 
@@ -364,6 +364,18 @@ def _cap_shards(cfg, n_shards: int, n_rows: int) -> int:
 
 def run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | None = None,
                  jobs: int | None = None, scheduler=None, local: bool | None = None) -> list[Path]:
+    """_run_features after checking every input CSV (a broken one stops the run before any
+    extraction), holding the split's directory lock (one run at a time per WORK_DIR split)."""
+    from landmarks.data import check_inputs
+    from landmarks.locks import stage_lock
+
+    check_inputs(data_dir, skip=split)
+    with stage_lock(features_dir(Path(work_dir).resolve(), split), "features"):
+        return _run_features(cfg, data_dir, work_dir, model_dir, split, shards, jobs, scheduler, local)
+
+
+def _run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | None = None,
+                  jobs: int | None = None, scheduler=None, local: bool | None = None) -> list[Path]:
     """Extract features of one split into WORK_DIR/features/<split>/shard-i-of-N.h5 (resumable).
 
     `scheduler`: a dask address (tcp://host:8786) or Client; `local`: store local features
@@ -422,6 +434,14 @@ def ensure_local(cfg, data_dir, work_dir, model_dir, split: str, ids: Iterable[s
     if not need:
         return store
     store.close()
+    from landmarks.locks import stage_lock
+
+    with stage_lock(out_dir, "features"):
+        return _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, scheduler)
+
+
+def _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, scheduler) -> FeatureStore:
+    """ensure_local's extraction of the `need` ids (called with the split's directory lock held)."""
     from landmarks.data import load_split
 
     df = load_split(Path(data_dir).resolve(), split)

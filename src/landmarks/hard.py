@@ -39,43 +39,40 @@ PROBE_VERSION = 1
 # applied alone on top of the current config, so a row shows what that one change does.
 OLD_DEFAULTS = ["extract.global_scales=0.7071,1.0,1.4142", "extract.local_scales=0.7071,1.0,1.4142",
                 "verify.num_to_rerank=10", "verify.geometry=homography", "vote.inlier_floor=0",
-                "vote.neighbours=10", "vote.power=8", "verify.mutual_min_sim=0.0", "verify.ratio=1.0",
+                "vote.neighbours=10", "vote.confidence=score", "vote.power=8", "verify.mutual_min_sim=0.0", "verify.ratio=1.0",
                 "whiten.global_pca=false", "whiten.local_pca=false", "knn.dba_k=0", "knn.qe_k=0"]
 REFERENCE = ["extract.global_scales=0.3536,0.5,0.7071", "verify.enabled=false", "vote.neighbours=1",
+             "vote.method=sum_power", "vote.confidence=score",
              "whiten.global_pca=false", "knn.dba_k=0", "knn.qe_k=0"]
 VARIANTS: dict[str, list[str]] = {
     "plain reference (Lite0 GeM, 512 px x 3 scales, cosine top-1)": REFERENCE,
     "old defaults": OLD_DEFAULTS,
     "old defaults, global only": OLD_DEFAULTS + ["verify.enabled=false"],
+    "global only": ["verify.enabled=false"],
     "global scales 0.25-0.5": ["extract.global_scales=0.25,0.3536,0.5"],
-    "global scales 0.35-0.71 (=512 px x 3)": ["extract.global_scales=0.3536,0.5,0.7071"],
     "global scales 0.5-1.0": ["extract.global_scales=0.5,0.7071,1.0"],
     "global scales 0.71-1.41 (old)": ["extract.global_scales=0.7071,1.0,1.4142"],
-    "local scales 0.5-1.0": ["extract.local_scales=0.5,0.7071,1.0"],
-    "local scales 0.35-1.0": ["extract.local_scales=0.3536,0.5,0.7071,1.0"],
     "local scales 0.71-1.41 (old)": ["extract.local_scales=0.7071,1.0,1.4142"],
-    "local scales 0.25-1.41": ["extract.local_scales=0.25,0.3536,0.5,0.7071,1.0,1.4142"],
-    "rerank R=10": ["verify.num_to_rerank=10"],
-    "rerank R=20": ["verify.num_to_rerank=20"],
-    "rerank R=50": ["verify.num_to_rerank=50"],
-    "rerank R=100": ["verify.num_to_rerank=100"],
+    "local scales 0.5-1.0": ["extract.local_scales=0.5,0.7071,1.0"],
+    "local scales 0.25-1.0": ["extract.local_scales=0.25,0.3536,0.5,0.7071,1.0"],
+    "500 local features": ["extract.max_feature_num=500"],
+    "rerank R=10": ["verify.num_to_rerank=10", "vote.neighbours=10"],
+    "rerank R=50": ["verify.num_to_rerank=50", "vote.neighbours=50"],
+    "rerank R=100": ["verify.num_to_rerank=100", "vote.neighbours=100"],
     "fundamental matrix": ["verify.geometry=fundamental"],
-    "no inlier floor": ["vote.inlier_floor=0"],
-    "inlier floor 8": ["vote.inlier_floor=8"],
-    "inlier floor 12": ["vote.inlier_floor=12"],
-    "RANSAC threshold 8 px": ["verify.reproj_threshold=8"],
+    "fundamental matrix, threshold 8 px": ["verify.geometry=fundamental", "verify.reproj_threshold=8"],
     "RANSAC threshold 16 px": ["verify.reproj_threshold=16"],
-    "RANSAC threshold 32 px": ["verify.reproj_threshold=32"],
     "RANSAC 5000 iterations": ["verify.max_iters=5000"],
+    "inlier floor 8 (random-inlier discount)": ["vote.inlier_floor=8"],
     "confidence = margin over runner-up label": ["vote.confidence=margin"],
-    "local PCA (train)": ["whiten.local_pca=true"],
     "mutual NN min sim 0.5": ["verify.mutual_min_sim=0.5"],
     "ratio test 0.9": ["verify.ratio=0.9"],
-    "500 local features": ["extract.max_feature_num=500"],
+    "local PCA (train)": ["whiten.local_pca=true"],
     "global PCA whitening (train)": ["whiten.global_pca=true"],
+    "global PCA whitening (train) to 128-d, power 3": ["whiten.global_pca=true", "whiten.global_pca_dim=128", "vote.power=3"],
+    "no DBA (k=0)": ["knn.dba_k=0"],
     "DBA k=2": ["knn.dba_k=2"],
     "alpha-QE k=2": ["knn.qe_k=2"],
-    "global only": ["verify.enabled=false"],
 }
 DEFAULT_ROW = "current config (default)"
 
@@ -104,8 +101,22 @@ def pool_table(hc) -> pd.DataFrame:
     dis = pool[pool["role"] == "distractor"]
     if len(dis) > hc.distractor_sample:
         dis = sample_distractors(dis, hc.distractor_sample, 0)
-    pool = pd.concat([pool[pool["role"] != "distractor"], dis], ignore_index=True)
+    pool = pd.concat([pool[pool["role"] != "distractor"], dis, demo_rows(hc)], ignore_index=True)
     return pool.sort_values("id").reset_index(drop=True)[["id", "cls", "role", "file"]]
+
+
+def demo_rows(hc) -> pd.DataFrame:
+    """The demo dataset's images (guard set), when hard.demo_dir holds one: roles demo-train / demo-test."""
+    from landmarks import data
+
+    d = Path(hc.demo_dir) if hc.demo_dir else None
+    if d is None or not (d / "train.csv").exists() or not (d / "solution.csv").exists():
+        return pd.DataFrame(columns=["id", "cls", "role", "file"])
+    train, test = data.load_split(d, "train"), data.load_split(d, "test")
+    return pd.concat([pd.DataFrame({"id": train["id"], "cls": train["landmark_id"].astype(str), "role": "demo-train",
+                                    "file": train["path"]}),
+                      pd.DataFrame({"id": test["id"], "cls": "", "role": "demo-test", "file": test["path"]})],
+                     ignore_index=True)
 
 
 # -- probe extraction -------------------------------------------------------------------------------
@@ -148,33 +159,48 @@ def probe_settings(cfg) -> dict:
             "min_image_size": e.min_image_size, "abs_thres": e.abs_thres, "version": PROBE_VERSION}
 
 
+def probe_fingerprint(cfg, model_dir) -> str:
+    return text_digest(dir_digest(model_dir), json.dumps(probe_settings(cfg), sort_keys=True))[:12]
+
+
+def _probed_ids(path: Path) -> list[str]:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return list(f.keys())
+    except OSError:  # unreadable (a killed writer leaves none: files are renamed when complete)
+        return []
+
+
 def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
-    """Probe every pool image once (resumable: batch files named by their content); returns the files."""
+    """Probe the pool images that no stored probe file holds yet (skip by id, as a rerun or a larger
+    pool needs); returns every probe file of this model and these settings."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from landmarks.extract import _cores, _check_model
+    from landmarks.extract import _check_model, _cores
 
     model_dir = _check_model(model_dir)
     settings = probe_settings(cfg)
-    fp = text_digest(dir_digest(model_dir), json.dumps(settings, sort_keys=True))
+    fp = probe_fingerprint(cfg, model_dir)
     out_dir = Path(work_dir) / "probe"
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = {i for p in out_dir.glob(f"probe-{fp}-*.h5") for i in _probed_ids(p)}
+    todo_rows = pool[~pool["id"].isin(done)]
     size = max(1, int(cfg.hard.probe_batch))
-    batches = [pool.iloc[a:a + size] for a in range(0, len(pool), size)]
-    paths = [out_dir / f"probe-{text_digest(fp, *b['id'])}.h5" for b in batches]
-    todo = [(b, p) for b, p in zip(batches, paths) if not p.exists()]
+    todo = [todo_rows.iloc[a:a + size] for a in range(0, len(todo_rows), size)]
     if todo:
         jobs = max(1, min(int(cfg.extract.jobs), len(todo)))
         threads = max(1, _cores() // jobs)
-        log.info("hard: probing %d of %d pool images at scales %s (%d jobs)", sum(len(b) for b, _ in todo),
-                 len(pool), settings["probe_scales"], jobs)
-        tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings, str(p))
-                 for b, p in todo)
+        log.info("hard: probing %d of %d pool images at scales %s (%d jobs)", len(todo_rows), len(pool),
+                 settings["probe_scales"], jobs)
+        tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings,
+                                       str(out_dir / f"probe-{fp}-{text_digest(*b['id'])}.h5")) for b in todo)
         with tqdm(total=len(todo), desc="hard: probe batches", unit="batch") as bar:
             for _ in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
                 bar.update(1)
-    return paths
+    return sorted(out_dir.glob(f"probe-{fp}-*.h5"))
 
 
 @dataclass
@@ -187,7 +213,7 @@ class Probe:
     failures: dict  # id -> reason
 
     @classmethod
-    def load(cls, paths: list[Path], scales) -> "Probe":
+    def load(cls, paths: list[Path], scales, wanted: set[str] | None = None) -> "Probe":
         import h5py
 
         from landmarks.store import LocalFeatures
@@ -196,6 +222,8 @@ class Probe:
         for p in paths:
             with h5py.File(p, "r") as f:
                 for image_id, grp in f.items():
+                    if wanted is not None and image_id not in wanted:
+                        continue
                     if "failure" in grp.attrs:
                         fail[image_id] = str(grp.attrs["failure"])
                         continue
@@ -250,7 +278,7 @@ def make_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
 
     hc = cfg.hard
     pool = pool[pool["id"].isin(usable)]
-    lm = pool[pool["role"] != "distractor"].assign(extra=lambda d: d["role"] == "extra")
+    lm = pool[pool["role"].isin(["landmark", "extra"])].assign(extra=lambda d: d["role"] == "extra")
     dis = pool[pool["role"] == "distractor"]
     out = []
     for k in hc.shots:
@@ -264,6 +292,32 @@ def make_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
             out.append(Split(f"K={k} seed={seed}", int(k), seed, list(train["id"]),
                              train["cls"].map(label_of).to_numpy(np.int64), test_ids,
                              pd.DataFrame({"id": test_ids, "landmarks": truth})))
+    return out
+
+
+def guard_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
+    """The easy sets as guards: the `make import` split of the extra-train sets (+ the product sample),
+    and the demo dataset when present.  A change must not make them worse."""
+    from landmarks import data
+    from landmarks.dataset_import import plan_split
+
+    pool = pool[pool["id"].isin(usable)]
+    out = []
+    easy = pool[pool["role"] == "extra"]
+    if len(easy):
+        rows, _, _, label_of = plan_split(easy, cfg.dataset_import)
+        train = rows[rows["split"] == "train"].sort_values("id")
+        test = rows[rows["split"] == "test"].sort_values("id")
+        dis = pool[pool["role"] == "distractor"]
+        ids, truth = list(test["id"]) + list(dis["id"]), list(test["truth"]) + [""] * len(dis)
+        out.append(Split("easy import", 0, cfg.dataset_import.seed, list(train["id"]),
+                         train["cls"].map(label_of).to_numpy(np.int64), ids, pd.DataFrame({"id": ids, "landmarks": truth})))
+    demo_train = pool[pool["role"] == "demo-train"]
+    if len(demo_train):
+        sol = data.load_solution(cfg.hard.demo_dir)
+        sol = sol[sol["id"].isin(usable)]
+        out.append(Split("demo", 0, 0, list(demo_train["id"]), demo_train["cls"].astype(np.int64).to_numpy(),
+                         list(sol["id"]), sol[["id", "landmarks"]].fillna("").reset_index(drop=True)))
     return out
 
 
@@ -381,18 +435,21 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
     work_dir = Path(work_dir) / "hard"
     configs = variant_configs(cfg, variants)
     pool = pool_table(cfg.hard)
-    probe = Probe.load(extract_probe(cfg, pool, model_dir, work_dir), cfg.hard.probe_scales)
+    probe = Probe.load(extract_probe(cfg, pool, model_dir, work_dir), cfg.hard.probe_scales, set(pool["id"]))
     if probe.failures:
         log.warning("hard: %d pool images failed and are left out: %s", len(probe.failures),
                     ", ".join(f"{k}: {v}" for k, v in list(probe.failures.items())[:3]))
     splits = make_splits(cfg, pool, set(probe.globals_))
+    guards = guard_splits(cfg, pool, set(probe.globals_))
     scorer = Scorer(probe)
     results = {}
     for name, c in configs:
         t0, v0 = time.time(), scorer.verify_seconds
         per = [scorer.score(c, s) for s in splits]
-        results[name] = {"splits": per, "seconds": time.time() - t0, "verify_seconds": scorer.verify_seconds - v0}
-        log.info("hard: %-60s %s", name, "  ".join(f"K={k}: {_mean(per, splits, k):.4f}" for k in cfg.hard.shots))
+        results[name] = {"splits": per, "guards": {g.name: scorer.score(c, g)["gap"] for g in guards},
+                         "seconds": time.time() - t0, "verify_seconds": scorer.verify_seconds - v0}
+        log.info("hard: %-60s %s  %s", name, "  ".join(f"K={k}: {_mean(per, splits, k):.4f}" for k in cfg.hard.shots),
+                 "  ".join(f"{g}: {v:.4f}" for g, v in results[name]["guards"].items()))
     return write_report(cfg, work_dir, pool, splits, results, model_dir)
 
 
@@ -407,6 +464,7 @@ def _span(per, splits, k, key="gap") -> str:
 
 def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     shots = list(cfg.hard.shots)
+    guard_names = list(next(iter(results.values()))["guards"])
     n_lm = {s.name: int((s.solution["landmarks"] != "").sum()) for s in splits}
     lines = ["# Hard protocol report", "",
              f"Pool: {int((pool['role'] == 'landmark').sum())} wide-baseline photos, "
@@ -414,14 +472,16 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
              f"product photos; model `{model_dir}`; {len(splits)} splits "
              f"(K in {shots}, {cfg.hard.seeds} seeds, held-out class share {cfg.hard.heldout_class_fraction}).", "",
              "## GAP, mean (min-max) over seeds", "",
+             "Guard columns (GAP on one split each): `easy import` is the `make import` split of the Paris and "
+             "multiview scenes with the product sample as non-landmarks; `demo` is the demo dataset.", "",
              "| setting | " + " | ".join(f"hard K={k}" for k in shots) + " | " +
-             " | ".join(f"accuracy K={k}" for k in shots) + " | verify s |",
-             "|---|" + "---|" * (2 * len(shots) + 1)]
+             " | ".join(f"accuracy K={k}" for k in shots) + " | " + "".join(f"{g} | " for g in guard_names) + "verify s |",
+             "|---|" + "---|" * (2 * len(shots) + len(guard_names) + 1)]
     for name, r in results.items():
         per = r["splits"]
         lines.append(f"| {name} | " + " | ".join(_span(per, splits, k) for k in shots) + " | " +
-                     " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots) +
-                     f" | {r['verify_seconds']:.1f} |")
+                     " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots) + " | " +
+                     "".join(f"{r['guards'][g]:.4f} | " for g in guard_names) + f"{r['verify_seconds']:.1f} |")
     default = results[DEFAULT_ROW]["splits"]
     at = list(cfg.hard.recall_at)
     lines += ["", f"## Per split ({DEFAULT_ROW})", "",
@@ -430,9 +490,14 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     for s, p in zip(splits, default):
         lines.append(f"| {s.name} | {n_lm[s.name]} | {len(s.test_ids)} | {p['gap']:.4f} | {p['accuracy']:.3f} | " +
                      " | ".join(f"{p['recall'][r]:.3f}" for r in at) + " |")
-    lines += ["", "## Shortlist recall@R (mean over seeds)", "",
+    lines += ["", "## Shortlist recall@R (mean over seeds; rows with the same shortlist as a row above are left out)", "",
               "| setting | K | " + " | ".join(f"R@{r}" for r in at) + " |", "|---|---|" + "---|" * len(at)]
+    seen_recall = set()
     for name, r in results.items():
+        key = json.dumps([p["recall"] for p in r["splits"]])
+        if key in seen_recall:  # same shortlist as a row above (settings that leave the global kNN alone)
+            continue
+        seen_recall.add(key)
         for k in shots:
             per = [p for p, s in zip(r["splits"], splits) if s.shots == k]
             lines.append(f"| {name} | {k} | " + " | ".join(f"{np.mean([p['recall'][a] for p in per]):.3f}" for a in at) + " |")
@@ -454,6 +519,7 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     js = {name: {"gap": {str(k): [p["gap"] for p, s in zip(r["splits"], splits) if s.shots == k] for k in shots},
+                 "guards": r["guards"],
                  "verify_seconds": r["verify_seconds"], "separation": summary.get(name)}
           for name, r in results.items()}
     with atomic_path(work_dir / "results.json") as tmp:

@@ -57,8 +57,16 @@ def _rows(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _norm_ids(value: str) -> str:
-    return " ".join(str(value).split())
+def _truth_labels(path, line: int, value: str) -> str:
+    """Space-separated true landmark ids of a solution row, each checked by the label rule."""
+    from landmarks.data import label_problem
+
+    parts = str(value).split()
+    for p in parts:
+        why = label_problem(p)
+        if why:
+            raise LandmarksError(f"{path}: line {line}: {why}")
+    return " ".join(parts)
 
 
 def read_solution(path: str | Path) -> pd.DataFrame:
@@ -75,11 +83,11 @@ def read_solution(path: str | Path) -> pd.DataFrame:
         raise LandmarksError(f"{path}: missing column 'landmarks' (header: {','.join(header)})")
     i_id, i_lm = header.index("id"), header.index(lm_col)
     i_use = header.index("Usage") if "Usage" in header else None
-    ids, lms, uses, ignored, seen = [], [], [], [], {}
+    ids, lms, uses, ignored, seen, warned = [], [], [], [], {}, set()
     for line, f in rows:
         if len(f) < len(header):
             f = f + [""] * (len(header) - len(f))
-        rid = _row_id(path, line, f[i_id], seen)
+        rid = _row_id(path, line, f[i_id], seen, warned)
         use = f[i_use].strip() if i_use is not None else None
         if use is not None and use not in USAGE_KEEP + ("Ignored",):
             raise LandmarksError(f"{path}: line {line}: unknown Usage {use!r} (expected Public, Private or Ignored)")
@@ -87,7 +95,7 @@ def read_solution(path: str | Path) -> pd.DataFrame:
             ignored.append(rid)
             continue
         ids.append(rid)
-        lms.append(_norm_ids(f[i_lm]))
+        lms.append(_truth_labels(path, line, f[i_lm]))
         uses.append(use)
     df = pd.DataFrame({"id": pd.Series(ids, dtype=object), "landmarks": pd.Series(lms, dtype=object)})
     if i_use is not None:
@@ -96,11 +104,18 @@ def read_solution(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def _row_id(path, line: int, raw: str, seen: dict) -> str:
-    """The id of one CSV row; empty or repeated ids are errors naming the line."""
+def _row_id(path, line: int, raw: str, seen: dict, warned: set) -> str:
+    """The id of one CSV row, stripped (warned once per file) and checked by the id rule of
+    landmarks.data; invalid or repeated ids are errors naming the line."""
+    from landmarks.data import id_problem
+
     rid = raw.strip()
-    if not rid:
-        raise LandmarksError(f"{path}: line {line}: empty id")
+    if rid != raw and "strip" not in warned:
+        warned.add("strip")
+        log.warning("%s: line %d: id %r has surrounding whitespace, stripped (warned once per file)", path, line, raw)
+    why = id_problem(rid)
+    if why:
+        raise LandmarksError(f"{path}: line {line}: {why}")
     if rid in seen:
         raise LandmarksError(f"{path}: line {line}: duplicate id {rid!r} (first on line {seen[rid]})")
     seen[rid] = line
@@ -114,24 +129,29 @@ def read_submission(path: str | Path, expected_ids=None) -> pd.DataFrame:
     naming the line.  With `expected_ids`, unknown ids are errors and expected ids absent from
     the file are added as empty predictions (with a warning).
     """
+    from landmarks.data import label_problem
+
     header, rows = _rows(path)
     for col in ("id", "landmarks"):
         if col not in header:
             raise LandmarksError(f"{path}: missing column {col!r} (header: {','.join(header)}; expected id,landmarks)")
     i_id, i_lm = header.index("id"), header.index("landmarks")
     expected = None if expected_ids is None else set(map(str, expected_ids))
-    ids, labels, confs, seen = [], [], [], {}
+    ids, labels, confs, seen, warned = [], [], [], {}, set()
     for line, f in rows:
         if len(f) <= max(i_id, i_lm):
             f = f + [""] * (max(i_id, i_lm) + 1 - len(f))
-        rid = _row_id(path, line, f[i_id], seen)
+        rid = _row_id(path, line, f[i_id], seen, warned)
         if expected is not None and rid not in expected:
-            raise LandmarksError(f"{path}: line {line}: unknown id {rid!r} (not a test id)")
+            raise LandmarksError(f"{path}: line {line}: unknown id {rid!r} (not among the {len(expected)} test ids)")
         parts = f[i_lm].split()
         if not parts:
             label, conf = "", math.nan
         elif len(parts) == 2:
             label = parts[0]
+            why = label_problem(label)
+            if why:
+                raise LandmarksError(f"{path}: line {line}: {why}")
             try:
                 conf = float(parts[1])
             except ValueError:

@@ -28,7 +28,7 @@ log = logging.getLogger("landmarks.predict")
 METHODS = ("sum_power", "host")
 SUPPRESSION = ("none", "test", "distractors")
 CONFIDENCES = ("score", "margin")
-NO_LABEL = -1
+NO_LABEL = -1  # "no prediction" in vote()'s int64 output; never a label: labels are >= 0 (data.py rule, checked here)
 
 
 def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.ndarray:
@@ -69,6 +69,8 @@ def vote(cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarra
     scores = _neighbour_scores(cfg, knn_sims[:, :n], None if inliers is None else inliers[:, :n])
     idx = knn_idx[:, :n]
     train_labels = np.asarray(train_labels, np.int64)
+    if train_labels.size and train_labels.min() < 0:
+        raise LandmarksError(f"vote: train labels must be >= 0 (got {int(train_labels.min())})")
     top_k = max(1, int(cfg.top_k))
     for r in range(q):
         per: dict[int, list[float]] = {}
@@ -148,17 +150,23 @@ def suppression_penalty(cfg, work_dir: str | Path, test_ids: list[str], best_tra
     return vc.suppression_weight * nonlandmark_score(vc, cfg.knn, queries, list(test_ids), pool, pool_ids)
 
 
-def _distractor_pool(cfg, work_dir: Path) -> tuple[list[str], np.ndarray]:
-    """Global descriptors of the ids in cfg.vote.distractors_csv (features/distractors, test or train store)."""
-    import pandas as pd
+def _read_distractor_ids(cfg) -> tuple[Path, list[str]]:
+    """(path, ids) of cfg.vote.distractors_csv, ids checked by the id rule."""
+    from landmarks import metrics
 
     path = Path(cfg.vote.distractors_csv)
     if not cfg.vote.distractors_csv or not path.exists():
         raise LandmarksError(f"vote.suppression=distractors needs vote.distractors_csv (not found: {path})")
-    df = pd.read_csv(path, dtype=str)
-    if "id" not in df.columns:
+    header, rows = metrics._rows(path)
+    if "id" not in header:
         raise LandmarksError(f"{path}: needs an 'id' column")
-    want = list(dict.fromkeys(df["id"].dropna().astype(str)))
+    i_id, seen, warned = header.index("id"), {}, set()
+    return path, [metrics._row_id(path, line, f[i_id] if len(f) > i_id else "", seen, warned) for line, f in rows]
+
+
+def _distractor_pool(cfg, work_dir: Path) -> tuple[list[str], np.ndarray]:
+    """Global descriptors of the ids in cfg.vote.distractors_csv (features/distractors, test or train store)."""
+    path, want = _read_distractor_ids(cfg)
     found: dict[str, np.ndarray] = {}
     for split in ("distractors", "test", "train"):
         d = work_dir / "features" / split
@@ -178,20 +186,29 @@ def _distractor_pool(cfg, work_dir: Path) -> tuple[list[str], np.ndarray]:
 
 # -- submission ----------------------------------------------------------------------------------
 def _label_str(label) -> str:
-    if label is None:
+    """Submission text of one predicted label: '' for none (None, '' or NO_LABEL from vote), else
+    the label checked by the label rule (a non-negative integer, written exactly)."""
+    from landmarks.data import check_label
+
+    if label is None or (isinstance(label, str) and not label.strip()):
         return ""
-    if isinstance(label, (int, np.integer)):
-        return "" if int(label) == NO_LABEL else str(int(label))
-    s = str(label).strip()
-    return "" if s in ("", str(NO_LABEL), "nan", "None") else s
+    if isinstance(label, (int, np.integer)) and int(label) == NO_LABEL:
+        return ""
+    return check_label(label)
 
 
 def write_submission(path: str | Path, test_ids, labels, confidences, expected_ids) -> Path:
     """Write `id,landmarks` with one row per expected id in that order; ids without a prediction
     (no features, NO_LABEL) get an empty value.  Checked against `expected_ids` before writing."""
+    from landmarks.data import id_problem
+
     expected = [str(i) for i in expected_ids]
     if len(set(expected)) != len(expected):
         raise LandmarksError("submission: sample_submission ids are not unique")
+    for i in expected:
+        why = id_problem(i)
+        if why:
+            raise LandmarksError(f"submission: test {why}")
     test_ids = [str(i) for i in test_ids]
     if not (len(test_ids) == len(labels) == len(confidences)):
         raise LandmarksError("submission: ids, labels and confidences differ in length")
@@ -199,12 +216,15 @@ def write_submission(path: str | Path, test_ids, labels, confidences, expected_i
     pred: dict[str, str] = {}
     for i, lab, c in zip(test_ids, labels, confidences):
         if i not in exp_set:
-            raise LandmarksError(f"submission: test id {i} is not in sample_submission")
+            raise LandmarksError(f"submission: test id {i!r} is not in sample_submission")
         if i in pred:
-            raise LandmarksError(f"submission: test id {i} predicted twice")
-        s = _label_str(lab)
+            raise LandmarksError(f"submission: test id {i!r} predicted twice")
+        try:
+            s = _label_str(lab)
+        except LandmarksError as e:
+            raise LandmarksError(f"submission: label of {i!r}: {e}") from None
         if s and not np.isfinite(float(c)):
-            raise LandmarksError(f"submission: confidence of {i} is not finite")
+            raise LandmarksError(f"submission: confidence of {i!r} is not finite")
         pred[i] = f"{s} {float(c):.6f}" if s else ""
     rows = [(i, pred.get(i, "")) for i in expected]
     path = Path(path)
@@ -213,7 +233,11 @@ def write_submission(path: str | Path, test_ids, labels, confidences, expected_i
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["id", "landmarks"])
             w.writerows(rows)
-        _check_written(tmp, expected)
+        try:
+            _check_written(tmp, expected)
+        except LandmarksError as e:  # name the final file, not the temp one about to be removed
+            raise LandmarksError(f"submission {path} not written: its check failed: "
+                                 f"{str(e).replace(str(tmp), 'the written file')}") from None
     return path
 
 
@@ -239,7 +263,15 @@ def load_inputs(cfg, data_dir, work_dir, model_dir, verify: bool | None = None) 
     from landmarks.knn import load_npz, run_knn
 
     work_dir = Path(work_dir)
+    train = data.load_split(data_dir, "train")  # input CSVs first: a broken file stops before knn/verify
+    test = data.load_split(data_dir, "test")
     knn = load_npz(run_knn(cfg, work_dir))
+    lab = dict(zip(train["id"].astype(str), train["landmark_id"].astype(np.int64)))
+    train_ids = [str(i) for i in knn["train_ids"]]
+    missing = [i for i in train_ids if i not in lab]
+    if missing:
+        raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv (e.g. {missing[0]}): "
+                             "features belong to another dataset; use another WORK_DIR")
     inliers = None
     if cfg.verify.enabled if verify is None else verify:
         from landmarks.verify import run_verify
@@ -248,14 +280,6 @@ def load_inputs(cfg, data_dir, work_dir, model_dir, verify: bool | None = None) 
         if list(ver["test_ids"]) != list(knn["test_ids"]):
             raise LandmarksError("verified.npz does not match knn.npz; delete it and rerun")
         inliers = ver["inliers"]
-    train = data.load_split(data_dir, "train")
-    lab = dict(zip(train["id"].astype(str), train["landmark_id"].astype(np.int64)))
-    train_ids = [str(i) for i in knn["train_ids"]]
-    missing = [i for i in train_ids if i not in lab]
-    if missing:
-        raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv (e.g. {missing[0]}): "
-                             "features belong to another dataset; use another WORK_DIR")
-    test = data.load_split(data_dir, "test")
     return {"knn": knn, "inliers": inliers, "train_labels": np.array([lab[i] for i in train_ids], np.int64),
             "test_ids": [str(i) for i in knn["test_ids"]], "expected_ids": [str(i) for i in test["id"]]}
 
@@ -270,8 +294,19 @@ def predict_arrays(cfg, work_dir, inputs: dict, inliers="default") -> tuple[np.n
     return labels, conf - penalty, penalty
 
 
+def check_early(cfg, data_dir) -> None:
+    """The input CSVs that load_inputs does not read first (solution when present, distractors
+    when used), checked before knn and verification run.  Config choices are checked at load."""
+    from landmarks import data
+
+    data.load_solution(data_dir)
+    if cfg.vote.suppression == "distractors":
+        _read_distractor_ids(cfg)
+
+
 def run_predict(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     """knn -> (verify) -> vote -> suppression -> SUBMISSION."""
+    check_early(cfg, data_dir)
     inputs = load_inputs(cfg, data_dir, work_dir, model_dir)
     labels, conf, _ = predict_arrays(cfg, work_dir, inputs)
     path = write_submission(submission, inputs["test_ids"], labels, conf, inputs["expected_ids"])

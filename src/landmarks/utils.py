@@ -85,3 +85,46 @@ def stamp_matches(path: str | Path, key: str, value) -> bool:
         return json.loads(Path(path).read_text()).get(key) == value
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def error_text(e: BaseException) -> str:
+    """One line for an error; OS errors (also h5py's, which come as RuntimeError text holding
+    'errno = N') as '[Errno N] reason', with a hint when the disk is full."""
+    import errno as _errno
+    import re
+
+    code = getattr(e, "errno", None)
+    if not isinstance(code, int):
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if isinstance(code, int) and code > 0:
+        text = f"[Errno {code}] {os.strerror(code)}"
+        name = getattr(e, "filename", None)
+        text += f": {name!r}" if name else ""
+        if code == _errno.ENOSPC:
+            text += " (disk full: free space under WORK_DIR or the output directory, or use another one)"
+        return text
+    return " ".join(str(e).split())[:500] or type(e).__name__
+
+
+def call_writing(path: str | Path, fn, *args, **kwargs):
+    """fn(*args, **kwargs), which writes the file `path`.  A failed write (full disk, file size
+    limit, permissions: OSError, or RuntimeError from h5py) becomes a one-line LandmarksError naming
+    `path`; the destructor messages of half-written HDF5 objects are kept off the terminal."""
+    import gc
+    import sys
+
+    hooks, message = (sys.unraisablehook, sys.excepthook), None
+    sys.unraisablehook = lambda u: log.debug("ignored after a failed write: %s", u.exc_value)
+    sys.excepthook = lambda t, v, tb: log.debug("ignored after a failed write: %s", v)  # Cython __dealloc__
+    try:
+        try:
+            return fn(*args, **kwargs)
+        except LandmarksError:
+            raise
+        except (OSError, RuntimeError) as e:
+            message = f"cannot write {path}: {error_text(e)}"
+        gc.collect()  # free the failed writer's objects while their messages are silenced
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
+    raise LandmarksError(message)
