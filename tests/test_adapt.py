@@ -173,7 +173,8 @@ def test_warp_check_identity_is_perfect(tmp_path):
 
     cfg = load_config(None, ["model.backbone=tiny", "model.init=random", "model.local_projection=random_orthogonal",
                              "adapt.scale_min=1", "adapt.scale_max=1", "adapt.max_rotation=0",
-                             "adapt.perspective=0", "adapt.max_shift=0", "adapt.photometric=false", "adapt.eval_crop=96",
+                             "adapt.perspective=0", "adapt.max_shift=0", "adapt.photometric=false",
+                             "adapt.eval_crop=96",
                              "adapt.eval_warps=1", "adapt.eval_features=50", "extract.local_scales=1.0"])
     model = build_default_model(cfg, tmp_path / "m")
     data = _make_data(tmp_path / "d", n=3)

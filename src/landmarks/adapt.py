@@ -9,12 +9,12 @@ the same local block is trained without labels, from pairs of views of each trai
   then both views get photometric changes (brightness, contrast, gamma, blur, JPEG) and B a
   random occluding rectangle.  The homography is known, so every cell of A's feature map has an
   exact position on B's map (:func:`cell_targets`).
-- **Descriptor** (DELG's autoencoder place): ``desc = x @ W0 + MLP(x)`` (``adapt.context``: the MLP sees 1x1 or 3x3 cells) to ``model.local_dim``
-  (128) with ``W0`` initialised to the zero-padding identity of the default model and the MLP's
-  last layer to zero, so training starts exactly from today's descriptors.  Loss: InfoNCE of each
-  visible A cell against its true B position (bilinear sample of B's map) as the positive and
-  every B cell farther than ``adapt.neg_radius`` cells as negatives (hard negatives of the same
-  pair).
+- **Descriptor** (DELG's autoencoder place): ``desc = x @ W0 + MLP(x)`` to ``model.local_dim``
+  (128; ``adapt.context``: the MLP sees 1x1 or 3x3 cells), ``W0`` initialised to the zero-padding
+  identity of the default model and the MLP's last layer to zero, so training starts exactly from
+  today's descriptors.  Loss: InfoNCE of each visible A cell against its true B position (bilinear
+  sample of B's map) as the positive and every B cell farther than ``adapt.neg_radius`` cells as
+  negatives (hard negatives of the same pair).
 - **Keypoint score** (DELG's attention place): a reliability head trained with BCE to predict
   whether a cell's nearest neighbour on B is its true position (R2D2-style reliability).
   Exported score ``adapt.score``: reliability (default), the L2 norm, or their product.

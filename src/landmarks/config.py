@@ -243,7 +243,7 @@ class AdaptConfig:
     eval_crop: int = 384  # view side in the check
     eval_features: int = 500  # local features per view in the check
     eval_tolerance: float = 16.0  # a match is correct within this many pixels of its true position
-    eval_data: str = ""  # photos for the check ("" = ../shared/data/wide_baseline_scenes if present, else DATA_DIR test)
+    eval_data: str = ""  # check photos ("" = ../shared/data/wide_baseline_scenes if present, else DATA_DIR test)
 
 
 @dataclass
