@@ -16,6 +16,7 @@ CONFIG      ?=
 SET         ?=
 HOLDOUT_DIR ?= data/holdout
 TRAINED_MODEL ?= models/trained
+ADAPTED_MODEL ?= models/adapted
 
 BIN  := $(VENV)/bin
 LM   := $(BIN)/landmarks
@@ -26,12 +27,12 @@ INSTALLED := $(VENV)/.installed
 DATA_DEPS  := $(if $(filter $(DEMO_DIR),$(DATA_DIR)),$(DEMO_DIR)/.complete)
 MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_model.pb)
 
-.PHONY: help install demo-data model train features predict validate validate-hard holdout import import-hard bench cluster-check notebooks docs test clean
+.PHONY: help install demo-data model train adapt features predict validate validate-hard holdout import import-hard bench cluster-check notebooks docs test clean
 
 help:
 	@echo "make predict   - demo data + default model + features + kNN + verification -> $(SUBMISSION)"
 	@echo "make test      - install and run the test suite"
-	@echo "other targets: install demo-data model train features validate validate-hard holdout import import-hard bench cluster-check notebooks docs clean"
+	@echo "other targets: install demo-data model train adapt features validate validate-hard holdout import import-hard bench cluster-check notebooks docs clean"
 
 install: $(INSTALLED)
 $(INSTALLED): requirements.txt pyproject.toml
@@ -51,6 +52,10 @@ $(DEFAULT_MODEL)/saved_model.pb: | $(INSTALLED)
 
 train: $(INSTALLED) $(DATA_DEPS)
 	$(LM) train $(COMMON) --out $(TRAINED_MODEL)
+
+# Label-free local head on DATA_DIR's train images; compared with MODEL under known warps.
+adapt: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
+	$(LM) adapt $(COMMON) --out $(ADAPTED_MODEL)
 
 features: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(LM) features $(COMMON) --split train --shards $(SHARDS) --jobs $(JOBS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))

@@ -24,6 +24,7 @@ STAGE_MODULES = [
     "metrics",
     "export",
     "train",
+    "adapt",
     "extract",
     "predict",
     "validate",

@@ -220,6 +220,39 @@ class BenchConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """`make adapt`: label-free local head learned on the train images (landmarks.adapt)."""
+
+    steps: int = 300  # optimisation steps (batch_size pairs each)
+    batch_size: int = 8  # image pairs per step
+    crop_size: int = 256  # side of each view fed to the frozen backbone
+    max_side: int = 512  # train images are decoded once and cached at this long side
+    max_images: int = 0  # use at most this many train images (0 = all)
+    learning_rate: float = 0.001  # Adam
+    temperature: float = 0.07  # InfoNCE temperature on cosine similarities
+    neg_radius: float = 1.5  # B cells closer than this (in cells) to the true position are not negatives
+    hidden: int = 256  # hidden units of the residual projection MLP
+    context: int = 3  # the MLP's first layer sees context x context cells (1 = pointwise, 3 = neighbours)
+    reliability_weight: float = 1.0  # weight of the keypoint (reliability) BCE
+    score: str = "reliability"  # exported keypoint score: reliability | norm | norm_x_reliability
+    scale_min: float = 0.5  # zoom of view B against view A (log-uniform)
+    scale_max: float = 2.0
+    max_rotation: float = 30.0  # degrees
+    perspective: float = 0.15  # corner jitter as a share of the view side
+    max_shift: float = 0.2  # translation as a share of the view side
+    photometric: bool = True  # brightness, contrast, gamma, blur, JPEG, occlusion
+    occlusion: float = 0.5  # probability of an occluding rectangle on view B
+    checkpoint_every: int = 50
+    seed: int = 0
+    eval_images: int = 24  # match-precision check: held-out photos
+    eval_warps: int = 2  # known warps per photo
+    eval_crop: int = 384  # view side in the check
+    eval_features: int = 500  # local features per view in the check
+    eval_tolerance: float = 16.0  # a match is correct within this many pixels of its true position
+    eval_data: str = ""  # check photos ("" = ../shared/data/wide_baseline_scenes if present, else DATA_DIR test)
+
+
+@dataclass
 class HardConfig:
     """The hard protocol (`make validate-hard`): k-shot splits of the shared wide-baseline photos."""
 
@@ -251,6 +284,7 @@ class Config:
     dataset_import: ImportConfig = field(default_factory=ImportConfig)
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     hard: HardConfig = field(default_factory=HardConfig)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,604 @@
+"""`landmarks adapt`: learn the local head from the user's own unlabelled images.
+
+The zero-training default describes a local feature by raw ImageNet activations (Lite0 block 10)
+and ranks keypoints by their L2 norm.  Here the backbone stays frozen and a small head on top of
+the same local block is trained without labels, from pairs of views of each train image:
+
+- **Pairs** (:func:`make_pair`): view A is a random crop of the image; view B is the image seen
+  through a random homography of A (zoom 0.5 to 2, rotation, perspective corner jitter, shift),
+  then both views get photometric changes (brightness, contrast, gamma, blur, JPEG) and B a
+  random occluding rectangle.  The homography is known, so every cell of A's feature map has an
+  exact position on B's map (:func:`cell_targets`).
+- **Descriptor** (DELG's autoencoder place): ``desc = x @ W0 + MLP(x)`` to ``model.local_dim``
+  (128; ``adapt.context``: the MLP sees 1x1 or 3x3 cells), ``W0`` initialised to the zero-padding
+  identity of the default model and the MLP's last layer to zero, so training starts exactly from
+  today's descriptors.  Loss: InfoNCE of each visible A cell against its true B position (bilinear
+  sample of B's map) as the positive and every B cell farther than ``adapt.neg_radius`` cells as
+  negatives (hard negatives of the same pair).
+- **Keypoint score** (DELG's attention place): a reliability head trained with BCE to predict
+  whether a cell's nearest neighbour on B is its true position (R2D2-style reliability).
+  Exported score ``adapt.score``: reliability (default), the L2 norm, or their product.
+
+The labelled DELG losses stay with ``make train`` (ArcFace + attention + reconstruction).
+Export uses :func:`landmarks.export.save_serving` (official DELG signature; the global descriptor
+is the default model's GeM, unchanged) and records the adaptation settings and a fingerprint of
+the train images in ``landmarks_model.json``.  Checkpoints (head + Adam state + history) go to
+``WORK_DIR/adapt/`` with exact resume: the pairs of step k are a seeded function of k.
+:func:`evaluate` measures match precision under known warps and inliers of correct vs wrong
+pairs on held-out real photos, adapted against any baseline model.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from landmarks.utils import LandmarksError, atomic_path, text_digest
+
+log = logging.getLogger("landmarks.adapt")
+
+SCORES = ("reliability", "norm", "norm_x_reliability")
+# adapt settings that do not change the learned head (export choice, the check, checkpoint period)
+NOT_TRAINING = ("score", "checkpoint_every", "eval_images", "eval_warps", "eval_crop", "eval_features",
+                "eval_tolerance", "eval_data")
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------ pairs
+
+def homography_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """3x3 H with H @ [x, y, 1] ~ dst for 4 point pairs (DLT, exact)."""
+    a, b = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        a.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        a.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        b += [u, v]
+    h = np.linalg.solve(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return np.append(h, 1.0).reshape(3, 3)
+
+
+def apply_h(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Apply 3x3 homography to [n, 2] (x, y) points."""
+    p = np.concatenate([np.asarray(pts, np.float64), np.ones((len(pts), 1))], 1) @ h.T
+    return p[:, :2] / p[:, 2:3]
+
+
+def _shift(d: float) -> np.ndarray:
+    return np.array([[1, 0, d], [0, 1, d], [0, 0, 1]], np.float64)
+
+
+def random_homography(rng: np.random.Generator, size: int, ac) -> np.ndarray:
+    """Random A->B homography in continuous pixel coordinates of two size x size views."""
+    c = size / 2.0
+    s = math.exp(rng.uniform(math.log(ac.scale_min), math.log(ac.scale_max)))
+    t = math.radians(rng.uniform(-ac.max_rotation, ac.max_rotation))
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64)
+    dst = c + s * (corners - c) @ rot.T
+    dst += rng.uniform(-ac.perspective, ac.perspective, (4, 2)) * size * s
+    dst += rng.uniform(-ac.max_shift, ac.max_shift, 2) * size
+    return homography_from_points(corners, dst)
+
+
+def _photometric(img, rng: np.random.Generator, ac):
+    """Brightness, contrast, gamma, then blur and JPEG round trip (PIL image in, PIL image out)."""
+    from PIL import Image, ImageFilter
+
+    x = np.asarray(img, np.float32) / 255.0
+    x = np.clip((x - 0.5) * rng.uniform(0.6, 1.4) + 0.5 + rng.uniform(-0.2, 0.2), 0.0, 1.0)
+    x = np.power(x, rng.uniform(0.6, 1.6))
+    img = Image.fromarray((x * 255.0 + 0.5).astype(np.uint8))
+    if rng.random() < 0.4:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 2.0)))
+    if rng.random() < 0.5:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(rng.integers(20, 90)))
+        buf.seek(0)
+        img = Image.open(buf).convert("RGB")
+    return img
+
+
+def make_pair(image: np.ndarray, rng: np.random.Generator, ac, size: int, photometric: bool | None = None):
+    """Two views of `image` (uint8 [h, w, 3], both sides >= size) with an exactly known warp.
+
+    Returns (A, B, H, occ): A, B uint8 [size, size, 3]; H maps A pixel-index coordinates (x, y)
+    (pixel centres at integers) to B's; occ = (x0, y0, x1, y1) occluded box on B or None.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise LandmarksError(f"make_pair: image {w}x{h} smaller than the {size}px view")
+    ox, oy = rng.integers(0, w - size + 1), rng.integers(0, h - size + 1)
+    hc = random_homography(rng, size, ac)  # continuous coords: pixel i covers [i, i+1)
+    src = Image.fromarray(image)
+    a = src.crop((int(ox), int(oy), int(ox) + size, int(oy) + size))
+    m = np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]], np.float64) @ np.linalg.inv(hc)  # B -> source image
+    m = m / m[2, 2]
+    b = src.transform((size, size), Image.Transform.PERSPECTIVE, tuple(m.ravel()[:8]),
+                      resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    photometric = ac.photometric if photometric is None else photometric
+    occ = None
+    if photometric:
+        a, b = _photometric(a, rng, ac), _photometric(b, rng, ac)
+        if rng.random() < ac.occlusion:
+            ow, oh = (rng.uniform(0.15, 0.4, 2) * size).astype(int)
+            x0, y0 = int(rng.integers(0, size - ow)), int(rng.integers(0, size - oh))
+            arr = np.array(b)
+            arr[y0:y0 + oh, x0:x0 + ow] = rng.integers(0, 256, 3, dtype=np.uint8)
+            b = Image.fromarray(arr)
+            occ = (x0, y0, x0 + ow - 1, y0 + oh - 1)
+    h_idx = _shift(-0.5) @ hc @ _shift(0.5)
+    return np.asarray(a, np.uint8), np.asarray(b, np.uint8), h_idx / h_idx[2, 2], occ
+
+
+def cell_targets(h: np.ndarray, rf, grid: tuple[int, int], occ=None) -> tuple[np.ndarray, np.ndarray]:
+    """Where each cell of A's feature map lands on B's map (same grid size).
+
+    Cell (i, j) is centred at stride*(i, j) + offset pixels (offset from the receptive field).
+    Returns u [n, 2] (x, y) in B grid units (fractional) and valid [n] bool (inside B's map, in
+    front of the camera, not under the occluder), n = rows * cols in row-major order.
+    """
+    rows, cols = grid
+    off = -rf.padding + (rf.size - 1) / 2.0
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    pts = np.stack([xs.ravel(), ys.ravel()], 1) * rf.stride + off
+    p = np.concatenate([pts, np.ones((len(pts), 1))], 1) @ h.T
+    front = p[:, 2] > 1e-9
+    q = p[:, :2] / np.where(front, p[:, 2], 1.0)[:, None]
+    u = (q - off) / rf.stride
+    valid = front & (u[:, 0] >= 0) & (u[:, 0] <= cols - 1) & (u[:, 1] >= 0) & (u[:, 1] <= rows - 1)
+    if occ is not None:
+        x0, y0, x1, y1 = occ
+        valid &= ~((q[:, 0] >= x0) & (q[:, 0] <= x1) & (q[:, 1] >= y0) & (q[:, 1] <= y1))
+    return u.astype(np.float32), valid
+
+
+# ------------------------------------------------------------------------------------ images
+
+def load_images(paths: list[str], max_side: int, min_side: int) -> tuple[list[np.ndarray], list[str]]:
+    """Decode once at long side <= max_side, upscaled so the short side >= min_side; skip bad files."""
+    from PIL import Image
+
+    from landmarks.images import ImageError, load_image
+
+    out, bad = [], []
+    for p in paths:
+        try:
+            img, _ = load_image(p, max_side)
+        except ImageError as e:
+            bad.append(f"{p}: {getattr(e, 'reason', e)}")
+            continue
+        h, w = img.shape[:2]
+        if min(h, w) < min_side:
+            f = min_side / min(h, w)
+            img = np.asarray(Image.fromarray(img).resize((max(min_side, round(w * f)), max(min_side, round(h * f))),
+                                                         Image.Resampling.BILINEAR))
+        out.append(np.ascontiguousarray(img))
+    return out, bad
+
+
+def make_batch(images: list[np.ndarray], step: int, ac, rf, grid) -> dict[str, np.ndarray]:
+    """The pairs of training step `step`: a seeded function of (adapt.seed, step) for exact resume."""
+    n = ac.batch_size
+    rng = np.random.default_rng([ac.seed, step])
+    picks = rng.integers(0, len(images), n)
+    xa, xb, us, vs = [], [], [], []
+    for k in range(n):
+        r = np.random.default_rng([ac.seed, step, k])
+        a, b, h, occ = make_pair(images[picks[k]], r, ac, ac.crop_size)
+        u, v = cell_targets(h, rf, grid, occ)
+        xa.append(a)
+        xb.append(b)
+        us.append(u)
+        vs.append(v)
+    return {"a": np.stack(xa).astype(np.float32), "b": np.stack(xb).astype(np.float32),
+            "u": np.stack(us), "valid": np.stack(vs).astype(np.float32)}
+
+
+# ------------------------------------------------------------------------------------ model
+
+def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
+    """Keras model: local block [b, h, w, C] -> (descriptor [b, h, w, local_dim], reliability logit [b, h, w, 1]).
+
+    descriptor = x @ eye(C, local_dim) + b + MLP(x); the MLP's first layer sees `context` x `context`
+    cells (1 = the cell alone), its last layer starts at zero, so step 0 reproduces the default model.
+    """
+    import keras
+
+    L = keras.layers
+    inp = keras.Input((None, None, channels), name="local_block")
+    base = L.Dense(local_dim, use_bias=True, kernel_initializer=keras.initializers.Identity(),
+                   name="adapt_linear")(inp)  # Identity of a C x D kernel = eye(C, D): the block10 padding
+    hid = L.Conv2D(hidden, context, padding="same", activation="relu", name="adapt_hidden")(inp)
+    res = L.Dense(local_dim, kernel_initializer="zeros", name="adapt_residual")(hid)
+    desc = L.Add(name="adapt_descriptor")([base, res])
+    r = L.Conv2D(64, context, padding="same", activation="relu", name="adapt_rel_hidden")(inp)
+    rel = L.Dense(1, name="adapt_reliability")(r)
+    return keras.Model(inp, [desc, rel], name="adapt_head")
+
+
+def _backbone(mc):
+    from landmarks.model import LITE0_LOCAL, build_backbone
+
+    layer = LITE0_LOCAL if mc.backbone == "efficientnet_lite0" else None
+    return build_backbone(mc.backbone, mc.init, local_layer=layer)
+
+
+def _heads_module(backbone, head, gem, score: str):
+    import tensorflow as tf
+
+    class AdaptedHeads(tf.Module):
+        """Frozen backbone -> (adapted descriptor, keypoint score, GeM of the last map)."""
+
+        def __init__(self):
+            super().__init__(name="adapted_heads")
+            self.backbone, self.head, self.gem = backbone, head, gem
+
+        def heads(self, x):
+            local, top = self.backbone(x, training=False)
+            local = tf.cast(local, tf.float32)
+            desc, rel = self.head(local)
+            rel = tf.sigmoid(rel[..., 0])
+            norm = tf.norm(local, axis=-1)
+            sc = {"reliability": rel, "norm": norm, "norm_x_reliability": norm * rel}[score]
+            return desc, sc, self.gem(top)
+
+    return AdaptedHeads()
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    import pandas as pd
+
+    for key in ("loss", "infonce", "reliability"):
+        axes[0].plot(steps, pd.Series([h[key] for h in history]).rolling(5, min_periods=1).mean(), label=key)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("loss (running mean of 5)")
+    axes[0].legend()
+    for key in ("nn_correct", "rel_accuracy"):
+        axes[1].plot(steps, [h[key] for h in history], label=key)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("nearest neighbour correct / reliability accuracy")
+    axes[1].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def _check(ac) -> None:
+    if ac.steps <= 0 or ac.batch_size <= 0 or ac.crop_size < 64 or ac.max_side < ac.crop_size:
+        raise LandmarksError("adapt.steps and adapt.batch_size must be > 0, adapt.crop_size >= 64 and "
+                             "adapt.max_side >= adapt.crop_size")
+    if ac.score not in SCORES:
+        raise LandmarksError(f"unknown adapt.score {ac.score!r} (choose from {', '.join(SCORES)})")
+    if not 0 < ac.scale_min <= ac.scale_max or ac.temperature <= 0:
+        raise LandmarksError("adapt.scale_min <= adapt.scale_max must be > 0 and adapt.temperature > 0")
+
+
+def train_fingerprint(cfg, data_fp: str) -> str:
+    """What the learned head depends on: model + adapt settings except export/check-only keys + the images."""
+    import hashlib
+
+    d = cfg.to_dict()
+    ad = {k: v for k, v in d["adapt"].items() if k not in NOT_TRAINING}
+    return text_digest(hashlib.sha1(json.dumps([d["model"], ad], sort_keys=True).encode()).hexdigest(), data_fp)
+
+
+def data_fingerprint(ids: list[str]) -> str:
+    """Fingerprint of the train images an adaptation used (sorted ids + count)."""
+    return text_digest(str(len(ids)), ",".join(sorted(map(str, ids))))
+
+
+def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, *,
+          restart: bool = False, stop_after: int | None = None) -> Path | None:
+    """Adapt the local head on DATA's train images (labels unused), checkpoint in WORK/adapt, export to OUT.
+
+    `stop_after` ends this run after that many total steps without exporting (to test resuming);
+    returns the export path, or None when stopped early.
+    """
+    import keras
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from landmarks.data import load_split
+    from landmarks.export import save_serving
+    from landmarks.model import make_gem, normalize_pixels, output_layer_name, preprocess_mode, receptive_field
+    from landmarks.train import _Checkpointer
+
+    ac, mc = cfg.adapt, cfg.model
+    _check(ac)
+    df = load_split(data_dir, "train")
+    if df.empty:
+        raise LandmarksError(f"{data_dir}: the train split is empty")
+    if ac.max_images > 0 and len(df) > ac.max_images:
+        df = df.sample(n=ac.max_images, random_state=ac.seed).sort_index()
+    ids = df["id"].astype(str).tolist()
+    data_fp = data_fingerprint(ids)
+    fp = train_fingerprint(cfg, data_fp)
+    adapt_dir = Path(work_dir) / "adapt"
+    adapt_dir.mkdir(parents=True, exist_ok=True)
+    ck = _Checkpointer(adapt_dir, fp)
+    if restart:
+        for p in list(adapt_dir.glob("ckpt-*")) + [ck.state_path]:
+            if p.exists():
+                p.unlink()
+    meta_path = Path(out_dir) / "landmarks_model.json"
+    if not restart and meta_path.exists() and (Path(out_dir) / "saved_model.pb").exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("fingerprint") == fp and old.get("steps") == ac.steps and old.get("keypoint_score") == ac.score:
+            log.info("%s is up to date (adapted %d steps on %d images)", out_dir, ac.steps, len(ids))
+            return Path(out_dir)
+
+    keras.utils.set_random_seed(ac.seed)
+    backbone = _backbone(mc)
+    backbone.trainable = False
+    local_model = keras.Model(backbone.input, backbone.outputs[0])
+    rf = receptive_field(backbone, output_layer_name(backbone, 0))
+    channels = int(backbone.outputs[0].shape[-1])
+    if channels > mc.local_dim:
+        raise LandmarksError(f"adapt keeps the local block's {channels} channels inside the {mc.local_dim}-d "
+                             "descriptor; raise model.local_dim")
+    grid = tuple(int(d) for d in local_model(tf.zeros([1, ac.crop_size, ac.crop_size, 3])).shape[1:3])
+    head = build_head(channels, mc.local_dim, ac.hidden, ac.context)
+    optimizer = keras.optimizers.Adam(ac.learning_rate)
+    optimizer.build(head.trainable_variables)
+
+    state = ck.load_state()
+    step, history, resumed = 0, [], []
+    if state is not None:
+        ck.restore(head, optimizer, state)
+        step, history, resumed = int(state["step"]), state.get("history", []), state.get("resumed_from", [])
+        resumed = resumed + [step]
+        log.info("resuming from step %d (%s)", step, adapt_dir)
+
+    mode = preprocess_mode(mc.backbone, mc.init)
+    rows, cols = grid
+    gy, gx = np.meshgrid(np.arange(rows, dtype=np.float32), np.arange(cols, dtype=np.float32), indexing="ij")
+    gxy = tf.constant(np.stack([gx.ravel(), gy.ravel()], 1))  # [M, 2]
+    r2 = float(ac.neg_radius) ** 2
+    tau = float(ac.temperature)
+    w_rel = float(ac.reliability_weight)
+
+    def sample(f, u):
+        """Bilinear sample of f [b, rows, cols, D] at u [b, n, 2] (x, y) grid coordinates -> [b, n, D]."""
+        x, y = u[..., 0], u[..., 1]
+        x0 = tf.clip_by_value(tf.floor(x), 0.0, cols - 1.0)
+        y0 = tf.clip_by_value(tf.floor(y), 0.0, rows - 1.0)
+        x1, y1 = tf.minimum(x0 + 1.0, cols - 1.0), tf.minimum(y0 + 1.0, rows - 1.0)
+        wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+        flat = tf.reshape(f, [tf.shape(f)[0], rows * cols, -1])
+
+        def g(yy, xx):
+            return tf.gather(flat, tf.cast(yy * cols + xx, tf.int32), batch_dims=1)
+
+        return ((1 - wy) * ((1 - wx) * g(y0, x0) + wx * g(y0, x1)) + wy * ((1 - wx) * g(y1, x0) + wx * g(y1, x1)))
+
+    @tf.function
+    def train_step(xa, xb, u, valid):
+        fa = tf.cast(local_model(normalize_pixels(xa, mode), training=False), tf.float32)
+        fb = tf.cast(local_model(normalize_pixels(xb, mode), training=False), tf.float32)
+        with tf.GradientTape() as tape:
+            da, ra = head(fa)
+            db, _ = head(fb)
+            dp = tf.math.l2_normalize(sample(db, u), -1)  # B's descriptor at A's exact position
+            b = tf.shape(da)[0]
+            da = tf.math.l2_normalize(tf.reshape(da, [b, rows * cols, -1]), -1)
+            db = tf.math.l2_normalize(tf.reshape(db, [b, rows * cols, -1]), -1)
+            sim = tf.einsum("bnd,bmd->bnm", da, db)
+            pos = tf.reduce_sum(da * dp, -1)
+            d2 = tf.reduce_sum(tf.square(u[:, :, None, :] - gxy[None, None]), -1)  # [b, n, m]
+            neg = tf.where(d2 > r2, sim, -1e4)
+            logits = tf.concat([pos[..., None], neg], -1) / tau
+            ce = -tf.nn.log_softmax(logits, -1)[..., 0]
+            nv = tf.maximum(tf.reduce_sum(valid), 1.0)
+            nce = tf.reduce_sum(ce * valid) / nv
+            nn = tf.argmax(sim, -1, output_type=tf.int32)
+            correct = tf.cast(tf.gather(d2, nn, batch_dims=2) <= r2, tf.float32)
+            rl = tf.reshape(ra, [b, rows * cols])
+            bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.stop_gradient(correct), logits=rl)
+            rel = tf.reduce_sum(bce * valid) / nv
+            loss = nce + w_rel * rel
+        grads = tape.gradient(loss, head.trainable_variables)
+        optimizer.apply_gradients(zip(grads, head.trainable_variables))
+        acc = tf.reduce_sum(tf.cast(tf.equal(tf.cast(rl > 0, tf.float32), correct), tf.float32) * valid) / nv
+        return {"loss": loss, "infonce": nce, "reliability": rel,
+                "nn_correct": tf.reduce_sum(correct * valid) / nv, "rel_accuracy": acc}
+
+    end = ac.steps if stop_after is None else min(ac.steps, int(stop_after))
+    if step < end:
+        t0 = time.time()
+        images, bad = load_images(df["path"].astype(str).tolist(), ac.max_side, ac.crop_size)
+        if bad:
+            log.warning("adapt: %d of %d train images unusable (first: %s)", len(bad), len(df), bad[0])
+        if not images:
+            raise LandmarksError(f"{data_dir}: no usable train image to adapt on")
+        log.info("adapt: %d images decoded in %.1fs; %d steps x %d pairs of %dpx views", len(images),
+                 time.time() - t0, end - step, ac.batch_size, ac.crop_size)
+        t0, done = time.time(), 0
+        bar = tqdm(total=end - step, desc="adapt", unit="step")
+        with ThreadPoolExecutor(1) as pool:  # the next batch's pairs are made while this step runs
+            nxt = pool.submit(make_batch, images, step, ac, rf, grid)
+            while step < end:
+                batch = nxt.result()
+                if step + 1 < end:
+                    nxt = pool.submit(make_batch, images, step + 1, ac, rf, grid)
+                m = {k: float(v) for k, v in train_step(tf.constant(batch["a"]), tf.constant(batch["b"]),
+                                                         tf.constant(batch["u"]), tf.constant(batch["valid"])).items()}
+                if not np.isfinite(m["loss"]):
+                    raise LandmarksError(f"adaptation diverged at step {step + 1}; lower adapt.learning_rate")
+                step += 1
+                done += 1
+                history.append({"step": step, **m})
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", nn=f"{m['nn_correct']:.2f}")
+                if step % max(1, ac.checkpoint_every) == 0 or step == end:
+                    ck.save(head, optimizer, {"step": step, "history": history, "resumed_from": resumed,
+                                              "images": len(images)})
+                    _plot(history, adapt_dir / "curves.png")
+        bar.close()
+        dt = time.time() - t0
+        ips = 2 * done * ac.batch_size / max(dt, 1e-9)
+        log.info("adapted %d steps in %.1fs: %.1f views/s (%d px, pairs made + backbone + head)", done, dt, ips,
+                 ac.crop_size)
+        timing = {"seconds": round(dt, 1), "views_per_s": round(ips, 2), "steps": done}
+        with atomic_path(adapt_dir / "timing.json") as tmp:
+            tmp.write_text(json.dumps(timing))
+    if step < ac.steps:
+        return None
+    last = history[-1] if history else {}
+    timing = {}
+    if (adapt_dir / "timing.json").exists():
+        timing = json.loads((adapt_dir / "timing.json").read_text())
+    meta = {"kind": "adapted", "fingerprint": fp, "data_fingerprint": data_fp, "data_dir": str(data_dir),
+            "train_images": len(ids), "steps": step, "adapt": cfg.to_dict()["adapt"], "backbone": mc.backbone,
+            "init": mc.init, "local_layer": output_layer_name(backbone, 0),
+            "local_projection": "adapted (identity + residual MLP, InfoNCE under known homographies)",
+            "keypoint_score": ac.score, "global": f"GeM(p={mc.gem_p}) of last map",
+            "final": {k: round(v, 4) for k, v in last.items() if k != "step"}, "timing": timing}
+    heads = _heads_module(backbone, head, make_gem(mc.gem_p, False), ac.score)
+    out = save_serving(heads, "heads", rf, preprocess_mode(mc.backbone, mc.init), out_dir,
+                       local_dim=mc.local_dim, global_dim=int(backbone.outputs[1].shape[-1]),
+                       default_thres=mc.default_abs_thres, meta=meta)
+    log.info("adapted model -> %s", out)
+    return out
+
+
+# ----------------------------------------------------------------------------------- evaluate
+
+def eval_photos(cfg, data_dir) -> tuple[list[str], str]:
+    """Held-out real photos for the check: adapt.eval_data, else the shared wide-baseline set, else DATA test."""
+    import pandas as pd
+
+    src = cfg.adapt.eval_data or str(REPO.parent / "shared" / "data" / "wide_baseline_scenes")
+    labels = Path(src) / "LABELS.csv" if Path(src).is_dir() else Path(src)
+    if labels.name == "LABELS.csv" and labels.exists():
+        d = pd.read_csv(labels, dtype=str)
+        paths = sorted(str(labels.parent / p) for p in d["path"])
+        source = f"{labels.parent}"
+    else:
+        from landmarks.data import load_split
+
+        paths = sorted(load_split(data_dir, "test")["path"].astype(str))
+        source = f"{data_dir} test split"
+    rng = np.random.default_rng(cfg.adapt.seed + 7)
+    if len(paths) > cfg.adapt.eval_images:
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), cfg.adapt.eval_images, replace=False))]
+    return paths, source
+
+
+def evaluate(cfg, models: dict[str, str | Path], photos: list[str]) -> dict[str, dict]:
+    """Match precision under known warps of real photos, per model.
+
+    For each photo and each of adapt.eval_warps seeded warps (with the photometric changes), both
+    views go through the model's official signature (extract.local_scales, adapt.eval_features);
+    mutual nearest neighbours are correct when within adapt.eval_tolerance px of the true position.
+    Also pydegensac inliers of each true pair against those of a wrong pair (view A of this photo,
+    view B of the next photo).
+    """
+    from landmarks import verify
+    from landmarks.delg_io import load_delg, postprocess
+
+    ac, e = cfg.adapt, cfg.extract
+    images, bad = load_images(photos, max(ac.eval_crop, 640), ac.eval_crop)
+    if len(images) < 2:
+        raise LandmarksError(f"the match-precision check needs 2 readable photos ({len(bad)} unusable)")
+    pairs = []
+    for i, img in enumerate(images):
+        for k in range(ac.eval_warps):
+            a, b, h, occ = make_pair(img, np.random.default_rng([ac.seed + 10_000, i, k]), ac, ac.eval_crop)
+            pairs.append((i, a, b, h, occ))
+    res = {}
+    for name, path in models.items():
+        model = load_delg(path)
+
+        def feats(x):
+            _, lf = postprocess(model(x, list(e.local_scales), ac.eval_features, e.abs_thres, [0]))
+            return lf
+
+        fa = [feats(a) for _, a, _, _, _ in pairs]
+        fb = [feats(b) for _, _, b, _, _ in pairs]
+        n_m = n_c = 0
+        inl_ok, inl_wrong, correct_per_pair = [], [], []
+        for j, (i, _, _, h, occ) in enumerate(pairs):
+            m = verify.match_mutual(fa[j].descriptors, fb[j].descriptors, cfg.verify.mutual_min_sim, cfg.verify.ratio)
+            if len(m):
+                q = apply_h(h, fa[j].keypoints[m[:, 0]])
+                ok = np.linalg.norm(q - fb[j].keypoints[m[:, 1]], axis=1) <= ac.eval_tolerance
+                n_m, n_c = n_m + len(m), n_c + int(ok.sum())
+                correct_per_pair.append(int(ok.sum()))
+            else:
+                correct_per_pair.append(0)
+            inl_ok.append(verify.count_inliers(cfg.verify, fa[j].keypoints, fb[j].keypoints, m))
+            jw = next(t for t in range(j + 1, j + len(pairs)) if pairs[t % len(pairs)][0] != i) % len(pairs)
+            mw = verify.match_mutual(fa[j].descriptors, fb[jw].descriptors, cfg.verify.mutual_min_sim, cfg.verify.ratio)
+            inl_wrong.append(verify.count_inliers(cfg.verify, fa[j].keypoints, fb[jw].keypoints, mw))
+        res[name] = {"pairs": len(pairs), "precision": n_c / max(n_m, 1), "matches_per_pair": n_m / len(pairs),
+                     "correct_per_pair": float(np.mean(correct_per_pair)),
+                     "inliers_true": float(np.mean(inl_ok)), "inliers_wrong": float(np.mean(inl_wrong)),
+                     "true_above_all_wrong": float(np.mean(np.asarray(inl_ok) > max(inl_wrong)))}
+    return res
+
+
+def format_eval(res: dict[str, dict], source: str, cfg) -> str:
+    ac = cfg.adapt
+    lines = [f"Match precision under known warps: {source}, {next(iter(res.values()))['pairs']} pairs "
+             f"({ac.eval_warps} warps per photo, {ac.eval_crop}px views, {ac.eval_features} features, "
+             f"correct within {ac.eval_tolerance:g} px)", "",
+             "| model | precision | correct matches / pair | matches / pair | inliers true pair | "
+             "inliers wrong pair | true > every wrong |", "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['precision']:.3f} | {r['correct_per_pair']:.1f} | {r['matches_per_pair']:.1f} | "
+                     f"{r['inliers_true']:.1f} | {r['inliers_wrong']:.1f} | {r['true_above_all_wrong']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+def _cmd_adapt(args, cfg) -> int:
+    from landmarks.utils import configure_tensorflow
+
+    configure_tensorflow()
+    if args.steps is not None:
+        cfg.adapt.steps = args.steps
+    if not args.eval_only:
+        out = adapt(cfg, args.data_dir, args.work_dir, args.out, restart=args.restart)
+        print(out)
+    if args.no_eval:
+        return 0
+    if not (Path(args.out) / "saved_model.pb").exists():
+        raise LandmarksError(f"{args.out} holds no adapted model: run `landmarks adapt` first")
+    photos, source = eval_photos(cfg, args.data_dir)
+    models = {f"zero-training ({args.model})": args.model, f"adapted ({args.out})": args.out}
+    text = format_eval(evaluate(cfg, models, photos), source, cfg)
+    path = Path(args.work_dir) / "adapt" / "eval.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    print(text, end="")
+    return 0
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("adapt", parents=[common],
+                              help="learn the local head from DATA_DIR's unlabelled train images, export it")
+    p.add_argument("--out", default="models/adapted", help="exported SavedModel directory")
+    p.add_argument("--steps", type=int, default=None, help="override adapt.steps")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in WORK_DIR/adapt")
+    p.add_argument("--no-eval", action="store_true", help="skip the match-precision check against --model")
+    p.add_argument("--eval-only", action="store_true", help="only compare OUT against --model under known warps")
+    p.set_defaults(func=_cmd_adapt)

@@ -1,0 +1,197 @@
+"""`landmarks adapt`: exact pair correspondences, adapt -> export -> load_delg, exact resume, the warp check."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from landmarks.utils import LandmarksError  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _ramp(h=200, w=240):
+    """Image whose red/green values are its own pixel x/y: a dense grid of known coordinates."""
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([xs, ys, np.full_like(xs, 128)], -1).astype(np.uint8)
+
+
+def test_pair_correspondences_are_exact():
+    """Warp a coordinate grid: every B pixel holds the source pixel the homography says."""
+    from landmarks.adapt import apply_h, make_pair
+    from landmarks.config import Config
+
+    ac = Config().adapt
+    img = _ramp()
+    checked = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        a, b, h, occ = make_pair(img, rng, ac, 128, photometric=False)
+        assert occ is None and a.shape == b.shape == (128, 128, 3)
+        # A is a crop: its pixel (x, y) is source pixel (x + ox, y + oy)
+        ox, oy = int(a[0, 0, 0]), int(a[0, 0, 1])
+        assert np.array_equal(a[..., 0], (np.arange(128)[None, :] + ox).repeat(128, 0))
+        # B pixel q came from A pixel H^-1(q), i.e. source pixel H^-1(q) + (ox, oy)
+        ys, xs = np.meshgrid(np.arange(128), np.arange(128), indexing="ij")
+        q = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+        src = apply_h(np.linalg.inv(h), q) + [ox, oy]
+        inside = (src[:, 0] > 1) & (src[:, 0] < img.shape[1] - 2) & (src[:, 1] > 1) & (src[:, 1] < img.shape[0] - 2)
+        got = b.reshape(-1, 3)[inside, :2].astype(np.float64) + 0.5  # PIL truncates to uint8: +0.5 centres it
+        err = np.abs(got - src[inside])
+        assert inside.sum() > 500
+        assert err.max() <= 0.55, (seed, err.max())  # a 0.5 px convention slip would show as up to ~1.5 px
+        assert np.median(err) <= 0.3
+        checked += inside.sum()
+    assert checked > 10_000
+
+
+def test_pair_warps_vary_and_cell_targets_follow_h():
+    from landmarks.adapt import apply_h, cell_targets, make_pair
+    from landmarks.config import Config
+    from landmarks.model import ReceptiveField
+
+    ac = Config().adapt
+    rf = ReceptiveField(size=339, stride=16, padding=154.0)
+    img = _ramp()
+    hs = [make_pair(img, np.random.default_rng(s), ac, 128)[2] for s in range(5)]
+    assert len({round(float(h[0, 0]), 6) for h in hs}) == 5  # random, seeded warps
+    a1 = make_pair(img, np.random.default_rng(3), ac, 128)
+    a2 = make_pair(img, np.random.default_rng(3), ac, 128)
+    assert np.array_equal(a1[1], a2[1]) and np.array_equal(a1[2], a2[2])  # deterministic per seed
+    h = hs[0]
+    u, valid = cell_targets(h, rf, (8, 8))
+    off = -rf.padding + (rf.size - 1) / 2
+    centre = np.array([[3 * 16 + off, 5 * 16 + off]])  # cell row 5, column 3
+    want = (apply_h(h, centre)[0] - off) / 16
+    assert np.allclose(u[5 * 8 + 3], want, atol=1e-4)
+    assert valid.dtype == bool and valid.shape == (64,)
+    # identity warp: every cell maps onto itself and is valid
+    u, valid = cell_targets(np.eye(3), rf, (8, 8))
+    assert valid.all() and np.allclose(u[9], [1, 1])
+    # an occluder over the whole view invalidates every cell
+    _, valid = cell_targets(np.eye(3), rf, (8, 8), occ=(-1000, -1000, 1000, 1000))
+    assert not valid.any()
+
+
+def _make_data(root: Path, n=4, seed=0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n):
+        base = rng.integers(0, 255, (12, 14, 3)).astype(np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((140, 120), Image.NEAREST))
+        i = f"{k:x}{rng.integers(0, 16 ** 15):015x}"
+        p = root / "train" / i[0] / i[1] / i[2] / f"{i}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(p)
+        rows.append((i, 1 + k % 2))
+    pd.DataFrame(rows, columns=["id", "landmark_id"]).to_csv(root / "train.csv", index=False)
+    return root
+
+
+def _cfg(steps=4, extra=()):
+    from landmarks.config import load_config
+
+    return load_config(None, ["model.backbone=tiny", "model.init=random", "adapt.batch_size=2",
+                              "adapt.crop_size=64", "adapt.max_side=128", "adapt.checkpoint_every=2",
+                              f"adapt.steps={steps}", "adapt.hidden=16", *extra])
+
+
+def _head_weights(work: Path) -> list[np.ndarray]:
+    import h5py
+
+    state = json.loads((work / "adapt" / "state.json").read_text())
+    out = []
+    with h5py.File(work / "adapt" / state["weights"], "r") as f:
+        f.visititems(lambda name, obj: out.append(np.asarray(obj)) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_adapt_resumes_exactly_and_exports(tmp_path):
+    from landmarks.adapt import adapt
+    from landmarks.delg_io import load_delg
+
+    data = _make_data(tmp_path / "data")
+    work, out = tmp_path / "work", tmp_path / "model"
+    assert adapt(_cfg(), data, work, out, stop_after=2) is None  # "interrupted" after 2 steps
+    state = json.loads((work / "adapt" / "state.json").read_text())
+    assert state["step"] == 2 and not out.exists()
+    assert adapt(_cfg(), data, work, out) == out  # rerun resumes at step 2
+    state = json.loads((work / "adapt" / "state.json").read_text())
+    assert state["step"] == 4 and state["resumed_from"] == [2]
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in state["history"])
+    assert (work / "adapt" / "curves.png").stat().st_size > 1000
+    resumed = _head_weights(work)
+    # the same 4 steps without interruption give the same head
+    work2 = tmp_path / "work2"
+    assert adapt(_cfg(), data, work2, tmp_path / "model2") == tmp_path / "model2"
+    straight = _head_weights(work2)
+    assert len(resumed) == len(straight) > 0
+    assert all(np.allclose(r, s, rtol=1e-5, atol=1e-6) for r, s in zip(resumed, straight))
+
+    meta = json.loads((out / "landmarks_model.json").read_text())
+    assert meta["kind"] == "adapted" and meta["steps"] == 4 and meta["train_images"] == 4
+    assert meta["adapt"]["crop_size"] == 64 and len(meta["data_fingerprint"]) == 16
+    assert meta["keypoint_score"] == "reliability"
+    o = load_delg(out)(np.full((96, 128, 3), 90, np.uint8), [1.0, 0.5], 20, 0.0, [0, 1])
+    assert o["features"].shape[1] == 128 and 0 < o["features"].shape[0] <= 20
+    assert o["global_descriptors"].shape == (2, 32)
+    assert np.all((o["scores"] > 0) & (o["scores"] < 1))  # reliability probabilities
+    mtime = (out / "saved_model.pb").stat().st_mtime
+    assert adapt(_cfg(), data, work, out) == out  # up to date: nothing retrained or re-exported
+    assert (out / "saved_model.pb").stat().st_mtime == mtime
+    # another exported score is a re-export of the same head, not a new adaptation
+    assert adapt(_cfg(extra=["adapt.score=norm"]), data, work, out) == out
+    assert json.loads((out / "landmarks_model.json").read_text())["keypoint_score"] == "norm"
+    assert json.loads((work / "adapt" / "state.json").read_text())["resumed_from"] == [2]
+    with pytest.raises(LandmarksError, match="--restart"):  # other settings never reuse the checkpoint
+        adapt(_cfg(steps=6), data, work, out)
+
+
+def test_adapt_refuses_bad_input(tmp_path):
+    from landmarks.adapt import adapt
+
+    with pytest.raises(LandmarksError):
+        adapt(_cfg(), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")
+    with pytest.raises(LandmarksError, match="adapt.score"):
+        adapt(_cfg(extra=["adapt.score=magic"]), _make_data(tmp_path / "d"), tmp_path / "w", tmp_path / "m")
+
+
+def test_warp_check_identity_is_perfect(tmp_path):
+    """The match-precision check itself: with no warp and no photometric change, matches are correct."""
+    from landmarks.adapt import evaluate
+    from landmarks.config import load_config
+    from landmarks.export import build_default_model
+
+    cfg = load_config(None, ["model.backbone=tiny", "model.init=random", "model.local_projection=random_orthogonal",
+                             "adapt.scale_min=1", "adapt.scale_max=1", "adapt.max_rotation=0",
+                             "adapt.perspective=0", "adapt.max_shift=0", "adapt.photometric=false",
+                             "adapt.eval_crop=96",
+                             "adapt.eval_warps=1", "adapt.eval_features=50", "extract.local_scales=1.0"])
+    model = build_default_model(cfg, tmp_path / "m")
+    data = _make_data(tmp_path / "d", n=3)
+    photos = sorted(str(p) for p in (data / "train").rglob("*.jpg"))
+    res = evaluate(cfg, {"m": model}, photos)["m"]
+    assert res["pairs"] == 3 and res["matches_per_pair"] > 5
+    assert res["precision"] > 0.9 and res["inliers_true"] > res["inliers_wrong"]
+
+
+@pytest.mark.skipif(not (SHARED / "wide_baseline_scenes" / "LABELS.csv").exists(),
+                    reason="shared real photos (../shared/data) not present")
+def test_eval_photos_reads_shared_set():
+    from landmarks.adapt import eval_photos
+    from landmarks.config import Config
+
+    cfg = Config()
+    cfg.adapt.eval_data = str(SHARED / "wide_baseline_scenes")
+    paths, source = eval_photos(cfg, "unused")
+    assert len(paths) == cfg.adapt.eval_images and all(Path(p).exists() for p in paths)
+    assert "wide_baseline_scenes" in source
