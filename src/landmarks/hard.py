@@ -57,6 +57,7 @@ VARIANTS: dict[str, list[str]] = {
     "local scales 0.25-1.0": ["extract.local_scales=0.25,0.3536,0.5,0.7071,1.0"],
     "500 local features": ["extract.max_feature_num=500"],
     "rerank R=10": ["verify.num_to_rerank=10", "vote.neighbours=10"],
+    "rerank R=20": ["verify.num_to_rerank=20", "vote.neighbours=20"],
     "rerank R=50": ["verify.num_to_rerank=50", "vote.neighbours=50"],
     "rerank R=100": ["verify.num_to_rerank=100", "vote.neighbours=100"],
     "fundamental matrix": ["verify.geometry=fundamental"],
