@@ -213,11 +213,11 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
 
 
 def check_inputs(data_dir: str | Path, skip: str | None = None) -> None:
-    """Read and check every input CSV of a dataset (train, test, solution when present) before an
-    expensive stage starts, so a broken file stops the run at once with a one-line error.
-    `skip`: a split the caller reads itself anyway."""
-    for split in SPLITS:
-        if split != skip:
+    """Read and check every input CSV of a dataset that is present (train, test, solution) before
+    an expensive stage starts, so a broken file stops the run at once with a one-line error (a
+    missing one is reported by the stage that needs it).  `skip`: a split the caller reads itself."""
+    for split, name in SPLITS.items():
+        if split != skip and (Path(data_dir) / name).exists():
             load_split(data_dir, split)
     load_solution(data_dir)
 
