@@ -32,6 +32,8 @@ IMAGE_ID_MIN_LEN = 3  # <a>/<b>/<c>/ directory levels
 LABEL_MAX = 2**63 - 1
 _ID_RE = re.compile(f"[{ID_CHARS}]+")
 _LABEL_RE = re.compile(r"0|[1-9][0-9]*")
+_SPACE_RE = re.compile(r"\s")
+_POW10 = np.array([10**k for k in range(1, 19)], np.int64)  # digits of n = 1 + count of these <= n
 ID_RULE = f"1-{ID_MAX_LEN} characters of A-Z a-z 0-9 _ -"
 LABEL_RULE = "a non-negative integer below 2**63 in plain decimal"
 
@@ -126,13 +128,15 @@ def _first_lines(mask, limit: int = 3) -> str:
 def _as_text(col: pd.Series) -> pd.Series:
     """Object column of str (missing fields -> '')."""
     col = col.astype(object)
-    if col.map(type).ne(str).any():
+    if not all(type(v) is str for v in col.tolist()):
         col = col.map(lambda v: v if isinstance(v, str) else "")
     return col
 
 
 def strip_column(col: pd.Series, path, name: str) -> pd.Series:
     """Strip surrounding whitespace, with one warning per file naming the first line."""
+    if not _SPACE_RE.search("".join(col.tolist())):
+        return col  # fast path: no whitespace anywhere
     stripped = col.str.strip()
     changed = stripped.ne(col).to_numpy()
     if changed.any():
@@ -141,14 +145,20 @@ def strip_column(col: pd.Series, path, name: str) -> pd.Series:
     return stripped
 
 
+def _first_problem(values: pd.Series, path, problem) -> None:
+    """Raise for the first value where problem(value) says why it is bad (slow path)."""
+    for k, v in enumerate(values.tolist()):
+        why = problem(v)
+        if why:
+            raise LandmarksError(f"{path}: line {k + 2}: {why}")
+
+
 def check_ids(ids: pd.Series, path, min_len: int = 1) -> None:
     """Every id follows the id rule and is unique; LandmarksError naming the first bad line."""
-    ok = ids.str.fullmatch(_ID_RE.pattern).fillna(False).to_numpy(bool, copy=True)
-    lens = ids.str.len().to_numpy()
-    ok &= (lens >= min_len) & (lens <= ID_MAX_LEN)
-    if not ok.all():
-        first = int(np.flatnonzero(~ok)[0])
-        raise LandmarksError(f"{path}: line {first + 2}: {id_problem(ids.iloc[first], min_len)}")
+    lens = np.fromiter(map(len, ids.tolist()), np.int64, len(ids))
+    if not (len(ids) and lens.min() >= min_len and lens.max() <= ID_MAX_LEN
+            and _ID_RE.fullmatch("".join(ids.tolist()))):  # all characters allowed: each id is fine
+        _first_problem(ids, path, lambda v: id_problem(v, min_len))
     dup = ids.duplicated().to_numpy()
     if dup.any():
         raise LandmarksError(f"{path}: line {_first_lines(dup)}: duplicate id {ids[dup].iloc[0]!r} "
@@ -157,16 +167,15 @@ def check_ids(ids: pd.Series, path, min_len: int = 1) -> None:
 
 def labels_to_int(labels: pd.Series, path) -> np.ndarray:
     """Checked landmark_id texts -> int64 (exact: the rule admits only canonical integers < 2**63)."""
-    ok = labels.str.fullmatch(_LABEL_RE.pattern).fillna(False).to_numpy(bool, copy=True)
-    lens = labels.str.len().to_numpy()
-    ok &= lens <= 19
-    big = np.flatnonzero(ok & (lens == 19))
-    if len(big):
-        ok[big] = [int(s) <= LABEL_MAX for s in labels.iloc[big]]
-    if not ok.all():
-        first = int(np.flatnonzero(~ok)[0])
-        raise LandmarksError(f"{path}: line {first + 2}: {label_problem(labels.iloc[first])}")
-    return labels.astype(np.int64).to_numpy()
+    lens = np.fromiter(map(len, labels.tolist()), np.int64, len(labels))
+    joined = "".join(labels.tolist())
+    if len(labels) and lens.min() >= 1 and lens.max() <= 19 and joined.isascii() and joined.isdigit() \
+            and all(int(v) <= LABEL_MAX for v in labels[lens == 19]):
+        values = labels.astype(np.int64).to_numpy()
+        if (1 + np.searchsorted(_POW10, values, side="right") == lens).all():  # no leading zeros
+            return values
+    _first_problem(labels, path, label_problem)
+    raise AssertionError("labels_to_int: no bad label found")  # pragma: no cover
 
 
 def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
@@ -185,13 +194,13 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
         if col not in header:
             raise LandmarksError(f"{path}: missing column {col!r} (header: {','.join(header)})")
     try:
-        df = pd.read_csv(path, usecols=lambda c: c.strip() in need, dtype=object, encoding="utf-8-sig",
+        df = pd.read_csv(path, usecols=[header.index(c) for c in need], dtype=object, encoding="utf-8-sig",
                          keep_default_na=False, na_filter=False, engine="c", index_col=False)
     except UnicodeDecodeError:
         raise LandmarksError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except (pd.errors.ParserError, ValueError) as e:
         raise LandmarksError(f"{path}: malformed CSV ({str(e).strip().splitlines()[0]})") from None
-    df.columns = [c.strip() for c in df.columns]
+    df.columns = [header[i] for i in sorted(header.index(c) for c in need)]
     if len(df) == 0:
         raise LandmarksError(f"{path}: no rows after the header")
     ids = strip_column(_as_text(df["id"]), path, "id")
@@ -204,12 +213,11 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
 
 
 def check_inputs(data_dir: str | Path, skip: str | None = None) -> None:
-    """Read and check every input CSV of a dataset (train, test, solution when present) before an
-    expensive stage starts, so a broken file stops the run at once with a one-line error.
-    `skip`: a split the caller reads itself anyway.  A file that is absent is left to the stage
-    that needs it (extracting train features needs no sample_submission.csv)."""
-    for split in SPLITS:
-        if split != skip and (Path(data_dir) / SPLITS[split]).exists():
+    """Read and check every input CSV of a dataset that is present (train, test, solution) before
+    an expensive stage starts, so a broken file stops the run at once with a one-line error (a
+    missing one is reported by the stage that needs it).  `skip`: a split the caller reads itself."""
+    for split, name in SPLITS.items():
+        if split != skip and (Path(data_dir) / name).exists():
             load_split(data_dir, split)
     load_solution(data_dir)
 

@@ -37,15 +37,15 @@ def _read_text(path: str | Path) -> str:
 
 
 def _rows(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, fields) of a CSV file; blank lines skipped."""
+    """Header and (line number, fields) of a CSV file; blank (or whitespace-only) lines skipped."""
     text = _read_text(path)
     reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
     rows: list[tuple[int, list[str]]] = []
     try:
         for fields in reader:
-            if not fields or all(not f.strip() for f in fields):
-                continue
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # a blank line; ',' is a row with an empty id (an error, not skipped)
             if header is None:
                 header = [h.strip() for h in fields]
                 continue
