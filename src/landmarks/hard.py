@@ -73,6 +73,7 @@ VARIANTS: dict[str, list[str]] = {
     "global PCA whitening (train) to 128-d, power 3": ["whiten.global_pca=true", "whiten.global_pca_dim=128", "vote.power=3"],
     "no DBA (k=0)": ["knn.dba_k=0"],
     "DBA k=1": ["knn.dba_k=1"],
+    "DBA k=2": ["knn.dba_k=2"],
     "alpha-QE k=2": ["knn.qe_k=2"],
 }
 DEFAULT_ROW = "current config (default)"
