@@ -108,7 +108,9 @@ def cluster(tmp_path):
 def data(tmp_path):
     rng = np.random.default_rng(5)
     root = tmp_path / "data"
-    ids = _write_split(root, "train", 160, rng)
+    # enough images that a shard takes seconds even on an idle machine (the fake model does ~150
+    # images/s): the worker must still be busy when the test kills it
+    ids = _write_split(root, "train", 1200, rng)
     pd.DataFrame({"id": ids, "landmark_id": np.arange(len(ids)) % 4}).to_csv(root / "train.csv", index=False)
     return root, build_fake_delg(tmp_path / "model" / "fake_delg")
 
