@@ -359,13 +359,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     optimizer = keras.optimizers.Adam(ac.learning_rate)
     optimizer.build(head.trainable_variables)
 
-    state = ck.load_state()
-    step, history, resumed = 0, [], []
-    if state is not None:
-        ck.restore(head, optimizer, state)
-        step, history, resumed = int(state["step"]), state.get("history", []), state.get("resumed_from", [])
-        resumed = resumed + [step]
-        log.info("resuming from step %d (%s)", step, adapt_dir)
+    step, history, resumed = ck.resume(head, optimizer)
 
     mode = preprocess_mode(mc.backbone, mc.init)
     rows, cols = grid

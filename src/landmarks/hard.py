@@ -337,7 +337,6 @@ class Scorer:
         self._local: dict = {}
         self._pairs: dict = {}
         self.verify_seconds = 0.0
-        self.pairs_verified = 0
 
     def _lf(self, cfg, image_id: str, w_local=None, tag: str = ""):
         """Local features of one image under cfg (PCA-projected with w_local, fitted on split `tag`)."""
@@ -390,7 +389,6 @@ class Scorer:
                 cands = [self._lf(cfg, c, w_local, split.name) for c in todo]
                 for c, n in zip(todo, verify_image(cfg.verify, q, cands)):
                     self._pairs[(vkey, qid, c)] = int(n)
-                self.pairs_verified += len(todo)
             inl[r, :len(cand)] = [self._pairs[(vkey, qid, c)] for c in cand]
         self.verify_seconds += time.time() - t0
         return inl

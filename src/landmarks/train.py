@@ -162,6 +162,16 @@ class _Checkpointer:
             if p.name not in (w.name, o.name):
                 p.unlink()
 
+    def resume(self, net, optimizer) -> tuple[int, list, list]:
+        """Restore the last checkpoint if there is one: (step, history, steps resumed from)."""
+        state = self.load_state()
+        if state is None:
+            return 0, [], []
+        self.restore(net, optimizer, state)
+        step = int(state["step"])
+        log.info("resuming from step %d (%s)", step, self.dir)
+        return step, state.get("history", []), state.get("resumed_from", []) + [step]
+
     def restore(self, net, optimizer, state: dict) -> None:
         net.load_weights(str(self.dir / state["weights"]))
         data = np.load(self.dir / state["optimizer"])
@@ -233,13 +243,7 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(net.trainable_variables)
 
-    state = ck.load_state()
-    step, history, resumed = 0, [], []
-    if state is not None:
-        ck.restore(net, optimizer, state)
-        step, history, resumed = int(state["step"]), state.get("history", []), state.get("resumed_from", [])
-        resumed = resumed + [step]
-        log.info("resuming from step %d (%s)", step, train_dir)
+    step, history, resumed = ck.resume(net, optimizer)
     mode = preprocess_mode(mc.backbone, mc.init)
     w_att, w_rec = float(tc.attention_loss_weight), float(tc.reconstruction_loss_weight)
 
