@@ -27,12 +27,12 @@ INSTALLED := $(VENV)/.installed
 DATA_DEPS  := $(if $(filter $(DEMO_DIR),$(DATA_DIR)),$(DEMO_DIR)/.complete)
 MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_model.pb)
 
-.PHONY: help install demo-data model train adapt features predict validate validate-hard holdout import import-hard bench cluster-check notebooks docs test clean
+.PHONY: help install demo-data model train adapt features whiten knn local-features verify predict validate validate-hard holdout import import-hard bench cluster-check notebooks docs test clean
 
 help:
-	@echo "make predict   - demo data + default model + features + kNN + verification -> $(SUBMISSION)"
+	@echo "make predict   - demo data + default model + features, whiten, knn, local-features, verify, predict -> $(SUBMISSION)"
 	@echo "make test      - install and run the test suite"
-	@echo "other targets: install demo-data model train adapt features validate validate-hard holdout import import-hard bench cluster-check notebooks docs clean"
+	@echo "other targets: install demo-data model train adapt features whiten knn local-features verify validate validate-hard holdout import import-hard bench cluster-check notebooks docs clean"
 
 install: $(INSTALLED)
 $(INSTALLED): requirements.txt pyproject.toml
@@ -61,7 +61,21 @@ features: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
 	$(LM) features $(COMMON) --split train --shards $(SHARDS) --jobs $(JOBS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 	$(LM) features $(COMMON) --split test --shards $(SHARDS) --jobs $(JOBS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
-predict: features
+# One stage, one command: each reads the previous stage's files (WORK_DIR layout: src/landmarks/layout.py)
+# and skips itself when its output is up to date.
+whiten: features
+	$(LM) whiten $(COMMON)
+
+knn: whiten
+	$(LM) knn $(COMMON)
+
+local-features: knn
+	$(LM) local-features $(COMMON) --jobs $(JOBS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+
+verify: local-features
+	$(LM) verify $(COMMON)
+
+predict: verify
 	$(LM) predict $(COMMON)
 
 validate: predict

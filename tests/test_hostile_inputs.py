@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from landmarks import data, metrics, predict
+from landmarks import data, metrics, pipeline, predict
 from landmarks.cli import main
 from landmarks.config import Config, ConfigError, load_config
 from landmarks.utils import LandmarksError
@@ -268,16 +268,18 @@ def test_broken_sample_submission_stops_before_train_extraction(tmp_path, fake_m
     assert not list(features_dir(tmp_path / "w", "train").glob("shard-*.h5"))
 
 
-def test_broken_sample_submission_stops_predict_before_knn(tmp_path):
+def test_broken_sample_submission_stops_predict_with_one_line(tmp_path):
     from test_predict import make_dataset
 
     d, work = make_dataset(tmp_path)
-    (d / "sample_submission.csv").write_text("id,landmarks\nte0000,\nte/0001,\n")
     cfg = Config()
     cfg.verify.enabled = False
+    pipeline.run_after_features(cfg, d, work, tmp_path / "model", tmp_path / "s.csv")
+    (d / "sample_submission.csv").write_text("id,landmarks\nte0000,\nte/0001,\n")
+    (tmp_path / "s.csv").unlink()
     with pytest.raises(LandmarksError, match="sample_submission.csv: line 3: id 'te/0001' contains '/'"):
-        predict.run_predict(cfg, d, work, tmp_path / "model", tmp_path / "s.csv")
-    assert not (work / "knn.npz").exists()
+        predict.run_predict(cfg, d, submission=tmp_path / "s.csv", **predict.stage_paths(cfg, work))
+    assert not (tmp_path / "s.csv").exists()
 
 
 @pytest.mark.parametrize("override", ["vote.method=bogus", "knn.index=faiss", "verify.matcher=flann",

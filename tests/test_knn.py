@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landmarks import knn
+from landmarks import knn, whiten
 from landmarks.config import Config, KnnConfig
-from landmarks.store import write_shard
+from landmarks.layout import WorkLayout
+from landmarks.store import load_npz, write_shard
+from landmarks.utils import LandmarksError
 
 
 def _unit(x):
@@ -80,20 +82,43 @@ def _stores(tmp_path, n_train=30, n_test=8, dim=16, seed=0):
     return tr, te
 
 
+def _run_knn(cfg, root):
+    work = WorkLayout(root)
+    whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg))
+    return knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg))
+
+
 def test_run_knn_writes_and_skips(tmp_path):
     _stores(tmp_path)
     cfg = Config()
     cfg.knn.k = 5
-    out = knn.run_knn(cfg, tmp_path)
-    z = knn.load_npz(out)
+    out = _run_knn(cfg, tmp_path)
+    z = load_npz(out)
     assert z["idx"].shape == (8, 5) and list(z["test_ids"])[:2] == ["te000", "te001"]
     assert [z["train_ids"][j] for j in z["idx"][:, 0]] == [f"tr{i:03d}" for i in range(8)]
     mtime = out.stat().st_mtime_ns
-    knn.run_knn(cfg, tmp_path)
+    assert _run_knn(cfg, tmp_path) == out
     assert out.stat().st_mtime_ns == mtime  # up to date: skipped
     cfg.knn.k = 4
-    knn.run_knn(cfg, tmp_path)
-    assert knn.load_npz(out)["idx"].shape == (8, 4)  # config change redoes it
+    out4 = _run_knn(cfg, tmp_path)
+    assert out4 != out and load_npz(out4)["idx"].shape == (8, 4)  # another setting: its own file
+    assert out.stat().st_mtime_ns == mtime  # the k=5 output stays beside it
+    cfg.knn.chunk_size = 2  # runtime-only: same name, same content
+    assert _run_knn(cfg, tmp_path) == out4
+
+
+def test_run_knn_redoes_stale_output(tmp_path):
+    """Same settings, other train features: the file's input fingerprint no longer matches."""
+    tr, _ = _stores(tmp_path)
+    cfg = Config()
+    out = _run_knn(cfg, tmp_path)
+    first = load_npz(out)["sims"]  # nearest train row of te<i> is tr<i>
+    write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", [f"tr{i:03d}" for i in range(len(tr))],
+                _unit(tr[::-1].copy()), None)
+    assert _run_knn(cfg, tmp_path) == out
+    z = load_npz(out)
+    assert [z["train_ids"][j] for j in z["idx"][:, 0]] == [f"tr{len(tr) - 1 - i:03d}" for i in range(8)]
+    assert not np.array_equal(z["sims"], first)
 
 
 def test_run_knn_with_whitening_dba_qe(tmp_path):
@@ -103,9 +128,18 @@ def test_run_knn_with_whitening_dba_qe(tmp_path):
     cfg.knn.dba_k = 2
     cfg.knn.qe_k = 1
     cfg.whiten.global_pca = True
-    z = knn.load_npz(knn.run_knn(cfg, tmp_path))
-    assert (tmp_path / "whiten.npz").exists()
+    z = load_npz(_run_knn(cfg, tmp_path))
+    assert WorkLayout(tmp_path).whiten(cfg).exists()
     assert [z["train_ids"][j] for j in z["idx"][:, 0]] == [f"tr{i:03d}" for i in range(8)]
+
+
+def test_knn_needs_the_whiten_stage_when_whitening_is_on(tmp_path):
+    _stores(tmp_path, n_train=60, dim=16)
+    cfg = Config()
+    cfg.whiten.global_pca = True
+    work = WorkLayout(tmp_path)
+    with pytest.raises(LandmarksError, match="landmarks whiten"):
+        knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg))
 
 
 def test_ivf_trains_on_a_sample_and_keeps_recall(monkeypatch):

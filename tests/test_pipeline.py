@@ -1,5 +1,6 @@
 """End to end with the real zero-training default model: small demo -> model -> features ->
-predict -> validate through the CLI, the way `make predict` / `make validate` chain them."""
+whiten -> knn -> local-features -> verify -> predict -> validate through the CLI, the way
+`make predict` / `make validate` chain them."""
 from __future__ import annotations
 
 import subprocess
@@ -31,7 +32,8 @@ def run(tmp_path_factory):
               "--set", "extract.max_feature_num=300"]
     for split in ("train", "test"):
         lm("features", *common, "--split", split, "--shards", 2, "--jobs", 1)
-    lm("predict", *common)
+    for stage in ("whiten", "knn", "local-features", "verify", "predict"):
+        lm(stage, *common)
     val = lm("validate", *common)
     return dict(root=root, data=data, work=work, model=model, sub=sub, common=common, validate=val)
 
@@ -64,6 +66,10 @@ def test_rerun_skips_and_is_byte_identical(run):
     mtimes = [p.stat().st_mtime_ns for p in shards]
     lm("features", *run["common"], "--split", "test", "--shards", 2, "--jobs", 1)
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
-    (run["work"] / "verified.npz").unlink()
+    (verified,) = run["work"].glob("verified-*.npz")
+    verified.unlink()
+    with pytest.raises(AssertionError, match="not found: run `landmarks verify` first"):
+        lm("predict", *run["common"])
+    lm("verify", *run["common"])
     lm("predict", *run["common"])
     assert run["sub"].read_bytes() == before

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landmarks import predict
+from landmarks import pipeline, predict
+from landmarks.layout import WorkLayout
 from landmarks.config import Config, VoteConfig
 from landmarks.store import write_shard
 from landmarks.utils import LandmarksError
@@ -40,8 +41,9 @@ def test_sum_power_vote_and_ties():
     cfg.inlier_floor = 18
     lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
     assert conf[0] == pytest.approx(max(0.729 + 0.1, 2 * 0.512))
-    with pytest.raises(LandmarksError, match="vote.method"):
-        predict.vote(VoteConfig(method="nope"), sims, idx, labels_of)
+    from typing import get_args, get_type_hints
+
+    assert set(get_args(get_type_hints(VoteConfig)["method"])) == set(predict.METHODS)  # checked at load
     lab, conf = predict.vote(cfg, np.zeros((2, 0)), np.zeros((2, 0), np.int64), labels_of)
     assert (lab == predict.NO_LABEL).all()
 
@@ -107,8 +109,8 @@ def test_run_predict_end_to_end_and_deterministic(tmp_path):
     cfg.verify.enabled = False
     cfg.vote.suppression = "test"
     cfg.vote.suppression_quantile = 0.45
-    a = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "a.csv").read_bytes()
-    b = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "b.csv").read_bytes()
+    a = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "a.csv").read_bytes()
+    b = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "b.csv").read_bytes()
     assert a == b
     lines = a.decode().splitlines()
     assert lines[0] == "id,landmarks" and lines[-1] == "fail0001,"
@@ -121,10 +123,10 @@ def test_run_predict_end_to_end_and_deterministic(tmp_path):
     cfg.vote.suppression = "distractors"
     (tmp_path / "d.csv").write_text("id\ndx0000\ndx0001\n")
     cfg.vote.distractors_csv = str(tmp_path / "d.csv")
-    predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "c.csv")
+    pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "c.csv")
     (tmp_path / "d.csv").write_text("id\nnope0001\n")
     with pytest.raises(LandmarksError, match="no stored global features"):
-        predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "c.csv")
+        pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "c.csv")
 
 
 def test_run_predict_rejects_foreign_features(tmp_path):
@@ -133,7 +135,7 @@ def test_run_predict_rejects_foreign_features(tmp_path):
     cfg = Config()
     cfg.verify.enabled = False
     with pytest.raises(LandmarksError, match="not in .*train.csv"):
-        predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "a.csv")
+        pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "a.csv")
 
 
 def test_run_predict_with_verification_is_byte_identical(tmp_path):
@@ -158,7 +160,7 @@ def test_run_predict_with_verification_is_byte_identical(tmp_path):
     outs = []
     for jobs in (2, 1):
         cfg.verify.jobs = jobs
-        (work / "verified.npz").unlink(missing_ok=True)
-        outs.append(predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / f"{jobs}.csv").read_bytes())
+        WorkLayout(work).verified(cfg).unlink(missing_ok=True)
+        outs.append(pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / f"{jobs}.csv").read_bytes())
     assert outs[0] == outs[1]
     assert len(outs[0].decode().splitlines()) == 5

@@ -7,7 +7,8 @@ import numpy as np
 
 from landmarks import knn, store, verify
 from landmarks.config import Config
-from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, load_index, write_shard
+from landmarks.layout import WorkLayout
+from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, load_index, load_npz, write_shard
 
 
 def _unit(x):
@@ -63,18 +64,19 @@ def test_verify_builds_each_index_once_per_stage(tmp_path, monkeypatch):
     cfg = Config()
     cfg.knn.k = 5
     cfg.verify.num_to_rerank = 3
-    knn.run_knn(cfg, tmp_path)
+    work = WorkLayout(tmp_path)
+    knn_path = knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg))
     for split in ("train", "test"):  # knn built and persisted them: start from no index at all
         (tmp_path / "features" / split / INDEX_NAME).unlink()
     builds = []
     real = store.StoreIndex.build
     monkeypatch.setattr(store.StoreIndex, "build", staticmethod(lambda *a: builds.append(a[0]) or real(*a)))
-    out = verify.run_verify(cfg, tmp_path / "data", tmp_path, tmp_path / "model", out=tmp_path / "v.npz")
+    out = verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"), tmp_path / "v.npz")
     assert sorted(p.name for p in builds) == ["test", "train"]  # 4 batches, one build per split
     assert not verify._STORES  # handles closed at the end of the stage
-    first = knn.load_npz(out)["inliers"]
+    first = load_npz(out)["inliers"]
     # the persisted indexes serve a second stage (here with 2 joblib workers) without a scan
     cfg.verify.jobs = 2
-    out2 = verify.run_verify(cfg, tmp_path / "data", tmp_path, tmp_path / "model", out=tmp_path / "v2.npz")
+    out2 = verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"), tmp_path / "v2.npz")
     assert len(builds) == 2
-    np.testing.assert_array_equal(knn.load_npz(out2)["inliers"], first)
+    np.testing.assert_array_equal(load_npz(out2)["inliers"], first)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landmarks import predict, validate
+from landmarks import pipeline, validate
 from landmarks.config import Config
 from landmarks.store import write_shard
 from landmarks.utils import LandmarksError
@@ -16,7 +16,7 @@ def test_validate_global_only(tmp_path, capsys):
     data, work = make_dataset(tmp_path)
     cfg = Config()
     cfg.verify.enabled = False
-    sub = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
+    sub = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
     out = validate.run_validate(cfg, data, work, tmp_path / "model", sub)
     text = out.read_text()
     assert "| global only **(default)** | 1.0000 |" in text
@@ -54,7 +54,7 @@ def test_validate_with_verification_and_options(tmp_path):
     cfg.verify.mutual_min_sim = 0.5
     cfg.knn.qe_k = 1
     cfg.vote.suppression = "test"
-    sub = predict.run_predict(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
+    sub = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
     text = validate.run_validate(cfg, data, work, tmp_path / "model", sub).read_text()
     row = lambda name: next(l for l in text.splitlines() if l.startswith(f"| {name}"))
     assert float(row("global + verification **(default)**").split("|")[3]) == 1.0  # accuracy

@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landmarks import verify
+from landmarks import knn, verify, whiten
 from landmarks.config import Config, VerifyConfig
-from landmarks.store import LocalFeatures, write_shard
+from landmarks.layout import WorkLayout
+from landmarks.store import LocalFeatures, load_npz, write_shard
+from landmarks.utils import LandmarksError
 
 H = np.array([[0.9, 0.1, 20.0], [-0.05, 1.1, -10.0], [2e-4, 1e-4, 1.0]])
 
@@ -73,13 +75,32 @@ def test_seeded_ransac_is_reproducible_on_noisy_matches():
     assert verify.count_inliers(VerifyConfig(min_matches=50), src, dst, matches[:40]) == 0
     f = verify.count_inliers(VerifyConfig(geometry="fundamental", reproj_threshold=2.0), src, src * 1.01, matches)
     assert f > 100
-    with pytest.raises(Exception, match="verify.geometry"):
-        verify.count_inliers(VerifyConfig(geometry="affine"), src, dst, matches)
+
+
+def test_config_choices_are_the_registries():
+    """The config admits exactly the matchers and geometric models verify has, so a bad choice
+    fails when the config is loaded, never inside the stage."""
+    from typing import get_args, get_type_hints
+
+    from landmarks.config import ConfigError, load_config
+
+    hints = get_type_hints(VerifyConfig)
+    assert set(get_args(hints["matcher"])) == set(verify.MATCHERS)
+    assert set(get_args(hints["geometry"])) == set(verify.GEOMETRIES)
+    with pytest.raises(ConfigError, match="verify.geometry"):
+        load_config(None, ["verify.geometry=affine"])
+
+
+def run_knn_verify(cfg, root, out=None):
+    """whiten -> knn -> verify stages over the feature shards under `root`; the verify output path."""
+    work = WorkLayout(root)
+    whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg))
+    knn_path = knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg))
+    return verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"), out or work.verified(cfg),
+                             work.whiten(cfg))
 
 
 def test_run_verify_stage(tmp_path):
-    from landmarks import knn
-
     rng = np.random.default_rng(3)
     pairs = [planted_pair(rng, n=120, shared=60) for _ in range(3)]
     queries = [p[0] for p in pairs]
@@ -93,14 +114,12 @@ def test_run_verify_stage(tmp_path):
     cfg.knn.k = 4
     cfg.verify.num_to_rerank = 3
     cfg.verify.mutual_min_sim = 0.5
-    knn.run_knn(cfg, tmp_path)
     outs = []
     for jobs in (1, 2):
         cfg.verify.jobs = jobs
-        out = verify.run_verify(cfg, tmp_path / "data", tmp_path, tmp_path / "model", out=tmp_path / f"v{jobs}.npz")
-        outs.append(knn.load_npz(out))
+        outs.append(load_npz(run_knn_verify(cfg, tmp_path, out=tmp_path / f"v{jobs}.npz")))
     np.testing.assert_array_equal(outs[0]["inliers"], outs[1]["inliers"])
-    z = knn.load_npz(tmp_path / "knn.npz")
+    z = load_npz(WorkLayout(tmp_path).knn(cfg))
     inl = outs[0]["inliers"]
     assert inl.shape == (3, 3)
     for r in range(3):
@@ -109,13 +128,22 @@ def test_run_verify_stage(tmp_path):
             assert (n >= 40) == (c == f"tr{r}"), (r, cand, inl[r])
     mtime = (tmp_path / "v1.npz").stat().st_mtime_ns
     cfg.verify.jobs = 1
-    verify.run_verify(cfg, tmp_path / "data", tmp_path, tmp_path / "model", out=tmp_path / "v1.npz")
+    run_knn_verify(cfg, tmp_path, out=tmp_path / "v1.npz")
     assert (tmp_path / "v1.npz").stat().st_mtime_ns == mtime
 
 
-def test_local_pca_whitening_keeps_planted_matches(tmp_path):
-    from landmarks import knn, whiten
+def test_verify_asks_for_the_local_features_stage(tmp_path):
+    """A shortlisted train image without local features: a clear error naming the stage to run."""
+    rng = np.random.default_rng(2)
+    g = _unit(rng.normal(size=(2, 8)))
+    pair = planted_pair(rng, n=50, shared=20)
+    write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", ["tr0", "tr1"], g, None)
+    write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", ["te0"], g[:1], [pair[0]])
+    with pytest.raises(LandmarksError, match="2 train images to compare have no local features.*local-features"):
+        run_knn_verify(Config(), tmp_path)
 
+
+def test_local_pca_whitening_keeps_planted_matches(tmp_path):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(200, 6)) * np.array([10, 5, 1, 1, 0.1, 0.1])
     w = whiten.fit_global(_unit(x))
@@ -131,8 +159,7 @@ def test_local_pca_whitening_keeps_planted_matches(tmp_path):
     cfg.whiten.local_pca_dim = 64
     cfg.verify.jobs = 1
     cfg.verify.mutual_min_sim = 0.3
-    knn.run_knn(cfg, tmp_path)
-    inl = knn.load_npz(verify.run_verify(cfg, tmp_path, tmp_path, tmp_path))["inliers"]
-    z = np.load(tmp_path / "whiten.npz")
+    inl = load_npz(run_knn_verify(cfg, tmp_path))["inliers"]
+    z = np.load(WorkLayout(tmp_path).whiten(cfg))
     assert z["l_proj"].shape == (128, 64)
     assert inl[0, 0] >= 30 and inl[1, 0] >= 30 and inl[:, 1].max() < 10

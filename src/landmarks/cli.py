@@ -16,7 +16,7 @@ import sys
 from landmarks.config import ConfigError, dump_config, load_config
 from landmarks.utils import LandmarksError, error_text, setup_logging
 
-# Stage modules that contribute sub-commands, in the order shown by --help.
+# Modules that contribute sub-commands (each has register_cli), in pipeline order for --help.
 STAGE_MODULES = [
     "demo",
     "dataset_import",
@@ -26,6 +26,9 @@ STAGE_MODULES = [
     "train",
     "adapt",
     "extract",
+    "whiten",
+    "knn",
+    "verify",
     "predict",
     "validate",
     "hard",
@@ -58,15 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args, cfg: print(dump_config(cfg), end="") or 0)
 
     for name in STAGE_MODULES:
-        try:
-            mod = importlib.import_module(f"landmarks.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"landmarks.{name}":
-                continue  # stage not built yet
-            raise
-        register = getattr(mod, "register_cli", None)
-        if register is not None:
-            register(sub, common)
+        importlib.import_module(f"landmarks.{name}").register_cli(sub, common)
     return parser
 
 

@@ -412,3 +412,14 @@ def dump_config(cfg: Config) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def settings_line(cfg: Config, *sections: str) -> str:
+    """The effective settings of the named sections on one line: 'knn: k=100 index=exact ...'."""
+    d = cfg.to_dict()
+    return "; ".join(f"{s}: " + " ".join(f"{k}={v}" for k, v in d[s].items()) for s in sections)
+
+
+def log_settings(log, cfg: Config, *sections: str) -> None:
+    """Log a stage's effective settings at its start, so a log says what produced an output."""
+    log.info("settings: %s", settings_line(cfg, *sections))

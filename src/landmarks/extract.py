@@ -67,7 +67,9 @@ class ShardTask:
 
 
 def features_dir(work_dir: str | Path, split: str) -> Path:
-    return Path(work_dir) / "features" / split
+    from landmarks.layout import WorkLayout
+
+    return WorkLayout(work_dir).features(split)
 
 
 def result_settings(cfg) -> dict:
@@ -635,6 +637,46 @@ def _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, schedul
     return FeatureStore(out_dir)
 
 
+def shortlist(cfg, knn_path: str | Path) -> tuple[list[str], list[str]]:
+    """(test ids, shortlisted train ids) of a knn output: the train images that verification
+    compares, the top verify.num_to_rerank neighbours of each test image."""
+    from landmarks.store import load_npz
+
+    knn = load_npz(knn_path)
+    train_ids = knn["train_ids"]
+    top = knn["idx"][:, :max(0, int(cfg.verify.num_to_rerank))]
+    wanted = np.unique(top[top >= 0])
+    return [str(i) for i in knn["test_ids"]], [str(train_ids[j]) for j in wanted]
+
+
+def run_local_features(cfg, data_dir, work_dir, model_dir, knn_path: str | Path, jobs: int | None = None,
+                       scheduler=None) -> list[Path]:
+    """Stage: local features of every image verification will compare, read from a knn output.
+
+    Train extraction is global-only (1.58 M images); verification needs local features of the
+    test images and of their shortlisted train neighbours only.  Those that lack them are
+    extracted and cached beside the shards (local-cache-*.h5); the rest is skipped.
+    Returns the two feature directories.
+    """
+    from landmarks.store import load_index
+
+    test_ids, train_ids = shortlist(cfg, knn_path)
+    out = []
+    for split, ids in (("test", test_ids), ("train", train_ids)):
+        directory = features_dir(work_dir, split)
+        store = FeatureStore(directory, index=load_index(directory, local_only=True))
+        missing = [i for i in ids if not store.has_local(i)]
+        store.close()
+        if missing:
+            store = ensure_local(cfg, data_dir, work_dir, model_dir, split, missing, jobs=jobs, scheduler=scheduler)
+            missing = [i for i in missing if not store.has_local(i)]
+            store.close()
+        log.info("local-features: %s: %d of %d images have local features%s", split, len(ids) - len(missing),
+                 len(ids), " (the others failed extraction)" if missing else "")
+        out.append(directory)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -653,8 +695,31 @@ def register_cli(subparsers, common) -> None:
                    help="store local features (default: yes for test, extract.train_local for train)")
     p.set_defaults(func=_cli)
 
+    p = subparsers.add_parser(
+        "local-features", parents=[common],
+        help="local features of the test images and their shortlisted train neighbours (reads the knn output)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: extract.jobs)")
+    p.add_argument("--scheduler", default=None, metavar="ADDR", help="dask scheduler address (default: local)")
+    p.set_defaults(func=_cli_local)
+
+
+def _cli_local(args, cfg) -> int:
+    from landmarks.config import log_settings
+    from landmarks.layout import WorkLayout
+
+    knn_path = WorkLayout(args.work_dir).knn(cfg)
+    if not knn_path.exists():
+        raise LandmarksError(f"local-features: {knn_path} not found: run `landmarks knn` first (make knn)")
+    log_settings(log, cfg, "extract")
+    run_local_features(cfg, args.data_dir, args.work_dir, args.model, knn_path, jobs=args.jobs,
+                       scheduler=args.scheduler)
+    return 0
+
 
 def _cli(args, cfg) -> int:
+    from landmarks.config import log_settings
+
+    log_settings(log, cfg, "extract")
     paths = run_features(cfg, args.data_dir, args.work_dir, args.model, args.split, shards=args.shards,
                          jobs=args.jobs, scheduler=args.scheduler, local=args.local)
     print(f"{len(paths)} shard(s) in {features_dir(args.work_dir, args.split)}")

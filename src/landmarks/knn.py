@@ -11,13 +11,14 @@ expansion (alpha-QE), Radenovic et al. / Gordo et al.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path
+from landmarks.config import log_settings
+from landmarks.store import load_npz, npz_fingerprint, save_npz, shards_digest
+from landmarks.utils import LandmarksError, l2_normalize, text_digest
 
 log = logging.getLogger("landmarks.knn")
 
@@ -132,16 +133,11 @@ def search(cfg, queries: np.ndarray, database: np.ndarray, k: int | None = None)
     return sims, idx
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(n, 1e-12)).astype(np.float32)
-
-
 def _weighted_sum(base: np.ndarray, db: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
     w = np.clip(sims, 0.0, None) ** alpha  # [n, k]
     w = np.where(idx < 0, 0.0, w).astype(np.float32)
     agg = np.einsum("nk,nkd->nd", w, db[np.clip(idx, 0, None)])
-    return _normalize(base + agg)
+    return l2_normalize(base + agg)
 
 
 def dba(db: np.ndarray, k: int, alpha: float = 3.0, cfg=None) -> np.ndarray:
@@ -179,67 +175,65 @@ def alpha_qe(queries: np.ndarray, db: np.ndarray, sims: np.ndarray, idx: np.ndar
 
 
 # -- stage -----------------------------------------------------------------------------------
-def shards_digest(directory: Path) -> str:
-    """Fingerprint of a split's feature shards (not of the on-demand local caches)."""
-    h = hashlib.sha1()
-    for p in sorted(Path(directory).glob("shard-*.h5")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}\n".encode())
-    return h.hexdigest()[:16]
+def knn_fingerprint(cfg, train_features: Path, test_features: Path) -> str:
+    """Inputs of the knn stage: both splits' shards and the knn + whiten settings."""
+    from landmarks.layout import KNN_SECTIONS, settings_hash
+
+    return text_digest("knn-v2", shards_digest(train_features), shards_digest(test_features),
+                       settings_hash(cfg, *KNN_SECTIONS))
 
 
-def knn_fingerprint(cfg, work_dir: Path) -> str:
-    from landmarks.utils import text_digest
-
-    feat = Path(work_dir) / "features"
-    return text_digest("knn-v1", shards_digest(feat / "train"), shards_digest(feat / "test"),
-                       cfg.section_hash("knn", "whiten"))
-
-
-def load_npz(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def npz_fingerprint(path: Path) -> str | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return str(z["fingerprint"])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def run_knn(cfg, work_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Search test globals against train globals; write WORK_DIR/knn.npz (skip when up to date).
-
-    knn.npz: test_ids [q], train_ids [n], sims [q, K] f32, idx [q, K] i64, fingerprint.
-    """
-    from landmarks.store import FeatureStore
-
-    work_dir = Path(work_dir)
-    out = Path(out) if out else work_dir / "knn.npz"
-    fp = knn_fingerprint(cfg, work_dir)
-    if out.exists() and npz_fingerprint(out) == fp:
-        log.info("knn: %s is up to date", out)
-        return out
-    train_ids, train = FeatureStore(work_dir / "features" / "train").global_matrix()
-    test_ids, test = FeatureStore(work_dir / "features" / "test").global_matrix()
-    if not train_ids:
-        raise LandmarksError(f"knn: no train global descriptors in {work_dir / 'features' / 'train'}")
-    if cfg.whiten.global_pca:
-        from landmarks import whiten
-
-        w = whiten.ensure_whiten(cfg, work_dir)
-        train, test = whiten.apply_global(w, train), whiten.apply_global(w, test)
+def neighbours(cfg, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, idx) [q, k] of the test rows against the train rows, with DBA and alpha-QE when on."""
     if cfg.knn.dba_k > 0:
         train = dba(train, cfg.knn.dba_k, cfg.knn.dba_alpha, cfg.knn)
     sims, idx = search(cfg.knn, test, train, cfg.knn.k)
-    if cfg.knn.qe_k > 0 and len(test_ids):
+    if cfg.knn.qe_k > 0 and test.shape[0]:
         test = alpha_qe(test, train, sims, idx, cfg.knn.qe_k, cfg.knn.qe_alpha)
         sims, idx = search(cfg.knn, test, train, cfg.knn.k)
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str),
-                     sims=sims, idx=idx, fingerprint=np.array(fp))
+    return sims, idx
+
+
+def run_knn(cfg, train_features: str | Path, test_features: str | Path, out: str | Path,
+            whiten_path: str | Path | None = None) -> Path:
+    """Stage: top-K train neighbours of every test image -> `out` (skipped when up to date).
+
+    Reads the global descriptors of both feature directories (and the fitted whitening when
+    whiten.global_pca is on).  Output npz: test_ids [q], train_ids [n], sims [q, K] f32,
+    idx [q, K] i64 (row of train_ids; -1 = none), fingerprint.
+    """
+    from landmarks import whiten
+    from landmarks.store import FeatureStore
+
+    train_features, test_features, out = Path(train_features), Path(test_features), Path(out)
+    fp = knn_fingerprint(cfg, train_features, test_features)
+    if out.exists() and npz_fingerprint(out) == fp:
+        log.info("knn: %s is up to date", out)
+        return out
+    train_ids, train = FeatureStore(train_features).global_matrix()
+    test_ids, test = FeatureStore(test_features).global_matrix()
+    if not train_ids:
+        raise LandmarksError(f"knn: no train global descriptors in {train_features}")
+    w = whiten.load_whiten(cfg, whiten_path, train_features, "global")
+    if w is not None:
+        train, test = whiten.apply_global(w, train), whiten.apply_global(w, test)
+    sims, idx = neighbours(cfg, train, test)
+    save_npz(out, fp, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str),
+             sims=sims, idx=idx)
     log.info("knn: %d test x %d train, k=%d -> %s", len(test_ids), len(train_ids), sims.shape[1], out)
     return out
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("knn", parents=[common],
+                              help="top-K train neighbours of each test image -> WORK_DIR/knn-<settings>.npz")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, cfg) -> int:
+    from landmarks.layout import WorkLayout
+
+    work = WorkLayout(args.work_dir)
+    log_settings(log, cfg, "knn", "whiten")
+    print(run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg)))
+    return 0

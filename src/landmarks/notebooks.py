@@ -104,9 +104,9 @@ def pipeline_context(ctx: Context) -> Context:
 def run_pipeline(run: Context) -> dict:
     """Demo data (small demo only) -> features -> predict -> validate; returns paths and seconds
     per stage.  Every stage skips work that is already done."""
+    from landmarks import extract, knn, predict, verify, whiten
     from landmarks.demo import make_demo
-    from landmarks.extract import run_features
-    from landmarks.predict import run_predict
+    from landmarks.layout import WorkLayout
     from landmarks.validate import run_validate
 
     times = {}
@@ -116,11 +116,24 @@ def run_pipeline(run: Context) -> dict:
         times["demo data"] = time.time() - t
     for split in ("train", "test"):
         t = time.time()
-        run_features(run.cfg, run.data_dir, run.work_dir, run.model, split)
+        extract.run_features(run.cfg, run.data_dir, run.work_dir, run.model, split)
         times[f"features {split}"] = time.time() - t
+    cfg, work = run.cfg, WorkLayout(run.work_dir)
     t = time.time()
-    sub = run_predict(run.cfg, run.data_dir, run.work_dir, run.model, run.submission)
-    times["predict (knn + verify + vote)"] = time.time() - t
+    whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg))
+    knn_path = knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg))
+    times["whiten + knn"] = time.time() - t
+    verified = None
+    if cfg.verify.enabled:
+        t = time.time()
+        extract.run_local_features(cfg, run.data_dir, work.root, run.model, knn_path)
+        verified = verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"),
+                                     work.verified(cfg), work.whiten(cfg))
+        times["local features + verify"] = time.time() - t
+    t = time.time()
+    sub = predict.run_predict(cfg, run.data_dir, knn_path, verified, run.submission, work.features_root,
+                              work.whiten(cfg))
+    times["predict (vote)"] = time.time() - t
     t = time.time()
     report = run_validate(run.cfg, run.data_dir, run.work_dir, run.model, sub)
     times["validate"] = time.time() - t

@@ -25,23 +25,25 @@ from landmarks.utils import LandmarksError, atomic_path
 
 log = logging.getLogger("landmarks.predict")
 
-METHODS = ("sum_power", "host")
-SUPPRESSION = ("none", "test", "distractors")
-CONFIDENCES = ("score", "margin")
 NO_LABEL = -1  # "no prediction" in vote()'s int64 output; never a label: labels are >= 0 (data.py rule, checked here)
+
+
+def _host_scores(cfg, sims: np.ndarray) -> tuple[np.ndarray, float, int]:
+    return sims.copy(), 1.0, 0
+
+
+def _sum_power_scores(cfg, sims: np.ndarray) -> tuple[np.ndarray, float, int]:
+    return np.clip(sims, 0.0, None) ** cfg.power, cfg.inlier_weight, max(0, int(cfg.inlier_floor))
+
+
+# Voting methods: similarities -> (base scores, inlier weight, inlier floor).  Keys are the choices of
+# config.VoteConfig.method (a test keeps them equal).
+METHODS = {"host": _host_scores, "sum_power": _sum_power_scores}
 
 
 def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.ndarray:
     """Score of each of the first `n` neighbours, [q, n]."""
-    sims = np.asarray(sims, np.float64)
-    if cfg.method == "host":
-        base = sims.copy()
-        weight, floor = 1.0, 0
-    elif cfg.method == "sum_power":
-        base = np.clip(sims, 0.0, None) ** cfg.power
-        weight, floor = cfg.inlier_weight, max(0, int(cfg.inlier_floor))
-    else:
-        raise LandmarksError(f"vote.method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
+    base, weight, floor = METHODS[cfg.method](cfg, np.asarray(sims, np.float64))
     if inliers is not None and inliers.size:
         r = min(inliers.shape[1], base.shape[1])
         cap = max(1, int(cfg.inlier_cap))
@@ -64,8 +66,6 @@ def vote(cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarra
         return labels, conf
     if inliers is not None and inliers.shape[0] != q:
         raise LandmarksError(f"vote: inliers have {inliers.shape[0]} rows, knn has {q}")
-    if cfg.confidence not in CONFIDENCES:
-        raise LandmarksError(f"vote.confidence must be one of {', '.join(CONFIDENCES)} (got {cfg.confidence!r})")
     scores = _neighbour_scores(cfg, knn_sims[:, :n], None if inliers is None else inliers[:, :n])
     idx = knn_idx[:, :n]
     train_labels = np.asarray(train_labels, np.int64)
@@ -113,30 +113,32 @@ def nonlandmark_score(cfg_vote, cfg_knn, queries: np.ndarray, query_ids: list[st
     return (np.clip(top, 0.0, None) ** cfg_vote.power).sum(axis=1)
 
 
-def _global_matrix(cfg, directory: Path) -> tuple[list[str], np.ndarray]:
+def _global_matrix(cfg, directory: Path, whitening: dict | None) -> tuple[list[str], np.ndarray]:
+    """Global descriptors of one feature directory, PCA-whitened when whiten.global_pca is on."""
+    from landmarks import whiten
     from landmarks.store import FeatureStore
 
     ids, x = FeatureStore(directory).global_matrix()
-    if cfg.whiten.global_pca and len(ids):
-        from landmarks import whiten
-
-        x = whiten.apply_global(whiten.ensure_whiten(cfg, directory.parent.parent), x)
+    if whitening is not None and len(ids):
+        x = whiten.apply_global(whitening, x)
     return ids, x
 
 
-def suppression_penalty(cfg, work_dir: str | Path, test_ids: list[str], best_train_sim: np.ndarray) -> np.ndarray:
-    """weight x non-landmark score per test image (zeros when suppression is 'none')."""
+def suppression_penalty(cfg, features_root: str | Path, test_ids: list[str], best_train_sim: np.ndarray,
+                        whitening: dict | None = None) -> np.ndarray:
+    """weight x non-landmark score per test image (zeros when suppression is 'none').
+
+    `features_root` holds the feature directories (test, and distractors/train for 'distractors');
+    `whitening` is the fitted whitening when whiten.global_pca is on."""
     vc = cfg.vote
-    if vc.suppression not in SUPPRESSION:
-        raise LandmarksError(f"vote.suppression must be one of {', '.join(SUPPRESSION)} (got {vc.suppression!r})")
     q = len(test_ids)
     if vc.suppression == "none" or q == 0:
         return np.zeros(q, np.float64)
-    work_dir = Path(work_dir)
-    ids, x = _global_matrix(cfg, work_dir / "features" / "test")
+    features_root = Path(features_root)
+    ids, x = _global_matrix(cfg, features_root / "test", whitening)
     pos = {i: r for r, i in enumerate(ids)}
     if any(i not in pos for i in test_ids):
-        raise LandmarksError("suppression: knn test ids are missing from the test store; rerun predict")
+        raise LandmarksError("suppression: knn test ids are missing from the test store; rerun `landmarks knn`")
     queries = x[[pos[i] for i in test_ids]]
     if vc.suppression == "test":
         best = np.asarray(best_train_sim, np.float64)
@@ -146,7 +148,7 @@ def suppression_penalty(cfg, work_dir: str | Path, test_ids: list[str], best_tra
         pool = queries[mask]
         log.info("suppression: %d test images (best train sim <= %.3f) form the non-landmark pool", len(pool_ids), thr)
     else:
-        pool_ids, pool = _distractor_pool(cfg, work_dir)
+        pool_ids, pool = _distractor_pool(cfg, features_root, whitening)
     return vc.suppression_weight * nonlandmark_score(vc, cfg.knn, queries, list(test_ids), pool, pool_ids)
 
 
@@ -164,21 +166,21 @@ def _read_distractor_ids(cfg) -> tuple[Path, list[str]]:
     return path, [metrics._row_id(path, line, f[i_id] if len(f) > i_id else "", seen, warned) for line, f in rows]
 
 
-def _distractor_pool(cfg, work_dir: Path) -> tuple[list[str], np.ndarray]:
+def _distractor_pool(cfg, features_root: Path, whitening: dict | None) -> tuple[list[str], np.ndarray]:
     """Global descriptors of the ids in cfg.vote.distractors_csv (features/distractors, test or train store)."""
     path, want = _read_distractor_ids(cfg)
     found: dict[str, np.ndarray] = {}
     for split in ("distractors", "test", "train"):
-        d = work_dir / "features" / split
+        d = features_root / split
         if not d.is_dir() or not any(d.glob("shard-*.h5")):
             continue
-        ids, x = _global_matrix(cfg, d)
+        ids, x = _global_matrix(cfg, d, whitening)
         for i, row in zip(ids, x):
             found.setdefault(i, row)
     missing = [i for i in want if i not in found]
     if missing:
         raise LandmarksError(f"{len(missing)} distractor ids of {path} have no stored global features "
-                             f"(e.g. {missing[0]}); extract them into {work_dir / 'features' / 'distractors'}")
+                             f"(e.g. {missing[0]}); extract them into {features_root / 'distractors'}")
     if not want:
         raise LandmarksError(f"{path} lists no distractor ids")
     return want, np.stack([found[i] for i in want]).astype(np.float32)
@@ -242,30 +244,21 @@ def write_submission(path: str | Path, test_ids, labels, confidences, expected_i
 
 
 def _check_written(path: Path, expected: list[str]) -> None:
-    """Re-read the file (with metrics.read_submission when available) before it is renamed in place."""
-    try:
-        from landmarks.metrics import read_submission
-    except ImportError:
-        read_submission = None
-    if read_submission is not None:
-        read_submission(path, expected)
-        return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if rows[0] != ["id", "landmarks"] or [r[0] for r in rows[1:]] != expected:
-        raise LandmarksError("submission: written file does not match sample_submission")
+    """Re-read the written file with the scorer's reader before it is renamed in place."""
+    from landmarks.metrics import read_submission
+
+    read_submission(path, expected)
 
 
 # -- stage ---------------------------------------------------------------------------------------
-def load_inputs(cfg, data_dir, work_dir, model_dir, verify: bool | None = None) -> dict:
-    """knn (+ verification) results with train labels aligned to the knn train ids."""
+def load_inputs(cfg, data_dir, knn_path: str | Path, verified_path: str | Path | None) -> dict:
+    """The knn output, the verified inliers (None when `verified_path` is None: global only) and
+    the train labels aligned to the knn's train ids."""
     from landmarks import data
-    from landmarks.knn import load_npz, run_knn
 
-    work_dir = Path(work_dir)
-    train = data.load_split(data_dir, "train")  # input CSVs first: a broken file stops before knn/verify
+    train = data.load_split(data_dir, "train")  # input CSVs first: a broken file stops before the npz reads
     test = data.load_split(data_dir, "test")
-    knn = load_npz(run_knn(cfg, work_dir))
+    knn = _read_output(knn_path, "knn")
     lab = dict(zip(train["id"].astype(str), train["landmark_id"].astype(np.int64)))
     train_ids = [str(i) for i in knn["train_ids"]]
     missing = [i for i in train_ids if i not in lab]
@@ -273,55 +266,76 @@ def load_inputs(cfg, data_dir, work_dir, model_dir, verify: bool | None = None) 
         raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv (e.g. {missing[0]}): "
                              "features belong to another dataset; use another WORK_DIR")
     inliers = None
-    if cfg.verify.enabled if verify is None else verify:
-        from landmarks.verify import run_verify
+    if verified_path is not None:
+        from landmarks.verify import verify_fingerprint
 
-        ver = load_npz(run_verify(cfg, data_dir, work_dir, model_dir))
-        if list(ver["test_ids"]) != list(knn["test_ids"]):
-            raise LandmarksError("verified.npz does not match knn.npz; delete it and rerun")
+        ver = _read_output(verified_path, "verify")
+        if str(ver["fingerprint"]) != verify_fingerprint(cfg, str(knn["fingerprint"])):
+            raise LandmarksError(f"{verified_path} was made from another knn output or settings: "
+                                 "rerun `landmarks verify` (make verify)")
         inliers = ver["inliers"]
     return {"knn": knn, "inliers": inliers, "train_labels": np.array([lab[i] for i in train_ids], np.int64),
             "test_ids": [str(i) for i in knn["test_ids"]], "expected_ids": [str(i) for i in test["id"]]}
 
 
-def predict_arrays(cfg, work_dir, inputs: dict, inliers="default") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_output(path: str | Path, stage: str) -> dict:
+    """A previous stage's npz output, or an error that names the stage to run."""
+    from landmarks.store import load_npz
+
+    if not Path(path).exists():
+        raise LandmarksError(f"{path} not found: run `landmarks {stage}` first (make {stage})")
+    return load_npz(path)
+
+
+def predict_arrays(cfg, inputs: dict, features_root: str | Path, whitening: dict | None = None,
+                   inliers="default") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, confidences after suppression, penalty) for the knn test ids."""
     knn = inputs["knn"]
     inl = inputs["inliers"] if isinstance(inliers, str) else inliers
     labels, conf = vote(cfg.vote, knn["sims"], knn["idx"], inputs["train_labels"], inl)
     best = knn["sims"][:, 0] if knn["sims"].shape[1] else np.zeros(len(labels))
-    penalty = suppression_penalty(cfg, work_dir, inputs["test_ids"], best)
+    penalty = suppression_penalty(cfg, features_root, inputs["test_ids"], best, whitening)
     return labels, conf - penalty, penalty
 
 
-def check_early(cfg, data_dir) -> None:
-    """The input CSVs that load_inputs does not read first (solution when present, distractors
-    when used), checked before knn and verification run.  Config choices are checked at load."""
-    from landmarks import data
+def run_predict(cfg, data_dir, knn_path: str | Path, verified_path: str | Path | None, submission: str | Path,
+                features_root: str | Path, whiten_path: str | Path | None = None) -> Path:
+    """Stage: vote over the knn neighbours (+ verified inliers) -> SUBMISSION, every test id once.
 
-    data.load_solution(data_dir)
+    `verified_path` None = global only.  `features_root` and `whiten_path` are read only for
+    non-landmark suppression (vote.suppression) and whitening, when those are on."""
+    from landmarks import data, whiten
+
+    data.load_solution(data_dir)  # a broken solution.csv stops here, not in validate
     if cfg.vote.suppression == "distractors":
         _read_distractor_ids(cfg)
-
-
-def run_predict(cfg, data_dir, work_dir, model_dir, submission) -> Path:
-    """knn -> (verify) -> vote -> suppression -> SUBMISSION."""
-    check_early(cfg, data_dir)
-    inputs = load_inputs(cfg, data_dir, work_dir, model_dir)
-    labels, conf, _ = predict_arrays(cfg, work_dir, inputs)
+    inputs = load_inputs(cfg, data_dir, knn_path, verified_path)
+    w = whiten.load_whiten(cfg, whiten_path, Path(features_root) / "train", "global")
+    labels, conf, _ = predict_arrays(cfg, inputs, features_root, w)
     path = write_submission(submission, inputs["test_ids"], labels, conf, inputs["expected_ids"])
     n_pred = int((labels != NO_LABEL).sum())
     log.info("predict: %d of %d test images predicted -> %s", n_pred, len(inputs["expected_ids"]), path)
     return path
 
 
+def stage_paths(cfg, work_dir) -> dict:
+    """The inputs `run_predict` reads for this config, from the WORK_DIR layout."""
+    from landmarks.layout import WorkLayout
+
+    work = WorkLayout(work_dir)
+    return {"knn_path": work.knn(cfg), "verified_path": work.verified(cfg) if cfg.verify.enabled else None,
+            "features_root": work.features_root, "whiten_path": work.whiten(cfg)}
+
+
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser("predict", parents=[common],
-                              help="kNN + geometric verification + voting -> submission CSV")
+                              help="vote over the knn (+ verify) outputs -> submission CSV")
     p.set_defaults(func=_cli)
 
 
 def _cli(args, cfg) -> int:
-    path = run_predict(cfg, args.data_dir, args.work_dir, args.model, args.submission)
-    print(path)
+    from landmarks.config import log_settings
+
+    log_settings(log, cfg, "vote")
+    print(run_predict(cfg, args.data_dir, submission=args.submission, **stage_paths(cfg, args.work_dir)))
     return 0

@@ -15,8 +15,8 @@ One shard file per extraction task, written atomically (temp name, then rename):
     failures/keys           str             their file keys (id-hash shards)
     attrs: fingerprint, split, shard, num_shards, has_local, n_requested, ...
 
-Train-side local features fetched on demand are cached in the same format as
-``local-cache-*.h5`` next to the shards.  ``store-index.npz`` beside them persists the
+Local features of shortlisted train images (stage ``landmarks local-features``) are cached in
+the same format as ``local-cache-*.h5`` next to the shards.  ``store-index.npz`` beside them persists the
 id -> (file, row) index, keyed by the files' names, sizes and mtimes (``load_index``).
 """
 from __future__ import annotations
@@ -44,11 +44,6 @@ class LocalFeatures:
 
     def __len__(self) -> int:
         return int(self.keypoints.shape[0])
-
-    @staticmethod
-    def empty(dim: int = 128) -> "LocalFeatures":
-        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32),
-                             np.zeros((0,), np.float32), np.zeros((0,), np.float32))
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -377,3 +372,39 @@ class FeatureStore:
             self.close()
         except Exception:
             pass
+
+
+# -- stage output files (knn, verified, whiten) ------------------------------------------------------
+def shards_digest(directory: str | Path) -> str:
+    """Fingerprint of a split's feature shards (not of the local caches): names, sizes, mtimes."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in sorted(Path(directory).glob(SHARD_GLOB)):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def save_npz(path: str | Path, fingerprint: str, **arrays) -> Path:
+    """Write a stage's npz output atomically, with the fingerprint of the inputs it was made from."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, fingerprint=np.array(fingerprint), **arrays)
+    return path
+
+
+def load_npz(path: str | Path) -> dict:
+    """All arrays of a stage's npz output."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def npz_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint stored in a stage's npz output (None when absent or unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["fingerprint"])
+    except (OSError, KeyError, ValueError):
+        return None

@@ -1,8 +1,9 @@
 """`make validate`: GAP of the pipeline's variants on a dataset with solution.csv, plus plots.
 
-Reuses WORK_DIR/knn.npz and verified.npz (voting variants are cheap; nothing is re-extracted)
+Reads the knn and verify stages' outputs (voting variants are cheap; nothing is re-extracted)
 and scores: global only (no verification), global + verification (the configured default),
-host-baseline voting, and, for each option that is on, the same run with that option off.
+host-baseline voting, and, for each option that is on, the same run with that option off (a
+knn-level option off is one more knn output, named after its settings beside the default's).
 Writes WORK_DIR/report.md and PNG plots in WORK_DIR/plots/.
 """
 from __future__ import annotations
@@ -128,9 +129,10 @@ def _default_name(cfg, inputs) -> str:
     return "global + verification" if inputs["inliers"] is not None else "global only"
 
 
-def _knn_ablations(cfg, work_dir: Path, inputs) -> list[tuple[str, object, dict]]:
-    """Global-only runs with each knn-level option that is on switched off (separate knn files)."""
-    from landmarks.knn import load_npz, run_knn
+def _knn_ablations(cfg, work, inputs) -> list[tuple[str, object, dict]]:
+    """Global-only runs with each knn-level option that is on switched off (knn outputs of their own)."""
+    from landmarks.knn import run_knn
+    from landmarks.store import load_npz
 
     out = []
     for name, field, off in (("whiten.global_pca", ("whiten", "global_pca"), False),
@@ -138,8 +140,7 @@ def _knn_ablations(cfg, work_dir: Path, inputs) -> list[tuple[str, object, dict]
         if getattr(getattr(cfg, field[0]), field[1]):
             c = copy.deepcopy(cfg)
             setattr(getattr(c, field[0]), field[1], off)
-            path = run_knn(c, work_dir, out=work_dir / "validate" / f"knn-no-{field[1]}.npz")
-            knn = load_npz(path)
+            knn = load_npz(run_knn(c, work.features("train"), work.features("test"), work.knn(c), work.whiten(cfg)))
             if list(knn["train_ids"]) != list(inputs["knn"]["train_ids"]):
                 continue
             out.append((f"global only, {name} off", c, {**inputs, "knn": knn, "inliers": None}))
@@ -231,45 +232,77 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
-    """Score the variants, write WORK_DIR/report.md and plots; print the GAP table."""
-    from landmarks import data, metrics
-    from landmarks.predict import load_inputs, predict_arrays
+def _score_variants(cfg, work, inputs, solution, whitening) -> tuple[list, dict]:
+    """(name, scores) rows and the prediction frames of every variant."""
+    from landmarks import metrics
+    from landmarks.predict import predict_arrays
 
-    work_dir = Path(work_dir)
-    solution = data.load_solution(data_dir)
-    if solution is None:
-        raise LandmarksError(f"{data_dir}/solution.csv not found: validate needs a dataset with ground truth "
-                             "(demo data, `landmarks holdout` or `landmarks import`)")
-    inputs = load_inputs(cfg, data_dir, work_dir, model_dir)
     rows, frames = [], {}
-    default_name = _default_name(cfg, inputs)
     variants = [(n, c, {**inputs, "inliers": i}) for n, c, i in _variants(cfg, inputs)]
-    variants += _knn_ablations(cfg, work_dir, inputs)
+    variants += _knn_ablations(cfg, work, inputs)
     for name, c, inp in variants:
-        labels, conf, _ = predict_arrays(c, work_dir, inp, inliers=inp["inliers"])
+        labels, conf, _ = predict_arrays(c, inp, work.features_root, whitening, inliers=inp["inliers"])
         df = _predictions_df(inp["test_ids"], labels, conf, solution)
-        s = metrics.score(solution, df)
         frames[name] = df
-        rows.append((name, s))
-    default_score = dict(rows)[default_name]
-    sub_line = ""
-    if Path(submission).exists():
-        try:
-            sub = metrics.score_files(Path(data_dir) / "solution.csv", submission)
-            sub_line = f"Submission `{submission}`: GAP {sub['gap']:.4f}."
-        except LandmarksError as e:
-            sub_line = f"Submission `{submission}` could not be scored: {e}"
-    glob_name = next(n for n, _ in rows if n.startswith("global only"))
-    plots = _plots(work_dir / "plots", solution, inputs, frames[default_name], frames[glob_name])
+        rows.append((name, metrics.score(solution, df)))
+    return rows, frames
 
+
+def _submission_line(data_dir, submission) -> str:
+    """GAP of the submission file itself, when there is one."""
+    from landmarks import metrics
+
+    if not Path(submission).exists():
+        return ""
+    try:
+        sub = metrics.score_files(Path(data_dir) / "solution.csv", submission)
+        return f"Submission `{submission}`: GAP {sub['gap']:.4f}."
+    except LandmarksError as e:
+        return f"Submission `{submission}` could not be scored: {e}"
+
+
+def _settings_text(cfg) -> str:
+    v, k, w = cfg.verify, cfg.knn, cfg.vote
+    return (f"Settings: knn k={k.k} index={k.index} dba_k={k.dba_k} qe_k={k.qe_k}; "
+            f"verify enabled={v.enabled} matcher={v.matcher} num_to_rerank={v.num_to_rerank} "
+            f"mutual_min_sim={v.mutual_min_sim} ratio={v.ratio} geometry={v.geometry} "
+            f"reproj={v.reproj_threshold} iters={v.max_iters}; vote method={w.method} neighbours={w.neighbours} "
+            f"top_k={w.top_k} power={w.power} inlier_weight={w.inlier_weight} cap={w.inlier_cap} "
+            f"suppression={w.suppression} (weight {w.suppression_weight}); whiten global={cfg.whiten.global_pca} "
+            f"local={cfg.whiten.local_pca}.")
+
+
+def _gap_table(rows, default_name: str) -> list[str]:
     table = ["| setting | GAP | accuracy | predicted | correct | confident wrong non-landmarks |",
              "|---|---|---|---|---|---|"]
     for name, s in rows:
         mark = " **(default)**" if name == default_name else ""
         table.append(f"| {name}{mark} | {s['gap']:.4f} | {s['accuracy']:.4f} | {s['n_predicted']} | "
                      f"{s['n_correct']} | {s['confident_wrong_nonlandmark']} |")
-    v, k, w = cfg.verify, cfg.knn, cfg.vote
+    return table
+
+
+def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
+    """Score the variants from the knn and verify outputs; write WORK_DIR/report.md and plots;
+    print the GAP table.  `model_dir` is named in the report only."""
+    from landmarks import data, whiten
+    from landmarks.layout import WorkLayout
+    from landmarks.predict import load_inputs, stage_paths
+
+    work = WorkLayout(work_dir)
+    solution = data.load_solution(data_dir)
+    if solution is None:
+        raise LandmarksError(f"{data_dir}/solution.csv not found: validate needs a dataset with ground truth "
+                             "(demo data, `landmarks holdout` or `landmarks import`)")
+    paths = stage_paths(cfg, work.root)
+    inputs = load_inputs(cfg, data_dir, paths["knn_path"], paths["verified_path"])
+    whitening = whiten.load_whiten(cfg, paths["whiten_path"], work.features("train"), "global")
+    rows, frames = _score_variants(cfg, work, inputs, solution, whitening)
+    default_name = _default_name(cfg, inputs)
+    default_score = dict(rows)[default_name]
+    glob_name = next(n for n, _ in rows if n.startswith("global only"))
+    plots = _plots(work.plots, solution, inputs, frames[default_name], frames[glob_name])
+    table = _gap_table(rows, default_name)
     lines = [
         "# Validation report", "",
         f"Dataset `{data_dir}`: {default_score['n_test']} scored test images "
@@ -278,24 +311,18 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
         *table, "",
         "\"confident wrong non-landmarks\": predictions on non-landmark images whose confidence is above "
         "the lowest-confidence correct prediction.", "",
-        f"Settings: knn k={k.k} index={k.index} dba_k={k.dba_k} qe_k={k.qe_k}; "
-        f"verify enabled={v.enabled} matcher={v.matcher} num_to_rerank={v.num_to_rerank} "
-        f"mutual_min_sim={v.mutual_min_sim} ratio={v.ratio} geometry={v.geometry} "
-        f"reproj={v.reproj_threshold} iters={v.max_iters}; vote method={w.method} neighbours={w.neighbours} "
-        f"top_k={w.top_k} power={w.power} inlier_weight={w.inlier_weight} cap={w.inlier_cap} "
-        f"suppression={w.suppression} (weight {w.suppression_weight}); whiten global={cfg.whiten.global_pca} "
-        f"local={cfg.whiten.local_pca}.", "",
+        _settings_text(cfg), "",
     ]
+    sub_line = _submission_line(data_dir, submission)
     if sub_line:
         lines += [sub_line, ""]
     lines += diagnostics_section(cfg, solution, inputs)
     lines += ["## Plots", ""] + [f"![{key}](plots/{name})" for key, name in plots.items()] + [""]
-    out = work_dir / "report.md"
-    with atomic_path(out) as tmp:
+    with atomic_path(work.report) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(table))
-    log.info("validate: report -> %s", out)
-    return out
+    log.info("validate: report -> %s", work.report)
+    return work.report
 
 
 def register_cli(subparsers, common) -> None:

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path, text_digest
+from landmarks.config import log_settings
+from landmarks.store import load_npz, npz_fingerprint, save_npz
+from landmarks.utils import LandmarksError, text_digest
 
 log = logging.getLogger("landmarks.verify")
 
-MATCHERS = ("mutual", "kdtree")
-MODELS = {"homography": 4, "fundamental": 7}  # minimal sample size; that many matches prove nothing
+# Geometric models: minimal sample size (that many matches prove nothing) and the pydegensac fit.
+# Keys are the choices of config.VerifyConfig.geometry (a test keeps them equal).
+GEOMETRIES = {"homography": (4, "findHomography"), "fundamental": (7, "findFundamentalMatrix")}
 BATCH_IMAGES = 16  # test images per joblib task (their local features are read together)
 
 
@@ -82,26 +85,34 @@ def match_mutual_batch(desc_q: np.ndarray, descs_t: list[np.ndarray], min_sim: f
     return out
 
 
+def _match_all_kdtree(cfg, desc_q: np.ndarray, descs_t: list[np.ndarray]) -> list[np.ndarray]:
+    return [match_kdtree(desc_q, d, cfg.kdtree_distance) for d in descs_t]
+
+
+def _match_all_mutual(cfg, desc_q: np.ndarray, descs_t: list[np.ndarray]) -> list[np.ndarray]:
+    return match_mutual_batch(desc_q, descs_t, cfg.mutual_min_sim, cfg.ratio)
+
+
+# Matchers: one test image's descriptors against its candidates' -> [matches (i_q, i_t)] per candidate.
+# Keys are the choices of config.VerifyConfig.matcher (a test keeps them equal).
+MATCHERS = {"mutual": _match_all_mutual, "kdtree": _match_all_kdtree}
+
+
 # -- geometry ----------------------------------------------------------------------------------
 def count_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) -> int:
     """RANSAC inliers of the matched keypoints (pydegensac, seeded); too few matches -> 0."""
-    if cfg.geometry not in MODELS:
-        raise LandmarksError(f"verify.geometry must be one of {', '.join(MODELS)} (got {cfg.geometry!r})")
+    min_sample, fit_name = GEOMETRIES[cfg.geometry]
     n = len(matches)
-    if n <= MODELS[cfg.geometry] or n < cfg.min_matches:
+    if n <= min_sample or n < cfg.min_matches:
         return 0
     import pydegensac
 
     m = matches[np.lexsort((matches[:, 1], matches[:, 0]))]  # canonical order
     src = np.ascontiguousarray(kp_q[m[:, 0]], np.float64)
     dst = np.ascontiguousarray(kp_t[m[:, 1]], np.float64)
-    seed = int(cfg.seed)
-    if cfg.geometry == "homography":
-        _, mask = pydegensac.findHomography(src, dst, float(cfg.reproj_threshold), float(cfg.confidence),
-                                            int(cfg.max_iters), seed=seed)
-    else:
-        _, mask = pydegensac.findFundamentalMatrix(src, dst, float(cfg.reproj_threshold), float(cfg.confidence),
-                                                   int(cfg.max_iters), seed=seed)
+    fit = getattr(pydegensac, fit_name)
+    _, mask = fit(src, dst, float(cfg.reproj_threshold), float(cfg.confidence), int(cfg.max_iters),
+                  seed=int(cfg.seed))
     return int(np.asarray(mask).sum())
 
 
@@ -110,14 +121,8 @@ def verify_image(cfg, query, candidates: list) -> np.ndarray:
     out = np.zeros(len(candidates), np.int32)
     if query is None or len(query) == 0 or not candidates:
         return out
-    if cfg.matcher not in MATCHERS:
-        raise LandmarksError(f"verify.matcher must be one of {', '.join(MATCHERS)} (got {cfg.matcher!r})")
     present = [j for j, c in enumerate(candidates) if c is not None and len(c)]
-    if cfg.matcher == "mutual":
-        matches = match_mutual_batch(query.descriptors, [candidates[j].descriptors for j in present],
-                                     cfg.mutual_min_sim, cfg.ratio)
-    else:
-        matches = [match_kdtree(query.descriptors, candidates[j].descriptors, cfg.kdtree_distance) for j in present]
+    matches = MATCHERS[cfg.matcher](cfg, query.descriptors, [candidates[j].descriptors for j in present])
     for j, m in zip(present, matches):
         out[j] = count_inliers(cfg, query.keypoints, candidates[j].keypoints, m)
     return out
@@ -180,90 +185,109 @@ def _verify_batch(cfg_verify, test_dir: str, train_dir: str, test_ids: list[str]
 
 
 def verify_fingerprint(cfg, knn_fp: str) -> str:
-    return text_digest("verify-v1", knn_fp, cfg.section_hash("verify", "whiten"))
+    """Inputs of the verify stage: the knn output's fingerprint and the verify + whiten settings."""
+    from landmarks.layout import VERIFY_SECTIONS, settings_hash
+
+    return text_digest("verify-v2", knn_fp, settings_hash(cfg, *VERIFY_SECTIONS))
 
 
-def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None,
-               knn_path: str | Path | None = None, timing: dict | None = None) -> Path:
-    """Verify the top num_to_rerank candidates of knn.npz; write WORK_DIR/verified.npz.
+def _open_stores(test_features: Path, train_features: Path, test_ids: list[str],
+                 cand: list[list[str]]) -> tuple[str, str]:
+    """Open both stores once for the stage (the persisted id index), check that every image to
+    compare has its local features, and return the index digests the batches use."""
+    from landmarks.store import FeatureStore, load_index
 
-    `timing` (optional dict) receives setup_s (knn.npz + id indexes, once per stage) and
-    batches_s (the verification batches) for the benchmark.
+    digests = []
+    for split, directory, wanted in (("test", test_features, test_ids),
+                                     ("train", train_features, sorted({c for row in cand for c in row}))):
+        store = FeatureStore(directory, index=load_index(directory, local_only=True))
+        missing = [i for i in wanted if not store.has_local(i)]
+        if missing:  # images whose extraction failed are compared as featureless, not re-asked for
+            failed = FeatureStore(directory).failures()
+            missing = [i for i in missing if i not in failed]
+        if missing:
+            store.close()
+            raise LandmarksError(f"verify: {len(missing)} {split} images to compare have no local features "
+                                 f"(e.g. {missing[0]}): run `landmarks local-features` first (make local-features)")
+        _STORES[str(directory)] = (store.index.digest, store)  # the in-process batches use it as is
+        digests.append(store.index.digest)
+    return digests[0], digests[1]
 
-    verified.npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), fingerprint.
-    Train local features missing from the store are extracted on demand (extract.ensure_local).
-    """
+
+def _run_batches(vc, test_features: Path, train_features: Path, test_ids: list[str], cand: list[list[str]],
+                 w_local: dict | None, digests: tuple[str, str], R: int) -> np.ndarray:
+    """Inliers [q, R]: batches of BATCH_IMAGES test images, in worker processes when verify.jobs > 1."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from landmarks.knn import load_npz
-    from landmarks.store import FeatureStore, load_index
+    batches = [list(range(a, min(a + BATCH_IMAGES, len(test_ids)))) for a in range(0, len(test_ids), BATCH_IMAGES)]
+    args = [(vc, str(test_features), str(train_features), [test_ids[r] for r in b], [cand[r] for r in b], w_local,
+             digests) for b in batches]
+    jobs = max(1, int(vc.jobs))
+    results = (Parallel(n_jobs=jobs, return_as="generator")(delayed(_verify_batch)(*a) for a in args) if jobs > 1
+               else (_verify_batch(*a) for a in args))
+    inliers = np.zeros((len(test_ids), R), np.int32)
+    with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img", disable=None) as bar:
+        for b, res in zip(batches, results):
+            inliers[b, :res.shape[1]] = res
+            bar.update(len(b))
+    return inliers
+
+
+def run_verify(cfg, knn_path: str | Path, test_features: str | Path, train_features: str | Path,
+               out: str | Path, whiten_path: str | Path | None = None, timing: dict | None = None) -> Path:
+    """Stage: inliers of the top verify.num_to_rerank candidates of a knn output -> `out`.
+
+    Needs the local features of the test images and their shortlisted train images
+    (`landmarks local-features`).  `timing` (optional dict) receives setup_s (knn output + id
+    indexes, once per stage) and batches_s (the verification batches) for the benchmark.
+    Output npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), fingerprint.
+    """
+    from landmarks import whiten
 
     t_start = time.perf_counter()
-    work_dir = Path(work_dir)
-    out = Path(out) if out else work_dir / "verified.npz"
-    knn = load_npz(Path(knn_path) if knn_path else work_dir / "knn.npz")
+    test_features, train_features, out = Path(test_features), Path(train_features), Path(out)
+    knn = load_npz(knn_path)
     fp = verify_fingerprint(cfg, str(knn["fingerprint"]))
-    if out.exists():
-        from landmarks.knn import npz_fingerprint
-
-        if npz_fingerprint(out) == fp:
-            log.info("verify: %s is up to date", out)
-            return out
+    if out.exists() and npz_fingerprint(out) == fp:
+        log.info("verify: %s is up to date", out)
+        return out
     vc = cfg.verify
-    if vc.matcher not in MATCHERS:
-        raise LandmarksError(f"verify.matcher must be one of {', '.join(MATCHERS)} (got {vc.matcher!r})")
-    if vc.geometry not in MODELS:
-        raise LandmarksError(f"verify.geometry must be one of {', '.join(MODELS)} (got {vc.geometry!r})")
     test_ids = [str(x) for x in knn["test_ids"]]
     train_ids = knn["train_ids"]  # 1.58 M ids: only the shortlisted ones are turned into str below
     R = min(int(vc.num_to_rerank), knn["idx"].shape[1])
     cand = [[str(train_ids[j]) for j in row if j >= 0] for row in knn["idx"][:, :R]]
-    test_dir, train_dir = work_dir / "features" / "test", work_dir / "features" / "train"
-
-    digests = []
-    for split, directory, wanted in (("test", test_dir, test_ids),
-                                     ("train", train_dir, sorted({c for row in cand for c in row}))):
-        # the stage's one index build, or the load of the persisted one (its local part is all we need)
-        store = FeatureStore(directory, index=load_index(directory, local_only=True))
-        missing = [i for i in wanted if not store.has_local(i)]
-        if missing:
-            store.close()
-            log.info("verify: %d %s images lack local features; extracting them", len(missing), split)
-            from landmarks import extract
-
-            store = extract.ensure_local(cfg, data_dir, work_dir, model_dir, split, missing)
-        _STORES[str(directory)] = (store.index.digest, store)  # the in-process batches use it as is
-        digests.append(store.index.digest)
-    digests = tuple(digests)
-
-    w_local = None
-    if cfg.whiten.local_pca:
-        from landmarks import whiten
-
-        w_local = whiten.ensure_whiten(cfg, work_dir)
-
-    t_batches = time.perf_counter()
-    batches = [list(range(a, min(a + BATCH_IMAGES, len(test_ids)))) for a in range(0, len(test_ids), BATCH_IMAGES)]
-    tasks = (delayed(_verify_batch)(vc, str(test_dir), str(train_dir), [test_ids[r] for r in b],
-                                    [cand[r] for r in b], w_local, digests) for b in batches)
-    jobs = max(1, int(vc.jobs))
-    inliers = np.zeros((len(test_ids), R), np.int32)
-    results = Parallel(n_jobs=jobs, return_as="generator")(tasks) if jobs > 1 else (
-        _verify_batch(vc, str(test_dir), str(train_dir), [test_ids[r] for r in b], [cand[r] for r in b], w_local,
-                      digests)
-        for b in batches)
     try:
-        with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img") as bar:
-            for b, res in zip(batches, results):
-                inliers[b, :res.shape[1]] = res
-                bar.update(len(b))
+        digests = _open_stores(test_features, train_features, test_ids, cand)
+        w_local = whiten.load_whiten(cfg, whiten_path, train_features, "local")
+        t_batches = time.perf_counter()
+        inliers = _run_batches(vc, test_features, train_features, test_ids, cand, w_local, digests, R)
     finally:
         _release_stores()
     if timing is not None:
         timing.update(setup_s=t_batches - t_start, batches_s=time.perf_counter() - t_batches)
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, test_ids=np.array(test_ids, dtype=str), inliers=inliers, fingerprint=np.array(fp))
+    save_npz(out, fp, test_ids=np.array(test_ids, dtype=str), inliers=inliers)
     log.info("verify: %d test images x %d candidates -> %s", len(test_ids), R, out)
     return out
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("verify", parents=[common],
+                              help="geometric verification of the knn shortlist -> WORK_DIR/verified-<settings>.npz")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, cfg) -> int:
+    from landmarks.layout import WorkLayout
+
+    work = WorkLayout(args.work_dir)
+    if not cfg.verify.enabled:
+        log.info("verify: off (verify.enabled=false); nothing to do")
+        return 0
+    knn_path = work.knn(cfg)
+    if not knn_path.exists():
+        raise LandmarksError(f"verify: {knn_path} not found: run `landmarks knn` first (make knn)")
+    log_settings(log, cfg, "verify")
+    print(run_verify(cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg),
+                     work.whiten(cfg)))
+    return 0

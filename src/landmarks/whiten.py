@@ -1,4 +1,4 @@
-"""Learned post-processing fitted on the train split, stored in WORK_DIR/whiten.npz.
+"""Learned post-processing fitted on the train split, stored in WORK_DIR/whiten-<hash>.npz.
 
 - Global: PCA-whitening (cirtorch's unsupervised "whitening" of GeM vectors): centre on the
   train mean, rotate onto the principal axes, divide by sqrt(eigenvalue + eps), optionally keep
@@ -7,7 +7,8 @@
 - Local: PCA of local descriptors (DELF recipe: mean, projection to ``local_pca_dim``, no
   whitening, L2-normalise).
 
-Both are off by default (cfg.whiten.*); knn and verify apply them when on.
+Both are off by default (cfg.whiten.*).  Stage ``landmarks whiten`` fits them; knn, verify and
+predict read the file (``load_whiten``) when they are on.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path, text_digest
+from landmarks.store import load_npz, npz_fingerprint, save_npz, shards_digest
+from landmarks.config import log_settings
+from landmarks.utils import LandmarksError, l2_normalize, text_digest
 
 log = logging.getLogger("landmarks.whiten")
 EPS_REL = 1e-3  # eigenvalue regulariser, relative to the largest eigenvalue
@@ -57,59 +60,92 @@ def fit_local(desc: np.ndarray, dim: int = 128) -> dict:
     return {"l_mean": mean.astype(np.float32), "l_proj": vec[:, :dim].astype(np.float32)}
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def apply_global(w: dict, x: np.ndarray) -> np.ndarray:
     if x.shape[0] == 0:
         return np.zeros((0, w["g_proj"].shape[1]), np.float32)
-    return _l2((np.asarray(x, np.float32) - w["g_mean"]) @ w["g_proj"])
+    return l2_normalize((np.asarray(x, np.float32) - w["g_mean"]) @ w["g_proj"])
 
 
 def apply_local(w: dict, d: np.ndarray) -> np.ndarray:
     if d.shape[0] == 0:
         return np.zeros((0, w["l_proj"].shape[1]), np.float32)
-    return _l2((np.asarray(d, np.float32) - w["l_mean"]) @ w["l_proj"])
+    return l2_normalize((np.asarray(d, np.float32) - w["l_mean"]) @ w["l_proj"])
 
 
-def whiten_fingerprint(cfg, work_dir: Path) -> str:
-    from landmarks.knn import shards_digest
-
-    return text_digest("whiten-v1", shards_digest(Path(work_dir) / "features" / "train"),
-                       cfg.section_hash("whiten"))
+def is_on(cfg) -> bool:
+    return bool(cfg.whiten.global_pca or cfg.whiten.local_pca)
 
 
-def ensure_whiten(cfg, work_dir: str | Path) -> dict:
-    """Fit (or reuse) WORK_DIR/whiten.npz for the parts switched on in cfg.whiten."""
-    from landmarks.knn import load_npz, npz_fingerprint
+def whiten_fingerprint(cfg, train_features: Path) -> str:
+    return text_digest("whiten-v1", shards_digest(train_features), cfg.section_hash("whiten"))
+
+
+def _local_sample(store) -> np.ndarray:
+    """Up to LOCAL_SAMPLE train local descriptors, from images in a seeded random order."""
+    ids = sorted(store.local_ids())
+    rng = np.random.default_rng(0)
+    blocks, total = [], 0
+    for i in rng.permutation(len(ids)):
+        lf = store.local([ids[i]]).get(ids[i])
+        if lf is not None and len(lf):
+            blocks.append(lf.descriptors)
+            total += len(lf)
+        if total >= LOCAL_SAMPLE:
+            break
+    return np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)
+
+
+def run_whiten(cfg, train_features: str | Path, out: str | Path) -> Path | None:
+    """Stage: fit the whitening switched on in cfg.whiten on the train features -> `out`.
+
+    Returns None (and writes nothing) when whitening is off; skips when `out` is up to date.
+    """
+    if not is_on(cfg):
+        log.info("whiten: off (whiten.global_pca and whiten.local_pca are false); nothing to do")
+        return None
     from landmarks.store import FeatureStore
 
-    work_dir = Path(work_dir)
-    out = work_dir / "whiten.npz"
-    fp = whiten_fingerprint(cfg, work_dir)
+    train_features, out = Path(train_features), Path(out)
+    fp = whiten_fingerprint(cfg, train_features)
     if out.exists() and npz_fingerprint(out) == fp:
-        return load_npz(out)
-    store = FeatureStore(work_dir / "features" / "train")
+        log.info("whiten: %s is up to date", out)
+        return out
+    store = FeatureStore(train_features)
     arrays: dict = {}
     if cfg.whiten.global_pca:
         _, x = store.global_matrix()
         arrays.update(fit_global(x, cfg.whiten.global_pca_dim))
     if cfg.whiten.local_pca:
-        ids = sorted(store.local_ids())
-        rng = np.random.default_rng(0)
-        blocks, total = [], 0
-        for i in rng.permutation(len(ids)):
-            lf = store.local([ids[i]]).get(ids[i])
-            if lf is not None and len(lf):
-                blocks.append(lf.descriptors)
-                total += len(lf)
-            if total >= LOCAL_SAMPLE:
-                break
-        desc = np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)
-        arrays.update(fit_local(desc, cfg.whiten.local_pca_dim))
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, fingerprint=np.array(fp), **arrays)
+        arrays.update(fit_local(_local_sample(store), cfg.whiten.local_pca_dim))
+    save_npz(out, fp, **arrays)
     log.info("whiten: fitted %s -> %s", ", ".join(sorted(arrays)), out)
-    return arrays
+    return out
+
+
+def load_whiten(cfg, path: str | Path | None, train_features: str | Path, part: str) -> dict | None:
+    """The fitted whitening a later stage needs (`part`: 'global' or 'local'): None when that part
+    is off; an error when the file is missing or was fitted on other features or settings."""
+    if not getattr(cfg.whiten, f"{part}_pca"):
+        return None
+    if path is None or not Path(path).exists():
+        raise LandmarksError(f"whiten.{part}_pca is on but {path} does not exist: run `landmarks whiten` (make whiten)")
+    if npz_fingerprint(path) != whiten_fingerprint(cfg, Path(train_features)):
+        raise LandmarksError(f"{path} was fitted on other train features or settings: rerun `landmarks whiten`")
+    return load_npz(path)
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("whiten", parents=[common],
+                              help="fit PCA-whitening on the train features (when whiten.* is on)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, cfg) -> int:
+    from landmarks.layout import WorkLayout
+
+    work = WorkLayout(args.work_dir)
+    log_settings(log, cfg, "whiten")
+    out = run_whiten(cfg, work.features("train"), work.whiten(cfg))
+    if out is not None:
+        print(out)
+    return 0

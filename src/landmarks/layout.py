@@ -1,0 +1,77 @@
+"""Where every stage keeps its files inside WORK_DIR, named in one place.
+
+Stage outputs that depend on settings are named after them (as hloc names ``feats-<conf>.h5``):
+``knn-<hash>.npz`` from the knn and whiten sections, ``verified-<hash>.npz`` from those plus
+verify, ``whiten-<hash>.npz`` from whiten.  Variants sit side by side, so switching a setting and
+switching it back costs nothing.  The hash covers settings only; each file also stores the full
+fingerprint of its inputs, and a stage redoes its work when that no longer matches.
+
+    WORK_DIR/
+      features/<split>/shard-*.h5, local-cache-*.h5, store-index.npz   landmarks features / local-features
+      whiten-<h>.npz                                                     landmarks whiten (when on)
+      knn-<h>.npz                                                        landmarks knn
+      verified-<h>.npz                                                   landmarks verify
+      report.md, plots/                                                  landmarks validate
+      hard/, adapt/, show/, bench/, notebooks/                           tools
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Settings that change how fast a stage runs, never what it writes: left out of output names.
+RUNTIME_ONLY = {"knn": ("chunk_size",), "verify": ("jobs",)}
+
+
+def settings_hash(cfg, *sections: str) -> str:
+    """Short stable hash of the named config sections, without their runtime-only keys."""
+    d = cfg.to_dict()
+    payload = {s: {k: v for k, v in d[s].items() if k not in RUNTIME_ONLY.get(s, ())} for s in sections}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+
+KNN_SECTIONS = ("knn", "whiten")
+VERIFY_SECTIONS = ("knn", "whiten", "verify")
+
+
+@dataclass(frozen=True)
+class WorkLayout:
+    """The paths of WORK_DIR; the CLI, the Makefile's commands, notebooks and tools all use it."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    # -- features stage ---------------------------------------------------------------------
+    @property
+    def features_root(self) -> Path:
+        return self.root / "features"
+
+    def features(self, split: str) -> Path:
+        return self.features_root / split
+
+    # -- settings-named stage outputs ---------------------------------------------------------
+    def whiten(self, cfg) -> Path:
+        return self.root / f"whiten-{settings_hash(cfg, 'whiten')}.npz"
+
+    def knn(self, cfg) -> Path:
+        return self.root / f"knn-{settings_hash(cfg, *KNN_SECTIONS)}.npz"
+
+    def verified(self, cfg) -> Path:
+        return self.root / f"verified-{settings_hash(cfg, *VERIFY_SECTIONS)}.npz"
+
+    # -- reports and tools --------------------------------------------------------------------
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def tool(self, name: str) -> Path:
+        """Working folder of a tool that is not a stage (hard, adapt, show, bench, notebooks)."""
+        return self.root / name
