@@ -14,13 +14,12 @@ import hashlib
 import io
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path, stamp_matches
+from landmarks.utils import LandmarksError, atomic_path, building_dir, stamp_matches
 
 log = logging.getLogger("landmarks.demo")
 
@@ -385,10 +384,6 @@ def _demo_key(dc) -> dict:
 
 def make_demo(dc, out_dir: str | Path) -> Path:
     """Write a synthetic Kaggle-layout dataset to out_dir (skipped when already complete, same config)."""
-    import pandas as pd
-    from joblib import Parallel, delayed
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     key = _demo_key(dc)
     stamp = out_dir / _STAMP
@@ -399,26 +394,44 @@ def make_demo(dc, out_dir: str | Path) -> Path:
         raise LandmarksError("demo: need num_landmarks >= 1, views_per_landmark >= 1 and image_size >= 64")
     if out_dir.exists() and any(out_dir.iterdir()) and not stamp.exists() and not (out_dir / "demo.json").exists():
         raise LandmarksError(f"demo: {out_dir} exists, is not empty and is not a demo dataset; choose another --out")
-    tmp = out_dir.with_name(f".{out_dir.name}.building")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    rng = _rng(dc.seed, "labels")
+    with building_dir(out_dir) as tmp:
+        counts = _write_tables(dc, tmp, _render_views(dc, tmp))
+    with atomic_path(stamp) as p:  # written last: the Makefile target
+        p.write_text(json.dumps({"config": key, "counts": counts}))
+    log.info("demo data: %d train, %d test (%d non-landmark) images in %s", counts["train"], counts["test"],
+             counts["test_nonlandmark"], out_dir)
+    return out_dir
+
+
+def _render_views(dc, out_dir: Path) -> list[tuple]:
+    """Render every image (seen and unseen landmarks, distractors) into out_dir in parallel;
+    returns the rows (id, split, landmark name)."""
+    from joblib import Parallel, delayed
+    from tqdm import tqdm
+
     n_seen = dc.num_landmarks
-    labels = np.sort(rng.choice(np.arange(1, 200_000), size=n_seen, replace=False))
-    tasks = [delayed(_landmark_task)(_demo_key(dc), str(tmp), i, f"lm{i:03d}", dc.views_per_landmark,
+    tasks = [delayed(_landmark_task)(_demo_key(dc), str(out_dir), i, f"lm{i:03d}", dc.views_per_landmark,
                                      dc.test_views_per_landmark) for i in range(n_seen)]
-    tasks += [delayed(_landmark_task)(_demo_key(dc), str(tmp), n_seen + j, f"unseen{j:03d}", 0,
+    tasks += [delayed(_landmark_task)(_demo_key(dc), str(out_dir), n_seen + j, f"unseen{j:03d}", 0,
                                       dc.test_views_per_landmark) for j in range(dc.unseen_landmarks)]
-    tasks += [delayed(_distractor_task)(_demo_key(dc), str(tmp), k) for k in range(dc.num_distractors)]
+    tasks += [delayed(_distractor_task)(_demo_key(dc), str(out_dir), k) for k in range(dc.num_distractors)]
     results = Parallel(n_jobs=max(1, dc.jobs), return_as="generator")(tasks)
-    rows = [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task") for r in res]
+    return [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task") for r in res]
+
+
+def _write_tables(dc, out_dir: Path, rows: list[tuple]) -> dict:
+    """train.csv, sample_submission.csv, solution.csv and demo.json (seeded landmark ids, each
+    landmark's family and kind); returns the image counts."""
+    import pandas as pd
+
+    n_seen = dc.num_landmarks
+    labels = np.sort(_rng(dc.seed, "labels").choice(np.arange(1, 200_000), size=n_seen, replace=False))
     label_of = {f"lm{i:03d}": int(labels[i]) for i in range(n_seen)}
     train = [(i, label_of[n]) for i, s, n in rows if s == "train"]
     test = sorted((i, str(label_of.get(n, ""))) for i, s, n in rows if s == "test")
-    pd.DataFrame(train, columns=["id", "landmark_id"]).to_csv(tmp / "train.csv", index=False)
-    pd.DataFrame({"id": [t[0] for t in test], "landmarks": ""}).to_csv(tmp / "sample_submission.csv", index=False)
-    pd.DataFrame(test, columns=["id", "landmarks"]).to_csv(tmp / "solution.csv", index=False)
+    pd.DataFrame(train, columns=["id", "landmark_id"]).to_csv(out_dir / "train.csv", index=False)
+    pd.DataFrame({"id": [t[0] for t in test], "landmarks": ""}).to_csv(out_dir / "sample_submission.csv", index=False)
+    pd.DataFrame(test, columns=["id", "landmarks"]).to_csv(out_dir / "solution.csv", index=False)
     meta = [{"name": f"lm{i:03d}", "landmark_id": int(labels[i]), "family": i % max(1, dc.families),
              "kind": KINDS[(i % max(1, dc.families)) % len(KINDS)]} for i in range(n_seen)]
     meta += [{"name": f"unseen{j:03d}", "landmark_id": None, "family": (n_seen + j) % max(1, dc.families),
@@ -426,15 +439,9 @@ def make_demo(dc, out_dir: str | Path) -> Path:
     counts = {"train": len(train), "test": len(test), "test_landmark": sum(1 for t in test if t[1]),
               "test_nonlandmark": sum(1 for t in test if not t[1]), "landmarks": n_seen,
               "unseen_landmarks": dc.unseen_landmarks, "distractors": dc.num_distractors}
-    (tmp / "demo.json").write_text(json.dumps({"config": key, "counts": counts, "landmarks": meta}, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    with atomic_path(stamp) as p:  # written last: the Makefile target
-        p.write_text(json.dumps({"config": key, "counts": counts}))
-    log.info("demo data: %d train, %d test (%d non-landmark) images in %s", counts["train"], counts["test"],
-             counts["test_nonlandmark"], out_dir)
-    return out_dir
+    (out_dir / "demo.json").write_text(json.dumps({"config": _demo_key(dc), "counts": counts, "landmarks": meta},
+                                                  indent=1))
+    return counts
 
 
 def _cmd_demo(args, cfg) -> int:
