@@ -93,3 +93,27 @@ def test_train_refuses_bad_input(tmp_path):
         train(_cfg(), data, tmp_path / "w", tmp_path / "m")
     with pytest.raises(LandmarksError):
         train(_cfg(), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")
+
+
+def test_train_and_extract_decode_exif_orientation_alike(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag: training's tf.data decode gives the
+    same upright pixels as extraction (images.load_image), not the stored sideways array."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from landmarks.images import load_image
+    from landmarks.train import read_train_image
+
+    rng = np.random.default_rng(0)
+    stored = np.repeat(np.repeat(rng.integers(0, 255, (6, 10, 3), dtype=np.uint8), 8, 0), 8, 1)  # 80x48 (w x h)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+
+    train_img = read_train_image(tf.constant(str(path))).numpy()
+    extract_img, scale = load_image(path)
+    assert scale == 1.0 and train_img.shape == (80, 48, 3)  # upright: the tag is applied
+    np.testing.assert_array_equal(train_img, extract_img)
+    raw = tf.io.decode_image(tf.io.read_file(str(path)), channels=3).numpy()
+    assert raw.shape == (48, 80, 3)  # what the former tf.io.decode_image pipeline trained on

@@ -39,11 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks.train import Curves, plot_curves
 from landmarks.utils import LandmarksError, atomic_path, text_digest
 
 log = logging.getLogger("landmarks.adapt")
 
 SCORES = ("reliability", "norm", "norm_x_reliability")
+ADAPT_CURVES = Curves(("loss", "infonce", "reliability"), ("nn_correct", "rel_accuracy"),
+                      "nearest neighbour correct / reliability accuracy")
 # adapt settings that do not change the learned head (export choice, the check, checkpoint period)
 NOT_TRAINING = ("score", "checkpoint_every", "eval_images", "eval_warps", "eval_crop", "eval_features",
                 "eval_tolerance", "eval_data")
@@ -253,34 +256,6 @@ def _heads_module(backbone, head, gem, score: str):
     return AdaptedHeads()
 
 
-def _plot(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    import pandas as pd
-
-    for key in ("loss", "infonce", "reliability"):
-        axes[0].plot(steps, pd.Series([h[key] for h in history]).rolling(5, min_periods=1).mean(), label=key)
-    axes[0].set_xlabel("step")
-    axes[0].set_title("loss (running mean of 5)")
-    axes[0].legend()
-    for key in ("nn_correct", "rel_accuracy"):
-        axes[1].plot(steps, [h[key] for h in history], label=key)
-    axes[1].set_xlabel("step")
-    axes[1].set_title("nearest neighbour correct / reliability accuracy")
-    axes[1].legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-
-
 def _check(ac) -> None:
     if ac.steps <= 0 or ac.batch_size <= 0 or ac.crop_size < 64 or ac.max_side < ac.crop_size:
         raise LandmarksError("adapt.steps and adapt.batch_size must be > 0, adapt.crop_size >= 64 and "
@@ -313,21 +288,13 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     returns the export path, or None when stopped early.
     """
     import keras
-    import tensorflow as tf
-    from tqdm import tqdm
 
-    from landmarks.data import load_split
-    from landmarks.export import save_serving
-    from landmarks.model import make_gem, normalize_pixels, output_layer_name, preprocess_mode, receptive_field
+    from landmarks.delg_io import read_model_meta
     from landmarks.train import _Checkpointer
 
-    ac, mc = cfg.adapt, cfg.model
+    ac = cfg.adapt
     _check(ac)
-    df = load_split(data_dir, "train")
-    if df.empty:
-        raise LandmarksError(f"{data_dir}: the train split is empty")
-    if ac.max_images > 0 and len(df) > ac.max_images:
-        df = df.sample(n=ac.max_images, random_state=ac.seed).sort_index()
+    df = _adapt_images(ac, data_dir)
     ids = df["id"].astype(str).tolist()
     data_fp = data_fingerprint(ids)
     fp = train_fingerprint(cfg, data_fp)
@@ -335,53 +302,100 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     adapt_dir.mkdir(parents=True, exist_ok=True)
     ck = _Checkpointer(adapt_dir, fp)
     if restart:
-        for p in list(adapt_dir.glob("ckpt-*")) + [ck.state_path]:
-            if p.exists():
-                p.unlink()
-    meta_path = Path(out_dir) / "landmarks_model.json"
-    if not restart and meta_path.exists() and (Path(out_dir) / "saved_model.pb").exists():
-        old = json.loads(meta_path.read_text())
-        if old.get("fingerprint") == fp and old.get("steps") == ac.steps and old.get("keypoint_score") == ac.score:
-            log.info("%s is up to date (adapted %d steps on %d images)", out_dir, ac.steps, len(ids))
-            return Path(out_dir)
+        ck.clear()
+    old = None if restart else read_model_meta(out_dir)
+    if old is not None and old.get("fingerprint") == fp and old.get("steps") == ac.steps \
+            and old.get("keypoint_score") == ac.score:
+        log.info("%s is up to date (adapted %d steps on %d images)", out_dir, ac.steps, len(ids))
+        return Path(out_dir)
 
     keras.utils.set_random_seed(ac.seed)
-    backbone = _backbone(mc)
-    backbone.trainable = False
-    local_model = keras.Model(backbone.input, backbone.outputs[0])
-    rf = receptive_field(backbone, output_layer_name(backbone, 0))
-    channels = int(backbone.outputs[0].shape[-1])
-    if channels > mc.local_dim:
-        raise LandmarksError(f"adapt keeps the local block's {channels} channels inside the {mc.local_dim}-d "
-                             "descriptor; raise model.local_dim")
-    grid = tuple(int(d) for d in local_model(tf.zeros([1, ac.crop_size, ac.crop_size, 3])).shape[1:3])
-    head = build_head(channels, mc.local_dim, ac.hidden, ac.context)
-    optimizer = keras.optimizers.Adam(ac.learning_rate)
-    optimizer.build(head.trainable_variables)
+    net = _AdaptNet(cfg)
+    step, history, resumed = ck.resume(net.head, net.optimizer)
+    end = ac.steps if stop_after is None else min(ac.steps, int(stop_after))
+    if step < end:
+        step = _run_steps(cfg, net, ck, df["path"].astype(str).tolist(), step, end, history, resumed, data_dir)
+    if step < ac.steps:
+        return None
+    timing = {}
+    if (adapt_dir / "timing.json").exists():
+        timing = json.loads((adapt_dir / "timing.json").read_text())
+    meta = {"kind": "adapted", "fingerprint": fp, "data_fingerprint": data_fp, "data_dir": str(data_dir),
+            "train_images": len(ids), "steps": step}
+    return _export(cfg, net, out_dir, meta, history, timing)
 
-    step, history, resumed = ck.resume(head, optimizer)
 
-    mode = preprocess_mode(mc.backbone, mc.init)
-    rows, cols = grid
+def _adapt_images(ac, data_dir):
+    """The train split's rows to adapt on: all, or a seeded sample of adapt.max_images."""
+    from landmarks.data import load_split
+
+    df = load_split(data_dir, "train")
+    if df.empty:
+        raise LandmarksError(f"{data_dir}: the train split is empty")
+    if ac.max_images > 0 and len(df) > ac.max_images:
+        df = df.sample(n=ac.max_images, random_state=ac.seed).sort_index()
+    return df
+
+
+class _AdaptNet:
+    """The frozen backbone (and its local-block sub-model), the local block's receptive field and
+    feature-map grid at adapt.crop_size, the head being trained and its Adam optimizer."""
+
+    def __init__(self, cfg):
+        import keras
+        import tensorflow as tf
+
+        from landmarks.model import output_layer_name, receptive_field
+
+        ac, mc = cfg.adapt, cfg.model
+        self.backbone = _backbone(mc)
+        self.backbone.trainable = False
+        self.local_model = keras.Model(self.backbone.input, self.backbone.outputs[0])
+        self.rf = receptive_field(self.backbone, output_layer_name(self.backbone, 0))
+        channels = int(self.backbone.outputs[0].shape[-1])
+        if channels > mc.local_dim:
+            raise LandmarksError(f"adapt keeps the local block's {channels} channels inside the {mc.local_dim}-d "
+                                 "descriptor; raise model.local_dim")
+        zeros = tf.zeros([1, ac.crop_size, ac.crop_size, 3])
+        self.grid = tuple(int(d) for d in self.local_model(zeros).shape[1:3])
+        self.head = build_head(channels, mc.local_dim, ac.hidden, ac.context)
+        self.optimizer = keras.optimizers.Adam(ac.learning_rate)
+        self.optimizer.build(self.head.trainable_variables)
+
+
+def bilinear_sample(f, u, rows: int, cols: int):
+    """Bilinear sample of f [b, rows, cols, D] at u [b, n, 2] (x, y) grid coordinates -> [b, n, D]."""
+    import tensorflow as tf
+
+    x, y = u[..., 0], u[..., 1]
+    x0 = tf.clip_by_value(tf.floor(x), 0.0, cols - 1.0)
+    y0 = tf.clip_by_value(tf.floor(y), 0.0, rows - 1.0)
+    x1, y1 = tf.minimum(x0 + 1.0, cols - 1.0), tf.minimum(y0 + 1.0, rows - 1.0)
+    wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+    flat = tf.reshape(f, [tf.shape(f)[0], rows * cols, -1])
+
+    def g(yy, xx):
+        return tf.gather(flat, tf.cast(yy * cols + xx, tf.int32), batch_dims=1)
+
+    return ((1 - wy) * ((1 - wx) * g(y0, x0) + wx * g(y0, x1)) + wy * ((1 - wx) * g(y1, x0) + wx * g(y1, x1)))
+
+
+def _make_train_step(cfg, net: _AdaptNet):
+    """The compiled step: InfoNCE of each visible A cell against its true B position (negatives:
+    B cells beyond adapt.neg_radius) + weighted reliability BCE; one Adam update of the head."""
+    import tensorflow as tf
+
+    from landmarks.model import normalize_pixels, preprocess_mode
+
+    ac = cfg.adapt
+    mode = preprocess_mode(cfg.model.backbone, cfg.model.init)
+    local_model, head, optimizer = net.local_model, net.head, net.optimizer
+    rows, cols = net.grid
     gy, gx = np.meshgrid(np.arange(rows, dtype=np.float32), np.arange(cols, dtype=np.float32), indexing="ij")
     gxy = tf.constant(np.stack([gx.ravel(), gy.ravel()], 1))  # [M, 2]
     r2 = float(ac.neg_radius) ** 2
     tau = float(ac.temperature)
     w_rel = float(ac.reliability_weight)
-
-    def sample(f, u):
-        """Bilinear sample of f [b, rows, cols, D] at u [b, n, 2] (x, y) grid coordinates -> [b, n, D]."""
-        x, y = u[..., 0], u[..., 1]
-        x0 = tf.clip_by_value(tf.floor(x), 0.0, cols - 1.0)
-        y0 = tf.clip_by_value(tf.floor(y), 0.0, rows - 1.0)
-        x1, y1 = tf.minimum(x0 + 1.0, cols - 1.0), tf.minimum(y0 + 1.0, rows - 1.0)
-        wx, wy = (x - x0)[..., None], (y - y0)[..., None]
-        flat = tf.reshape(f, [tf.shape(f)[0], rows * cols, -1])
-
-        def g(yy, xx):
-            return tf.gather(flat, tf.cast(yy * cols + xx, tf.int32), batch_dims=1)
-
-        return ((1 - wy) * ((1 - wx) * g(y0, x0) + wx * g(y0, x1)) + wy * ((1 - wx) * g(y1, x0) + wx * g(y1, x1)))
 
     @tf.function
     def train_step(xa, xb, u, valid):
@@ -390,7 +404,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         with tf.GradientTape() as tape:
             da, ra = head(fa)
             db, _ = head(fb)
-            dp = tf.math.l2_normalize(sample(db, u), -1)  # B's descriptor at A's exact position
+            dp = tf.math.l2_normalize(bilinear_sample(db, u, rows, cols), -1)  # B's descriptor at A's exact position
             b = tf.shape(da)[0]
             da = tf.math.l2_normalize(tf.reshape(da, [b, rows * cols, -1]), -1)
             db = tf.math.l2_normalize(tf.reshape(db, [b, rows * cols, -1]), -1)
@@ -414,60 +428,73 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         return {"loss": loss, "infonce": nce, "reliability": rel,
                 "nn_correct": tf.reduce_sum(correct * valid) / nv, "rel_accuracy": acc}
 
-    end = ac.steps if stop_after is None else min(ac.steps, int(stop_after))
-    if step < end:
-        t0 = time.time()
-        images, bad = load_images(df["path"].astype(str).tolist(), ac.max_side, ac.crop_size)
-        if bad:
-            log.warning("adapt: %d of %d train images unusable (first: %s)", len(bad), len(df), bad[0])
-        if not images:
-            raise LandmarksError(f"{data_dir}: no usable train image to adapt on")
-        log.info("adapt: %d images decoded in %.1fs; %d steps x %d pairs of %dpx views", len(images),
-                 time.time() - t0, end - step, ac.batch_size, ac.crop_size)
-        t0, done = time.time(), 0
-        bar = tqdm(total=end - step, desc="adapt", unit="step")
-        with ThreadPoolExecutor(1) as pool:  # the next batch's pairs are made while this step runs
-            nxt = pool.submit(make_batch, images, step, ac, rf, grid)
-            while step < end:
-                batch = nxt.result()
-                if step + 1 < end:
-                    nxt = pool.submit(make_batch, images, step + 1, ac, rf, grid)
-                m = {k: float(v) for k, v in train_step(tf.constant(batch["a"]), tf.constant(batch["b"]),
-                                                         tf.constant(batch["u"]), tf.constant(batch["valid"])).items()}
-                if not np.isfinite(m["loss"]):
-                    raise LandmarksError(f"adaptation diverged at step {step + 1}; lower adapt.learning_rate")
-                step += 1
-                done += 1
-                history.append({"step": step, **m})
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", nn=f"{m['nn_correct']:.2f}")
-                if step % max(1, ac.checkpoint_every) == 0 or step == end:
-                    ck.save(head, optimizer, {"step": step, "history": history, "resumed_from": resumed,
-                                              "images": len(images)})
-                    _plot(history, adapt_dir / "curves.png")
-        bar.close()
-        dt = time.time() - t0
-        ips = 2 * done * ac.batch_size / max(dt, 1e-9)
-        log.info("adapted %d steps in %.1fs: %.1f views/s (%d px, pairs made + backbone + head)", done, dt, ips,
-                 ac.crop_size)
-        timing = {"seconds": round(dt, 1), "views_per_s": round(ips, 2), "steps": done}
-        with atomic_path(adapt_dir / "timing.json") as tmp:
-            tmp.write_text(json.dumps(timing))
-    if step < ac.steps:
-        return None
+    return train_step
+
+
+def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, history: list, resumed: list,
+               data_dir) -> int:
+    """Decode the images once, then train from `step` to `end` (the next batch's pairs are made
+    while a step runs), checkpointing and plotting every adapt.checkpoint_every steps and at `end`;
+    writes timing.json.  Returns `end`."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    ac = cfg.adapt
+    train_step = _make_train_step(cfg, net)
+    t0 = time.time()
+    images, bad = load_images(paths, ac.max_side, ac.crop_size)
+    if bad:
+        log.warning("adapt: %d of %d train images unusable (first: %s)", len(bad), len(paths), bad[0])
+    if not images:
+        raise LandmarksError(f"{data_dir}: no usable train image to adapt on")
+    log.info("adapt: %d images decoded in %.1fs; %d steps x %d pairs of %dpx views", len(images),
+             time.time() - t0, end - step, ac.batch_size, ac.crop_size)
+    t0, done = time.time(), 0
+    bar = tqdm(total=end - step, desc="adapt", unit="step")
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(make_batch, images, step, ac, net.rf, net.grid)
+        while step < end:
+            batch = nxt.result()
+            if step + 1 < end:
+                nxt = pool.submit(make_batch, images, step + 1, ac, net.rf, net.grid)
+            m = {k: float(v) for k, v in train_step(tf.constant(batch["a"]), tf.constant(batch["b"]),
+                                                     tf.constant(batch["u"]), tf.constant(batch["valid"])).items()}
+            if not np.isfinite(m["loss"]):
+                raise LandmarksError(f"adaptation diverged at step {step + 1}; lower adapt.learning_rate")
+            step += 1
+            done += 1
+            history.append({"step": step, **m})
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", nn=f"{m['nn_correct']:.2f}")
+            if step % max(1, ac.checkpoint_every) == 0 or step == end:
+                ck.save(net.head, net.optimizer, {"step": step, "history": history, "resumed_from": resumed,
+                                                  "images": len(images)})
+                plot_curves(history, ck.dir / "curves.png", ADAPT_CURVES)
+    bar.close()
+    dt = time.time() - t0
+    ips = 2 * done * ac.batch_size / max(dt, 1e-9)
+    log.info("adapted %d steps in %.1fs: %.1f views/s (%d px, pairs made + backbone + head)", done, dt, ips,
+             ac.crop_size)
+    with atomic_path(ck.dir / "timing.json") as tmp:
+        tmp.write_text(json.dumps({"seconds": round(dt, 1), "views_per_s": round(ips, 2), "steps": done}))
+    return step
+
+
+def _export(cfg, net: _AdaptNet, out_dir, meta: dict, history: list, timing: dict) -> Path:
+    """Save the adapted heads in the official DELG signature with their metadata."""
+    from landmarks.export import save_serving
+    from landmarks.model import make_gem, output_layer_name, preprocess_mode
+
+    ac, mc = cfg.adapt, cfg.model
     last = history[-1] if history else {}
-    timing = {}
-    if (adapt_dir / "timing.json").exists():
-        timing = json.loads((adapt_dir / "timing.json").read_text())
-    meta = {"kind": "adapted", "fingerprint": fp, "data_fingerprint": data_fp, "data_dir": str(data_dir),
-            "train_images": len(ids), "steps": step, "adapt": cfg.to_dict()["adapt"], "backbone": mc.backbone,
-            "init": mc.init, "local_layer": output_layer_name(backbone, 0),
+    meta = {**meta, "adapt": cfg.to_dict()["adapt"], "backbone": mc.backbone,
+            "init": mc.init, "local_layer": output_layer_name(net.backbone, 0),
             "local_projection": "adapted (identity + residual MLP, InfoNCE under known homographies)",
             "keypoint_score": ac.score, "global": f"GeM(p={mc.gem_p}) of last map",
             "final": {k: round(v, 4) for k, v in last.items() if k != "step"}, "timing": timing}
-    heads = _heads_module(backbone, head, make_gem(mc.gem_p, False), ac.score)
-    out = save_serving(heads, "heads", rf, preprocess_mode(mc.backbone, mc.init), out_dir,
-                       local_dim=mc.local_dim, global_dim=int(backbone.outputs[1].shape[-1]),
+    heads = _heads_module(net.backbone, net.head, make_gem(mc.gem_p, False), ac.score)
+    out = save_serving(heads, "heads", net.rf, preprocess_mode(mc.backbone, mc.init), out_dir,
+                       local_dim=mc.local_dim, global_dim=int(net.backbone.outputs[1].shape[-1]),
                        default_thres=mc.default_abs_thres, meta=meta)
     log.info("adapted model -> %s", out)
     return out

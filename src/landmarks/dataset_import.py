@@ -15,26 +15,17 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from landmarks.utils import LandmarksError, atomic_path, stamp_matches
+from landmarks.utils import LandmarksError, atomic_path, building_dir, file_digest, link_file, stamp_matches
 
 log = logging.getLogger("landmarks.import")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LINK_MODES = ("hardlink", "copy", "symlink")
-
-
-def _content_id(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()[:16]
 
 
 def read_labels(src: str | Path, distractors: bool = False) -> pd.DataFrame:
@@ -79,19 +70,17 @@ def read_labels(src: str | Path, distractors: bool = False) -> pd.DataFrame:
 
 
 def _place(src: str, dst: Path, mode: str, state: dict) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    src = os.path.abspath(src)
-    if mode == "symlink":
-        os.symlink(src, dst)
-        return
-    if mode == "hardlink" and not state.get("copy_fallback"):
-        try:
-            os.link(src, dst)
-            return
-        except OSError as e:
-            state["copy_fallback"] = True
-            log.info("import: hard links impossible (%s); copying images instead", e.strerror or e)
-    shutil.copyfile(src, dst)
+    """link_file, falling back to copies for good once hard links fail (state['copy_fallback'])."""
+    if mode == "hardlink" and state.get("copy_fallback"):
+        mode = "copy"
+    try:
+        link_file(src, dst, mode)
+    except OSError as e:
+        if mode != "hardlink":
+            raise
+        state["copy_fallback"] = True
+        log.info("import: hard links impossible (%s); copying images instead", e.strerror or e)
+        link_file(src, dst, "copy")
 
 
 def sample_distractors(dis: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -147,6 +136,18 @@ def plan_split(lm: pd.DataFrame, ic) -> tuple[pd.DataFrame, set, list[dict], dic
     return pd.concat(parts, ignore_index=True), held, class_rows, label_of
 
 
+def split_up_to_date(out_dir: Path, params: dict, stage: str) -> bool:
+    """True when out_dir/split.json records `params` (the split is done); a LandmarksError when
+    out_dir holds other files but no split.json (never overwrite a folder that is not ours)."""
+    split_file = out_dir / "split.json"
+    if stamp_matches(split_file, "params", params):
+        log.info("%s: %s is up to date; skipping", stage, out_dir)
+        return True
+    if out_dir.exists() and any(out_dir.iterdir()) and not split_file.exists():
+        raise LandmarksError(f"{stage}: {out_dir} is not empty and holds no split.json; choose another --out")
+    return False
+
+
 def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fraction=None,
                    heldout_class_fraction=None, seed=None, link=None, extra_train=(), train_per_class=None,
                    distractor_sample=None) -> Path:
@@ -156,11 +157,42 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
     `extra_train` sets only add train classes (all their images go to train; more classes to
     confuse, as in GLDv2); `train_per_class` K > 0 makes a k-shot split (see `plan_split`).
     """
-    from tqdm import tqdm
+    ic = _import_settings(cfg, dict(test_fraction=test_fraction, heldout_class_fraction=heldout_class_fraction,
+                                    seed=seed, link=link, train_per_class=train_per_class,
+                                    distractor_sample=distractor_sample))
+    sources = [os.path.abspath(s) for s in label_csvs_or_dirs]
+    extra_train = [os.path.abspath(s) for s in extra_train]
+    distractors = [os.path.abspath(d) for d in distractors]
+    if not sources:
+        raise LandmarksError("import: give at least one LABELS.csv or class-folder tree")
+    out_dir = Path(out_dir)
+    allrows = _read_sources(sources, extra_train, distractors)
+    params = {"sources": sources, "extra_train": extra_train, "distractors": [str(d) for d in distractors],
+              **dataclasses.asdict(ic),
+              "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16]}
+    if split_up_to_date(out_dir, params, "import"):
+        return out_dir
 
+    parts, held, class_rows, label_of = plan_split(allrows[allrows["cls"] != ""], ic)
+    dis = allrows[allrows["cls"] == ""].assign(split="test", truth="")
+    if ic.distractor_sample and len(dis) > ic.distractor_sample:
+        dis = sample_distractors(dis, ic.distractor_sample, ic.seed)
+    table = pd.concat([parts, dis], ignore_index=True)
+    with building_dir(out_dir, "importing") as tmp:
+        counts = _write_import(tmp, table, class_rows, label_of, held, ic.link)
+        with atomic_path(tmp / "split.json") as p:
+            p.write_text(json.dumps({"params": params, "counts": counts, "heldout_classes": sorted(held),
+                                     "label_map": label_of}, indent=1))
+    log.info("import: %d train / %d test images (%d landmark, %d non-landmark), %d classes (%d held out), "
+             "%d distractors -> %s", counts["train_images"], counts["test_images"], counts["test_landmark"],
+             counts["test_nonlandmark"], counts["classes"], counts["heldout_classes"], counts["distractors"], out_dir)
+    return out_dir
+
+
+def _import_settings(cfg, overrides: dict):
+    """The dataset_import config section with the given (non-None) overrides, checked."""
     ic = dataclasses.replace(cfg.dataset_import)
-    for k, v in dict(test_fraction=test_fraction, heldout_class_fraction=heldout_class_fraction, seed=seed, link=link,
-                     train_per_class=train_per_class, distractor_sample=distractor_sample).items():
+    for k, v in overrides.items():
         if v is not None:
             setattr(ic, k, v)
     if not 0 <= ic.test_fraction < 1:
@@ -171,12 +203,13 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
         raise LandmarksError("import: train_per_class and distractor_sample must be >= 0")
     if ic.link not in LINK_MODES:
         raise LandmarksError(f"import: link mode {ic.link!r} unknown (expected {', '.join(LINK_MODES)})")
-    sources = [os.path.abspath(s) for s in label_csvs_or_dirs]
-    extra_train = [os.path.abspath(s) for s in extra_train]
-    distractors = [os.path.abspath(d) for d in distractors]
-    if not sources:
-        raise LandmarksError("import: give at least one LABELS.csv or class-folder tree")
-    out_dir = Path(out_dir)
+    return ic
+
+
+def _read_sources(sources: list[str], extra_train: list[str], distractors: list[str]) -> pd.DataFrame:
+    """All input images (src_id, cls, file, source, extra, id = content digest), missing files and
+    byte-identical copies of an earlier image left out with a warning."""
+    from tqdm import tqdm
 
     frames = [read_labels(s).assign(source=s, extra=False) for s in sources]
     frames += [read_labels(s).assign(source=s, extra=True) for s in extra_train]
@@ -189,37 +222,24 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
         miss = allrows.loc[~exists, "file"].tolist()
         log.warning("import: %s; they are left out", missing_report(miss))
         allrows = allrows[exists].reset_index(drop=True)
-    allrows["id"] = [_content_id(Path(f)) for f in tqdm(allrows["file"], desc="hashing images", unit="img")]
+    allrows["id"] = [file_digest(f) for f in tqdm(allrows["file"], desc="hashing images", unit="img")]
     dup = allrows["id"].duplicated()
     if dup.any():
         first = allrows.loc[dup, "file"].iloc[0]
         log.warning("import: %d images are byte-identical to an earlier one and are left out (first: %s)", int(dup.sum()), first)
         allrows = allrows[~dup].reset_index(drop=True)
+    return allrows
 
-    params = {"sources": sources, "extra_train": extra_train, "distractors": [str(d) for d in distractors], **dataclasses.asdict(ic),
-              "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16]}
-    split_file = out_dir / "split.json"
-    if stamp_matches(split_file, "params", params):
-        log.info("import: %s is up to date; skipping", out_dir)
-        return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()) and not split_file.exists():
-        raise LandmarksError(f"import: {out_dir} is not empty and holds no split.json; choose another --out")
 
-    parts, held, class_rows, label_of = plan_split(allrows[allrows["cls"] != ""], ic)
-    dis = allrows[allrows["cls"] == ""].assign(split="test", truth="")
-    if ic.distractor_sample and len(dis) > ic.distractor_sample:
-        dis = sample_distractors(dis, ic.distractor_sample, ic.seed)
-    table = pd.concat([parts, dis], ignore_index=True)
+def _write_import(tmp: Path, table: pd.DataFrame, class_rows: list[dict], label_of: dict, held: set,
+                  link: str) -> dict:
+    """Link the used images of `table` into tmp and write its CSVs; returns the split's counts."""
+    from tqdm import tqdm
+
     used = table[table["split"] != "unused"]
-
-    # ---- write into a temporary sibling, then swap in
-    tmp = out_dir.with_name(f".{out_dir.name}.importing")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     state: dict = {}
     for iid, sp, f in tqdm(list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img"):
-        _place(f, tmp / sp / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", ic.link, state)
+        _place(f, tmp / sp / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", link, state)
     train = used[used["split"] == "train"].sort_values("id")
     test = used[used["split"] == "test"].sort_values("id")
     pd.DataFrame({"id": train["id"], "landmark_id": train["cls"].map(label_of)}).to_csv(tmp / "train.csv", index=False)
@@ -227,24 +247,14 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
     pd.DataFrame({"id": test["id"], "landmarks": test["truth"]}).to_csv(tmp / "solution.csv", index=False)
     pd.DataFrame(class_rows).to_csv(tmp / "label_map.csv", index=False)
     table[["id", "split", "cls", "src_id", "source", "file"]].sort_values("id").to_csv(tmp / "sources.csv", index=False)
-    counts = {
+    return {
         "train_images": len(train), "test_images": len(test),
         "test_landmark": int((test["truth"] != "").sum()), "test_nonlandmark": int((test["truth"] == "").sum()),
         "classes": len(label_of), "train_classes": len(label_of) - len(held), "heldout_classes": len(held),
         "heldout_test_images": int(((test["cls"] != "") & (test["truth"] == "")).sum()),
-        "distractors": len(dis), "unused_images": int((table["split"] == "unused").sum()),
-        "link": "copy" if state.get("copy_fallback") else ic.link,
+        "distractors": int((table["cls"] == "").sum()), "unused_images": int((table["split"] == "unused").sum()),
+        "link": "copy" if state.get("copy_fallback") else link,
     }
-    with atomic_path(tmp / "split.json") as p:
-        p.write_text(json.dumps({"params": params, "counts": counts, "heldout_classes": sorted(held),
-                                 "label_map": label_of}, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    log.info("import: %d train / %d test images (%d landmark, %d non-landmark), %d classes (%d held out), "
-             "%d distractors -> %s", counts["train_images"], counts["test_images"], counts["test_landmark"],
-             counts["test_nonlandmark"], counts["classes"], counts["heldout_classes"], counts["distractors"], out_dir)
-    return out_dir
 
 
 def _cmd_import(args, cfg) -> int:

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from landmarks.store import LocalFeatures
-from landmarks.utils import LandmarksError
+from landmarks.utils import LandmarksError, l2_normalize
 
 INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
                "input_global_scales_ind")
@@ -58,14 +58,34 @@ class DelgModel:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
+def check_saved_model(model_dir: str | Path) -> Path:
+    """`model_dir` as a Path; a one-line LandmarksError when it holds no saved_model.pb."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "saved_model.pb").exists():
+        raise LandmarksError(f"{model_dir} is not a SavedModel (no saved_model.pb): run `make model` "
+                             "or pass MODEL=<DELG SavedModel dir> (--model on the command line)")
+    return model_dir
+
+
+def read_model_meta(model_dir: str | Path) -> dict | None:
+    """The metadata our exports write beside the SavedModel (export.META_FILE), or None when
+    `model_dir` holds no complete export of ours (no saved_model.pb or no metadata file)."""
+    import json
+
+    from landmarks.export import META_FILE
+
+    model_dir = Path(model_dir)
+    meta = model_dir / META_FILE
+    if not (model_dir / "saved_model.pb").exists() or not meta.exists():
+        return None
+    return json.loads(meta.read_text())
+
+
 def load_delg(model_dir: str | Path) -> DelgModel:
     """Load a DELG SavedModel of either generation; clear error when it is not one."""
     import tensorflow as tf
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "saved_model.pb").exists():
-        raise LandmarksError(f"{model_dir} is not a SavedModel (no saved_model.pb): run `make model` "
-                             "or pass MODEL=<DELG SavedModel dir>")
+    model_dir = check_saved_model(model_dir)
     loaded = tf.saved_model.load(str(model_dir))
     sig = getattr(loaded, "signatures", {}).get("serving_default")
     if sig is not None:
@@ -93,21 +113,16 @@ def load_delg(model_dir: str | Path) -> DelgModel:
                          f"{list(INPUT_NAMES)} nor a TF1 graph to prune")
 
 
-def l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
-
-
 def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatures]:
     """Raw DELG outputs -> (global [D] unit vector, LocalFeatures with (x, y) keypoints)."""
     g = np.asarray(outputs["global_descriptors"], np.float32)
     g = g.reshape(-1, g.shape[-1])
-    global_desc = l2n(l2n(g).sum(axis=0))
+    global_desc = l2_normalize(l2_normalize(g).sum(axis=0))
     boxes = np.asarray(outputs["boxes"], np.float32).reshape(-1, 4)
     yx = (boxes[:, 0:2] + boxes[:, 2:4]) / 2.0
     keypoints = yx[:, ::-1].copy()  # (x, y)
     desc = np.asarray(outputs["features"], np.float32)
-    desc = l2n(desc.reshape(boxes.shape[0], -1)) if boxes.shape[0] else desc.reshape(0, desc.shape[-1] if desc.ndim == 2 else 128)
+    desc = l2_normalize(desc.reshape(boxes.shape[0], -1)) if boxes.shape[0] else desc.reshape(0, desc.shape[-1] if desc.ndim == 2 else 128)
     local = LocalFeatures(
         keypoints=keypoints,
         descriptors=desc,

@@ -14,13 +14,12 @@ import hashlib
 import io
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path, stamp_matches
+from landmarks.utils import LandmarksError, atomic_path, building_dir, stamp_matches
 
 log = logging.getLogger("landmarks.demo")
 
@@ -98,94 +97,123 @@ def _family_style(seed: int, family: int) -> dict:
 
 
 def _scene(style: dict, rng: np.random.Generator, long_side: int):
-    """One landmark instance: an RGB PIL image of its planar scene."""
-    from PIL import Image, ImageDraw
-
+    """One landmark instance: an RGB PIL image of its planar scene, drawn by its family's kind."""
     a = style["aspect"]
     w, h = (long_side, int(long_side / a)) if a >= 1 else (int(long_side * a), long_side)
-    kind = style["kind"]
-    if kind == "facade":
-        img = Image.fromarray(_tinted_texture(style["texture"], (w, h), style["wall"], rng, 0.35))
-        d = ImageDraw.Draw(img)
-        floors, cols = int(rng.integers(3, 7)), int(rng.integers(3, 8))
-        fh, cw = h / (floors + 0.6), w / cols
-        ww, wh = cw * rng.uniform(0.35, 0.6), fh * rng.uniform(0.4, 0.65)
-        door = int(rng.integers(cols))
-        for f in range(floors):
-            y0 = h - (f + 1) * fh
-            if rng.random() < 0.5:  # cornice band
-                d.rectangle([0, y0 - 4, w, y0 + 2], fill=_jitter(style["wall"], rng, 40))
-            for c in range(cols):
-                cx, cy = (c + 0.5) * cw, y0 + fh * 0.5
-                if f == 0 and c == door:
-                    d.rectangle([cx - ww * 0.6, h - fh * 0.85, cx + ww * 0.6, h], fill=style["dark"], outline=(240, 240, 230), width=3)
-                    continue
-                r = rng.random()
-                if r < 0.12:
-                    continue  # blind wall
-                box = [cx - ww / 2, cy - wh / 2, cx + ww / 2, cy + wh / 2]
-                glass = _jitter(style["dark"], rng, 30)
-                if style["arched"]:
-                    d.pieslice([box[0], box[1] - ww / 2, box[2], box[1] + ww / 2], 180, 360, fill=glass)
-                d.rectangle(box, fill=glass, outline=(235, 235, 225), width=2)
-                if r < 0.45:  # shutters
-                    sc = _jitter(style["palette"][0], rng, 20)
-                    d.rectangle([box[0] - ww * 0.3, box[1], box[0], box[3]], fill=sc)
-                    d.rectangle([box[2], box[1], box[2] + ww * 0.3, box[3]], fill=sc)
-                elif r < 0.65:  # balcony
-                    d.rectangle([box[0] - 5, box[3] - 6, box[2] + 5, box[3] + 6], fill=style["dark"])
-                    for k in range(5):
-                        xx = box[0] + k * ww / 4
-                        d.line([xx, box[3] - 6, xx, box[3] + 6], fill=(200, 200, 200), width=1)
-                else:  # mullions
-                    d.line([cx, box[1], cx, box[3]], fill=(235, 235, 225), width=2)
-                    d.line([box[0], cy, box[2], cy], fill=(235, 235, 225), width=2)
-        for _ in range(int(rng.integers(8, 14))):  # ornaments / plaques (instance-specific detail)
-            x, y, s = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, 24)
-            col = _jitter(style["palette"][int(rng.integers(4))], rng, 30)
+    draw = {"facade": _facade, "painting": _painting, "sign": _sign}.get(style["kind"], _mosaic)
+    return draw(style, rng, w, h)
+
+
+def _facade(style: dict, rng: np.random.Generator, w: int, h: int):
+    """Building front: floors of windows (shutters, balconies, mullions), a door, plaques."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(_tinted_texture(style["texture"], (w, h), style["wall"], rng, 0.35))
+    d = ImageDraw.Draw(img)
+    floors, cols = int(rng.integers(3, 7)), int(rng.integers(3, 8))
+    fh, cw = h / (floors + 0.6), w / cols
+    ww, wh = cw * rng.uniform(0.35, 0.6), fh * rng.uniform(0.4, 0.65)
+    door = int(rng.integers(cols))
+    for f in range(floors):
+        y0 = h - (f + 1) * fh
+        if rng.random() < 0.5:  # cornice band
+            d.rectangle([0, y0 - 4, w, y0 + 2], fill=_jitter(style["wall"], rng, 40))
+        for c in range(cols):
+            cx, cy = (c + 0.5) * cw, y0 + fh * 0.5
+            if f == 0 and c == door:
+                d.rectangle([cx - ww * 0.6, h - fh * 0.85, cx + ww * 0.6, h], fill=style["dark"], outline=(240, 240, 230), width=3)
+                continue
+            _window(d, style, rng, cx, cy, ww, wh)
+    _plaques(d, style, rng, w, h)
+    return img
+
+
+def _window(d, style: dict, rng: np.random.Generator, cx: float, cy: float, ww: float, wh: float) -> None:
+    """One facade window centred at (cx, cy): blind, or glass with shutters, a balcony or mullions."""
+    r = rng.random()
+    if r < 0.12:
+        return  # blind wall
+    box = [cx - ww / 2, cy - wh / 2, cx + ww / 2, cy + wh / 2]
+    glass = _jitter(style["dark"], rng, 30)
+    if style["arched"]:
+        d.pieslice([box[0], box[1] - ww / 2, box[2], box[1] + ww / 2], 180, 360, fill=glass)
+    d.rectangle(box, fill=glass, outline=(235, 235, 225), width=2)
+    if r < 0.45:  # shutters
+        sc = _jitter(style["palette"][0], rng, 20)
+        d.rectangle([box[0] - ww * 0.3, box[1], box[0], box[3]], fill=sc)
+        d.rectangle([box[2], box[1], box[2] + ww * 0.3, box[3]], fill=sc)
+    elif r < 0.65:  # balcony
+        d.rectangle([box[0] - 5, box[3] - 6, box[2] + 5, box[3] + 6], fill=style["dark"])
+        for k in range(5):
+            xx = box[0] + k * ww / 4
+            d.line([xx, box[3] - 6, xx, box[3] + 6], fill=(200, 200, 200), width=1)
+    else:  # mullions
+        d.line([cx, box[1], cx, box[3]], fill=(235, 235, 225), width=2)
+        d.line([box[0], cy, box[2], cy], fill=(235, 235, 225), width=2)
+
+
+def _plaques(d, style: dict, rng: np.random.Generator, w: int, h: int) -> None:
+    """Ornaments and lettered plaques scattered over a facade (instance-specific detail)."""
+    for _ in range(int(rng.integers(8, 14))):
+        x, y, s = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, 24)
+        col = _jitter(style["palette"][int(rng.integers(4))], rng, 30)
+        if rng.random() < 0.5:
+            d.ellipse([x - s, y - s, x + s, y + s], fill=col, outline=style["dark"], width=2)
+        else:
+            d.rectangle([x - 2 * s, y - s, x + 2 * s, y + s], fill=col, outline=style["dark"], width=2)
+            d.text((x - 1.8 * s, y - 0.8 * s), "".join(rng.choice(list("ABCDEFGHKLMNRSTV"), 3)),
+                   fill=style["dark"], font=_font(int(s * 1.2)))
+
+
+def _painting(style: dict, rng: np.random.Generator, w: int, h: int):
+    """Framed grid of random (sometimes mirrored) crops of the family's colour photo."""
+    from PIL import Image, ImageDraw
+
+    src = _sample(style["source"])
+    sh, sw = src.shape[:2]
+    img = Image.new("RGB", (w, h), style["dark"])
+    frame = max(6, w // 40)
+    g = style["tile"]
+    tw, th = (w - 2 * frame) // g, (h - 2 * frame) // g
+    for i in range(g):
+        for j in range(g):
+            s = rng.uniform(0.12, 0.35)
+            cw_, ch_ = int(sw * s), int(sh * s)
+            x, y = int(rng.integers(0, sw - cw_)), int(rng.integers(0, sh - ch_))
+            tile = Image.fromarray(src[y:y + ch_, x:x + cw_]).resize((tw, th), Image.BILINEAR)
             if rng.random() < 0.5:
-                d.ellipse([x - s, y - s, x + s, y + s], fill=col, outline=style["dark"], width=2)
-            else:
-                d.rectangle([x - 2 * s, y - s, x + 2 * s, y + s], fill=col, outline=style["dark"], width=2)
-                d.text((x - 1.8 * s, y - 0.8 * s), "".join(rng.choice(list("ABCDEFGHKLMNRSTV"), 3)),
-                       fill=style["dark"], font=_font(int(s * 1.2)))
-        return img
-    if kind == "painting":
-        src = _sample(style["source"])
-        sh, sw = src.shape[:2]
-        img = Image.new("RGB", (w, h), style["dark"])
-        frame = max(6, w // 40)
-        g = style["tile"]
-        tw, th = (w - 2 * frame) // g, (h - 2 * frame) // g
-        for i in range(g):
-            for j in range(g):
-                s = rng.uniform(0.12, 0.35)
-                cw_, ch_ = int(sw * s), int(sh * s)
-                x, y = int(rng.integers(0, sw - cw_)), int(rng.integers(0, sh - ch_))
-                tile = Image.fromarray(src[y:y + ch_, x:x + cw_]).resize((tw, th), Image.BILINEAR)
-                if rng.random() < 0.5:
-                    tile = tile.transpose(Image.FLIP_LEFT_RIGHT)
-                img.paste(tile, (frame + j * tw, frame + i * th))
-        d = ImageDraw.Draw(img)
-        d.rectangle([0, 0, w - 1, h - 1], outline=style["palette"][0], width=frame)
-        return img
-    if kind == "sign":
-        img = Image.new("RGB", (w, h), style["palette"][0])
-        d = ImageDraw.Draw(img)
-        bw = max(5, w // 50)
-        d.rectangle([bw, bw, w - bw, h - bw], outline=style["palette"][1], width=bw)
-        letters = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-        y = 2 * bw
-        while y < h - 3 * bw:
-            size = int(rng.integers(h // 12, h // 6))
-            text = " ".join("".join(rng.choice(letters, int(rng.integers(2, 7)))) for _ in range(int(rng.integers(1, 4))))
-            d.text((2 * bw + rng.integers(0, w // 5), y), text, fill=style["palette"][2], font=_font(size))
-            y += int(size * 1.25)
-        cx, cy, r = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, h / 8
-        pts = [(cx + r * np.cos(t), cy + r * np.sin(t)) for t in np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))]
-        d.polygon(pts, fill=style["palette"][3], outline=style["palette"][1])
-        return img
-    # mosaic
+                tile = tile.transpose(Image.FLIP_LEFT_RIGHT)
+            img.paste(tile, (frame + j * tw, frame + i * th))
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, 0, w - 1, h - 1], outline=style["palette"][0], width=frame)
+    return img
+
+
+def _sign(style: dict, rng: np.random.Generator, w: int, h: int):
+    """Bordered board of random text lines and one polygon."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (w, h), style["palette"][0])
+    d = ImageDraw.Draw(img)
+    bw = max(5, w // 50)
+    d.rectangle([bw, bw, w - bw, h - bw], outline=style["palette"][1], width=bw)
+    letters = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    y = 2 * bw
+    while y < h - 3 * bw:
+        size = int(rng.integers(h // 12, h // 6))
+        text = " ".join("".join(rng.choice(letters, int(rng.integers(2, 7)))) for _ in range(int(rng.integers(1, 4))))
+        d.text((2 * bw + rng.integers(0, w // 5), y), text, fill=style["palette"][2], font=_font(size))
+        y += int(size * 1.25)
+    cx, cy, r = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, h / 8
+    pts = [(cx + r * np.cos(t), cy + r * np.sin(t)) for t in np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))]
+    d.polygon(pts, fill=style["palette"][3], outline=style["palette"][1])
+    return img
+
+
+def _mosaic(style: dict, rng: np.random.Generator, w: int, h: int):
+    """Tinted texture covered with random ellipses, rectangles and triangles."""
+    from PIL import Image, ImageDraw
+
     img = Image.fromarray(_tinted_texture(style["texture"], (w, h), style["palette"][0], rng, 0.6))
     d = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(25, 45))):
@@ -234,46 +262,17 @@ def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> list[float]:
 
 
 def _render(scene, rng, size: int, hard: bool, bg=None) -> bytes:
-    """One JPEG view of `scene` (PIL RGB, or None for a background-only image)."""
+    """One JPEG view of `scene` (PIL RGB, or None for a background-only image): placed in
+    perspective on a background, partly occluded, then lighting, noise, blur and JPEG quality
+    vary (more with `hard`: the test views)."""
     from PIL import Image, ImageDraw, ImageFilter
 
     portrait = rng.random() < 0.25
     w, h = (int(size * 0.75), size) if portrait else (size, int(size * 0.75))
     canvas = Image.fromarray(_background(rng, (w, h)) if bg is None else bg).convert("RGBA")
     if scene is not None:
-        sw, sh = scene.size
-        frac = rng.uniform(0.5, 1.3) if hard else rng.uniform(0.6, 1.0)
-        pw = frac * min(w, h * sw / sh)
-        ph = pw * sh / sw
-        pts = np.array([[-pw / 2, -ph / 2], [pw / 2, -ph / 2], [pw / 2, ph / 2], [-pw / 2, ph / 2]])
-        yaw, pitch = rng.uniform(-0.35, 0.35) if hard else rng.uniform(-0.25, 0.25), rng.uniform(-0.12, 0.12)
-        pts[:, 1] *= np.where(pts[:, 0] < 0, 1 + yaw, 1 - yaw)
-        pts[:, 0] *= 1 - abs(yaw) * 0.6
-        pts[:, 0] *= np.where(pts[:, 1] < 0, 1 - pitch, 1 + pitch)
-        ang = np.deg2rad(rng.uniform(-15, 15) if hard else rng.uniform(-8, 8))
-        rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
-        shift = 0.2 if hard else 0.1
-        pts = pts @ rot.T + [w / 2 + rng.uniform(-shift, shift) * w, h / 2 + rng.uniform(-shift, shift) * h]
-        src = np.array([[0, 0], [sw, 0], [sw, sh], [0, sh]], np.float64)
-        warped = scene.convert("RGBA").transform((w, h), Image.PERSPECTIVE, _perspective_coeffs(pts, src),
-                                                 Image.BICUBIC, fillcolor=(0, 0, 0, 0))
-        canvas = Image.alpha_composite(canvas, warped)
-    d = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(0, 4 if hard else 3))):  # occluders: poles, trees, people, cars
-        kind = rng.integers(4)
-        col = tuple(int(v) for v in rng.integers(10, 120, 3)) + (255,)
-        x, y = rng.uniform(0, w), rng.uniform(0.3 * h, h)
-        if kind == 0:
-            d.rectangle([x, 0, x + rng.uniform(4, 14), h], fill=col)
-        elif kind == 1:
-            r = rng.uniform(0.08, 0.22) * h
-            d.ellipse([x - r, y - 1.3 * r, x + r, y + r], fill=(int(rng.integers(20, 80)), int(rng.integers(70, 140)), 30, 255))
-        elif kind == 2:
-            s = rng.uniform(0.1, 0.25) * h
-            d.rounded_rectangle([x - s / 4, y - s, x + s / 4, h], radius=int(s / 5), fill=col)
-        else:
-            s = rng.uniform(0.15, 0.35) * w
-            d.rounded_rectangle([x - s / 2, h - s / 2.5, x + s / 2, h], radius=int(s / 8), fill=col)
+        canvas = Image.alpha_composite(canvas, _warp_scene(scene, rng, w, h, hard))
+    _occluders(ImageDraw.Draw(canvas), rng, w, h, hard)
     img = np.asarray(canvas.convert("RGB"), np.float32)
     night = hard and rng.random() < 0.1
     if night:
@@ -290,6 +289,48 @@ def _render(scene, rng, size: int, hard: bool, bg=None) -> bytes:
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=int(rng.integers(45, 90) if hard else rng.integers(70, 96)))
     return buf.getvalue()
+
+
+def _warp_scene(scene, rng, w: int, h: int, hard: bool):
+    """`scene` seen from a random viewpoint (size, yaw, pitch, roll, shift): RGBA w x h, transparent
+    around it."""
+    from PIL import Image
+
+    sw, sh = scene.size
+    frac = rng.uniform(0.5, 1.3) if hard else rng.uniform(0.6, 1.0)
+    pw = frac * min(w, h * sw / sh)
+    ph = pw * sh / sw
+    pts = np.array([[-pw / 2, -ph / 2], [pw / 2, -ph / 2], [pw / 2, ph / 2], [-pw / 2, ph / 2]])
+    yaw, pitch = rng.uniform(-0.35, 0.35) if hard else rng.uniform(-0.25, 0.25), rng.uniform(-0.12, 0.12)
+    pts[:, 1] *= np.where(pts[:, 0] < 0, 1 + yaw, 1 - yaw)
+    pts[:, 0] *= 1 - abs(yaw) * 0.6
+    pts[:, 0] *= np.where(pts[:, 1] < 0, 1 - pitch, 1 + pitch)
+    ang = np.deg2rad(rng.uniform(-15, 15) if hard else rng.uniform(-8, 8))
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    shift = 0.2 if hard else 0.1
+    pts = pts @ rot.T + [w / 2 + rng.uniform(-shift, shift) * w, h / 2 + rng.uniform(-shift, shift) * h]
+    src = np.array([[0, 0], [sw, 0], [sw, sh], [0, sh]], np.float64)
+    return scene.convert("RGBA").transform((w, h), Image.PERSPECTIVE, _perspective_coeffs(pts, src),
+                                           Image.BICUBIC, fillcolor=(0, 0, 0, 0))
+
+
+def _occluders(d, rng, w: int, h: int, hard: bool) -> None:
+    """Draw 0 to 2 (hard: 3) occluders: poles, trees, people, cars."""
+    for _ in range(int(rng.integers(0, 4 if hard else 3))):
+        kind = rng.integers(4)
+        col = tuple(int(v) for v in rng.integers(10, 120, 3)) + (255,)
+        x, y = rng.uniform(0, w), rng.uniform(0.3 * h, h)
+        if kind == 0:
+            d.rectangle([x, 0, x + rng.uniform(4, 14), h], fill=col)
+        elif kind == 1:
+            r = rng.uniform(0.08, 0.22) * h
+            d.ellipse([x - r, y - 1.3 * r, x + r, y + r], fill=(int(rng.integers(20, 80)), int(rng.integers(70, 140)), 30, 255))
+        elif kind == 2:
+            s = rng.uniform(0.1, 0.25) * h
+            d.rounded_rectangle([x - s / 4, y - s, x + s / 4, h], radius=int(s / 5), fill=col)
+        else:
+            s = rng.uniform(0.15, 0.35) * w
+            d.rounded_rectangle([x - s / 2, h - s / 2.5, x + s / 2, h], radius=int(s / 8), fill=col)
 
 
 def _write(out_dir: Path, split: str, image_id: str, payload: bytes) -> None:
@@ -343,10 +384,6 @@ def _demo_key(dc) -> dict:
 
 def make_demo(dc, out_dir: str | Path) -> Path:
     """Write a synthetic Kaggle-layout dataset to out_dir (skipped when already complete, same config)."""
-    import pandas as pd
-    from joblib import Parallel, delayed
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     key = _demo_key(dc)
     stamp = out_dir / _STAMP
@@ -357,26 +394,44 @@ def make_demo(dc, out_dir: str | Path) -> Path:
         raise LandmarksError("demo: need num_landmarks >= 1, views_per_landmark >= 1 and image_size >= 64")
     if out_dir.exists() and any(out_dir.iterdir()) and not stamp.exists() and not (out_dir / "demo.json").exists():
         raise LandmarksError(f"demo: {out_dir} exists, is not empty and is not a demo dataset; choose another --out")
-    tmp = out_dir.with_name(f".{out_dir.name}.building")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    rng = _rng(dc.seed, "labels")
+    with building_dir(out_dir) as tmp:
+        counts = _write_tables(dc, tmp, _render_views(dc, tmp))
+    with atomic_path(stamp) as p:  # written last: the Makefile target
+        p.write_text(json.dumps({"config": key, "counts": counts}))
+    log.info("demo data: %d train, %d test (%d non-landmark) images in %s", counts["train"], counts["test"],
+             counts["test_nonlandmark"], out_dir)
+    return out_dir
+
+
+def _render_views(dc, out_dir: Path) -> list[tuple]:
+    """Render every image (seen and unseen landmarks, distractors) into out_dir in parallel;
+    returns the rows (id, split, landmark name)."""
+    from joblib import Parallel, delayed
+    from tqdm import tqdm
+
     n_seen = dc.num_landmarks
-    labels = np.sort(rng.choice(np.arange(1, 200_000), size=n_seen, replace=False))
-    tasks = [delayed(_landmark_task)(_demo_key(dc), str(tmp), i, f"lm{i:03d}", dc.views_per_landmark,
+    tasks = [delayed(_landmark_task)(_demo_key(dc), str(out_dir), i, f"lm{i:03d}", dc.views_per_landmark,
                                      dc.test_views_per_landmark) for i in range(n_seen)]
-    tasks += [delayed(_landmark_task)(_demo_key(dc), str(tmp), n_seen + j, f"unseen{j:03d}", 0,
+    tasks += [delayed(_landmark_task)(_demo_key(dc), str(out_dir), n_seen + j, f"unseen{j:03d}", 0,
                                       dc.test_views_per_landmark) for j in range(dc.unseen_landmarks)]
-    tasks += [delayed(_distractor_task)(_demo_key(dc), str(tmp), k) for k in range(dc.num_distractors)]
+    tasks += [delayed(_distractor_task)(_demo_key(dc), str(out_dir), k) for k in range(dc.num_distractors)]
     results = Parallel(n_jobs=max(1, dc.jobs), return_as="generator")(tasks)
-    rows = [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task") for r in res]
+    return [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task") for r in res]
+
+
+def _write_tables(dc, out_dir: Path, rows: list[tuple]) -> dict:
+    """train.csv, sample_submission.csv, solution.csv and demo.json (seeded landmark ids, each
+    landmark's family and kind); returns the image counts."""
+    import pandas as pd
+
+    n_seen = dc.num_landmarks
+    labels = np.sort(_rng(dc.seed, "labels").choice(np.arange(1, 200_000), size=n_seen, replace=False))
     label_of = {f"lm{i:03d}": int(labels[i]) for i in range(n_seen)}
     train = [(i, label_of[n]) for i, s, n in rows if s == "train"]
     test = sorted((i, str(label_of.get(n, ""))) for i, s, n in rows if s == "test")
-    pd.DataFrame(train, columns=["id", "landmark_id"]).to_csv(tmp / "train.csv", index=False)
-    pd.DataFrame({"id": [t[0] for t in test], "landmarks": ""}).to_csv(tmp / "sample_submission.csv", index=False)
-    pd.DataFrame(test, columns=["id", "landmarks"]).to_csv(tmp / "solution.csv", index=False)
+    pd.DataFrame(train, columns=["id", "landmark_id"]).to_csv(out_dir / "train.csv", index=False)
+    pd.DataFrame({"id": [t[0] for t in test], "landmarks": ""}).to_csv(out_dir / "sample_submission.csv", index=False)
+    pd.DataFrame(test, columns=["id", "landmarks"]).to_csv(out_dir / "solution.csv", index=False)
     meta = [{"name": f"lm{i:03d}", "landmark_id": int(labels[i]), "family": i % max(1, dc.families),
              "kind": KINDS[(i % max(1, dc.families)) % len(KINDS)]} for i in range(n_seen)]
     meta += [{"name": f"unseen{j:03d}", "landmark_id": None, "family": (n_seen + j) % max(1, dc.families),
@@ -384,15 +439,9 @@ def make_demo(dc, out_dir: str | Path) -> Path:
     counts = {"train": len(train), "test": len(test), "test_landmark": sum(1 for t in test if t[1]),
               "test_nonlandmark": sum(1 for t in test if not t[1]), "landmarks": n_seen,
               "unseen_landmarks": dc.unseen_landmarks, "distractors": dc.num_distractors}
-    (tmp / "demo.json").write_text(json.dumps({"config": key, "counts": counts, "landmarks": meta}, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    with atomic_path(stamp) as p:  # written last: the Makefile target
-        p.write_text(json.dumps({"config": key, "counts": counts}))
-    log.info("demo data: %d train, %d test (%d non-landmark) images in %s", counts["train"], counts["test"],
-             counts["test_nonlandmark"], out_dir)
-    return out_dir
+    (out_dir / "demo.json").write_text(json.dumps({"config": _demo_key(dc), "counts": counts, "landmarks": meta},
+                                                  indent=1))
+    return counts
 
 
 def _cmd_demo(args, cfg) -> int:

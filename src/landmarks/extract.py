@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
-from landmarks.utils import LandmarksError, call_writing, dir_digest, log, text_digest
+from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, log, text_digest
 
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
 RESULT_FIELDS = ("global_scales", "local_scales", "max_feature_num", "abs_thres", "max_image_size",
@@ -106,13 +106,6 @@ def id_bucket(ids: Sequence[str], n: int) -> np.ndarray:
 
     return np.fromiter((int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") % n for i in ids),
                        np.int64, len(ids))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,25 +185,31 @@ def run_model(model, image: np.ndarray, settings: dict, local: bool):
 
 def extract_shard(task: ShardTask) -> dict:
     """Run one shard task (in any process): write its file, return counts and timing."""
-    from landmarks.images import describe_failure, load_image
-    from landmarks.store import LocalFeatures
-
     t0 = time.time()
-    s = task.settings
     kept = _reusable(task)
-    if len(kept) == len(task.ids):
-        model = None  # every row is kept: the model is not even loaded
-    else:
-        model = _get_model(task.model_dir, task.threads)
+    run = [k for k, i in enumerate(task.ids) if i not in kept]  # rows that go through the model
+    model = _get_model(task.model_dir, task.threads) if run else None  # all rows kept: no model load
+    results = {**_extract_rows(task, model, run, t0), **kept}
+    rows = [(k, i, results[i]) for k, i in enumerate(task.ids)]  # the task's (CSV) order
+    ok = [(k, i, r) for k, i, r in rows if r[0] == "ok"]
+    failed = [(k, i, r[1]) for k, i, r in rows if r[0] == "fail"]
+    _write_rows(task, ok, failed)
+    return {"path": task.out, "n": len(task.ids), "done": len(ok), "extracted": len(run), "kept": len(kept),
+            "failures": dict(collections.Counter(reason for _, _, reason in failed)), "seconds": time.time() - t0,
+            "worker": _worker_name()}
+
+
+def _extract_rows(task: ShardTask, model, run: list[int], t0: float) -> dict:
+    """Decode and extract the task's rows `run` (a thread decodes the next images while the model
+    runs).  id -> ("ok", global, local | None) or ("fail", reason); a bad image never stops it."""
+    from landmarks.images import describe_failure, load_image
+
+    s = task.settings
 
     def load(path):
         return load_image(path, s["max_image_size"], s["max_image_pixels"], s["min_image_size"])
 
-    ok_ids: list[str] = []
-    globals_: list[np.ndarray] = []
-    locals_: list[LocalFeatures] = []
-    failures: list[tuple[str, str]] = []
-    run = [k for k, i in enumerate(task.ids) if i not in kept]  # rows that go through the model
+    out: dict = {}
     run_ids, run_paths = [task.ids[k] for k in run], [task.paths[k] for k in run]
     n = len(run_ids)
     ahead = max(1, int(task.prefetch))
@@ -234,37 +233,30 @@ def extract_shard(task: ShardTask) -> dict:
                 reason = describe_failure(e)
                 if isinstance(e, FloatingPointError):
                     reason = "model error (non-finite output)"
-                failures.append((image_id, reason))
+                out[image_id] = ("fail", reason)
                 continue
-            ok_ids.append(image_id)
-            globals_.append(g)
-            if task.local:
-                locals_.append(_inside_image(lf, image.shape, scale))
-    if kept or task.order is not None or task.keys is not None:  # kept and new rows back into the task's (CSV) order
-        new = {i: ("ok", g, lf) for i, g, lf in zip(ok_ids, globals_, locals_ if task.local else [None] * len(ok_ids))}
-        new.update((i, ("fail", r)) for i, r in failures)
-        new.update(kept)
-        rows = [(k, i, new[i]) for k, i in enumerate(task.ids)]
-        ok = [(k, i, v) for k, i, v in rows if v[0] == "ok"]
-        ok_ids, globals_ = [i for _, i, _ in ok], [v[1] for _, _, v in ok]
-        locals_ = [v[2] for _, _, v in ok] if task.local else []
-        failures = [(i, v[1]) for _, i, v in rows if v[0] == "fail"]
-        ok_rows, fail_rows = [k for k, _, _ in ok], [k for k, _, v in rows if v[0] == "fail"]
-    gmat = np.stack(globals_).astype(np.float32) if globals_ else None
+            out[image_id] = ("ok", g, _inside_image(lf, image.shape, scale) if task.local else None)
+    return out
+
+
+def _write_rows(task: ShardTask, ok: list[tuple], failed: list[tuple]) -> None:
+    """Write the shard file of `task`: `ok` rows (position, id, ("ok", global, local)) and
+    `failed` rows (position, id, reason), positions indexing the task's order and keys."""
+    gmat = np.stack([r[1] for _, _, r in ok]).astype(np.float32) if ok else None
     attrs = dict(task.attrs)
     attrs["n_requested"] = len(task.ids)
     attrs["global_dim"] = int(gmat.shape[1]) if gmat is not None else 0
     extra = {}
     if task.order is not None:
-        extra["order"] = [task.order[k] for k in ok_rows]
+        extra["order"] = [task.order[k] for k, _, _ in ok]
     if task.keys is not None:
-        extra["keys"] = [task.keys[k] for k in ok_rows]
-        extra["failure_keys"] = [task.keys[k] for k in fail_rows]
-    call_writing(task.out, write_shard, task.out, ok_ids, gmat, locals_ if task.local else None, failures, attrs,
-                 local_dtype=s["local_dtype"], **extra)  # a full disk: one line, not a trace through joblib
-    return {"path": task.out, "n": len(task.ids), "done": len(ok_ids), "extracted": n, "kept": len(kept),
-            "failures": dict(collections.Counter(r for _, r in failures)), "seconds": time.time() - t0,
-            "worker": _worker_name()}
+        extra["keys"] = [task.keys[k] for k, _, _ in ok]
+        extra["failure_keys"] = [task.keys[k] for k, _, _ in failed]
+    ok_ids = [i for _, i, _ in ok]
+    local = [r[2] for _, _, r in ok] if task.local else None
+    failures = [(i, reason) for _, i, reason in failed]
+    call_writing(task.out, write_shard, task.out, ok_ids, gmat, local, failures, attrs,
+                 local_dtype=task.settings["local_dtype"], **extra)  # a full disk: one line, not a trace through joblib
 
 
 def _worker_name() -> str:
@@ -416,11 +408,11 @@ def _run_dask(client, tasks: list[ShardTask], done) -> None:
 
 
 def _check_model(model_dir: str | Path) -> Path:
-    model_dir = Path(model_dir).resolve()  # absolute: dask workers may run in another directory
-    if not (model_dir / "saved_model.pb").exists():
-        raise LandmarksError(f"{model_dir} is not a SavedModel (no saved_model.pb): run `make model` "
-                             "or pass --model <DELG SavedModel dir>")
-    return model_dir
+    """The model directory, checked to hold a SavedModel, made absolute (dask workers may run in
+    another directory)."""
+    from landmarks.delg_io import check_saved_model
+
+    return check_saved_model(Path(model_dir).resolve())
 
 
 def _clean_dir(out_dir: Path, keep: set[str], base_fp: str) -> int:
@@ -507,7 +499,7 @@ def _resolve_jobs(cfg, jobs, scheduler, n_tasks: int) -> tuple[int, object, int]
     if scheduler:
         threads = cfg.extract.intra_op_threads  # remote workers: 0 = TF default there
     else:
-        threads = cfg.extract.intra_op_threads or max(1, _cores() // max(1, min(jobs, max(n_tasks, 1))))
+        threads = cfg.extract.intra_op_threads or max(1, available_cores() // max(1, min(jobs, max(n_tasks, 1))))
     return jobs, scheduler, threads
 
 

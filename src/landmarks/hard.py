@@ -96,9 +96,9 @@ def pool_table(hc) -> pd.DataFrame:
     if hc.distractors and hc.distractor_sample:
         frames.append(labels(hc.distractors, "distractor"))
     pool = pd.concat(frames, ignore_index=True)
-    from landmarks.dataset_import import _content_id
+    from landmarks.utils import file_digest
 
-    pool["id"] = [_content_id(Path(f)) for f in pool["file"]]
+    pool["id"] = [file_digest(f) for f in pool["file"]]
     pool = pool.drop_duplicates("id").reset_index(drop=True)
     dis = pool[pool["role"] == "distractor"]
     if len(dis) > hc.distractor_sample:
@@ -181,7 +181,8 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from landmarks.extract import _check_model, _cores
+    from landmarks.extract import _check_model
+    from landmarks.utils import available_cores
 
     model_dir = _check_model(model_dir)
     settings = probe_settings(cfg)
@@ -194,7 +195,7 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
     todo = [todo_rows.iloc[a:a + size] for a in range(0, len(todo_rows), size)]
     if todo:
         jobs = max(1, min(int(cfg.extract.jobs), len(todo)))
-        threads = max(1, _cores() // jobs)
+        threads = max(1, available_cores() // jobs)
         log.info("hard: probing %d of %d pool images at scales %s (%d jobs)", len(todo_rows), len(pool),
                  settings["probe_scales"], jobs)
         tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings,
@@ -247,10 +248,10 @@ class Probe:
 
     def global_matrix(self, ids: list[str], scales) -> np.ndarray:
         """Global descriptors pooled over `scales` exactly as delg_io.postprocess pools them."""
-        from landmarks.delg_io import l2n
+        from landmarks.utils import l2_normalize
 
         rows = self._rows(scales)
-        return np.stack([l2n(l2n(self.globals_[i][rows]).sum(axis=0)) for i in ids]).astype(np.float32)
+        return np.stack([l2_normalize(l2_normalize(self.globals_[i][rows]).sum(axis=0)) for i in ids]).astype(np.float32)
 
     def local(self, image_id: str, scales, cap: int):
         """Local features at `scales` with `cap`, as the features stage stores them."""

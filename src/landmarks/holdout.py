@@ -13,13 +13,12 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from landmarks.utils import LandmarksError, atomic_path, file_digest, stamp_matches
+from landmarks.utils import LandmarksError, atomic_path, building_dir, file_digest, link_file
 
 log = logging.getLogger("landmarks.holdout")
 
@@ -64,12 +63,9 @@ def split_train(train: pd.DataFrame, hc) -> tuple[pd.DataFrame, pd.DataFrame, li
 
 
 def _link(src: str, dst: Path, mode: str) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """link_file with a one-line error that names the other link mode to try."""
     try:
-        if mode == "symlink":
-            os.symlink(os.path.abspath(src), dst)
-        else:
-            os.link(src, dst)
+        link_file(src, dst, mode)
     except OSError as e:
         other = "--link hardlink" if mode == "symlink" else "--link symlink"
         raise LandmarksError(f"holdout: cannot {mode} {src} -> {dst} ({e.strerror or e}); "
@@ -82,10 +78,54 @@ def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
     `cfg` is the Config; its `holdout` section gives the defaults, `overrides` (test_images,
     nonlandmark_share, heldout_class_fraction, per_class_test, min_class_images, seed, link) win.
     """
-    from tqdm import tqdm
-
     from landmarks.data import load_split
+    from landmarks.dataset_import import split_up_to_date
 
+    hc = _holdout_settings(cfg, overrides)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if data_dir.resolve() == out_dir.resolve():
+        raise LandmarksError("holdout: --out must differ from --data-dir")
+    params = {**dataclasses.asdict(hc), "data_dir": str(data_dir.resolve()),
+              "train_csv": file_digest(data_dir / "train.csv") if (data_dir / "train.csv").exists() else None,
+              "distractors": str(distractors) if distractors else None}
+    if split_up_to_date(out_dir, params, "holdout"):
+        return out_dir
+
+    train = load_split(data_dir, "train")
+    new_train, test, held = split_train(train, hc)
+    dis = _read_distractors(distractors, train) if distractors else None
+    test_ids = test["id"].tolist() + ([] if dis is None else dis["id"].tolist())
+    truth = test["truth"].tolist() + ([] if dis is None else [""] * len(dis))
+    with building_dir(out_dir) as tmp:
+        linked, missing = 0, 0
+        if hc.link != "none":
+            test_srcs = test["path"].tolist() + ([] if dis is None else dis["file"].tolist())
+            linked, missing = _link_images(tmp, data_dir, new_train, test_srcs, test_ids, hc.link)
+        order = np.argsort(np.asarray(test_ids, dtype=object), kind="stable")
+        test_ids = [test_ids[i] for i in order]
+        truth = [truth[i] for i in order]
+        new_train[["id", "landmark_id"]].to_csv(tmp / "train.csv", index=False)
+        pd.DataFrame({"id": test_ids, "landmarks": ""}).to_csv(tmp / "sample_submission.csv", index=False)
+        pd.DataFrame({"id": test_ids, "landmarks": truth}).to_csv(tmp / "solution.csv", index=False)
+        counts = {
+            "train_images": len(new_train), "train_classes": int(new_train["landmark_id"].nunique()),
+            "test_images": len(test_ids), "test_landmark": int(sum(1 for t in truth if t)),
+            "test_nonlandmark": int(sum(1 for t in truth if not t)), "heldout_classes": len(held),
+            "heldout_test_images": int((test["truth"] == "").sum()), "distractors": 0 if dis is None else len(dis),
+            "seen_test_classes": int(test.loc[test["truth"] != "", "landmark_id"].nunique()),
+            "linked": linked, "missing_images": missing,
+        }
+        with atomic_path(tmp / "split.json") as p:
+            p.write_text(json.dumps({"params": params, "counts": counts,
+                                     "heldout_classes": [int(h) for h in held][:10000]}, indent=1))
+    log.info("holdout: %d train / %d test images (%d landmark, %d non-landmark; %d held-out classes) -> %s",
+             counts["train_images"], counts["test_images"], counts["test_landmark"], counts["test_nonlandmark"],
+             counts["heldout_classes"], out_dir)
+    return out_dir
+
+
+def _holdout_settings(cfg, overrides: dict):
+    """The holdout config section with the given (non-None) overrides, checked."""
     hc = dataclasses.replace(cfg.holdout, **{k: v for k, v in overrides.items() if v is not None})
     if hc.link not in LINK_MODES:
         raise LandmarksError(f"holdout: link mode {hc.link!r} unknown (expected {', '.join(LINK_MODES)})")
@@ -93,86 +133,52 @@ def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
             or hc.per_class_test < 1:
         raise LandmarksError("holdout: need test_images >= 1, per_class_test >= 1, nonlandmark_share in [0, 1] "
                              "and heldout_class_fraction in [0, 1)")
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if data_dir.resolve() == out_dir.resolve():
-        raise LandmarksError("holdout: --out must differ from --data-dir")
-    params = {**dataclasses.asdict(hc), "data_dir": str(data_dir.resolve()),
-              "train_csv": file_digest(data_dir / "train.csv") if (data_dir / "train.csv").exists() else None,
-              "distractors": str(distractors) if distractors else None}
-    split_file = out_dir / "split.json"
-    if stamp_matches(split_file, "params", params):
-        log.info("holdout: %s is up to date; skipping", out_dir)
-        return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()) and not split_file.exists():
-        raise LandmarksError(f"holdout: {out_dir} is not empty and holds no split.json; choose another --out")
+    return hc
 
-    train = load_split(data_dir, "train")
-    new_train, test, held = split_train(train, hc)
-    dis = None
-    if distractors:
-        from landmarks.dataset_import import _content_id, read_labels
 
-        dis = read_labels(distractors, distractors=True)
-        ok = np.fromiter((os.path.isfile(f) for f in dis["file"]), bool, len(dis))
-        if not ok.all():
-            log.warning("holdout: %d distractor files missing, left out (first: %s)", int((~ok).sum()), dis.loc[~ok, "file"].iloc[0])
-            dis = dis[ok]
-        dis = dis.assign(id=[_content_id(Path(f)) for f in dis["file"]]).drop_duplicates("id")
-        clash = dis["id"].isin(set(train["id"]))
-        if clash.any():
-            raise LandmarksError(f"holdout: distractor {dis.loc[clash, 'file'].iloc[0]} has the id of a train image")
+def _read_distractors(distractors, train: pd.DataFrame) -> pd.DataFrame:
+    """Distractor images (file, id = content digest), missing files and duplicates left out; an
+    error when one has the id of a train image."""
+    from landmarks.dataset_import import read_labels
 
-    tmp = out_dir.with_name(f".{out_dir.name}.building")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    test_ids = test["id"].tolist() + ([] if dis is None else dis["id"].tolist())
-    truth = test["truth"].tolist() + ([] if dis is None else [""] * len(dis))
+    dis = read_labels(distractors, distractors=True)
+    ok = np.fromiter((os.path.isfile(f) for f in dis["file"]), bool, len(dis))
+    if not ok.all():
+        log.warning("holdout: %d distractor files missing, left out (first: %s)", int((~ok).sum()), dis.loc[~ok, "file"].iloc[0])
+        dis = dis[ok]
+    dis = dis.assign(id=[file_digest(f) for f in dis["file"]]).drop_duplicates("id")
+    clash = dis["id"].isin(set(train["id"]))
+    if clash.any():
+        raise LandmarksError(f"holdout: distractor {dis.loc[clash, 'file'].iloc[0]} has the id of a train image")
+    return dis
+
+
+def _link_images(tmp: Path, data_dir: Path, new_train: pd.DataFrame, test_srcs: list[str], test_ids: list[str],
+                 mode: str) -> tuple[int, int]:
+    """Link the train images (symlink mode: one link to the whole source train folder) and the test
+    images into tmp; returns (files linked, source files missing)."""
+    from tqdm import tqdm
+
     linked, missing = 0, 0
-    if hc.link != "none":
-        if hc.link == "symlink":
-            if (data_dir / "train").is_dir():
-                os.symlink(os.path.abspath(data_dir / "train"), tmp / "train")  # lazy: one link for all train images
-        else:
-            for src, iid in tqdm(list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img"):
-                if os.path.exists(src):
-                    _link(src, tmp / "train" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", hc.link)
-                    linked += 1
-                else:
-                    missing += 1
-        srcs = test["path"].tolist() + ([] if dis is None else dis["file"].tolist())
-        for src, iid in zip(srcs, test_ids):
+    if mode == "symlink":
+        if (data_dir / "train").is_dir():
+            os.symlink(os.path.abspath(data_dir / "train"), tmp / "train")  # lazy: one link for all train images
+    else:
+        for src, iid in tqdm(list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img"):
             if os.path.exists(src):
-                _link(src, tmp / "test" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", hc.link)
+                _link(src, tmp / "train" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", mode)
                 linked += 1
             else:
                 missing += 1
-        if missing:
-            log.warning("holdout: %d source images missing; not linked", missing)
-    order = np.argsort(np.asarray(test_ids, dtype=object), kind="stable")
-    test_ids = [test_ids[i] for i in order]
-    truth = [truth[i] for i in order]
-    new_train[["id", "landmark_id"]].to_csv(tmp / "train.csv", index=False)
-    pd.DataFrame({"id": test_ids, "landmarks": ""}).to_csv(tmp / "sample_submission.csv", index=False)
-    pd.DataFrame({"id": test_ids, "landmarks": truth}).to_csv(tmp / "solution.csv", index=False)
-    counts = {
-        "train_images": len(new_train), "train_classes": int(new_train["landmark_id"].nunique()),
-        "test_images": len(test_ids), "test_landmark": int(sum(1 for t in truth if t)),
-        "test_nonlandmark": int(sum(1 for t in truth if not t)), "heldout_classes": len(held),
-        "heldout_test_images": int((test["truth"] == "").sum()), "distractors": 0 if dis is None else len(dis),
-        "seen_test_classes": int(test.loc[test["truth"] != "", "landmark_id"].nunique()),
-        "linked": linked, "missing_images": missing,
-    }
-    with atomic_path(tmp / "split.json") as p:
-        p.write_text(json.dumps({"params": params, "counts": counts,
-                                 "heldout_classes": [int(h) for h in held][:10000]}, indent=1))
-    if out_dir.exists() or out_dir.is_symlink():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    log.info("holdout: %d train / %d test images (%d landmark, %d non-landmark; %d held-out classes) -> %s",
-             counts["train_images"], counts["test_images"], counts["test_landmark"], counts["test_nonlandmark"],
-             counts["heldout_classes"], out_dir)
-    return out_dir
+    for src, iid in zip(test_srcs, test_ids):
+        if os.path.exists(src):
+            _link(src, tmp / "test" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", mode)
+            linked += 1
+        else:
+            missing += 1
+    if missing:
+        log.warning("holdout: %d source images missing; not linked", missing)
+    return linked, missing
 
 
 def _cmd_holdout(args, cfg) -> int:

@@ -88,15 +88,41 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def load_image(path: str | Path, max_image_size: int = 1024, max_pixels: int = 120_000_000,
                min_size: int = 16) -> tuple[np.ndarray, float]:
-    """Decode `path` to an upright uint8 RGB array (long side <= max_image_size).
+    """Decode `path` to an upright uint8 RGB array (long side <= max_image_size; 0 = no limit).
 
     Returns ``(image, scale)``: ``scale`` = resized pixels per original pixel (<= 1), so an
     (x, y) found on ``image`` is at ``(x / scale, y / scale)`` in the original upright image.
     Raises ImageError with a short ``reason`` for anything unusable.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    _check_file(path)
+    with _own_bomb_guard():
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            raise ImageError("not an image", path) from None
+        except OSError as e:
+            raise ImageError(_reason(e), path) from None
+        with img:
+            w, h = img.size  # header only; no pixel decoded yet
+            scale, decoded = _plan_decode(img, path, max_image_size, max_pixels, min_size)
+            try:
+                img.seek(0)  # first frame of GIF / WebP / APNG
+                img.load()
+            except (UnidentifiedImageError, SyntaxError):
+                raise ImageError("not an image", path) from None
+            except (OSError, ValueError) as e:
+                raise ImageError(_reason(e), path) from None
+            arr = _upright_rgb(img, (w, h), decoded, scale)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageError("decode error", path)
+    return np.ascontiguousarray(arr), float(scale)
+
+
+def _check_file(path: Path) -> None:
+    """ImageError unless `path` is a readable, non-empty regular file."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -107,49 +133,46 @@ def load_image(path: str | Path, max_image_size: int = 1024, max_pixels: int = 1
         raise ImageError("missing file", path)
     if st.st_size == 0:
         raise ImageError("empty file", path)
-    with _own_bomb_guard():
-        try:
-            img = Image.open(path)
-        except UnidentifiedImageError:
-            raise ImageError("not an image", path) from None
-        except OSError as e:
-            raise ImageError(_reason(e), path) from None
-        with img:
-            w, h = img.size  # header only; no pixel decoded yet
-            if w <= 0 or h <= 0:
-                raise ImageError("not an image", path)
-            if min(w, h) < min_size:
-                raise ImageError(f"too small ({w}x{h})", path)
-            long_side = max(w, h)
-            scale = min(1.0, max_image_size / long_side) if max_image_size > 0 else 1.0
-            dw, dh = w, h
-            if img.format == "JPEG" and scale < 1.0:
-                # Let libjpeg decode at 1/2..1/8: the result is still >= the requested size.
-                img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode,
-                          (math.ceil(w * scale), math.ceil(h * scale)))
-                dw, dh = img.size
-            if dw * dh > max_pixels:
-                raise ImageError(f"too large ({w}x{h})", path)
-            try:
-                img.seek(0)  # first frame of GIF / WebP / APNG
-                img.load()
-            except (UnidentifiedImageError, SyntaxError):
-                raise ImageError("not an image", path) from None
-            except (OSError, ValueError) as e:
-                raise ImageError(_reason(e), path) from None
-            try:
-                upright = ImageOps.exif_transpose(img)
-            except Exception:  # malformed EXIF: keep the stored orientation
-                upright = img
-            ow, oh = (h, w) if (upright.size != (dw, dh)) else (w, h)  # original, upright
-            arr = _to_rgb(upright)  # RGB first: palette/16-bit images resize properly
-            tw = max(1, int(round(ow * scale)))
-            th = max(1, int(round(oh * scale)))
-            if (arr.shape[1], arr.shape[0]) != (tw, th):
-                arr = np.asarray(Image.fromarray(arr).resize((tw, th), Image.BILINEAR), dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ImageError("decode error", path)
-    return np.ascontiguousarray(arr), float(scale)
+
+
+def _plan_decode(img, path: Path, max_image_size: int, max_pixels: int,
+                 min_size: int) -> tuple[float, tuple[int, int]]:
+    """From the header alone: refuse too small or too large images, let libjpeg decode big JPEGs
+    at 1/2..1/8 (``draft``: the result stays >= the wanted size).  Returns the final scale and
+    the (w, h) that will be decoded."""
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError("not an image", path)
+    if min(w, h) < min_size:
+        raise ImageError(f"too small ({w}x{h})", path)
+    scale = min(1.0, max_image_size / max(w, h)) if max_image_size > 0 else 1.0
+    if img.format == "JPEG" and scale < 1.0:
+        img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode,
+                  (math.ceil(w * scale), math.ceil(h * scale)))
+    dw, dh = img.size
+    if dw * dh > max_pixels:
+        raise ImageError(f"too large ({w}x{h})", path)
+    return scale, (dw, dh)
+
+
+def _upright_rgb(img, size: tuple[int, int], decoded: tuple[int, int], scale: float) -> np.ndarray:
+    """The decoded `img` turned upright by its EXIF orientation (kept as stored when the EXIF is
+    malformed), as RGB, resized to `scale` x its original upright `size` (stored w, h; `decoded`:
+    the w, h decoded, smaller after a JPEG draft)."""
+    from PIL import Image, ImageOps
+
+    w, h = size
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF: keep the stored orientation
+        upright = img
+    ow, oh = (h, w) if (upright.size != decoded) else (w, h)  # original, upright
+    arr = _to_rgb(upright)  # RGB first: palette/16-bit images resize properly
+    tw = max(1, int(round(ow * scale)))
+    th = max(1, int(round(oh * scale)))
+    if (arr.shape[1], arr.shape[0]) != (tw, th):
+        arr = np.asarray(Image.fromarray(arr).resize((tw, th), Image.BILINEAR), dtype=np.uint8)
+    return arr
 
 
 def _reason(e: BaseException) -> str:

@@ -139,7 +139,6 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
     from landmarks import data
     from landmarks.knn import load_npz, run_knn
     from landmarks.predict import NO_LABEL, vote
-    from landmarks.store import FeatureStore
 
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     test_id = str(test_id).strip()
@@ -148,15 +147,7 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
     if test_id not in test_ids:
         raise _unknown_id_error(data_dir, work_dir, test_id)
     r = test_ids.index(test_id)
-    train = data.load_split(data_dir, "train")
-    label_of = dict(zip(train["id"].astype(str), train["landmark_id"].astype(np.int64)))
-    path_of = dict(zip(train["id"].astype(str), train["path"]))
-    train_ids = [str(i) for i in knn["train_ids"]]
-    missing = [i for i in train_ids if i not in label_of]
-    if missing:
-        raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv "
-                             f"(e.g. {missing[0]}): {work_dir} belongs to another dataset")
-    labels = np.array([label_of[i] for i in train_ids], np.int64)
+    train_ids, labels, path_of = _train_rows(data_dir, work_dir, knn)
     truth_map = _truth_map(data_dir)
     truth = None if truth_map is None else truth_map.get(test_id, "")
     inliers = _load_verified(cfg, work_dir, knn)
@@ -168,50 +159,16 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
     if cfg.vote.suppression != "none":
         notes.append(f"confidence before {cfg.vote.suppression} suppression")
 
-    sims, idx = knn["sims"][r], knn["idx"][r]
-    R = min(int(cfg.verify.num_to_rerank), len(idx)) if cfg.verify.enabled else 0
-    cands = []
-    for j in range(min(int(top), len(idx))):
-        if idx[j] < 0:
-            continue
-        tid = train_ids[int(idx[j])]
-        cands.append(Candidate(j + 1, tid, int(labels[idx[j]]), float(sims[j]),
-                               _is_correct(labels[idx[j]], truth), verified=j < R))
-
-    test_store = FeatureStore(work_dir / "features" / "test")
-    q = test_store.local([test_id]).get(test_id)
-    test_store.close()
-    if q is None and model_dir is not None and Path(model_dir).exists():
-        from landmarks import extract
-
-        q = extract.ensure_local(cfg, data_dir, work_dir, model_dir, "test", [test_id]).local([test_id]).get(test_id)
-    want = [c.train_id for c in cands if c.verified]
-    train_store = FeatureStore(work_dir / "features" / "train")
-    t_local = train_store.local(want)
-    train_store.close()
-    lacking = [i for i in want if i not in t_local]
-    if lacking and model_dir is not None and Path(model_dir).exists():
-        from landmarks import extract
-
-        st = extract.ensure_local(cfg, data_dir, work_dir, model_dir, "train", lacking)
-        t_local.update(st.local(lacking))
-        st.close()
-    if cfg.whiten.local_pca and (q is not None or t_local):
-        from landmarks import whiten
-        from landmarks.store import LocalFeatures
-
-        w = whiten.ensure_whiten(cfg, work_dir)
-        pca = lambda lf: LocalFeatures(lf.keypoints, whiten.apply_local(w, lf.descriptors), lf.scales, lf.scores)
-        q_match = None if q is None else pca(q)
-        t_local = {k: pca(v) for k, v in t_local.items()}
-    else:
-        q_match = q
+    cands = _candidates(cfg, knn["sims"][r], knn["idx"][r], train_ids, labels, truth, top)
+    q, t_local = _local_features(cfg, data_dir, work_dir, model_dir, test_id,
+                                 [c.train_id for c in cands if c.verified])
+    q_match, t_match = _whitened(cfg, work_dir, q, t_local)
     for c in cands:
         if not c.verified:
             continue
-        src, dst, n = inlier_matches(cfg.verify, q_match, t_local.get(c.train_id))
+        src, dst, n = inlier_matches(cfg.verify, q_match, t_match.get(c.train_id))
         c.src, c.dst, c.n_matches, c.inliers = src, dst, n, len(src)
-        if c.train_id not in t_local:
+        if c.train_id not in t_match:
             notes.append(f"candidate {c.train_id} has no local features")
     if q is None:
         notes.append("test image has no local features")
@@ -223,6 +180,78 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
         scores=np.zeros((0,), np.float32) if q is None else q.scores,
         notes=notes, train_paths={c.train_id: Path(path_of[c.train_id]) for c in cands},
     )
+
+
+def _train_rows(data_dir: Path, work_dir: Path, knn: dict) -> tuple[list[str], np.ndarray, dict]:
+    """The kNN database's train ids, their labels and id -> image path; an error when WORK_DIR's
+    features hold ids absent from DATA_DIR/train.csv (another dataset)."""
+    from landmarks import data
+
+    train = data.load_split(data_dir, "train")
+    label_of = dict(zip(train["id"].astype(str), train["landmark_id"].astype(np.int64)))
+    path_of = dict(zip(train["id"].astype(str), train["path"]))
+    train_ids = [str(i) for i in knn["train_ids"]]
+    missing = [i for i in train_ids if i not in label_of]
+    if missing:
+        raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv "
+                             f"(e.g. {missing[0]}): {work_dir} belongs to another dataset")
+    return train_ids, np.array([label_of[i] for i in train_ids], np.int64), path_of
+
+
+def _candidates(cfg, sims: np.ndarray, idx: np.ndarray, train_ids: list[str], labels: np.ndarray,
+                truth: str | None, top: int) -> list[Candidate]:
+    """The first `top` kNN candidates of one test row; those within verify.num_to_rerank are
+    marked for verification."""
+    R = min(int(cfg.verify.num_to_rerank), len(idx)) if cfg.verify.enabled else 0
+    cands = []
+    for j in range(min(int(top), len(idx))):
+        if idx[j] < 0:
+            continue
+        tid = train_ids[int(idx[j])]
+        cands.append(Candidate(j + 1, tid, int(labels[idx[j]]), float(sims[j]),
+                               _is_correct(labels[idx[j]], truth), verified=j < R))
+    return cands
+
+
+def _local_features(cfg, data_dir: Path, work_dir: Path, model_dir, test_id: str, train_ids: list[str]):
+    """Local features of the test image (or None) and of the given train images (id -> features),
+    extracted and cached first when missing and `model_dir` holds a model."""
+    from landmarks.store import FeatureStore
+
+    can_extract = model_dir is not None and Path(model_dir).exists()
+    test_store = FeatureStore(work_dir / "features" / "test")
+    q = test_store.local([test_id]).get(test_id)
+    test_store.close()
+    if q is None and can_extract:
+        from landmarks import extract
+
+        q = extract.ensure_local(cfg, data_dir, work_dir, model_dir, "test", [test_id]).local([test_id]).get(test_id)
+    train_store = FeatureStore(work_dir / "features" / "train")
+    t_local = train_store.local(train_ids)
+    train_store.close()
+    lacking = [i for i in train_ids if i not in t_local]
+    if lacking and can_extract:
+        from landmarks import extract
+
+        st = extract.ensure_local(cfg, data_dir, work_dir, model_dir, "train", lacking)
+        t_local.update(st.local(lacking))
+        st.close()
+    return q, t_local
+
+
+def _whitened(cfg, work_dir: Path, q, t_local: dict):
+    """The local features as verification matches them: PCA-whitened when whiten.local_pca."""
+    if not cfg.whiten.local_pca or (q is None and not t_local):
+        return q, t_local
+    from landmarks import whiten
+    from landmarks.store import LocalFeatures
+
+    w = whiten.ensure_whiten(cfg, work_dir)
+
+    def pca(lf):
+        return LocalFeatures(lf.keypoints, whiten.apply_local(w, lf.descriptors), lf.scales, lf.scores)
+
+    return None if q is None else pca(q), {k: pca(v) for k, v in t_local.items()}
 
 
 # -- drawing -------------------------------------------------------------------------------------
@@ -280,6 +309,36 @@ def _draw_pair(ax, test_img, test_s, cand: Candidate, shown, gap: int = 12) -> N
     ax.set_axis_off()
 
 
+def _draw_keypoints(fig, ax, test_img: np.ndarray, test_s: float, case: Case) -> None:
+    """The test image faded, its keypoints coloured by score (strongest on top), a colour bar."""
+    ax.imshow((test_img * 0.45 + 140 * 0.55).astype(np.uint8))
+    if len(case.keypoints):
+        order = np.argsort(case.scores)  # strongest drawn last (on top)
+        kp = case.keypoints[order] * test_s
+        sc = ax.scatter(kp[:, 0], kp[:, 1], c=case.scores[order], cmap="inferno", s=14, alpha=0.9, linewidths=0)
+        cax = ax.inset_axes([0.1, -0.07, 0.8, 0.03])
+        cb = fig.colorbar(sc, cax=cax, orientation="horizontal")
+        cb.ax.tick_params(labelsize=8, length=2)
+        ax.set_xlim(0, test_img.shape[1])
+        ax.set_ylim(test_img.shape[0], 0)
+    ax.set_title(f"keypoint scores ({len(case.keypoints)} local features)", fontsize=11)
+    ax.set_axis_off()
+
+
+def _headline(case: Case) -> tuple[str, str]:
+    """The figure title (test id, prediction with confidence and mark, truth) and its colour."""
+    if case.truth is None:
+        truth = "no solution.csv"
+    else:
+        truth = f"truth {case.truth}" if case.truth else "truth: non-landmark"
+    if case.prediction is None:
+        pred, color = "no prediction", NEUTRAL_COLOR
+    else:
+        mark, color = _mark(_is_correct(case.prediction, case.truth))
+        pred = f"prediction {case.prediction} (confidence {case.confidence:.3f}) {mark}"
+    return f"test {case.test_id}: {pred}; {truth}", color
+
+
 def render_case(case: Case, out: str | Path, dpi: int = 90, colors: int = 0) -> Path:
     """Draw a Case into one PNG (written atomically) and return its path.
 
@@ -300,33 +359,12 @@ def render_case(case: Case, out: str | Path, dpi: int = 90, colors: int = 0) -> 
     ax.imshow(test_img)
     ax.set_title("test image" + (f" [{err}]" if err else ""), fontsize=11)
     ax.set_axis_off()
-    ax = fig.add_subplot(gs[0, 1])
-    ax.imshow((test_img * 0.45 + 140 * 0.55).astype(np.uint8))
-    if len(case.keypoints):
-        order = np.argsort(case.scores)  # strongest drawn last (on top)
-        kp = case.keypoints[order] * test_s
-        sc = ax.scatter(kp[:, 0], kp[:, 1], c=case.scores[order], cmap="inferno", s=14, alpha=0.9, linewidths=0)
-        cax = ax.inset_axes([0.1, -0.07, 0.8, 0.03])
-        cb = fig.colorbar(sc, cax=cax, orientation="horizontal")
-        cb.ax.tick_params(labelsize=8, length=2)
-        ax.set_xlim(0, test_img.shape[1])
-        ax.set_ylim(test_img.shape[0], 0)
-    ax.set_title(f"keypoint scores ({len(case.keypoints)} local features)", fontsize=11)
-    ax.set_axis_off()
+    _draw_keypoints(fig, fig.add_subplot(gs[0, 1]), test_img, test_s, case)
     for k, cand in enumerate(case.candidates, start=1):
         r, c = divmod(k, 2)
         _draw_pair(fig.add_subplot(gs[r, 2 * c:2 * c + 2]), test_img, test_s, cand, shown[cand.train_id])
-
-    if case.truth is None:
-        truth = "no solution.csv"
-    else:
-        truth = f"truth {case.truth}" if case.truth else "truth: non-landmark"
-    if case.prediction is None:
-        pred, color = "no prediction", NEUTRAL_COLOR
-    else:
-        mark, color = _mark(_is_correct(case.prediction, case.truth))
-        pred = f"prediction {case.prediction} (confidence {case.confidence:.3f}) {mark}"
-    fig.suptitle(f"test {case.test_id}: {pred}; {truth}", fontsize=14, color=color, y=0.998)
+    title, color = _headline(case)
+    fig.suptitle(title, fontsize=14, color=color, y=0.998)
     if case.notes:
         fig.text(0.5, 0.002, "; ".join(dict.fromkeys(case.notes)), ha="center", fontsize=8, color="#555555")
     out = Path(out)

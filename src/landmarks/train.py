@@ -13,8 +13,8 @@ On a GPU with GLDv2 pass e.g. ``--set train.freeze_backbone=false --set train.ba
 --set train.crop_size=321 --set train.steps=100000 --set train.mixed_precision=true
 --set model.backbone=resnet50 --set model.global_dim=2048``.
 
-Input: tf.data over the split's images (decode, random resized crop, horizontal flip, colour
-jitter); ``train.class_balanced`` samples labels uniformly then images within a label (GLDv2 is
+Input: tf.data over the split's images (decoded by ``images.load_image`` like extraction, so
+EXIF orientation is applied; random resized crop, horizontal flip, colour jitter); ``train.class_balanced`` samples labels uniformly then images within a label (GLDv2 is
 long-tailed).  The sample order is a seeded function of the step, so a resumed run sees the
 same batches.  Checkpoints (weights + optimizer state + history) go to ``W/train/`` every
 ``train.checkpoint_every`` steps; a rerun resumes from the last one (if model/train config and
@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -36,21 +37,44 @@ from landmarks.utils import LandmarksError, atomic_path, text_digest
 log = logging.getLogger("landmarks.train")
 
 
-def load_train_split(data_dir: str | Path) -> pd.DataFrame:
-    """DataFrame[id, path, landmark_id] of the train split (landmarks.data, or a small fallback)."""
-    try:
-        from landmarks.data import load_split
-    except ImportError:  # fallback while data.py is absent
-        load_split = None
-    if load_split is not None:
-        return load_split(data_dir, "train")
-    data_dir = Path(data_dir)
-    csv = data_dir / "train.csv"
-    if not csv.exists():
-        raise LandmarksError(f"{csv} not found: {data_dir} is not a Kaggle-layout dataset")
-    df = pd.read_csv(csv, dtype={"id": str})
-    df["path"] = [str(data_dir / "train" / i[0] / i[1] / i[2] / f"{i}.jpg") for i in df["id"]]
-    return df[["id", "path", "landmark_id"]]
+def load_labelled_split(data_dir: str | Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+    """The train split (id, path, landmark_id), its sorted landmark ids as strings and each row's
+    class index; one-line errors for an empty split, missing images or fewer than 2 classes."""
+    from landmarks.data import load_split
+
+    df = load_split(data_dir, "train")
+    if df.empty:
+        raise LandmarksError(f"{data_dir}: the train split is empty")
+    missing = [p for p in df["path"] if not Path(p).exists()]
+    if missing:
+        raise LandmarksError(f"{len(missing)} of {len(df)} train images are missing (first: {missing[0]})")
+    classes = sorted(df["landmark_id"].astype(str).unique())
+    if len(classes) < 2:
+        raise LandmarksError("training needs at least 2 landmark ids in train.csv")
+    cls_index = {c: i for i, c in enumerate(classes)}
+    labels = df["landmark_id"].astype(str).map(cls_index).to_numpy(np.int32)
+    return df, classes, labels
+
+
+def decode_train_image(path: str | bytes) -> np.ndarray:
+    """uint8 [H, W, 3] of a train image at full resolution, decoded exactly as extraction decodes
+    it (``images.load_image``: Pillow, EXIF orientation applied, alpha on white), so training and
+    extraction see the same upright pixels."""
+    from landmarks.images import load_image
+
+    if isinstance(path, np.ndarray):  # tf.numpy_function called eagerly passes a 0-d array
+        path = path.item()
+    image, _ = load_image(os.fsdecode(path), max_image_size=0)
+    return image
+
+
+def read_train_image(path):
+    """TF op of `decode_train_image` for tf.data: string tensor path -> uint8 [H, W, 3]."""
+    import tensorflow as tf
+
+    img = tf.numpy_function(decode_train_image, [path], tf.uint8, stateful=False)
+    img.set_shape([None, None, 3])
+    return img
 
 
 def sample_indices(labels: np.ndarray, n: int, seed: int, class_balanced: bool) -> np.ndarray:
@@ -75,9 +99,7 @@ def make_dataset(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray, tc,
     seed = int(tc.seed)
 
     def load(i, step_seed):
-        raw = tf.io.read_file(tf.gather(paths, i))
-        img = tf.io.decode_image(raw, channels=3, expand_animations=False)
-        img.set_shape([None, None, 3])
+        img = read_train_image(tf.gather(paths, i))
         s = tf.stack([tf.cast(step_seed, tf.int32), tf.constant(seed, tf.int32)])
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.shape(img), bounding_boxes=tf.zeros([1, 0, 4]), seed=s, min_object_covered=0.1,
@@ -99,7 +121,23 @@ def make_dataset(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray, tc,
     return ds.batch(int(tc.batch_size), drop_remainder=True).prefetch(2)
 
 
-def _plot(history: list[dict], path: Path) -> None:
+class Curves(NamedTuple):
+    """What `plot_curves` draws: loss columns (left, rolling mean of 5) and score columns (right)."""
+
+    losses: tuple[str, ...]
+    scores: tuple[str, ...]
+    scores_title: str
+    log_loss: bool = False  # log scale for the losses
+    smooth_scores: bool = False  # rolling mean of 5 for the scores too
+
+
+TRAIN_CURVES = Curves(("loss", "arcface", "attention", "reconstruction"), ("accuracy", "attention_accuracy"),
+                      "batch accuracy", log_loss=True, smooth_scores=True)
+
+
+def plot_curves(history: list[dict], path: Path, curves: Curves) -> None:
+    """PNG (written atomically) of a training history: losses left, scores right; nothing when
+    the history is empty.  Columns missing from the history are skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,18 +147,20 @@ def _plot(history: list[dict], path: Path) -> None:
         return
     h = pd.DataFrame(history)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for col in ("loss", "arcface", "attention", "reconstruction"):
+    for col in curves.losses:
         if col in h:
             axes[0].plot(h["step"], h[col].rolling(5, min_periods=1).mean(), label=col)
-    axes[0].set_yscale("log")
+    if curves.log_loss:
+        axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_title("loss (rolling mean of 5)")
     axes[0].legend()
-    for col in ("accuracy", "attention_accuracy"):
+    for col in curves.scores:
         if col in h:
-            axes[1].plot(h["step"], h[col].rolling(5, min_periods=1).mean(), label=col)
+            axes[1].plot(h["step"], h[col].rolling(5, min_periods=1).mean() if curves.smooth_scores else h[col],
+                         label=col)
     axes[1].set_xlabel("step")
-    axes[1].set_title("batch accuracy")
+    axes[1].set_title(curves.scores_title)
     axes[1].legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -135,6 +175,12 @@ class _Checkpointer:
         self.dir = train_dir
         self.state_path = train_dir / "state.json"
         self.fingerprint = fingerprint
+
+    def clear(self) -> None:
+        """Forget every checkpoint (--restart)."""
+        for p in list(self.dir.glob("ckpt-*")) + [self.state_path]:
+            if p.exists():
+                p.unlink()
 
     def load_state(self) -> dict | None:
         if not self.state_path.exists():
@@ -189,40 +235,49 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     `stop_after` ends this run after that many total steps without exporting (used to test
     resuming); returns the export path, or None when stopped early.
     """
-    import keras
-    import tensorflow as tf
-    from tqdm import tqdm
-
+    from landmarks.delg_io import read_model_meta
     from landmarks.export import export_trained
-    from landmarks.model import build_delg, normalize_pixels, preprocess_mode
 
-    tc, mc = cfg.train, cfg.model
+    tc = cfg.train
     if tc.steps <= 0 or tc.batch_size <= 0 or tc.crop_size < 32:
         raise LandmarksError("train.steps and train.batch_size must be > 0 and train.crop_size >= 32")
-    df = load_train_split(data_dir)
-    if df.empty:
-        raise LandmarksError(f"{data_dir}: the train split is empty")
-    missing = [p for p in df["path"] if not Path(p).exists()]
-    if missing:
-        raise LandmarksError(f"{len(missing)} of {len(df)} train images are missing (first: {missing[0]})")
-    classes = sorted(df["landmark_id"].astype(str).unique())
-    if len(classes) < 2:
-        raise LandmarksError("training needs at least 2 landmark ids in train.csv")
-    cls_index = {c: i for i, c in enumerate(classes)}
-    labels = df["landmark_id"].astype(str).map(cls_index).to_numpy(np.int32)
-    paths = df["path"].astype(str).to_numpy()
-
+    df, classes, labels = load_labelled_split(data_dir)
     train_dir = Path(work_dir) / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     fp = text_digest(cfg.section_hash("model", "train"), ",".join(classes), str(len(df)))
     ck = _Checkpointer(train_dir, fp)
     if restart:
-        for p in list(train_dir.glob("ckpt-*")) + [ck.state_path]:
-            if p.exists():
-                p.unlink()
+        ck.clear()
     with atomic_path(train_dir / "labels.json") as tmp:
         tmp.write_text(json.dumps(classes))
 
+    net, optimizer = _build_model(cfg, len(classes))
+    step, history, resumed = ck.resume(net, optimizer)
+    end = tc.steps if stop_after is None else min(tc.steps, int(stop_after))
+    if step < end:
+        paths = df["path"].astype(str).to_numpy()
+        state = {"resumed_from": resumed, "num_classes": len(classes), "images": len(df)}
+        step = _run_steps(cfg, net, optimizer, ck, paths, labels, step, end, history, state)
+    if step < tc.steps:
+        return None
+    old = read_model_meta(out_dir)
+    if old is not None and old.get("fingerprint") == fp and old.get("steps") == step:
+        log.info("%s is up to date (trained %d steps)", out_dir, step)
+        return Path(out_dir)
+    meta = {"fingerprint": fp, "num_classes": len(classes), "steps": step, "train_images": len(df),
+            "data_dir": str(data_dir)}
+    return export_trained(net, cfg, out_dir, meta=meta)
+
+
+def _build_model(cfg, num_classes: int):
+    """DELG with its variables created (seeded, backbone frozen if asked) and its SGD optimizer
+    (linear decay, gradient clipping; loss scaling under mixed precision on a GPU)."""
+    import keras
+    import tensorflow as tf
+
+    from landmarks.model import build_delg
+
+    tc = cfg.train
     gpus = tf.config.list_physical_devices("GPU")
     if tc.mixed_precision:
         if gpus:
@@ -231,7 +286,7 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
             log.warning("train.mixed_precision ignored: no GPU")
     keras.utils.set_random_seed(tc.seed)
 
-    net = build_delg(mc, len(classes))
+    net = build_delg(cfg.model, num_classes)
     if tc.freeze_backbone:
         net.backbone.trainable = False
     crop = int(tc.crop_size)
@@ -242,10 +297,21 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     if tc.mixed_precision and gpus:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(net.trainable_variables)
+    return net, optimizer
 
-    step, history, resumed = ck.resume(net, optimizer)
-    mode = preprocess_mode(mc.backbone, mc.init)
-    w_att, w_rec = float(tc.attention_loss_weight), float(tc.reconstruction_loss_weight)
+
+def _make_train_step(cfg, net, optimizer):
+    """The compiled step: DELG's loss (ArcFace + weighted attention CE + weighted reconstruction
+    MSE), one optimizer update; returns the losses and batch accuracies."""
+    import tensorflow as tf
+
+    from landmarks.model import normalize_pixels, preprocess_mode
+
+    mode = preprocess_mode(cfg.model.backbone, cfg.model.init)
+    w_att, w_rec = float(cfg.train.attention_loss_weight), float(cfg.train.reconstruction_loss_weight)
+
+    def accuracy(logits, y):
+        return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32))
 
     @tf.function
     def train_step(x, y):
@@ -261,45 +327,40 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         grads = tape.gradient(scaled, net.trainable_variables)
         optimizer.apply_gradients(zip(grads, net.trainable_variables))
-        acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(out["logits"], -1, output_type=tf.int32), y), tf.float32))
-        att_acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(out["att_logits"], -1, output_type=tf.int32), y),
-                                         tf.float32))
-        return {"loss": loss, "arcface": arc, "attention": att, "reconstruction": rec, "accuracy": acc,
-                "attention_accuracy": att_acc}
+        return {"loss": loss, "arcface": arc, "attention": att, "reconstruction": rec,
+                "accuracy": accuracy(out["logits"], y), "attention_accuracy": accuracy(out["att_logits"], y)}
 
-    end = tc.steps if stop_after is None else min(tc.steps, int(stop_after))
-    if step < end:
-        idx = sample_indices(labels, tc.steps * tc.batch_size, tc.seed, tc.class_balanced)
-        idx = idx[step * tc.batch_size:end * tc.batch_size]
-        ds = make_dataset(paths, labels, idx, tc, offset=step * tc.batch_size)
-        t0 = time.time()
-        bar = tqdm(total=end - step, desc="train", unit="step")
-        for x, y in ds:
-            m = {k: float(v) for k, v in train_step(x, y).items()}
-            if not np.isfinite(m["loss"]):
-                raise LandmarksError(f"training diverged at step {step + 1} (loss {m['loss']}); "
-                                     "lower train.learning_rate")
-            step += 1
-            history.append({"step": step, **m})
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
-            if step % max(1, tc.checkpoint_every) == 0 or step == end:
-                ck.save(net, optimizer, {"step": step, "history": history, "resumed_from": resumed,
-                                         "num_classes": len(classes), "images": len(df)})
-                _plot(history, train_dir / "curves.png")
-        bar.close()
-        log.info("trained %d steps in %.1fs", len(idx) // tc.batch_size, time.time() - t0)
-    if step < tc.steps:
-        return None
-    meta_path = Path(out_dir) / "landmarks_model.json"
-    if meta_path.exists() and (Path(out_dir) / "saved_model.pb").exists():
-        old = json.loads(meta_path.read_text())
-        if old.get("fingerprint") == fp and old.get("steps") == step:
-            log.info("%s is up to date (trained %d steps)", out_dir, step)
-            return Path(out_dir)
-    meta = {"fingerprint": fp, "num_classes": len(classes), "steps": step, "train_images": len(df),
-            "data_dir": str(data_dir)}
-    return export_trained(net, cfg, out_dir, meta=meta)
+    return train_step
+
+
+def _run_steps(cfg, net, optimizer, ck: _Checkpointer, paths: np.ndarray, labels: np.ndarray, step: int,
+               end: int, history: list, state: dict) -> int:
+    """Train from `step` to `end` on the seeded sample order, appending to `history`; checkpoint
+    (with `state`) and plot every train.checkpoint_every steps and at `end`.  Returns `end`."""
+    from tqdm import tqdm
+
+    tc = cfg.train
+    train_step = _make_train_step(cfg, net, optimizer)
+    idx = sample_indices(labels, tc.steps * tc.batch_size, tc.seed, tc.class_balanced)
+    idx = idx[step * tc.batch_size:end * tc.batch_size]
+    ds = make_dataset(paths, labels, idx, tc, offset=step * tc.batch_size)
+    t0 = time.time()
+    bar = tqdm(total=end - step, desc="train", unit="step")
+    for x, y in ds:
+        m = {k: float(v) for k, v in train_step(x, y).items()}
+        if not np.isfinite(m["loss"]):
+            raise LandmarksError(f"training diverged at step {step + 1} (loss {m['loss']}); "
+                                 "lower train.learning_rate")
+        step += 1
+        history.append({"step": step, **m})
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+        if step % max(1, tc.checkpoint_every) == 0 or step == end:
+            ck.save(net, optimizer, {"step": step, "history": history, **state})
+            plot_curves(history, ck.dir / "curves.png", TRAIN_CURVES)
+    bar.close()
+    log.info("trained %d steps in %.1fs", len(idx) // tc.batch_size, time.time() - t0)
+    return step
 
 
 def _cmd_train(args, cfg) -> int:

@@ -5,7 +5,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger("landmarks")
 
@@ -37,7 +40,8 @@ def atomic_path(final: str | Path):
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha1 of a file's bytes (for CSV fingerprints)."""
+    """First 16 hex digits of the sha1 of a file's bytes: CSV fingerprints, and the content ids of
+    imported images (byte-identical files get the same id)."""
     h = hashlib.sha1()
     with open(path, "rb") as f:
         while True:
@@ -60,7 +64,52 @@ def dir_digest(path: str | Path) -> str:
 
 
 def text_digest(*parts: str) -> str:
+    """First 16 hex digits of the sha1 of the parts joined by newlines."""
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def l2_normalize(x, axis: int = -1) -> np.ndarray:
+    """`x` as float32 scaled to unit L2 norm along `axis`; all-zero rows stay zero."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def link_file(src: str | Path, dst: Path, mode: str) -> None:
+    """Place the file `src` at `dst` (parent folders made) as a 'symlink' (to src's absolute
+    path), a 'hardlink' or a 'copy'.  OSError when the file system refuses."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "symlink":
+        os.symlink(os.path.abspath(src), dst)
+    elif mode == "hardlink":
+        os.link(src, dst)
+    elif mode == "copy":
+        shutil.copyfile(src, dst)
+    else:
+        raise ValueError(f"unknown link mode {mode!r}")
+
+
+@contextlib.contextmanager
+def building_dir(final: str | Path, suffix: str = "building"):
+    """Yield an empty temporary sibling folder `.NAME.SUFFIX` of `final`; when the block succeeds,
+    it replaces `final` (removed first).  A failed block leaves the temporary folder, which the
+    next run clears: readers never see a half-written `final`."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.{suffix}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if final.exists() or final.is_symlink():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def configure_tensorflow(threads: int = 0) -> None:
