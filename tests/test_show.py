@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks import cli, show, verify
+from landmarks import cli, pipeline, show, verify
 from landmarks.config import Config
 from landmarks.data import image_path
 from landmarks.store import LocalFeatures, write_shard
@@ -56,6 +56,7 @@ def make_case_data(tmp_path):
     te_g = _unit(np.stack([g[0] + 0.1 * g[1], g[2] + g[3]]))
     write_shard(work / "features/train/shard-00000-of-00001.h5", [t[0] for t in train], g, tr_local)
     write_shard(work / "features/test/shard-00000-of-00001.h5", [t[0] for t in test], te_g, te_local)
+    pipeline.run_after_features(_cfg(), data, work, None, tmp_path / "submission.csv")  # show reads the outputs
     return data, work
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks.layout import WorkLayout
 from landmarks.utils import LandmarksError, atomic_path
 
 log = logging.getLogger("landmarks.show")
@@ -58,36 +59,16 @@ class Case:
 
 # -- geometry ------------------------------------------------------------------------------------
 def inlier_matches(vcfg, query, cand) -> tuple[np.ndarray, np.ndarray, int]:
-    """Recompute verify.py's match + RANSAC for one pair; return (query xy, cand xy) of the inliers
-    and the match count.  Same canonical match order and seed as verify.count_inliers."""
+    """verify.py's match + RANSAC for one pair: (query xy, cand xy) of the inliers and the match count."""
     from landmarks import verify
 
     empty = np.zeros((0, 2), np.float32)
     if query is None or cand is None or len(query) == 0 or len(cand) == 0:
         return empty, empty, 0
-    if vcfg.matcher == "mutual":
-        m = verify.match_mutual(query.descriptors, cand.descriptors, vcfg.mutual_min_sim, vcfg.ratio)
-    elif vcfg.matcher == "kdtree":
-        m = verify.match_kdtree(query.descriptors, cand.descriptors, vcfg.kdtree_distance)
-    else:
-        raise LandmarksError(f"verify.matcher must be one of {', '.join(verify.MATCHERS)} (got {vcfg.matcher!r})")
-    if vcfg.geometry not in verify.MODELS:
-        raise LandmarksError(f"verify.geometry must be one of {', '.join(verify.MODELS)} (got {vcfg.geometry!r})")
-    n = len(m)
-    if n <= verify.MODELS[vcfg.geometry] or n < vcfg.min_matches:
-        return empty, empty, n
-    import pydegensac
-
-    m = m[np.lexsort((m[:, 1], m[:, 0]))]
-    src = np.ascontiguousarray(query.keypoints[m[:, 0]], np.float64)
-    dst = np.ascontiguousarray(cand.keypoints[m[:, 1]], np.float64)
-    args = (src, dst, float(vcfg.reproj_threshold), float(vcfg.confidence), int(vcfg.max_iters))
-    if vcfg.geometry == "homography":
-        _, mask = pydegensac.findHomography(*args, seed=int(vcfg.seed))
-    else:
-        _, mask = pydegensac.findFundamentalMatrix(*args, seed=int(vcfg.seed))
-    mask = np.asarray(mask, bool).reshape(-1)
-    return src[mask].astype(np.float32), dst[mask].astype(np.float32), n
+    (m,) = verify.MATCHERS[vcfg.matcher](vcfg, query.descriptors, [cand.descriptors])
+    m, mask = verify.ransac_inliers(vcfg, query.keypoints, cand.keypoints, m)
+    inl = m[mask]
+    return query.keypoints[inl[:, 0]].astype(np.float32), cand.keypoints[inl[:, 1]].astype(np.float32), len(m)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -106,63 +87,76 @@ def _is_correct(label, truth: str | None) -> bool | None:
     return str(int(label)) in truth.split()
 
 
-def _load_verified(cfg, work_dir: Path, knn: dict) -> np.ndarray | None:
-    """verified.npz inliers when it belongs to this knn.npz and config, else None."""
-    from landmarks.knn import load_npz
+def _load_verified(cfg, work, knn: dict) -> np.ndarray | None:
+    """The verify stage's inliers when they belong to this knn output and config, else None."""
+    from landmarks.store import load_npz
     from landmarks.verify import verify_fingerprint
 
-    path = work_dir / "verified.npz"
+    path = work.verified(cfg)
     if not cfg.verify.enabled or not path.exists():
         return None
     ver = load_npz(path)
     if str(ver.get("fingerprint")) != verify_fingerprint(cfg, str(knn["fingerprint"])):
         return None
-    if list(ver["test_ids"]) != list(knn["test_ids"]):
-        return None
     return ver["inliers"]
 
 
-def _unknown_id_error(data_dir, work_dir: Path, test_id: str) -> LandmarksError:
+def _stage_inputs(cfg, data_dir, work_dir, verified: bool | None = None) -> tuple[dict, object, dict | None]:
+    """(predict.load_inputs of the knn and verify outputs, the WORK_DIR layout, the global whitening)."""
+    from landmarks import whiten
+    from landmarks.layout import WorkLayout
+    from landmarks.predict import load_inputs
+
+    work = WorkLayout(work_dir)
+    use_verified = cfg.verify.enabled if verified is None else verified
+    inputs = load_inputs(cfg, data_dir, work.knn(cfg), work.verified(cfg) if use_verified else None)
+    return inputs, work, whiten.load_whiten(cfg, work.whiten(cfg), work.features("train"), "global")
+
+
+def _unknown_id_error(data_dir, work, test_id: str) -> LandmarksError:
     from landmarks.data import load_split
     from landmarks.store import FeatureStore
 
     test = load_split(data_dir, "test")
     if test_id not in set(test["id"].astype(str)):
         return LandmarksError(f"unknown test id {test_id!r}: not in {Path(data_dir) / 'sample_submission.csv'}")
-    reason = FeatureStore(work_dir / "features" / "test").failures().get(test_id)
-    why = f" (extraction failed: {reason})" if reason else " (run `make features` / `landmarks predict` first)"
-    return LandmarksError(f"test image {test_id} has no features in {work_dir / 'features' / 'test'}{why}")
+    reason = FeatureStore(work.features("test")).failures().get(test_id)
+    why = f" (extraction failed: {reason})" if reason else " (run `make predict` first)"
+    return LandmarksError(f"test image {test_id} has no features in {work.features('test')}{why}")
 
 
 def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) -> Case:
     """Gather the kNN candidates, verification and keypoints of one test image."""
     from landmarks import data
-    from landmarks.knn import load_npz, run_knn
+    from landmarks.layout import WorkLayout
     from landmarks.predict import NO_LABEL, vote
+    from landmarks.store import load_npz
 
-    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    data_dir, work = Path(data_dir), WorkLayout(work_dir)
     test_id = str(test_id).strip()
-    knn = load_npz(run_knn(cfg, work_dir))
+    if not work.knn(cfg).exists():
+        raise LandmarksError(f"{work.knn(cfg)} not found: run `make predict` (or `landmarks knn`) first")
+    knn = load_npz(work.knn(cfg))
     test_ids = [str(i) for i in knn["test_ids"]]
     if test_id not in test_ids:
-        raise _unknown_id_error(data_dir, work_dir, test_id)
+        raise _unknown_id_error(data_dir, work, test_id)
     r = test_ids.index(test_id)
-    train_ids, labels, path_of = _train_rows(data_dir, work_dir, knn)
+    train_ids, labels, path_of = _train_rows(data_dir, work.root, knn)
     truth_map = _truth_map(data_dir)
     truth = None if truth_map is None else truth_map.get(test_id, "")
-    inliers = _load_verified(cfg, work_dir, knn)
+    inliers = _load_verified(cfg, work, knn)
     notes = []
     if cfg.verify.enabled and inliers is None:
-        notes.append("verified.npz missing or stale: inliers recomputed for the drawn pairs only")
+        notes.append(f"{work.verified(cfg).name} missing or stale: inliers recomputed for the drawn pairs only")
     row_inl = None if inliers is None else inliers[r:r + 1]
     lab, conf = vote(cfg.vote, knn["sims"][r:r + 1], knn["idx"][r:r + 1], labels, row_inl)
     if cfg.vote.suppression != "none":
         notes.append(f"confidence before {cfg.vote.suppression} suppression")
 
     cands = _candidates(cfg, knn["sims"][r], knn["idx"][r], train_ids, labels, truth, top)
-    q, t_local = _local_features(cfg, data_dir, work_dir, model_dir, test_id,
+    q, t_local = _local_features(cfg, data_dir, work, model_dir, test_id,
                                  [c.train_id for c in cands if c.verified])
-    q_match, t_match = _whitened(cfg, work_dir, q, t_local)
+    q_match, t_match = _whitened(cfg, work, q, t_local)
     for c in cands:
         if not c.verified:
             continue
@@ -213,40 +207,40 @@ def _candidates(cfg, sims: np.ndarray, idx: np.ndarray, train_ids: list[str], la
     return cands
 
 
-def _local_features(cfg, data_dir: Path, work_dir: Path, model_dir, test_id: str, train_ids: list[str]):
+def _local_features(cfg, data_dir: Path, work, model_dir, test_id: str, train_ids: list[str]):
     """Local features of the test image (or None) and of the given train images (id -> features),
     extracted and cached first when missing and `model_dir` holds a model."""
     from landmarks.store import FeatureStore
 
     can_extract = model_dir is not None and Path(model_dir).exists()
-    test_store = FeatureStore(work_dir / "features" / "test")
+    test_store = FeatureStore(work.features("test"))
     q = test_store.local([test_id]).get(test_id)
     test_store.close()
     if q is None and can_extract:
         from landmarks import extract
 
-        q = extract.ensure_local(cfg, data_dir, work_dir, model_dir, "test", [test_id]).local([test_id]).get(test_id)
-    train_store = FeatureStore(work_dir / "features" / "train")
+        q = extract.ensure_local(cfg, data_dir, work.root, model_dir, "test", [test_id]).local([test_id]).get(test_id)
+    train_store = FeatureStore(work.features("train"))
     t_local = train_store.local(train_ids)
     train_store.close()
     lacking = [i for i in train_ids if i not in t_local]
     if lacking and can_extract:
         from landmarks import extract
 
-        st = extract.ensure_local(cfg, data_dir, work_dir, model_dir, "train", lacking)
+        st = extract.ensure_local(cfg, data_dir, work.root, model_dir, "train", lacking)
         t_local.update(st.local(lacking))
         st.close()
     return q, t_local
 
 
-def _whitened(cfg, work_dir: Path, q, t_local: dict):
+def _whitened(cfg, work, q, t_local: dict):
     """The local features as verification matches them: PCA-whitened when whiten.local_pca."""
     if not cfg.whiten.local_pca or (q is None and not t_local):
         return q, t_local
     from landmarks import whiten
     from landmarks.store import LocalFeatures
 
-    w = whiten.ensure_whiten(cfg, work_dir)
+    w = whiten.load_whiten(cfg, work.whiten(cfg), work.features("train"), "local")
 
     def pca(lf):
         return LocalFeatures(lf.keypoints, whiten.apply_local(w, lf.descriptors), lf.scales, lf.scores)
@@ -383,7 +377,7 @@ def show_case(cfg, data_dir, work_dir, model_dir, test_id: str, out: str | Path 
               top: int = 5, dpi: int = 90, colors: int = 0) -> Path:
     """One PNG for `test_id` (default WORK_DIR/show/<id>.png); returns its path."""
     case = load_case(cfg, data_dir, work_dir, model_dir, test_id, top=top)
-    out = Path(out) if out else Path(work_dir) / "show" / f"{case.test_id}.png"
+    out = Path(out) if out else WorkLayout(work_dir).tool("show") / f"{case.test_id}.png"
     path = render_case(case, out, dpi=dpi, colors=colors)
     log.info("show: %s -> %s", case.test_id, path)
     return path
@@ -395,10 +389,10 @@ def predictions_table(cfg, data_dir, work_dir, model_dir):
     correctness, top-1 candidate with its similarity and inliers.  Runs knn/verify when stale."""
     import pandas as pd
 
-    from landmarks.predict import NO_LABEL, load_inputs, predict_arrays
+    from landmarks.predict import NO_LABEL, predict_arrays
 
-    inputs = load_inputs(cfg, data_dir, work_dir, model_dir)
-    labels, conf, penalty = predict_arrays(cfg, work_dir, inputs)
+    inputs, work, whitening = _stage_inputs(cfg, data_dir, work_dir)
+    labels, conf, penalty = predict_arrays(cfg, inputs, work.features_root, whitening)
     knn, inl = inputs["knn"], inputs["inliers"]
     truth_map = _truth_map(data_dir)
     train_ids = [str(i) for i in knn["train_ids"]]
@@ -431,15 +425,15 @@ def compare_verification(cfg, data_dir, work_dir, model_dir):
 
     from landmarks import metrics
     from landmarks.data import load_solution
-    from landmarks.predict import NO_LABEL, load_inputs, predict_arrays
+    from landmarks.predict import NO_LABEL, predict_arrays
 
     solution = load_solution(data_dir)
     if solution is None:
         raise LandmarksError(f"{Path(data_dir) / 'solution.csv'} not found: GAP needs ground truth")
-    inputs = load_inputs(cfg, data_dir, work_dir, model_dir, verify=True)
+    inputs, work, whitening = _stage_inputs(cfg, data_dir, work_dir, verified=True)
     rows = []
     for name, inl in (("global only", None), ("global + verification", inputs["inliers"])):
-        labels, conf, _ = predict_arrays(cfg, work_dir, inputs, inliers=inl)
+        labels, conf, _ = predict_arrays(cfg, inputs, work.features_root, whitening, inliers=inl)
         keep = set(solution["id"].astype(str))
         pred = pd.DataFrame([(i, str(int(l)), float(c)) for i, l, c in zip(inputs["test_ids"], labels, conf)
                              if l != NO_LABEL and i in keep], columns=["id", "label", "confidence"])

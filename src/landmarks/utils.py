@@ -177,11 +177,3 @@ def call_writing(path: str | Path, fn, *args, **kwargs):
     finally:
         sys.unraisablehook, sys.excepthook = hooks
     raise LandmarksError(message)
-
-
-def l2_normalize(x):
-    """Rows of `x` scaled to unit L2 norm (zero rows stay zero), as float32."""
-    import numpy as np
-
-    x = np.asarray(x)
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)

@@ -99,21 +99,30 @@ MATCHERS = {"mutual": _match_all_mutual, "kdtree": _match_all_kdtree}
 
 
 # -- geometry ----------------------------------------------------------------------------------
-def count_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) -> int:
-    """RANSAC inliers of the matched keypoints (pydegensac, seeded); too few matches -> 0."""
+def ransac_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(matches in canonical order, RANSAC inlier mask) of one pair (pydegensac, seeded).
+
+    Too few matches to prove anything (the model's minimal sample, or verify.min_matches) give an
+    all-false mask.  The canonical order and the fixed seed make two runs identical."""
     min_sample, fit_name = GEOMETRIES[cfg.geometry]
-    n = len(matches)
+    m = np.asarray(matches).reshape(-1, 2)
+    m = m[np.lexsort((m[:, 1], m[:, 0]))]
+    n = len(m)
     if n <= min_sample or n < cfg.min_matches:
-        return 0
+        return m, np.zeros(n, bool)
     import pydegensac
 
-    m = matches[np.lexsort((matches[:, 1], matches[:, 0]))]  # canonical order
     src = np.ascontiguousarray(kp_q[m[:, 0]], np.float64)
     dst = np.ascontiguousarray(kp_t[m[:, 1]], np.float64)
     fit = getattr(pydegensac, fit_name)
     _, mask = fit(src, dst, float(cfg.reproj_threshold), float(cfg.confidence), int(cfg.max_iters),
                   seed=int(cfg.seed))
-    return int(np.asarray(mask).sum())
+    return m, np.asarray(mask, bool).reshape(-1)
+
+
+def count_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) -> int:
+    """RANSAC inliers of the matched keypoints; too few matches -> 0."""
+    return int(ransac_inliers(cfg, kp_q, kp_t, matches)[1].sum())
 
 
 def verify_image(cfg, query, candidates: list) -> np.ndarray:
