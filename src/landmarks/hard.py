@@ -463,10 +463,10 @@ def _span(per, splits, k, key="gap") -> str:
     return f"{np.mean(v):.4f} ({np.min(v):.3f}-{np.max(v):.3f})"
 
 
-def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
+def _gap_lines(cfg, pool, splits, results, model_dir) -> list[str]:
+    """Header and the GAP table: one row per named setting, mean (min-max) over seeds, guards."""
     shots = list(cfg.hard.shots)
     guard_names = list(next(iter(results.values()))["guards"])
-    n_lm = {s.name: int((s.solution["landmarks"] != "").sum()) for s in splits}
     lines = ["# Hard protocol report", "",
              f"Pool: {int((pool['role'] == 'landmark').sum())} wide-baseline photos, "
              f"{int((pool['role'] == 'extra').sum())} extra-train photos, {int((pool['role'] == 'distractor').sum())} "
@@ -483,13 +483,18 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
         lines.append(f"| {name} | " + " | ".join(_span(per, splits, k) for k in shots) + " | " +
                      " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots) + " | " +
                      "".join(f"{r['guards'][g]:.4f} | " for g in guard_names) + f"{r['verify_seconds']:.1f} |")
-    default = results[DEFAULT_ROW]["splits"]
-    at = list(cfg.hard.recall_at)
-    lines += ["", f"## Per split ({DEFAULT_ROW})", "",
-              "| split | landmark queries | test images | GAP | accuracy | " + " | ".join(f"R@{r}" for r in at) + " |",
-              "|---|---|---|---|---|" + "---|" * len(at)]
-    for s, p in zip(splits, default):
-        lines.append(f"| {s.name} | {n_lm[s.name]} | {len(s.test_ids)} | {p['gap']:.4f} | {p['accuracy']:.3f} | " +
+    return lines
+
+
+def _recall_lines(cfg, splits, results) -> list[str]:
+    """Per-split figures of the default row, then shortlist recall@R per distinct shortlist."""
+    shots, at = list(cfg.hard.shots), list(cfg.hard.recall_at)
+    lines = ["", f"## Per split ({DEFAULT_ROW})", "",
+             "| split | landmark queries | test images | GAP | accuracy | " + " | ".join(f"R@{r}" for r in at) + " |",
+             "|---|---|---|---|---|" + "---|" * len(at)]
+    for s, p in zip(splits, results[DEFAULT_ROW]["splits"]):
+        n_lm = int((s.solution["landmarks"] != "").sum())
+        lines.append(f"| {s.name} | {n_lm} | {len(s.test_ids)} | {p['gap']:.4f} | {p['accuracy']:.3f} | " +
                      " | ".join(f"{p['recall'][r]:.3f}" for r in at) + " |")
     lines += ["", "## Shortlist recall@R (mean over seeds; rows with the same shortlist as a row above are left out)", "",
               "| setting | K | " + " | ".join(f"R@{r}" for r in at) + " |", "|---|---|" + "---|" * len(at)]
@@ -502,11 +507,16 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
         for k in shots:
             per = [p for p, s in zip(r["splits"], splits) if s.shots == k]
             lines.append(f"| {name} | {k} | " + " | ".join(f"{np.mean([p['recall'][a] for p in per]):.3f}" for a in at) + " |")
-    lines += ["", "## Inlier separation (all splits pooled): correct-class against wrong candidates", "",
-              "| setting | correct q10/q50/q90 | wrong q50/q90 | random floor (wrong q95) | correct at or below floor | ROC AUC |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _separation_lines(results) -> tuple[list[str], dict]:
+    """Inlier separation of every verified setting, all splits pooled; and the figures by name."""
     from landmarks import validate
 
+    lines = ["", "## Inlier separation (all splits pooled): correct-class against wrong candidates", "",
+             "| setting | correct q10/q50/q90 | wrong q50/q90 | random floor (wrong q95) | correct at or below floor | ROC AUC |",
+             "|---|---|---|---|---|---|"]
     summary = {}
     for name, r in results.items():
         if "good" not in r["splits"][0]:
@@ -516,6 +526,15 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
         lines.append(f"| {name} | {sep['good_q10']:.0f}/{sep['good_q50']:.0f}/{sep['good_q90']:.0f} | "
                      f"{sep['bad_q50']:.0f}/{sep['bad_q90']:.0f} | {sep['floor']:.0f} | {sep['good_at_floor']:.3f} | "
                      f"{sep['auc']:.3f} |")
+    return lines, summary
+
+
+def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
+    """WORK_DIR/report.md (GAP, per split, recall, separation) and results.json; prints the GAP table."""
+    shots = list(cfg.hard.shots)
+    gap_lines = _gap_lines(cfg, pool, splits, results, model_dir)
+    sep_lines, summary = _separation_lines(results)
+    lines = gap_lines + _recall_lines(cfg, splits, results) + sep_lines
     out = work_dir / "report.md"
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -525,7 +544,7 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
           for name, r in results.items()}
     with atomic_path(work_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(js, indent=1), encoding="utf-8")
-    print("\n".join(lines[:lines.index(f"## Per split ({DEFAULT_ROW})")]))
+    print("\n".join(gap_lines))
     log.info("hard: report -> %s", out)
     return out
 
@@ -540,6 +559,9 @@ def register_cli(subparsers, common) -> None:
 
 
 def _cli(args, cfg) -> int:
+    from landmarks.config import log_settings
+
+    log_settings(log, cfg, "hard")
     names = [n.strip() for v in args.variant or [] for n in v.split(";") if n.strip()]
     run_validate_hard(cfg, args.work_dir, args.model, names or None)
     return 0

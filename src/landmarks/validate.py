@@ -148,16 +148,22 @@ def _knn_ablations(cfg, work, inputs) -> list[tuple[str, object, dict]]:
 
 
 def _plots(plot_dir: Path, solution, inputs, default, glob) -> dict[str, str]:
+    """The report's three PNGs: precision vs rank, inliers of correct vs wrong candidates, scores."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plot_dir.mkdir(parents=True, exist_ok=True)
     truth = {str(i): set(str(t).split()) for i, t in zip(solution["id"], solution["landmarks"].fillna(""))}
-    files = {}
+    files = {"precision": _plot_precision(plot_dir, truth, default, glob)}
+    if inputs["inliers"] is not None:
+        files["inliers"] = _plot_inliers(plot_dir, truth, inputs)
+    files["scores"] = _plot_scores(plot_dir, truth, default)
+    return files
 
-    # 1. precision vs rank
+
+def _plot_precision(plot_dir: Path, truth: dict, default, glob) -> str:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, df in (("default", default), ("global only", glob)):
         d = df.dropna(subset=["confidence"]).sort_values(["confidence", "id"], ascending=[False, True], kind="mergesort")
@@ -169,38 +175,41 @@ def _plots(plot_dir: Path, solution, inputs, default, glob) -> dict[str, str]:
     ax.set_ylim(0, 1.02)
     ax.legend()
     ax.set_title("Precision vs rank")
-    files["precision"] = _save(fig, plot_dir / "precision_vs_rank.png")
+    return _save(fig, plot_dir / "precision_vs_rank.png")
 
-    # 2. inliers of correct vs wrong candidates
-    inl = inputs["inliers"]
-    if inl is not None:
-        knn = inputs["knn"]
-        R = inl.shape[1]
-        lab = inputs["train_labels"][np.clip(knn["idx"][:, :R], 0, None)]
-        good, bad = [], []
-        for r, tid in enumerate(inputs["test_ids"]):
-            t = truth.get(tid)
-            if t is None:
-                continue
-            for j in range(R):
-                if knn["idx"][r, j] < 0:
-                    continue
+
+def _plot_inliers(plot_dir: Path, truth: dict, inputs) -> str:
+    import matplotlib.pyplot as plt
+
+    knn, inl = inputs["knn"], inputs["inliers"]
+    R = inl.shape[1]
+    lab = inputs["train_labels"][np.clip(knn["idx"][:, :R], 0, None)]
+    good, bad = [], []
+    for r, tid in enumerate(inputs["test_ids"]):
+        t = truth.get(tid)
+        if t is None:
+            continue
+        for j in range(R):
+            if knn["idx"][r, j] >= 0:
                 (good if str(lab[r, j]) in t else bad).append(inl[r, j])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        top = max([1, *good, *bad])
-        bins = np.unique(np.concatenate([[0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 40, 60, 80, 120, 200, 400, 1000], [top + 1]]))
-        bins = bins[bins <= top + 1]
-        ax.hist([good, bad], bins=bins, label=[f"correct candidates ({len(good)})", f"wrong candidates ({len(bad)})"],
-                color=["tab:green", "tab:red"], alpha=0.8)
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_yscale("log")
-        ax.set_xlabel("RANSAC inliers")
-        ax.set_ylabel("candidates")
-        ax.legend()
-        ax.set_title("Inliers: correct vs wrong top candidates")
-        files["inliers"] = _save(fig, plot_dir / "inliers_correct_vs_wrong.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    top = max([1, *good, *bad])
+    bins = np.unique(np.concatenate([[0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 40, 60, 80, 120, 200, 400, 1000], [top + 1]]))
+    bins = bins[bins <= top + 1]
+    ax.hist([good, bad], bins=bins, label=[f"correct candidates ({len(good)})", f"wrong candidates ({len(bad)})"],
+            color=["tab:green", "tab:red"], alpha=0.8)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_yscale("log")
+    ax.set_xlabel("RANSAC inliers")
+    ax.set_ylabel("candidates")
+    ax.legend()
+    ax.set_title("Inliers: correct vs wrong top candidates")
+    return _save(fig, plot_dir / "inliers_correct_vs_wrong.png")
 
-    # 3. score distribution: landmark vs non-landmark test images
+
+def _plot_scores(plot_dir: Path, truth: dict, default) -> str:
+    import matplotlib.pyplot as plt
+
     d = default.dropna(subset=["confidence"])
     is_lm = np.array([bool(truth[i]) for i in d["id"]])
     corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])])
@@ -219,8 +228,7 @@ def _plots(plot_dir: Path, solution, inputs, default, glob) -> dict[str, str]:
     ax.set_ylabel("test images")
     ax.legend()
     ax.set_title("Scores: landmark vs non-landmark test images")
-    files["scores"] = _save(fig, plot_dir / "score_distribution.png")
-    return files
+    return _save(fig, plot_dir / "score_distribution.png")
 
 
 def _save(fig, path: Path) -> str:
@@ -332,5 +340,8 @@ def register_cli(subparsers, common) -> None:
 
 
 def _cli(args, cfg) -> int:
+    from landmarks.config import log_settings
+
+    log_settings(log, cfg, "vote")
     run_validate(cfg, args.data_dir, args.work_dir, args.model, args.submission)
     return 0
