@@ -203,5 +203,7 @@ def test_vote_confidence_score_or_margin(confidence, expected):
     assert labels.tolist() == [5, 5]
     assert conf[0] == pytest.approx(expected)
     assert conf[1] == pytest.approx(0.5)  # one label only: nothing to subtract
-    with pytest.raises(LandmarksError, match="vote.confidence"):
-        vote(VoteConfig(confidence="odds"), np.ones((1, 1)), np.zeros((1, 1), np.int64), np.array([1]))
+    from landmarks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="vote.confidence"):  # a bad choice stops at load, not in vote
+        load_config(None, ["vote.confidence=odds"])
