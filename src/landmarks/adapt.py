@@ -73,6 +73,7 @@ def apply_h(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 def _shift(d: float) -> np.ndarray:
+    """Translation by (d, d) as a 3x3 homography."""
     return np.array([[1, 0, d], [0, 1, d], [0, 0, 1]], np.float64)
 
 
@@ -228,6 +229,7 @@ def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
 
 
 def _backbone(mc):
+    """The backbone of model.backbone / model.init with the local block as its first output (Lite0: block 10)."""
     from landmarks.model import LITE0_LOCAL, build_backbone
 
     layer = LITE0_LOCAL if mc.backbone == "efficientnet_lite0" else None
@@ -235,6 +237,7 @@ def _backbone(mc):
 
 
 def _heads_module(backbone, head, gem, score: str):
+    """tf.Module for export.save_serving: frozen backbone -> adapted local heads + GeM global."""
     import tensorflow as tf
 
     class AdaptedHeads(tf.Module):
@@ -257,6 +260,7 @@ def _heads_module(backbone, head, gem, score: str):
 
 
 def _check(ac) -> None:
+    """One-line errors for adapt settings that cannot train."""
     if ac.steps <= 0 or ac.batch_size <= 0 or ac.crop_size < 64 or ac.max_side < ac.crop_size:
         raise LandmarksError("adapt.steps and adapt.batch_size must be > 0, adapt.crop_size >= 64 and "
                              "adapt.max_side >= adapt.crop_size")
@@ -577,6 +581,7 @@ def evaluate(cfg, models: dict[str, str | Path], photos: list[str]) -> dict[str,
 
 
 def format_eval(res: dict[str, dict], source: str, cfg) -> str:
+    """Markdown table of `evaluate`'s results, one row per model."""
     ac = cfg.adapt
     lines = [f"Match precision under known warps: {source}, {next(iter(res.values()))['pairs']} pairs "
              f"({ac.eval_warps} warps per photo, {ac.eval_crop}px views, {ac.eval_features} features, "

@@ -91,6 +91,7 @@ def sample_distractors(dis: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def _class_order(cls: str, seed: int, n: int) -> np.ndarray:
+    """Seeded permutation of a class's n images (its own generator: independent of the others)."""
     return np.random.default_rng([int(seed), int(hashlib.sha1(cls.encode()).hexdigest()[:8], 16)]).permutation(n)
 
 

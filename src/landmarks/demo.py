@@ -31,10 +31,12 @@ _STAMP = ".complete"
 
 
 def _hex_id(seed: int, name: str) -> str:
+    """Deterministic 16-hex image id of `name` (a view or distractor) for this seed."""
     return hashlib.sha1(f"demo:{seed}:{name}".encode()).hexdigest()[:16]
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
+    """A generator seeded by (seed, name): each scene or view draws independently of the others."""
     return np.random.default_rng(int(hashlib.sha1(f"rng:{seed}:{name}".encode()).hexdigest()[:15], 16))
 
 
@@ -65,6 +67,7 @@ def _tinted_texture(name: str, size: tuple[int, int], rgb, rng, strength=0.5) ->
 
 
 def _font(size: int):
+    """Pillow's default font at `size` px (the fixed bitmap font on old Pillow)."""
     from PIL import ImageFont
 
     try:
@@ -74,6 +77,7 @@ def _font(size: int):
 
 
 def _jitter(rgb, rng, amount=25):
+    """`rgb` with each channel moved by up to +-amount (clipped to 0..255)."""
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
@@ -231,6 +235,7 @@ def _mosaic(style: dict, rng: np.random.Generator, w: int, h: int):
 
 # ----------------------------------------------------------------------------- rendering
 def _background(rng, size) -> np.ndarray:
+    """uint8 [h, w, 3] street-like backdrop: sky over textured ground, a texture, or soft blobs."""
     from PIL import Image
 
     w, h = size
@@ -334,6 +339,7 @@ def _occluders(d, rng, w: int, h: int, hard: bool) -> None:
 
 
 def _write(out_dir: Path, split: str, image_id: str, payload: bytes) -> None:
+    """Write one JPEG at the Kaggle path <split>/a/b/c/<id>.jpg."""
     p = out_dir / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(payload)
@@ -377,6 +383,7 @@ def _distractor_task(dc: dict, out_dir: str, k: int) -> list[tuple]:
 
 
 def _demo_key(dc) -> dict:
+    """The config that determines the output (the stamp's key); jobs is left out."""
     d = asdict(dc)
     d.pop("jobs", None)  # parallelism does not change the output
     return d

@@ -67,12 +67,14 @@ class ShardTask:
 
 
 def features_dir(work_dir: str | Path, split: str) -> Path:
+    """WORK_DIR/features/<split> (the WORK_DIR layout: landmarks.layout)."""
     from landmarks.layout import WorkLayout
 
     return WorkLayout(work_dir).features(split)
 
 
 def result_settings(cfg) -> dict:
+    """The extraction settings that change stored features (RESULT_FIELDS), JSON-ready."""
     e = cfg.extract
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(e, k)) for k in RESULT_FIELDS)}
 
@@ -479,6 +481,7 @@ def _plan(ids: Sequence[str], paths: Sequence[str], n_shards: int, name_fn, spli
 
 
 def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> str:
+    """One log line: images extracted, failures by reason, shards run / kept / skipped, speed."""
     n = sum(r["n"] for r in results)
     done = sum(r["done"] for r in results)
     kept = sum(r.get("kept", 0) for r in results)
@@ -492,6 +495,7 @@ def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> s
 
 
 def _resolve_jobs(cfg, jobs, scheduler, n_tasks: int) -> tuple[int, object, int]:
+    """(jobs, scheduler, TF threads per worker): config defaults, the cores split between local jobs."""
     jobs = int(cfg.extract.jobs if jobs is None else jobs)
     if jobs < 1:
         raise LandmarksError(f"jobs must be >= 1 (got {jobs})")
@@ -578,6 +582,7 @@ def _run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | 
 
 
 def _cache_name(digest: str):
+    """Shard file name function of the local-feature cache for one request digest."""
     return lambda i, n: f"local-cache-{digest}-{i:05d}-of-{n:05d}.h5"
 
 

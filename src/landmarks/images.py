@@ -176,6 +176,7 @@ def _upright_rgb(img, size: tuple[int, int], decoded: tuple[int, int], scale: fl
 
 
 def _reason(e: BaseException) -> str:
+    """Short failure reason from a Pillow decode error's message."""
     msg = str(e).lower()
     if "truncated" in msg or "premature end" in msg or "broken data stream" in msg or "unexpected end" in msg:
         return "truncated"

@@ -160,6 +160,7 @@ def report_text(report: str | Path) -> str:
 
 # -- running notebooks ---------------------------------------------------------------------------
 def notebook_paths(notebooks_dir: str | Path | None = None) -> list[Path]:
+    """The *.ipynb files of `notebooks_dir` (default: the repo's notebooks/), sorted."""
     d = Path(notebooks_dir) if notebooks_dir else repo_root() / "notebooks"
     paths = sorted(d.glob("*.ipynb"))
     if not paths:
@@ -186,6 +187,7 @@ def strip_outputs(nb) -> bool:
 
 
 def _write_html(nb, path: Path) -> Path:
+    """Export the executed notebook as HTML at `path` (atomically)."""
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nb)
@@ -258,6 +260,7 @@ def run_notebooks(out_dir: str | Path, notebooks_dir: str | Path | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m landmarks.notebooks`: execute the notebooks into HTML (or `--strip` their outputs); exit status."""
     from landmarks.cli import common_parser
     from landmarks.config import ConfigError
     from landmarks.utils import setup_logging

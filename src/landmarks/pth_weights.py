@@ -36,6 +36,8 @@ _STORAGE_DTYPES = {
 
 
 class _StorageType:
+    """A torch storage class named in the pickle (e.g. FloatStorage) and its numpy dtype."""
+
     def __init__(self, name: str):
         if name not in _STORAGE_DTYPES or _STORAGE_DTYPES[name] is None:
             raise LandmarksError(f"unsupported torch storage type {name}")
@@ -52,10 +54,13 @@ class _Storage:
 
 
 class _LazyTensor:
+    """A tensor of the pickle: storage, offset, shape and strides; numpy once the bytes are read."""
+
     def __init__(self, storage: _Storage, offset: int, shape: tuple, stride: tuple):
         self.storage, self.offset, self.shape, self.stride = storage, offset, tuple(shape), tuple(stride)
 
     def materialize(self) -> np.ndarray:
+        """The tensor as a contiguous numpy array (own copy) from its storage's bytes."""
         base = self.storage.array
         if base is None:
             raise LandmarksError(f"storage {self.storage.key} has no data")
@@ -69,14 +74,18 @@ class _LazyTensor:
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
+    """Stand-in for torch._utils._rebuild_tensor_v2: a _LazyTensor."""
     return _LazyTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    """Stand-in for torch._utils._rebuild_parameter: the tensor itself."""
     return data
 
 
 class _Unpickler(pickle.Unpickler):
+    """Unpickler that builds only tensors, storages and OrderedDicts (no other code runs)."""
+
     def __init__(self, f, storages: dict):
         super().__init__(f)
         self.storages = storages

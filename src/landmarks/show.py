@@ -29,6 +29,8 @@ OK_COLOR, BAD_COLOR, NEUTRAL_COLOR = "#1a7f37", "#c62828", "#222222"
 
 @dataclass
 class Candidate:
+    """One kNN candidate of the test image, with its verification when within num_to_rerank."""
+
     rank: int
     train_id: str
     label: int
@@ -73,6 +75,7 @@ def inlier_matches(vcfg, query, cand) -> tuple[np.ndarray, np.ndarray, int]:
 
 # -- loading -------------------------------------------------------------------------------------
 def _truth_map(data_dir) -> dict[str, str] | None:
+    """solution.csv as {test id: truth ('' for a non-landmark)}, None without solution.csv."""
     from landmarks.data import load_solution
 
     sol = load_solution(data_dir)
@@ -82,6 +85,7 @@ def _truth_map(data_dir) -> dict[str, str] | None:
 
 
 def _is_correct(label, truth: str | None) -> bool | None:
+    """Whether `label` is among the truth's ids; None without ground truth."""
     if truth is None:
         return None
     return str(int(label)) in truth.split()
@@ -114,6 +118,7 @@ def _stage_inputs(cfg, data_dir, work_dir, verified: bool | None = None) -> tupl
 
 
 def _unknown_id_error(data_dir, work, test_id: str) -> LandmarksError:
+    """The error for a test id absent from the knn output: unknown id, failed extraction or no features yet."""
     from landmarks.data import load_split
     from landmarks.store import FeatureStore
 
@@ -267,12 +272,15 @@ def _load_display(path: Path, height: int = PANEL_HEIGHT) -> tuple[np.ndarray, f
 
 
 def _mark(correct: bool | None) -> tuple[str, str]:
+    """Text and colour of a correct / wrong mark (nothing without ground truth)."""
     if correct is None:
         return "", NEUTRAL_COLOR
     return ("\u2713 correct", OK_COLOR) if correct else ("\u2717 wrong", BAD_COLOR)
 
 
 def _draw_pair(ax, test_img, test_s, cand: Candidate, shown, gap: int = 12) -> None:
+    """The test image and one candidate side by side, inlier lines between them, titled with the
+    candidate's rank, label, similarity and verification."""
     timg, ts, err = shown
     h = test_img.shape[0]
     canvas = np.full((h, test_img.shape[1] + gap + timg.shape[1], 3), 255, np.uint8)

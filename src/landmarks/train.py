@@ -99,6 +99,7 @@ def make_dataset(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray, tc,
     seed = int(tc.seed)
 
     def load(i, step_seed):
+        """Sample k: decode, seeded random resized crop, flip and colour jitter; (image, label)."""
         img = read_train_image(tf.gather(paths, i))
         s = tf.stack([tf.cast(step_seed, tf.int32), tf.constant(seed, tf.int32)])
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -183,6 +184,8 @@ class _Checkpointer:
                 p.unlink()
 
     def load_state(self) -> dict | None:
+        """The saved state (step, history, file names), None when there is none; an error when it
+        belongs to another model/train config or label set."""
         if not self.state_path.exists():
             return None
         state = json.loads(self.state_path.read_text())
@@ -192,6 +195,7 @@ class _Checkpointer:
         return state
 
     def save(self, net, optimizer, state: dict) -> None:
+        """Write weights, optimizer variables and `state` (the step's checkpoint), then drop older ones."""
         step = state["step"]
         w = self.dir / f"ckpt-{step}.weights.h5"
         o = self.dir / f"ckpt-{step}.opt.npz"
@@ -219,6 +223,7 @@ class _Checkpointer:
         return step, state.get("history", []), state.get("resumed_from", []) + [step]
 
     def restore(self, net, optimizer, state: dict) -> None:
+        """Load the weights and optimizer variables of the checkpoint `state` names."""
         net.load_weights(str(self.dir / state["weights"]))
         data = np.load(self.dir / state["optimizer"])
         values = [data[f"arr_{i}"] for i in range(len(data.files))]

@@ -18,6 +18,7 @@ class LandmarksError(RuntimeError):
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr with time, level and logger name (DEBUG when verbose)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
