@@ -1,4 +1,4 @@
-"""bench: the quick smoke run writes every row and the GLDv2-scale section; rows are independent."""
+"""bench (a tool, one module per row): the quick smoke run writes every row and the GLDv2-scale section; rows are independent."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from landmarks import bench  # noqa: E402
+from landmarks.bench import retrieval  # noqa: E402
 from landmarks.config import ConfigError, load_config  # noqa: E402
 from landmarks.utils import LandmarksError  # noqa: E402
 
@@ -100,7 +101,7 @@ def test_rows_are_independent_and_selectable(tmp_path, dataset, tiny_model, monk
     def boom(*a, **k):
         raise RuntimeError("index exploded")
 
-    monkeypatch.setitem(bench.ROWS, 3, (boom, bench._md_knn))
+    monkeypatch.setitem(bench.ROWS, 3, (boom, retrieval.markdown))
     from landmarks.cli import main
 
     rc = main(["bench", "--quick", "--rows", "3,5", "--data-dir", str(dataset), "--work-dir", str(tmp_path / "w"),

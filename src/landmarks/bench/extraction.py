@@ -1,0 +1,224 @@
+"""Row 1: images/s of the whole feature path against the bare backbone on the same images.
+
+The pipeline is ``extract.extract_shard`` in this process (decode + resize + model +
+post-processing + shard write), the model call alone runs the loaded SavedModel on decoded
+images, and the backbone is a frozen graph of the same architecture on inputs resized to the
+sizes the serving graph uses.  The ratio pipeline / backbone is what the pipeline costs on top of
+the network itself; FLOPs from tf.profiler put the backbone against the CPU's FP32 peak.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from landmarks.bench.common import cpu_info, fmt, median, model_meta, peak_gflops, rss_bytes, storage
+from landmarks.bench.common import cores as _cores
+from landmarks.utils import LandmarksError
+
+TITLE = "Extraction: pipeline vs bare backbone"
+AIM = 0.90  # issue 13: the pipeline at >= 0.90 of the bare backbone's images/s
+
+
+def _backbone_fn(meta: dict):
+    """The exported model's backbone (random weights: same speed) as a frozen graph-mode function."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from landmarks.model import LITE0_LOCAL, build_backbone
+
+    name = meta.get("backbone")
+    if not name:
+        raise LandmarksError("model metadata names no backbone")
+    if name == "efficientnet_lite0":
+        net = build_backbone(name, "random", local_layer=meta.get("local_layer") or LITE0_LOCAL)
+    else:
+        net = build_backbone(name, "random")
+    fn = tf.function(lambda x: net(x, training=False), input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
+    # frozen (weights as constants: batch norm folds into the convolutions): the fastest plain forward pass
+    return net, convert_variables_to_constants_v2(fn.get_concrete_function())
+
+
+def backbone_flops(net, size: int = 512) -> float:
+    """FLOPs of one forward pass at size x size counted by tf.profiler (mul and add = 2)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    cf = tf.function(lambda x: net(x, training=False)).get_concrete_function(
+        tf.TensorSpec([1, size, size, 3], tf.float32))
+    frozen = convert_variables_to_constants_v2(cf)
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    info = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
+                                         options=opts)
+    return float(info.total_float_ops)
+
+
+def _images(cfg, data_dir) -> tuple[list[str], list[str]]:
+    """Ids and paths of the first bench.extract_images train images that exist."""
+    from landmarks.data import load_split
+
+    df = load_split(data_dir, "train")
+    df = df[[os.path.exists(p) for p in df["path"]]].head(cfg.bench.extract_images)
+    if len(df) == 0:
+        raise LandmarksError(f"no train images found in {data_dir}")
+    return df["id"].tolist(), df["path"].tolist()
+
+
+def _pipeline_timer(cfg, ids, paths, model_dir: Path, out_dir: Path, settings: dict):
+    """A function k -> seconds of one ``extract_shard`` run over the images (test side: local too)."""
+    from landmarks import extract
+
+    def run(k) -> float:
+        task = extract.ShardTask(out=str(out_dir / f"shard-{k}.h5"), ids=ids, paths=paths, model_dir=str(model_dir),
+                                 settings=settings, local=True, threads=_cores(), prefetch=cfg.extract.prefetch)
+        t = time.perf_counter()
+        r = extract.extract_shard(task)
+        if r["done"] == 0:
+            raise LandmarksError(f"extraction produced no features ({r['failures']})")
+        return time.perf_counter() - t
+
+    return run
+
+
+def _model_timer(model, images, args):
+    """A function () -> seconds of the model call alone on decoded images (no decode, post, write)."""
+    def run() -> float:
+        t = time.perf_counter()
+        for im in images:
+            model(im, *args)
+        return time.perf_counter() - t
+
+    return run
+
+
+def _backbone_inputs(images, scales, preprocess: str) -> list:
+    """Each image at each scale, resized to the sizes the serving graph uses (round(h*s), round(w*s))."""
+    import tensorflow as tf
+
+    from landmarks.model import normalize_pixels
+
+    inputs = []
+    for im in images:
+        h, w = im.shape[:2]
+        for sc in scales:
+            nh, nw = max(1, int(round(h * sc))), max(1, int(round(w * sc)))
+            x = tf.image.resize(tf.cast(im, tf.float32)[None], (nh, nw), method="bilinear")
+            inputs.append(normalize_pixels(x, preprocess))
+    return inputs
+
+
+def _backbone_timer(fn, inputs):
+    """A function () -> seconds of the frozen backbone over the pre-resized inputs."""
+    fn(inputs[0])
+
+    def run() -> float:
+        t = time.perf_counter()
+        for x in inputs:
+            fn(x)
+        return time.perf_counter() - t
+
+    return run
+
+
+def _flops(cfg, res: dict, net, inputs, meta: dict) -> None:
+    """Backbone FLOPs per image, achieved GFLOP/s and the pipeline ratio, into `res`."""
+    ref = 512
+    n = res["n"]
+    flops_ref = backbone_flops(net, ref)
+    pixels = sum(int(x.shape[1]) * int(x.shape[2]) for x in inputs)
+    flops_img = flops_ref / (ref * ref) * pixels / n
+    peak, assumption = peak_gflops(cfg, cpu_info())
+    res.update(backbone=meta.get("backbone"), bb_s=median(res["times"]["bb"]), flops_img=flops_img, peak=peak,
+               peak_note=assumption, flops_ref=flops_ref)
+    res["bb_ips"] = n / res["bb_s"]
+    res["ratio"] = res["pipe_ips"] / res["bb_ips"]
+    res["model_ratio"] = res["model_ips"] / res["bb_ips"]
+    res["bb_gflops"] = flops_img * res["bb_ips"] / 1e9
+    res["pipe_gflops"] = flops_img * res["pipe_ips"] / 1e9
+
+
+def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
+    """Row 1: interleaved repeats of pipeline, model call and backbone; medians and ratios."""
+    from landmarks import extract
+    from landmarks.images import load_image
+    from landmarks.utils import configure_tensorflow
+
+    configure_tensorflow(_cores())
+    ids, paths = _images(cfg, data_dir)
+    model_dir = Path(model_dir).resolve()
+    settings = extract.result_settings(cfg)
+    out_dir = Path(work_dir) / "bench" / "extract"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = _pipeline_timer(cfg, ids, paths, model_dir, out_dir, settings)
+    pipeline("warmup")  # loads the model (cached per process by extract), traces the graph
+    model = extract._get_model(str(model_dir), _cores())  # the very model object the pipeline used
+    images = [load_image(p, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"])[0]
+              for p in paths]
+    scales, rows, cap = extract.model_call(settings, local=True)  # the test-side call (global + local)
+    model_only = _model_timer(model, images, (scales, cap, settings["abs_thres"], rows))
+    n = len(images)
+    res = {"n": n, "mpix": sum(im.shape[0] * im.shape[1] for im in images) / n / 1e6, "scales": list(scales),
+           "backbone": None, "model_kind": (model_meta(model_dir) or {}).get("fold_batchnorm")}
+    meta = model_meta(model_dir)
+    bb = None
+    if meta is None:
+        res["backbone_error"] = "model has no landmarks_model.json (not built here): backbone unknown"
+    else:
+        net, fn = _backbone_fn(meta)
+        inputs = _backbone_inputs(images, scales, meta.get("preprocess", "tf128"))
+        bb = _backbone_timer(fn, inputs)
+    # interleaved repeats: load changes on a shared machine hit all three alike
+    times = res["times"] = {"pipe": [], "model": [], "bb": []}
+    for k in range(cfg.bench.repeats):
+        times["pipe"].append(pipeline(k))
+        times["model"].append(model_only())
+        if bb is not None:
+            times["bb"].append(bb())
+    res["pipe_s"], res["model_s"] = median(times["pipe"]), median(times["model"])
+    res["pipe_ips"], res["model_ips"] = n / res["pipe_s"], n / res["model_s"]
+    res["store"] = storage(out_dir / "shard-0.h5")
+    res["feat_per_img"] = res["store"]["m"] / max(1, res["store"]["n"])
+    res["rss_peak"] = rss_bytes()
+    if bb is not None:
+        _flops(cfg, res, net, inputs, meta)
+    return res
+
+
+def markdown(r: dict) -> list[str]:
+    """Row 1's section of bench.md."""
+    L = [f"Images: {r['n']} train images of the data dir, mean input {r['mpix']:.3f} MP after max_image_size, "
+         f"scales {r['scales']}; {r['feat_per_img']:.0f} local features/image; TF threads = all cores, one process.",
+         "", "| measurement | images/s | s/image | ratio to backbone |", "|---|---|---|---|"]
+    bb = r.get("bb_ips")
+    for name, key in (("full feature path (decode+resize+model+post+write)", "pipe_ips"),
+                      ("model call only (decoded images)", "model_ips"),
+                      ("bare backbone forward (frozen graph, pre-resized inputs)", "bb_ips")):
+        v = r.get(key)
+        ratio = f"{v / bb:.3f}" if (v and bb) else "n/a"
+        L.append(f"| {name} | {fmt(v)} | {fmt(1 / v if v else None, 3)} | {ratio} |")
+    if bb:
+        ok = "meets" if r["ratio"] >= AIM else "below"
+        L += ["", f"Pipeline overhead ratio **{r['ratio']:.3f}** (aim >= {AIM:.2f}: {ok}); the model-call row includes "
+              "the in-graph resize, heads and top-k (and unfolded batch norms unless the export folded them, "
+              "model.fold_batchnorm), so model - backbone = those, pipeline - model = decode + post-processing + "
+              "write (decode overlaps the model in a prefetch thread).",
+              f"Backbone ({r['backbone']}): {r['flops_img'] / 1e9:.2f} GFLOP/image (tf.profiler: "
+              f"{r['flops_ref'] / 1e9:.2f} GFLOP at 512x512, scaled by the pixels of each scale); achieved "
+              f"{r['bb_gflops']:.1f} GFLOP/s in the backbone ({100 * r['bb_gflops'] / r['peak']:.1f} % of peak), "
+              f"{r['pipe_gflops']:.1f} GFLOP/s end to end ({100 * r['pipe_gflops'] / r['peak']:.1f} %). "
+              f"Peak FP32 {r['peak']:.0f} GFLOP/s = {r['peak_note']}."]
+    else:
+        L += ["", f"Backbone: n/a ({r.get('backbone_error')})"]
+    L.append("Runs (s, interleaved): " + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}"
+                                                   for k, v in r.get("times", {}).items() if v))
+    return L
+
+
+def summary(r: dict) -> str:
+    """Row 1's cell of the summary table."""
+    ratio = f"{r['ratio']:.3f}" if r.get("ratio") else "n/a"
+    extra = f"; backbone {100 * r['bb_gflops'] / r['peak']:.1f} % of peak FP32" if r.get("bb_gflops") else ""
+    model = f"; model call {r['model_ratio']:.3f}" if r.get("model_ratio") else ""
+    return (f"{r['pipe_ips']:.2f} img/s pipeline vs {fmt(r.get('bb_ips'))} backbone; ratio {ratio} "
+            f"(aim >= {AIM:.2f}){model}{extra}")
