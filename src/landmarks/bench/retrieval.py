@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from landmarks.bench.common import PeakRss, cores, gb, in_child, model_dim, shared_dir
+from landmarks.layout import WorkLayout
 from landmarks.utils import LandmarksError, atomic_path, log
 
 TITLE = "kNN: exact vs approximate vs numpy"
@@ -110,7 +111,7 @@ def _real_globals(cfg, data_dir, work_dir, model_dir) -> tuple[np.ndarray | None
             if not cache.exists():
                 _extract_globals(cfg, model_dir, paths, cache)
             return np.load(cache), f"{len(paths)} shared real photos ({', '.join(s.name for s in sets)}; scale 1.0)"
-    train = Path(work_dir) / "features" / "train"
+    train = WorkLayout(work_dir).features("train")
     if train.is_dir():
         from landmarks.store import FeatureStore
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from landmarks.bench.common import median
-from landmarks.utils import atomic_path
+
 
 TITLE = "Verification vs train size N"
 
@@ -22,7 +22,7 @@ def _verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, see
     """A synthetic stage at N train ids: global-only train shards of `cap` ids (4-d globals:
     verification never reads them), local features for the shortlisted ids only (a local cache,
     as predict leaves it), test shard with local features, and knn.npz.  Built once per N."""
-    from landmarks.store import LocalFeatures, write_shard
+    from landmarks.store import LocalFeatures, save_npz, write_shard
     from landmarks.utils import text_digest
 
     marker = d / "complete.json"
@@ -57,11 +57,8 @@ def _verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, see
     test_ids = [f"t{k:015x}" for k in range(n_test)]
     write_shard(te / "shard-00000-of-00001.h5", test_ids, np.ones((n_test, 4), np.float32),
                 [lf() for _ in test_ids], order=range(n_test))
-    with atomic_path(d / "knn.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str),
-                     sims=np.ones((n_test, R), np.float32), idx=idx.astype(np.int64),
-                     fingerprint=np.array(text_digest("bench-knn", json.dumps(want))))
+    save_npz(d / "knn.npz", text_digest("bench-knn", json.dumps(want)), test_ids=np.array(test_ids, dtype=str),
+             train_ids=np.array(train_ids, dtype=str), sims=np.ones((n_test, R), np.float32), idx=idx.astype(np.int64))
     marker.write_text(json.dumps(want))
 
 
@@ -91,7 +88,7 @@ def row_verify(cfg, data_dir, work_dir, model_dir) -> dict:
             out.unlink(missing_ok=True)
             tm: dict = {}
             t = time.perf_counter()
-            verify.run_verify(cfg, data_dir, d, model_dir, out=out, timing=tm)
+            verify.run_verify(cfg, d / "knn.npz", d / "features" / "test", d / "features" / "train", out, timing=tm)
             tm["total_s"] = time.perf_counter() - t
             if k == 0:
                 cold[n] = tm
