@@ -210,7 +210,7 @@ def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
     descriptor = x @ eye(C, local_dim) + b + MLP(x); the MLP's first layer sees `context` x `context`
     cells (1 = the cell alone), its last layer starts at zero, so step 0 reproduces the default model.
     """
-    import keras
+    from landmarks.tfquiet import keras
 
     L = keras.layers
     inp = keras.Input((None, None, channels), name="local_block")
@@ -232,7 +232,7 @@ def _backbone(mc):
 
 
 def _heads_module(backbone, head, gem, score: str):
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     class AdaptedHeads(tf.Module):
         """Frozen backbone -> (adapted descriptor, keypoint score, GeM of the last map)."""
@@ -312,13 +312,12 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     `stop_after` ends this run after that many total steps without exporting (to test resuming);
     returns the export path, or None when stopped early.
     """
-    import keras
-    import tensorflow as tf
     from tqdm import tqdm
 
     from landmarks.data import load_split
     from landmarks.export import save_serving
     from landmarks.model import make_gem, normalize_pixels, output_layer_name, preprocess_mode, receptive_field
+    from landmarks.tfquiet import keras, tf
     from landmarks.train import _Checkpointer
 
     ac, mc = cfg.adapt, cfg.model
@@ -425,7 +424,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         log.info("adapt: %d images decoded in %.1fs; %d steps x %d pairs of %dpx views", len(images),
                  time.time() - t0, end - step, ac.batch_size, ac.crop_size)
         t0, done = time.time(), 0
-        bar = tqdm(total=end - step, desc="adapt", unit="step")
+        bar = tqdm(total=end - step, desc="adapt", unit="step", disable=None)
         with ThreadPoolExecutor(1) as pool:  # the next batch's pairs are made while this step runs
             nxt = pool.submit(make_batch, images, step, ac, rf, grid)
             while step < end:

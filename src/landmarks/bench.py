@@ -225,9 +225,8 @@ def _model_dim(cfg, model_dir) -> int:
 # ---------------------------------------------------------------------------------- row 1
 def _backbone_fn(meta: dict):
     """The exported model's backbone (random weights: same speed) as a frozen graph-mode function."""
-    import tensorflow as tf
-
     from landmarks.model import LITE0_LOCAL, build_backbone
+    from landmarks.tfquiet import tf
 
     name = meta.get("backbone")
     if not name:
@@ -245,7 +244,9 @@ def _backbone_fn(meta: dict):
 
 def backbone_flops(net, size: int = 512) -> float:
     """FLOPs of one forward pass at size x size counted by tf.profiler (mul and add = 2)."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
+
+    # isort: split
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     cf = tf.function(lambda x: net(x, training=False)).get_concrete_function(
@@ -274,11 +275,10 @@ def _storage(path) -> dict:
 
 
 def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
-    import tensorflow as tf
-
     from landmarks import extract
     from landmarks.data import load_split
     from landmarks.images import load_image
+    from landmarks.tfquiet import tf
     from landmarks.utils import configure_tensorflow
 
     bc = cfg.bench

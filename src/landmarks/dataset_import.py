@@ -189,7 +189,7 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
         miss = allrows.loc[~exists, "file"].tolist()
         log.warning("import: %s; they are left out", missing_report(miss))
         allrows = allrows[exists].reset_index(drop=True)
-    allrows["id"] = [_content_id(Path(f)) for f in tqdm(allrows["file"], desc="hashing images", unit="img")]
+    allrows["id"] = [_content_id(Path(f)) for f in tqdm(allrows["file"], desc="hashing images", unit="img", disable=None)]
     dup = allrows["id"].duplicated()
     if dup.any():
         first = allrows.loc[dup, "file"].iloc[0]
@@ -218,7 +218,7 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     state: dict = {}
-    for iid, sp, f in tqdm(list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img"):
+    for iid, sp, f in tqdm(list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img", disable=None):
         _place(f, tmp / sp / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", ic.link, state)
     train = used[used["split"] == "train"].sort_values("id")
     test = used[used["split"] == "test"].sort_values("id")

@@ -370,7 +370,7 @@ def make_demo(dc, out_dir: str | Path) -> Path:
                                       dc.test_views_per_landmark) for j in range(dc.unseen_landmarks)]
     tasks += [delayed(_distractor_task)(_demo_key(dc), str(tmp), k) for k in range(dc.num_distractors)]
     results = Parallel(n_jobs=max(1, dc.jobs), return_as="generator")(tasks)
-    rows = [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task") for r in res]
+    rows = [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task", disable=None) for r in res]
     label_of = {f"lm{i:03d}": int(labels[i]) for i in range(n_seen)}
     train = [(i, label_of[n]) for i, s, n in rows if s == "train"]
     test = sorted((i, str(label_of.get(n, ""))) for i, s, n in rows if s == "test")

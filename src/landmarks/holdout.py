@@ -134,7 +134,7 @@ def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
             if (data_dir / "train").is_dir():
                 os.symlink(os.path.abspath(data_dir / "train"), tmp / "train")  # lazy: one link for all train images
         else:
-            for src, iid in tqdm(list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img"):
+            for src, iid in tqdm(list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img", disable=None):
                 if os.path.exists(src):
                     _link(src, tmp / "train" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", hc.link)
                     linked += 1

@@ -69,7 +69,7 @@ def make_dataset(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray, tc,
     Sample k's augmentation is seeded by (offset + k, train.seed), so a resumed run (offset =
     samples already seen) draws exactly the crops an uninterrupted run would have.
     """
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     crop = int(tc.crop_size)
     seed = int(tc.seed)
@@ -189,12 +189,11 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     `stop_after` ends this run after that many total steps without exporting (used to test
     resuming); returns the export path, or None when stopped early.
     """
-    import keras
-    import tensorflow as tf
     from tqdm import tqdm
 
     from landmarks.export import export_trained
     from landmarks.model import build_delg, normalize_pixels, preprocess_mode
+    from landmarks.tfquiet import keras, tf
 
     tc, mc = cfg.train, cfg.model
     if tc.steps <= 0 or tc.batch_size <= 0 or tc.crop_size < 32:
@@ -273,7 +272,7 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         idx = idx[step * tc.batch_size:end * tc.batch_size]
         ds = make_dataset(paths, labels, idx, tc, offset=step * tc.batch_size)
         t0 = time.time()
-        bar = tqdm(total=end - step, desc="train", unit="step")
+        bar = tqdm(total=end - step, desc="train", unit="step", disable=None)
         for x, y in ds:
             m = {k: float(v) for k, v in train_step(x, y).items()}
             if not np.isfinite(m["loss"]):

@@ -254,7 +254,7 @@ def run_verify(cfg, data_dir, work_dir, model_dir, out: str | Path | None = None
                       digests)
         for b in batches)
     try:
-        with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img") as bar:
+        with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img", disable=None) as bar:
             for b, res in zip(batches, results):
                 inliers[b, :res.shape[1]] = res
                 bar.update(len(b))

@@ -1,0 +1,95 @@
+"""Import TensorFlow without its C++ start-up banners, keeping real warnings and errors.
+
+`import tensorflow` prints, on fd 2 and whatever TF_CPP_MIN_LOG_LEVEL says, lines such as
+``WARNING: All log messages before absl::InitializeLog() is called are written to STDERR``,
+``I0000 ... port.cc] oneDNN custom operations are on ...`` (twice) and, with the CUDA build on a
+machine without a GPU, ``Unable to register cuDNN factory`` / ``Could not find cuda drivers``.
+Every process that imports TF (the CLI, joblib and Dask workers, notebooks) would print them.
+
+`import_tensorflow()` sets TF_CPP_MIN_LOG_LEVEL=1 unless it is set (C++ INFO off, warnings and
+errors on), points fd 2 at a temporary file only while `import tensorflow` runs, then writes back
+to stderr every captured line that is not one of those banners (Python warnings raised during the
+import included). oneDNN stays on. Every module of the package gets TensorFlow through it:
+
+    from landmarks.tfquiet import tf      # or: tf = import_tensorflow()
+    from landmarks.tfquiet import keras
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import threading
+
+# Start-up lines that say nothing about the run (matched on each captured line).
+BANNERS = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|oneDNN custom operations are on"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|Could not find cuda drivers"
+    r"|cudart_stub\.cc"
+    r"|TF-TRT Warning: Could not find TensorRT"
+    r"|failed call to cuInit"
+    r"|Ignoring visible gpu device"
+)
+_LOCK = threading.Lock()
+
+
+def _is_banner(line: str) -> bool:
+    return bool(BANNERS.search(line))
+
+
+def import_tensorflow():
+    """`import tensorflow` without the start-up banners; returns the module (cached after the first call)."""
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and hasattr(tf, "constant"):
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    with _LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to keep quiet
+            import tensorflow as tf
+
+            return tf
+        with tempfile.TemporaryFile() as buf:
+            os.dup2(buf.fileno(), 2)
+            try:
+                import tensorflow as tf
+            finally:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+                os.dup2(saved, 2)
+                os.close(saved)
+                buf.seek(0)
+                text = buf.read().decode("utf-8", "replace")
+                kept = [ln for ln in text.splitlines(keepends=True) if not _is_banner(ln)]
+                if kept:
+                    sys.stderr.write("".join(kept))
+                    sys.stderr.flush()
+    return tf
+
+
+def import_keras():
+    """`import keras` (its TensorFlow backend imported quietly first)."""
+    import_tensorflow()
+    import keras
+
+    return keras
+
+
+def __getattr__(name: str):
+    """`from landmarks.tfquiet import tf` / `... import keras`: the quietly imported module."""
+    if name == "tf":
+        return import_tensorflow()
+    if name == "keras":
+        return import_keras()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
