@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
+import pytest
 
 BANNER_WORDS = ("onednn", "absl", "cuda", "cpu_feature_guard", "rebuild tensorflow")
 
@@ -24,27 +24,36 @@ def _banners(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if any(w in ln.lower() for w in BANNER_WORDS)]
 
 
-def test_filter_drops_banners_and_replays_everything_else(tmp_path):
+STAND_IN = '''
+import os, types, warnings
+os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+os.write(2, b"I0000 00:00:1.2 5651 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
+os.write(2, b"E0000 00:00:1.3 77 cuda_fft.cc:467] Unable to register cuFFT factory: Attempting ...\\n")
+DRIVER and os.write(2, b"I0000 00:00:1.3 77 cudart_stub.cc:31] Could not find cuda drivers on your machine\\n")
+os.write(2, b"W0000 00:00:1.4 77 some_op.cc:1] a real C++ warning\\n")
+warnings.warn("a real Python warning at import", UserWarning)
+constant = object()
+config = types.SimpleNamespace(list_physical_devices=lambda: os.write(
+    2, b"E0000 00:00:1.5 77 cuda_platform.cc:52] failed call to cuInit: CUDA error (303)\\n"))
+'''
+
+
+@pytest.mark.parametrize("driver", [False, True])
+def test_filter_drops_banners_and_replays_everything_else(tmp_path, driver):
     """A stand-in `tensorflow` writes the real banners and two real lines to fd 2 while it is
-    imported: only the real lines come back, after the import, on stderr."""
+    imported: only the real lines come back, after the import, on stderr. The CUDA build's cuInit
+    error is noise only when it has just said that there is no driver at all."""
     fake = tmp_path / "tensorflow"
     fake.mkdir()
-    (fake / "__init__.py").write_text(textwrap.dedent('''
-        import os, warnings
-        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
-        os.write(2, b"I0000 00:00:1.2 5651 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
-        os.write(2, b"E0000 00:00:1.3 77 cuda_fft.cc:467] Unable to register cuFFT factory: Attempting ...\\n")
-        os.write(2, b"W0000 00:00:1.4 77 some_op.cc:1] a real C++ warning\\n")
-        warnings.warn("a real Python warning at import", UserWarning)
-        constant = object()
-        '''))
+    (fake / "__init__.py").write_text(STAND_IN.replace("DRIVER and", "False and" if driver else "True and"))
     code = ("import sys, os; from landmarks.tfquiet import import_tensorflow; tf = import_tensorflow(); "
             "assert tf is import_tensorflow(); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"  # C++ INFO off, warnings and errors on
-    assert _banners(r.stderr) == [], r.stderr
+    kept = _banners(r.stderr)  # a driver is there: its cuInit error is a real one
+    assert ["failed call to cuInit" in ln for ln in kept] == ([True] if driver else []), r.stderr
     assert "a real C++ warning" in r.stderr and "a real Python warning at import" in r.stderr
 
 

@@ -7,9 +7,10 @@ machine without a GPU, ``Unable to register cuDNN factory`` / ``Could not find c
 Every process that imports TF (the CLI, joblib and Dask workers, notebooks) would print them.
 
 `import_tensorflow()` sets TF_CPP_MIN_LOG_LEVEL=1 unless it is set (C++ INFO off, warnings and
-errors on), points fd 2 at a temporary file only while `import tensorflow` runs, then writes back
-to stderr every captured line that is not one of those banners (Python warnings raised during the
-import included). oneDNN stays on. Every module of the package gets TensorFlow through it:
+errors on), points fd 2 at a temporary file only while `import tensorflow` and the device probe
+(`tf.config.list_physical_devices()`, where the CUDA build looks for a driver) run, then writes
+back to stderr every captured line that is not one of those banners (Python warnings raised
+during the import included). oneDNN stays on. Every module of the package gets TensorFlow through it:
 
     from landmarks.tfquiet import tf      # or: tf = import_tensorflow()
     from landmarks.tfquiet import keras
@@ -34,14 +35,19 @@ BANNERS = re.compile(
     r"|Could not find cuda drivers"
     r"|cudart_stub\.cc"
     r"|TF-TRT Warning: Could not find TensorRT"
-    r"|failed call to cuInit"
-    r"|Ignoring visible gpu device"
 )
+# With no NVIDIA driver at all ("Could not find cuda drivers"), the CUDA build's device probe then
+# fails with this error line: noise there, a real diagnostic on a machine that has a driver.
+NO_DRIVER = re.compile(r"Could not find cuda drivers")
+NO_DRIVER_ONLY = re.compile(r"failed call to cuInit")
 _LOCK = threading.Lock()
 
 
-def _is_banner(line: str) -> bool:
-    return bool(BANNERS.search(line))
+def _kept(text: str) -> list[str]:
+    """The captured lines worth showing."""
+    no_driver = bool(NO_DRIVER.search(text))
+    return [ln for ln in text.splitlines(keepends=True)
+            if not BANNERS.search(ln) and not (no_driver and NO_DRIVER_ONLY.search(ln))]
 
 
 def import_tensorflow():
@@ -62,6 +68,10 @@ def import_tensorflow():
             os.dup2(buf.fileno(), 2)
             try:
                 import tensorflow as tf
+
+                # probe the devices now (the CUDA build logs its driver search here, not at import);
+                # thread pools and GPU memory growth can still be set after this
+                tf.config.list_physical_devices()
             finally:
                 try:
                     sys.stderr.flush()
@@ -71,7 +81,7 @@ def import_tensorflow():
                 os.close(saved)
                 buf.seek(0)
                 text = buf.read().decode("utf-8", "replace")
-                kept = [ln for ln in text.splitlines(keepends=True) if not _is_banner(ln)]
+                kept = _kept(text)
                 if kept:
                     sys.stderr.write("".join(kept))
                     sys.stderr.flush()
