@@ -57,6 +57,9 @@ def import_tensorflow():
         return tf
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     with _LOCK:
+        tf = sys.modules.get("tensorflow")
+        if tf is not None and hasattr(tf, "constant"):  # another thread finished it meanwhile
+            return tf
         try:
             sys.stderr.flush()
             saved = os.dup(2)
