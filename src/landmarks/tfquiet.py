@@ -7,10 +7,12 @@ machine without a GPU, ``Unable to register cuDNN factory`` / ``Could not find c
 Every process that imports TF (the CLI, joblib and Dask workers, notebooks) would print them.
 
 `import_tensorflow()` sets TF_CPP_MIN_LOG_LEVEL=1 unless it is set (C++ INFO off, warnings and
-errors on), points fd 2 at a temporary file only while `import tensorflow` and the device probe
+errors on; the Python `tensorflow` logger likewise at WARNING unless set), points fd 2 at a
+temporary file only while `import tensorflow` and the device probe
 (`tf.config.list_physical_devices()`, where the CUDA build looks for a driver) run, then writes
 back to stderr every captured line that is not one of those banners (Python warnings raised
-during the import included). oneDNN stays on. Every module of the package gets TensorFlow through it:
+during the import included). oneDNN stays on. Every module of the package gets TensorFlow
+through it:
 
     from landmarks.tfquiet import tf      # or: tf = import_tensorflow()
     from landmarks.tfquiet import keras
@@ -18,6 +20,7 @@ during the import included). oneDNN stays on. Every module of the package gets T
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -88,6 +91,9 @@ def import_tensorflow():
                 if kept:
                     sys.stderr.write("".join(kept))
                     sys.stderr.flush()
+    tf_log = logging.getLogger("tensorflow")
+    if tf_log.level == logging.NOTSET:  # its INFO lines ("Assets written to: ...") are chatter too
+        tf_log.setLevel(logging.WARNING)
     return tf
 
 
