@@ -38,8 +38,9 @@ install: $(INSTALLED)
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
-	$(BIN)/python -m pip install -q --no-deps -e .
+	@# venvs made before the switch to the `tensorflow` distribution hold tensorflow-cpu (same files)
+	$(BIN)/python -m pip uninstall -q -y tensorflow-cpu 2>/dev/null || true
+	$(BIN)/python -m pip install -q -c requirements.txt -e ".[dev,cluster]"
 	touch $@
 
 demo-data: $(DEMO_DIR)/.complete
@@ -124,6 +125,8 @@ docs: predict
 	$(LM) show --docs $(COMMON) --out docs/show_example.png
 
 test: $(INSTALLED)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest -q
 
 clean:

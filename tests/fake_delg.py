@@ -24,9 +24,9 @@ GLOBAL_DIM = 48
 def build_fake_delg(out_dir: str | Path) -> Path:
     """Write the fake DELG SavedModel to `out_dir` and return the path."""
     import numpy as np
-    import tensorflow as tf
 
     from landmarks.delg_io import serving_input_signature
+    from landmarks.tfquiet import tf
 
     proj = tf.constant(np.random.default_rng(0).standard_normal((CELL * CELL * 3, 128)).astype(np.float32))
 

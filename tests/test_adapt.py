@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from landmarks.utils import LandmarksError  # noqa: E402
+from landmarks.utils import LandmarksError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,18 +1,14 @@
 """bench (a tool, one module per row): the quick smoke run writes every row and the GLDv2-scale section; rows are independent."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from landmarks import bench  # noqa: E402
-from landmarks.bench import retrieval  # noqa: E402
-from landmarks.config import ConfigError, load_config  # noqa: E402
-from landmarks.utils import LandmarksError  # noqa: E402
+from landmarks import bench
+from landmarks.bench import retrieval
+from landmarks.config import ConfigError, load_config
+from landmarks.utils import LandmarksError
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,6 @@ import pytest
 from landmarks.config import Config
 from landmarks.extract import features_dir, run_features
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_delg import build_fake_delg  # noqa: E402
-from test_extract import _write_split  # noqa: E402
-
 HOST = "127.0.0.1"  # never any other address
 BIN = Path(sys.executable).parent
 
@@ -105,14 +101,14 @@ def cluster(tmp_path):
 
 
 @pytest.fixture
-def data(tmp_path):
+def data(tmp_path, fake_model, write_split):
     rng = np.random.default_rng(5)
     root = tmp_path / "data"
     # enough images that a shard takes seconds even on an idle machine (the fake model does ~150
     # images/s): the worker must still be busy when the test kills it
-    ids = _write_split(root, "train", 1200, rng)
+    ids = write_split(root, "train", 1200, rng)
     pd.DataFrame({"id": ids, "landmark_id": np.arange(len(ids)) % 4}).to_csv(root / "train.csv", index=False)
-    return root, build_fake_delg(tmp_path / "model" / "fake_delg")
+    return root, fake_model
 
 
 def _cfg():

@@ -9,9 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from landmarks.utils import LandmarksError  # noqa: E402
+from landmarks.utils import LandmarksError
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +75,7 @@ def test_default_model_metadata(default_model):
 
 
 def test_signature_names_and_dtypes(default_model):
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     sig = tf.saved_model.load(str(default_model)).signatures["serving_default"]
     _, kw = sig.structured_input_signature
@@ -158,9 +156,8 @@ def test_cli_model_build_tiny(tmp_path):
 
 
 def test_load_delg_tf1_prune_path(tmp_path):
-    import tensorflow as tf
-
     from landmarks.delg_io import load_delg
+    from landmarks.tfquiet import tf
 
     export_dir = str(tmp_path / "tf1")
     g = tf.Graph()

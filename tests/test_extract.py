@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import h5py
@@ -16,46 +15,20 @@ from landmarks.extract import ensure_local, features_dir, run_features
 from landmarks.store import FeatureStore
 from landmarks.utils import LandmarksError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_delg import build_fake_delg  # noqa: E402
-
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BAD = {"missing file", "empty file", "truncated", "not an image", "too small (5x5)"}
-
-
-@pytest.fixture(scope="session")
-def fake_model(tmp_path_factory):
-    return build_fake_delg(tmp_path_factory.mktemp("model") / "fake_delg")
 
 
 def _path(root, split, i):
     return root / split / i[0] / i[1] / i[2] / f"{i}.jpg"
 
 
-def _write_split(root, split, n, rng, bad=True):
-    ids = [f"{rng.integers(0, 2**63):016x}" for _ in range(n)]
-    for k, i in enumerate(ids):
-        p = _path(root, split, i)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        w, h = (96, 72) if k % 2 == 0 else (72, 96)
-        small = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8)
-        Image.fromarray(small).resize((w, h), Image.BILINEAR).save(p, quality=92)
-    if bad:  # the last five images are broken in five different ways
-        _path(root, split, ids[-1]).unlink()  # missing
-        _path(root, split, ids[-2]).write_bytes(b"")  # zero bytes
-        d = _path(root, split, ids[-3]).read_bytes()
-        _path(root, split, ids[-3]).write_bytes(d[: len(d) // 2])  # truncated
-        _path(root, split, ids[-4]).write_text("hello\n" * 50)  # text named .jpg
-        Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(_path(root, split, ids[-5]))  # 5x5
-    return ids
-
-
 @pytest.fixture
-def dataset(tmp_path):
+def dataset(tmp_path, write_split):
     rng = np.random.default_rng(1)
     root = tmp_path / "data"
-    train = _write_split(root, "train", 14, rng)
-    test = _write_split(root, "test", 9, rng)
+    train = write_split(root, "train", 14, rng)
+    test = write_split(root, "test", 9, rng)
     pd.DataFrame({"id": train, "landmark_id": np.arange(len(train)) % 3}).to_csv(root / "train.csv", index=False)
     pd.DataFrame({"id": test, "landmarks": ""}).to_csv(root / "sample_submission.csv", index=False)
     return root, train, test
@@ -315,10 +288,10 @@ def _counting_model(monkeypatch):
     return calls
 
 
-def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, fake_model, monkeypatch):
+def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, fake_model, monkeypatch, write_split):
     rng = np.random.default_rng(7)
     root = tmp_path / "data"
-    ids = _write_split(root, "train", 100, rng, bad=False)
+    ids = write_split(root, "train", 100, rng, bad=False)
     broken = ids[10]
     _path(root, "train", broken).write_bytes(b"")  # a stored failure is kept too, not retried
     csv = root / "train.csv"
@@ -330,7 +303,7 @@ def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, f
     ref_ids, ref_g = FeatureStore(paths[0].parent).global_matrix()
 
     # append 1 % (one row): only that image goes through the model, the CSV order is kept
-    new = _write_split(root, "train", 1, rng, bad=False)
+    new = write_split(root, "train", 1, rng, bad=False)
     pd.DataFrame({"id": ids + new, "landmark_id": np.arange(101) % 5}).to_csv(csv, index=False)
     calls.clear()
     run_features(cfg, root, work, fake_model, "train", shards=4, jobs=1)

@@ -90,7 +90,9 @@ def test_select_local_equals_a_call_at_the_local_scales_alone(fake_model):
     _, lf_ref = postprocess(model(img, [0.7071, 1.0], 40, 0.0, [0]))
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
     assert len(lf) == len(lf_ref) == 40
-    key = lambda f: sorted(map(tuple, np.round(np.c_[f.keypoints, f.scales], 3)))
+    def key(f):
+        return sorted(map(tuple, np.round(np.c_[f.keypoints, f.scales], 3)))
+
     assert key(lf) == key(lf_ref)
     assert set(np.round(lf.scales, 4)) <= {0.7071, 1.0}
     # global-only extraction runs the global scales alone; equal sets need no selection

@@ -20,20 +20,12 @@ from landmarks.cli import main
 from landmarks.config import Config, ConfigError, load_config
 from landmarks.utils import LandmarksError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_delg import build_fake_delg  # noqa: E402
-
 IDS = ["0123456789abcdef", "fedcba9876543210", "00112233aabbccdd"]
-
-
-@pytest.fixture(scope="module")
-def fake_model(tmp_path_factory):
-    return build_fake_delg(tmp_path_factory.mktemp("model") / "fake_delg")
 
 
 def _ds(root: Path, train_rows, test_ids=("aaaabbbbccccdddd",), train_header="id,landmark_id") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "train.csv").write_text(train_header + "\n" + "".join(f"{i},{l}\n" for i, l in train_rows),
+    (root / "train.csv").write_text(train_header + "\n" + "".join(f"{i},{lab}\n" for i, lab in train_rows),
                                     encoding="utf-8")
     (root / "sample_submission.csv").write_text("id,landmarks\n" + "".join(f"{i},\n" for i in test_ids),
                                                 encoding="utf-8")
@@ -268,9 +260,7 @@ def test_broken_sample_submission_stops_before_train_extraction(tmp_path, fake_m
     assert not list(features_dir(tmp_path / "w", "train").glob("shard-*.h5"))
 
 
-def test_broken_sample_submission_stops_predict_with_one_line(tmp_path):
-    from test_predict import make_dataset
-
+def test_broken_sample_submission_stops_predict_with_one_line(tmp_path, make_dataset):
     d, work = make_dataset(tmp_path)
     cfg = Config()
     cfg.verify.enabled = False

@@ -1,7 +1,7 @@
 import hashlib
-import zlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np

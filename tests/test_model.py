@@ -1,14 +1,10 @@
 """DELG model: torch-free Lite0 conversion, receptive fields, heads."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from landmarks.utils import LandmarksError  # noqa: E402
+from landmarks.utils import LandmarksError
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +15,7 @@ def lite0_classifier():
 
 
 def _top5(model, img):
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     x = tf.image.resize(tf.cast(img, tf.float32)[None], (224, 224))
     logits = np.asarray(model((x - 127.0) / 128.0, training=False))[0]
@@ -131,10 +127,9 @@ def test_resnet_imagenet_offline_fails_clearly(monkeypatch):
 
 
 def test_delg_heads_shapes_and_arcface_margin():
-    import tensorflow as tf
-
     from landmarks.config import ModelConfig
     from landmarks.model import build_delg
+    from landmarks.tfquiet import tf
 
     mc = ModelConfig(backbone="tiny", init="random", global_dim=16, local_dim=8)
     net = build_delg(mc, num_classes=5)
@@ -161,10 +156,9 @@ def test_delg_heads_shapes_and_arcface_margin():
 
 
 def test_whitening_starts_from_identity_when_sizes_match():
-    import tensorflow as tf
-
     from landmarks.config import ModelConfig
     from landmarks.model import build_delg
+    from landmarks.tfquiet import tf
 
     net = build_delg(ModelConfig(backbone="tiny", init="random", global_dim=32), num_classes=3)
     x = tf.random.uniform([1, 64, 64, 3], -1, 1)

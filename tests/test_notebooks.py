@@ -21,13 +21,11 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="module")
-def nb_env(tmp_path_factory):
+def nb_env(tmp_path_factory, fake_model):
     """One small pipeline run shared by the notebooks: a fake DELG model, the notebook-sized demo
     under WORK/small_demo (where notebook 02 looks), features + predict + validate done once."""
-    from fake_delg import build_fake_delg
-
     root = tmp_path_factory.mktemp("notebooks")
-    model = build_fake_delg(root / "model")
+    model = fake_model
     work = root / "work"
     env = nbk.notebook_env(data_dir=work / "small_demo" / "data", work_dir=work, model=model,
                            submission=root / "submission.csv", small=True)

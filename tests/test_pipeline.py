@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -29,7 +28,7 @@ def run(tmp_path_factory):
     lm("model", "build", "--out", model)
     common = ["--data-dir", data, "--work-dir", work, "--model", model, "--submission", sub,
               "--set", "extract.global_scales=0.7071,1.0", "--set", "extract.local_scales=0.7071,1.0",
-              "--set", "extract.max_feature_num=300"]
+              "--set", "extract.max_feature_num=300", "--set", "extract.intra_op_threads=2"]
     for split in ("train", "test"):
         lm("features", *common, "--split", split, "--shards", 2, "--jobs", 1)
     for stage in ("whiten", "knn", "local-features", "verify", "predict"):
@@ -57,7 +56,11 @@ def test_report_and_gap(run):
         assert (run["work"] / "plots" / png).stat().st_size > 1000
     r = lm("gap", "--solution", run["data"] / "solution.csv", "--submission", run["sub"])
     gap = float(r.stdout.split()[1])
-    assert 0.3 < gap <= 1.0, r.stdout  # real features on the demo must beat chance by far
+    # Obtained by running this module (2026-11-23, tensorflow 2.21.0 on x86-64 with AVX-512):
+    # GAP 0.720238, accuracy 9/12, the same on every run. Everything before it is deterministic
+    # (seeded demo, fixed model weights, TF threads pinned above, exact kNN, seeded RANSAC); another
+    # TF build or CPU kernel path may move a descriptor by float round-off and flip a close vote.
+    assert round(gap, 4) == 0.7202, r.stdout
 
 
 def test_rerun_skips_and_is_byte_identical(run):

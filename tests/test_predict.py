@@ -78,32 +78,7 @@ def test_write_submission(tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
-def make_dataset(tmp_path, n_classes=4, per_class=3, n_distract=3, dim=16, seed=0, local=False):
-    """Synthetic dataset dir + feature stores: test images near their class, distractors in a cluster."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n_classes, dim))
-    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-    tr = unit(np.repeat(centres, per_class, 0) + 0.3 * rng.normal(size=(n_classes * per_class, dim)))
-    tr_ids = [f"tr{i:04d}" for i in range(len(tr))]
-    tr_lab = np.repeat(np.arange(100, 100 + n_classes), per_class)
-    te = unit(centres + 0.4 * rng.normal(size=(n_classes, dim)))
-    prod = unit(rng.normal(size=(1, dim)) + 0.2 * rng.normal(size=(n_distract, dim)))
-    te_ids = [f"te{i:04d}" for i in range(n_classes)] + [f"dx{i:04d}" for i in range(n_distract)]
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.csv").write_text("id,landmark_id\n" + "".join(f"{i},{l}\n" for i, l in zip(tr_ids, tr_lab)))
-    sample = te_ids[::-1] + ["fail0001"]
-    (data / "sample_submission.csv").write_text("id,landmarks\n" + "".join(f"{i},\n" for i in sample))
-    (data / "solution.csv").write_text("id,landmarks\n" + "".join(
-        f"{i},{100 + n if i.startswith('te') else ''}\n" for n, i in enumerate(te_ids)) + "fail0001,\n")
-    work = tmp_path / "work"
-    write_shard(work / "features/train/shard-00000-of-00001.h5", tr_ids, tr, None)
-    write_shard(work / "features/test/shard-00000-of-00001.h5", te_ids, np.concatenate([te, prod]), None,
-                failures=[("fail0001", "unreadable image")])
-    return data, work
-
-
-def test_run_predict_end_to_end_and_deterministic(tmp_path):
+def test_run_predict_end_to_end_and_deterministic(tmp_path, make_dataset):
     data, work = make_dataset(tmp_path)
     cfg = Config()
     cfg.verify.enabled = False
@@ -129,7 +104,7 @@ def test_run_predict_end_to_end_and_deterministic(tmp_path):
         pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "c.csv")
 
 
-def test_run_predict_rejects_foreign_features(tmp_path):
+def test_run_predict_rejects_foreign_features(tmp_path, make_dataset):
     data, work = make_dataset(tmp_path)
     (data / "train.csv").write_text("id,landmark_id\nzzz0,1\n")
     cfg = Config()
@@ -138,10 +113,8 @@ def test_run_predict_rejects_foreign_features(tmp_path):
         pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "a.csv")
 
 
-def test_run_predict_with_verification_is_byte_identical(tmp_path):
+def test_run_predict_with_verification_is_byte_identical(tmp_path, make_dataset, planted_pair):
     """Verification on planted local features, twice (jobs 2 then 1): identical submissions."""
-    from test_verify import planted_pair
-
     data, work = make_dataset(tmp_path, n_classes=2, per_class=2, n_distract=1)
     rng = np.random.default_rng(7)
     import h5py

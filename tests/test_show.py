@@ -49,7 +49,9 @@ def make_case_data(tmp_path):
     kp_t = np.concatenate([pts[:, :2] / pts[:, 2:], rng.uniform(10, 170, (n - shared, 2))])
     d_t = np.concatenate([_unit(d_q[:shared] + 0.05 * rng.normal(size=(shared, 128))),
                           _unit(rng.normal(size=(n - shared, 128)))])
-    rand = lambda: _lf(rng.uniform(0, 170, (n, 2)), _unit(rng.normal(size=(n, 128))), rng)
+    def rand():
+        return _lf(rng.uniform(0, 170, (n, 2)), _unit(rng.normal(size=(n, 128))), rng)
+
     tr_local = [_lf(kp_t, d_t, rng), rand(), rand(), rand()]
     te_local = [_lf(kp_q, d_q, rng), rand()]
     g = _unit(rng.normal(size=(4, 16)))

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from landmarks.utils import LandmarksError  # noqa: E402
+from landmarks.utils import LandmarksError
 
 
 def _make_data(root: Path, classes=3, views=3, seed=0) -> Path:

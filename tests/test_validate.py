@@ -8,11 +8,9 @@ from landmarks import pipeline, validate
 from landmarks.config import Config
 from landmarks.store import write_shard
 from landmarks.utils import LandmarksError
-from test_predict import make_dataset
-from test_verify import planted_pair
 
 
-def test_validate_global_only(tmp_path, capsys):
+def test_validate_global_only(tmp_path, capsys, make_dataset):
     data, work = make_dataset(tmp_path)
     cfg = Config()
     cfg.verify.enabled = False
@@ -30,7 +28,7 @@ def test_validate_global_only(tmp_path, capsys):
         validate.run_validate(cfg, data, work, tmp_path / "model", sub)
 
 
-def test_validate_with_verification_and_options(tmp_path):
+def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_pair):
     """Two look-alike classes: global kNN confuses them, planted local geometry tells them apart."""
     rng = np.random.default_rng(5)
     data, work = make_dataset(tmp_path, n_classes=2, per_class=1, n_distract=2)
@@ -56,7 +54,9 @@ def test_validate_with_verification_and_options(tmp_path):
     cfg.vote.suppression = "test"
     sub = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
     text = validate.run_validate(cfg, data, work, tmp_path / "model", sub).read_text()
-    row = lambda name: next(l for l in text.splitlines() if l.startswith(f"| {name}"))
+    def row(name):
+        return next(ln for ln in text.splitlines() if ln.startswith(f"| {name}"))
+
     assert float(row("global + verification **(default)**").split("|")[3]) == 1.0  # accuracy
     assert float(row("global only (no verification)").split("|")[3]) == 0.0
     assert "knn.qe_k off" in text and "without suppression" in text

@@ -7,35 +7,15 @@ import pytest
 from landmarks import knn, verify, whiten
 from landmarks.config import Config, VerifyConfig
 from landmarks.layout import WorkLayout
-from landmarks.store import LocalFeatures, load_npz, write_shard
+from landmarks.store import load_npz, write_shard
 from landmarks.utils import LandmarksError
-
-H = np.array([[0.9, 0.1, 20.0], [-0.05, 1.1, -10.0], [2e-4, 1e-4, 1.0]])
 
 
 def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _lf(kp, desc):
-    n = len(kp)
-    return LocalFeatures(kp.astype(np.float32), desc.astype(np.float32), np.ones(n, np.float32), np.ones(n, np.float32))
-
-
-def planted_pair(rng, n=300, shared=120, dim=128, noise=0.05):
-    """A query and a train image sharing `shared` features related by H, plus a random image."""
-    kp_q = rng.uniform(0, 500, (n, 2))
-    d_q = _unit(rng.normal(size=(n, dim)))
-    pts = np.c_[kp_q[:shared], np.ones(shared)] @ H.T
-    kp_t = np.concatenate([pts[:, :2] / pts[:, 2:] + rng.normal(0, 0.5, (shared, 2)), rng.uniform(0, 500, (n - shared, 2))])
-    d_t = np.concatenate([_unit(d_q[:shared] + noise * rng.normal(size=(shared, dim))),
-                          _unit(rng.normal(size=(n - shared, dim)))])
-    perm = rng.permutation(n)
-    other = _lf(rng.uniform(0, 500, (n, 2)), _unit(rng.normal(size=(n, dim))))
-    return _lf(kp_q, d_q), _lf(kp_t[perm], d_t[perm]), other
-
-
-def test_matchers_find_the_shared_features():
+def test_matchers_find_the_shared_features(planted_pair):
     rng = np.random.default_rng(0)
     q, t, other = planted_pair(rng)
     m = verify.match_mutual(q.descriptors, t.descriptors, 0.5)
@@ -53,7 +33,7 @@ def test_matchers_find_the_shared_features():
 
 
 @pytest.mark.parametrize("matcher", ["mutual", "kdtree"])
-def test_inliers_planted_vs_random_and_deterministic(matcher):
+def test_inliers_planted_vs_random_and_deterministic(matcher, planted_pair):
     rng = np.random.default_rng(1)
     q, t, other = planted_pair(rng)
     cfg = VerifyConfig(matcher=matcher, mutual_min_sim=0.5)
@@ -100,12 +80,14 @@ def run_knn_verify(cfg, root, out=None):
                              work.whiten(cfg))
 
 
-def test_run_verify_stage(tmp_path):
+def test_run_verify_stage(tmp_path, planted_pair):
     rng = np.random.default_rng(3)
     pairs = [planted_pair(rng, n=120, shared=60) for _ in range(3)]
     queries = [p[0] for p in pairs]
     trains = [p[1] for p in pairs] + [p[2] for p in pairs]
-    gl = lambda n: _unit(rng.normal(size=(n, 8)))
+    def gl(n):
+        return _unit(rng.normal(size=(n, 8)))
+
     tr_g = gl(6)
     te_g = _unit(tr_g[:3] + 0.05 * rng.normal(size=(3, 8)))
     write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", [f"tr{i}" for i in range(6)], tr_g, trains)
@@ -132,7 +114,7 @@ def test_run_verify_stage(tmp_path):
     assert (tmp_path / "v1.npz").stat().st_mtime_ns == mtime
 
 
-def test_verify_asks_for_the_local_features_stage(tmp_path):
+def test_verify_asks_for_the_local_features_stage(tmp_path, planted_pair):
     """A shortlisted train image without local features: a clear error naming the stage to run."""
     rng = np.random.default_rng(2)
     g = _unit(rng.normal(size=(2, 8)))
@@ -143,7 +125,7 @@ def test_verify_asks_for_the_local_features_stage(tmp_path):
         run_knn_verify(Config(), tmp_path)
 
 
-def test_local_pca_whitening_keeps_planted_matches(tmp_path):
+def test_local_pca_whitening_keeps_planted_matches(tmp_path, planted_pair):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(200, 6)) * np.array([10, 5, 1, 1, 0.1, 0.1])
     w = whiten.fit_global(_unit(x))

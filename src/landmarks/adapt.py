@@ -214,7 +214,7 @@ def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
     descriptor = x @ eye(C, local_dim) + b + MLP(x); the MLP's first layer sees `context` x `context`
     cells (1 = the cell alone), its last layer starts at zero, so step 0 reproduces the default model.
     """
-    import keras
+    from landmarks.tfquiet import keras
 
     L = keras.layers
     inp = keras.Input((None, None, channels), name="local_block")
@@ -238,7 +238,7 @@ def _backbone(mc):
 
 def _heads_module(backbone, head, gem, score: str):
     """tf.Module for export.save_serving: frozen backbone -> adapted local heads + GeM global."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     class AdaptedHeads(tf.Module):
         """Frozen backbone -> (adapted descriptor, keypoint score, GeM of the last map)."""
@@ -291,7 +291,7 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     `stop_after` ends this run after that many total steps without exporting (to test resuming);
     returns the export path, or None when stopped early.
     """
-    import keras
+    from landmarks.tfquiet import keras
 
     from landmarks.delg_io import read_model_meta
     from landmarks.train import _Checkpointer
@@ -346,8 +346,7 @@ class _AdaptNet:
     feature-map grid at adapt.crop_size, the head being trained and its Adam optimizer."""
 
     def __init__(self, cfg):
-        import keras
-        import tensorflow as tf
+        from landmarks.tfquiet import keras, tf
 
         from landmarks.model import output_layer_name, receptive_field
 
@@ -369,7 +368,7 @@ class _AdaptNet:
 
 def bilinear_sample(f, u, rows: int, cols: int):
     """Bilinear sample of f [b, rows, cols, D] at u [b, n, 2] (x, y) grid coordinates -> [b, n, D]."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     x, y = u[..., 0], u[..., 1]
     x0 = tf.clip_by_value(tf.floor(x), 0.0, cols - 1.0)
@@ -387,7 +386,7 @@ def bilinear_sample(f, u, rows: int, cols: int):
 def _make_train_step(cfg, net: _AdaptNet):
     """The compiled step: InfoNCE of each visible A cell against its true B position (negatives:
     B cells beyond adapt.neg_radius) + weighted reliability BCE; one Adam update of the head."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     from landmarks.model import normalize_pixels, preprocess_mode
 
@@ -440,7 +439,7 @@ def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, h
     """Decode the images once, then train from `step` to `end` (the next batch's pairs are made
     while a step runs), checkpointing and plotting every adapt.checkpoint_every steps and at `end`;
     writes timing.json.  Returns `end`."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
     from tqdm import tqdm
 
     ac = cfg.adapt
@@ -454,7 +453,7 @@ def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, h
     log.info("adapt: %d images decoded in %.1fs; %d steps x %d pairs of %dpx views", len(images),
              time.time() - t0, end - step, ac.batch_size, ac.crop_size)
     t0, done = time.time(), 0
-    bar = tqdm(total=end - step, desc="adapt", unit="step")
+    bar = tqdm(total=end - step, desc="adapt", unit="step", disable=None)
     with ThreadPoolExecutor(1) as pool:
         nxt = pool.submit(make_batch, images, step, ac, net.rf, net.grid)
         while step < end:

@@ -223,7 +223,7 @@ def _read_sources(sources: list[str], extra_train: list[str], distractors: list[
         miss = allrows.loc[~exists, "file"].tolist()
         log.warning("import: %s; they are left out", missing_report(miss))
         allrows = allrows[exists].reset_index(drop=True)
-    allrows["id"] = [file_digest(f) for f in tqdm(allrows["file"], desc="hashing images", unit="img")]
+    allrows["id"] = [file_digest(f) for f in tqdm(allrows["file"], desc="hashing images", unit="img", disable=None)]
     dup = allrows["id"].duplicated()
     if dup.any():
         first = allrows.loc[dup, "file"].iloc[0]
@@ -239,7 +239,7 @@ def _write_import(tmp: Path, table: pd.DataFrame, class_rows: list[dict], label_
 
     used = table[table["split"] != "unused"]
     state: dict = {}
-    for iid, sp, f in tqdm(list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img"):
+    for iid, sp, f in tqdm(list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img", disable=None):
         _place(f, tmp / sp / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", link, state)
     train = used[used["split"] == "train"].sort_values("id")
     test = used[used["split"] == "test"].sort_values("id")

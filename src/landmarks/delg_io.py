@@ -27,7 +27,7 @@ OUTPUT_NAMES = ("boxes", "features", "scales", "scores", "global_descriptors")
 
 def serving_input_signature() -> list:
     """TensorSpecs of the official DELG inputs, in signature order (for exports and test models)."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     shapes = ([None, None, 3], [None], [], [], [None])
     dtypes = (tf.uint8, tf.float32, tf.int32, tf.float32, tf.int32)
@@ -45,7 +45,7 @@ class DelgModel:
 
     def __call__(self, image: np.ndarray, scales, max_feature_num: int, abs_thres: float,
                  global_scales_ind) -> dict[str, np.ndarray]:
-        import tensorflow as tf
+        from landmarks.tfquiet import tf
 
         feeds = (
             tf.constant(image, tf.uint8),
@@ -83,7 +83,7 @@ def read_model_meta(model_dir: str | Path) -> dict | None:
 
 def load_delg(model_dir: str | Path) -> DelgModel:
     """Load a DELG SavedModel of either generation; clear error when it is not one."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     model_dir = check_saved_model(model_dir)
     loaded = tf.saved_model.load(str(model_dir))

@@ -423,7 +423,7 @@ def _render_views(dc, out_dir: Path) -> list[tuple]:
                                       dc.test_views_per_landmark) for j in range(dc.unseen_landmarks)]
     tasks += [delayed(_distractor_task)(_demo_key(dc), str(out_dir), k) for k in range(dc.num_distractors)]
     results = Parallel(n_jobs=max(1, dc.jobs), return_as="generator")(tasks)
-    return [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task") for r in res]
+    return [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task", disable=None) for r in res]
 
 
 def _write_tables(dc, out_dir: Path, rows: list[tuple]) -> dict:

@@ -45,9 +45,8 @@ PROJECTIONS = ("block10", "block10_pcaw", "pca_imagenet", "pcaw_imagenet", "rand
 
 
 def _serving_class():
-    import tensorflow as tf
-
     from landmarks.model import normalize_pixels
+    from landmarks.tfquiet import tf
 
     class DelgServing(tf.Module):
         """tf.Module around a `heads(x) -> (desc [1,h,w,d], scores [1,h,w], global [1,D])` callable."""
@@ -129,7 +128,7 @@ def _serving_class():
 def save_serving(heads_owner, heads_name: str, rf, preprocess: str, out_dir: str | Path, *,
                  local_dim: int, global_dim: int, default_thres: float = 0.0, meta: dict | None = None) -> Path:
     """Save `heads_owner.<heads_name>` as a DELG SavedModel at `out_dir` (atomic: temp dir, then rename)."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     out_dir = Path(out_dir)
     module = _serving_class()(heads_owner, heads_name, rf, preprocess, default_thres, local_dim, global_dim)
@@ -175,9 +174,8 @@ def skimage_photos() -> list[np.ndarray]:
 
 
 def _activations(backbone, images, preprocess, max_side=512):
-    import tensorflow as tf
-
     from landmarks.model import normalize_pixels
+    from landmarks.tfquiet import tf
 
     acts = []
     for img in images:
@@ -218,7 +216,7 @@ def fit_projection(kind: str, backbone, preprocess: str, dim: int, seed: int = 0
 
 
 def _zero_training_heads(backbone, w, b, gem):
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     class ZeroTrainingHeads(tf.Module):
         """Backbone activations -> (fixed projection, activation L2 norm, GeM of last map)."""

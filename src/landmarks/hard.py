@@ -200,7 +200,7 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
                  settings["probe_scales"], jobs)
         tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings,
                                        str(out_dir / f"probe-{fp}-{text_digest(*b['id'])}.h5")) for b in todo)
-        with tqdm(total=len(todo), desc="hard: probe batches", unit="batch") as bar:
+        with tqdm(total=len(todo), desc="hard: probe batches", unit="batch", disable=None) as bar:
             for _ in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
                 bar.update(1)
     return sorted(out_dir.glob(f"probe-{fp}-*.h5"))

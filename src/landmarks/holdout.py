@@ -164,7 +164,7 @@ def _link_images(tmp: Path, data_dir: Path, new_train: pd.DataFrame, test_srcs: 
         if (data_dir / "train").is_dir():
             os.symlink(os.path.abspath(data_dir / "train"), tmp / "train")  # lazy: one link for all train images
     else:
-        for src, iid in tqdm(list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img"):
+        for src, iid in tqdm(list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img", disable=None):
             if os.path.exists(src):
                 _link(src, tmp / "train" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", mode)
                 linked += 1

@@ -51,7 +51,7 @@ class ReceptiveField:
 
 
 def _keras():
-    import keras
+    from landmarks.tfquiet import keras
 
     return keras
 
@@ -189,7 +189,7 @@ def preprocess_mode(backbone: str, init: str) -> str:
 
 def normalize_pixels(x, mode: str):
     """float32 RGB pixels in [0,255] -> backbone input (works on tf tensors and keras ops)."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     if mode == "tf127":
         return (x - 127.0) / 128.0
@@ -272,7 +272,7 @@ def output_layer_name(model, index: int) -> str:
 
 def _layers():
     keras = _keras()
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     @keras.saving.register_keras_serializable(package="landmarks")
     class GeM(keras.layers.Layer):
@@ -333,7 +333,7 @@ def make_gem(p: float = 3.0, trainable: bool = False, name: str = "gem"):
 def build_delg(cfg_model, num_classes: int, backbone=None):
     """Construct the trainable DELG network (a keras.Model subclass) for `num_classes` labels."""
     keras = _keras()
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     GeM, ArcFace = _layers()
     L = keras.layers

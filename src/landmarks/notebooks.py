@@ -254,7 +254,7 @@ def run_notebooks(out_dir: str | Path, notebooks_dir: str | Path | None = None, 
         if not paths:
             raise LandmarksError(f"no notebook named {', '.join(only)}")
     out = []
-    for p in tqdm(paths, desc="notebooks", unit="nb"):
+    for p in tqdm(paths, desc="notebooks", unit="nb", disable=None):
         out.append(run_notebook(p, out_dir, env=env, timeout=timeout))
     return out
 

@@ -70,7 +70,7 @@ def decode_train_image(path: str | bytes) -> np.ndarray:
 
 def read_train_image(path):
     """TF op of `decode_train_image` for tf.data: string tensor path -> uint8 [H, W, 3]."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     img = tf.numpy_function(decode_train_image, [path], tf.uint8, stateful=False)
     img.set_shape([None, None, 3])
@@ -93,7 +93,7 @@ def make_dataset(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray, tc,
     Sample k's augmentation is seeded by (offset + k, train.seed), so a resumed run (offset =
     samples already seen) draws exactly the crops an uninterrupted run would have.
     """
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     crop = int(tc.crop_size)
     seed = int(tc.seed)
@@ -277,8 +277,7 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
 def _build_model(cfg, num_classes: int):
     """DELG with its variables created (seeded, backbone frozen if asked) and its SGD optimizer
     (linear decay, gradient clipping; loss scaling under mixed precision on a GPU)."""
-    import keras
-    import tensorflow as tf
+    from landmarks.tfquiet import keras, tf
 
     from landmarks.model import build_delg
 
@@ -308,7 +307,7 @@ def _build_model(cfg, num_classes: int):
 def _make_train_step(cfg, net, optimizer):
     """The compiled step: DELG's loss (ArcFace + weighted attention CE + weighted reconstruction
     MSE), one optimizer update; returns the losses and batch accuracies."""
-    import tensorflow as tf
+    from landmarks.tfquiet import tf
 
     from landmarks.model import normalize_pixels, preprocess_mode
 
@@ -350,7 +349,7 @@ def _run_steps(cfg, net, optimizer, ck: _Checkpointer, paths: np.ndarray, labels
     idx = idx[step * tc.batch_size:end * tc.batch_size]
     ds = make_dataset(paths, labels, idx, tc, offset=step * tc.batch_size)
     t0 = time.time()
-    bar = tqdm(total=end - step, desc="train", unit="step")
+    bar = tqdm(total=end - step, desc="train", unit="step", disable=None)
     for x, y in ds:
         m = {k: float(v) for k, v in train_step(x, y).items()}
         if not np.isfinite(m["loss"]):

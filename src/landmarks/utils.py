@@ -114,9 +114,8 @@ def building_dir(final: str | Path, suffix: str = "building"):
 
 
 def configure_tensorflow(threads: int = 0) -> None:
-    """Quiet TF logs and set its thread pools (call before the first TF op)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    """Import TF quietly (landmarks.tfquiet) and set its thread pools (call before the first TF op)."""
+    from landmarks.tfquiet import tf
 
     if threads > 0:
         try:
