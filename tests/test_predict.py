@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from landmarks import pipeline, predict
-from landmarks.layout import WorkLayout
 from landmarks.config import Config, VoteConfig
+from landmarks.layout import WorkLayout
 from landmarks.store import write_shard
 from landmarks.utils import LandmarksError
 

@@ -291,9 +291,8 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     `stop_after` ends this run after that many total steps without exporting (to test resuming);
     returns the export path, or None when stopped early.
     """
-    from landmarks.tfquiet import keras
-
     from landmarks.delg_io import read_model_meta
+    from landmarks.tfquiet import keras
     from landmarks.train import _Checkpointer
 
     ac = cfg.adapt
@@ -346,9 +345,8 @@ class _AdaptNet:
     feature-map grid at adapt.crop_size, the head being trained and its Adam optimizer."""
 
     def __init__(self, cfg):
-        from landmarks.tfquiet import keras, tf
-
         from landmarks.model import output_layer_name, receptive_field
+        from landmarks.tfquiet import keras, tf
 
         ac, mc = cfg.adapt, cfg.model
         self.backbone = _backbone(mc)
@@ -386,9 +384,8 @@ def bilinear_sample(f, u, rows: int, cols: int):
 def _make_train_step(cfg, net: _AdaptNet):
     """The compiled step: InfoNCE of each visible A cell against its true B position (negatives:
     B cells beyond adapt.neg_radius) + weighted reliability BCE; one Adam update of the head."""
-    from landmarks.tfquiet import tf
-
     from landmarks.model import normalize_pixels, preprocess_mode
+    from landmarks.tfquiet import tf
 
     ac = cfg.adapt
     mode = preprocess_mode(cfg.model.backbone, cfg.model.init)
@@ -439,8 +436,9 @@ def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, h
     """Decode the images once, then train from `step` to `end` (the next batch's pairs are made
     while a step runs), checkpointing and plotting every adapt.checkpoint_every steps and at `end`;
     writes timing.json.  Returns `end`."""
-    from landmarks.tfquiet import tf
     from tqdm import tqdm
+
+    from landmarks.tfquiet import tf
 
     ac = cfg.adapt
     train_step = _make_train_step(cfg, net)

@@ -13,7 +13,9 @@ Label rule: a landmark_id is a non-negative decimal integer below 2**63 written 
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -236,10 +238,159 @@ def missing_report(ids: list[str], limit: int = 3) -> str:
 
 
 def load_solution(data_dir: str | Path) -> pd.DataFrame | None:
-    """DATA/solution.csv as metrics.read_solution gives it, or None when absent."""
+    """DATA/solution.csv as read_solution gives it, or None when absent."""
     path = Path(data_dir) / "solution.csv"
     if not path.exists():
         return None
-    from landmarks.metrics import read_solution
-
     return read_solution(path)
+
+
+# -- solution and submission CSVs (read by predict, validate and the scorer in metrics) ---------------
+USAGE_KEEP = ("Public", "Private")
+
+
+def _read_text(path: str | Path) -> str:
+    """File text as UTF-8 (BOM tolerated); non-UTF-8 -> error naming the line."""
+    path = Path(path)
+    if not path.exists():
+        raise LandmarksError(f"file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LandmarksError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
+def csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, fields) of a CSV file; blank (or whitespace-only) lines skipped."""
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        for fields in reader:
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # a blank line; ',' is a row with an empty id (an error, not skipped)
+            if header is None:
+                header = [h.strip() for h in fields]
+                continue
+            rows.append((reader.line_num, fields))
+    except csv.Error as e:
+        raise LandmarksError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    if header is None:
+        raise LandmarksError(f"{path}: empty file (expected a header line)")
+    return header, rows
+
+
+def _truth_labels(path, line: int, value: str) -> str:
+    """Space-separated true landmark ids of a solution row, each checked by the label rule."""
+    parts = str(value).split()
+    for p in parts:
+        why = label_problem(p)
+        if why:
+            raise LandmarksError(f"{path}: line {line}: {why}")
+    return " ".join(parts)
+
+
+def read_solution(path: str | Path) -> pd.DataFrame:
+    """Ground truth: columns id, landmarks ('' = no landmark; several ids space-separated), [Usage].
+
+    Accepts our `id,landmarks` files and Kaggle's official `id,landmarks,Usage`; rows with
+    Usage 'Ignored' are dropped (Kaggle does not score them).
+    """
+    header, rows = csv_rows(path)
+    if "id" not in header:
+        raise LandmarksError(f"{path}: missing column 'id' (header: {','.join(header)})")
+    lm_col = "landmarks" if "landmarks" in header else ("landmark_id" if "landmark_id" in header else None)
+    if lm_col is None:
+        raise LandmarksError(f"{path}: missing column 'landmarks' (header: {','.join(header)})")
+    i_id, i_lm = header.index("id"), header.index(lm_col)
+    i_use = header.index("Usage") if "Usage" in header else None
+    ids, lms, uses, ignored, seen, warned = [], [], [], [], {}, set()
+    for line, f in rows:
+        if len(f) < len(header):
+            f = f + [""] * (len(header) - len(f))
+        rid = checked_id(path, line, f[i_id], seen, warned)
+        use = f[i_use].strip() if i_use is not None else None
+        if use is not None and use not in USAGE_KEEP + ("Ignored",):
+            raise LandmarksError(f"{path}: line {line}: unknown Usage {use!r} (expected Public, Private or Ignored)")
+        if use == "Ignored":
+            ignored.append(rid)
+            continue
+        ids.append(rid)
+        lms.append(_truth_labels(path, line, f[i_lm]))
+        uses.append(use)
+    df = pd.DataFrame({"id": pd.Series(ids, dtype=object), "landmarks": pd.Series(lms, dtype=object)})
+    if i_use is not None:
+        df["Usage"] = pd.Series(uses, dtype=object)
+    df.attrs["ignored_ids"] = ignored
+    return df
+
+
+def checked_id(path, line: int, raw: str, seen: dict, warned: set) -> str:
+    """The id of one CSV row, stripped (warned once per file) and checked by the id rule of
+    landmarks.data; invalid or repeated ids are errors naming the line."""
+    rid = raw.strip()
+    if rid != raw and "strip" not in warned:
+        warned.add("strip")
+        log.warning("%s: line %d: id %r has surrounding whitespace, stripped (warned once per file)", path, line, raw)
+    why = id_problem(rid)
+    if why:
+        raise LandmarksError(f"{path}: line {line}: {why}")
+    if rid in seen:
+        raise LandmarksError(f"{path}: line {line}: duplicate id {rid!r} (first on line {seen[rid]})")
+    seen[rid] = line
+    return rid
+
+
+def read_submission(path: str | Path, expected_ids=None) -> pd.DataFrame:
+    """Submission `id,landmarks` ("<label> <confidence>" or empty) -> id, label, confidence.
+
+    Empty predictions have label '' and confidence NaN.  Malformed rows raise LandmarksError
+    naming the line.  With `expected_ids`, unknown ids are errors and expected ids absent from
+    the file are added as empty predictions (with a warning).
+    """
+    header, rows = csv_rows(path)
+    for col in ("id", "landmarks"):
+        if col not in header:
+            raise LandmarksError(f"{path}: missing column {col!r} (header: {','.join(header)}; expected id,landmarks)")
+    i_id, i_lm = header.index("id"), header.index("landmarks")
+    expected = None if expected_ids is None else set(map(str, expected_ids))
+    ids, labels, confs, seen, warned = [], [], [], {}, set()
+    for line, f in rows:
+        if len(f) <= max(i_id, i_lm):
+            f = f + [""] * (max(i_id, i_lm) + 1 - len(f))
+        rid = checked_id(path, line, f[i_id], seen, warned)
+        if expected is not None and rid not in expected:
+            raise LandmarksError(f"{path}: line {line}: unknown id {rid!r} (not among the {len(expected)} test ids)")
+        parts = f[i_lm].split()
+        if not parts:
+            label, conf = "", math.nan
+        elif len(parts) == 2:
+            label = parts[0]
+            why = label_problem(label)
+            if why:
+                raise LandmarksError(f"{path}: line {line}: {why}")
+            try:
+                conf = float(parts[1])
+            except ValueError:
+                raise LandmarksError(f"{path}: line {line}: confidence {parts[1]!r} is not a number") from None
+            if not math.isfinite(conf):
+                raise LandmarksError(f"{path}: line {line}: confidence {parts[1]!r} is not finite")
+        else:
+            raise LandmarksError(
+                f"{path}: line {line}: landmarks {f[i_lm]!r} must be '<landmark_id> <confidence>' or empty")
+        ids.append(rid)
+        labels.append(label)
+        confs.append(conf)
+    if expected is not None:
+        missing = sorted(expected - set(seen))
+        if missing:
+            log.warning("%s: %d test ids have no row (first: %s); counted as no prediction",
+                        path, len(missing), ", ".join(missing[:3]))
+            ids += missing
+            labels += [""] * len(missing)
+            confs += [math.nan] * len(missing)
+    return pd.DataFrame({"id": pd.Series(ids, dtype=object), "label": pd.Series(labels, dtype=object),
+                         "confidence": np.asarray(confs, dtype=np.float64)})

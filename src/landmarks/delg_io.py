@@ -23,6 +23,7 @@ from landmarks.utils import LandmarksError, l2_normalize
 INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
                "input_global_scales_ind")
 OUTPUT_NAMES = ("boxes", "features", "scales", "scores", "global_descriptors")
+META_FILE = "landmarks_model.json"  # our exports' settings and fingerprints, beside saved_model.pb
 
 
 def serving_input_signature() -> list:
@@ -68,11 +69,9 @@ def check_saved_model(model_dir: str | Path) -> Path:
 
 
 def read_model_meta(model_dir: str | Path) -> dict | None:
-    """The metadata our exports write beside the SavedModel (export.META_FILE), or None when
+    """The metadata our exports write beside the SavedModel (META_FILE), or None when
     `model_dir` holds no complete export of ours (no saved_model.pb or no metadata file)."""
     import json
-
-    from landmarks.export import META_FILE
 
     model_dir = Path(model_dir)
     meta = model_dir / META_FILE

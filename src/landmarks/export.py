@@ -35,12 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.delg_io import serving_input_signature
+from landmarks.delg_io import META_FILE, serving_input_signature
 from landmarks.utils import LandmarksError
 
 log = logging.getLogger("landmarks.export")
 
-META_FILE = "landmarks_model.json"
 PROJECTIONS = ("block10", "block10_pcaw", "pca_imagenet", "pcaw_imagenet", "random_orthogonal")
 
 
@@ -240,8 +239,15 @@ def _zero_training_heads(backbone, w, b, gem):
 
 def build_default_model(cfg, out_dir: str | Path) -> Path:
     """Build the zero-training DELG model (no dataset) and export it in the official signature."""
-    from landmarks.model import (LITE0_LOCAL, LITE0_LOCAL_EXPANDED, build_backbone, make_gem,
-                                 output_layer_name, preprocess_mode, receptive_field)
+    from landmarks.model import (
+        LITE0_LOCAL,
+        LITE0_LOCAL_EXPANDED,
+        build_backbone,
+        make_gem,
+        output_layer_name,
+        preprocess_mode,
+        receptive_field,
+    )
 
     mc = cfg.model
     t0 = time.time()

@@ -18,7 +18,6 @@ functions: ``knn.search`` (+ whitening, DBA, QE), ``verify.verify_image``, ``pre
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import time

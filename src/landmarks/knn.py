@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from landmarks.config import log_settings
-from landmarks.store import load_npz, npz_fingerprint, save_npz, shards_digest
+from landmarks.store import npz_fingerprint, save_npz, shards_digest
 from landmarks.utils import LandmarksError, l2_normalize, text_digest
 
 log = logging.getLogger("landmarks.knn")

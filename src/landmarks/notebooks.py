@@ -261,11 +261,11 @@ def run_notebooks(out_dir: str | Path, notebooks_dir: str | Path | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m landmarks.notebooks`: execute the notebooks into HTML (or `--strip` their outputs); exit status."""
+    import nbformat
+
     from landmarks.cli import common_parser
     from landmarks.config import ConfigError
     from landmarks.utils import setup_logging
-
-    import nbformat
 
     parser = argparse.ArgumentParser(prog="python -m landmarks.notebooks", parents=[common_parser()],
                                      description="Execute notebooks/*.ipynb and write HTML into --out.")

@@ -154,16 +154,16 @@ def suppression_penalty(cfg, features_root: str | Path, test_ids: list[str], bes
 
 def _read_distractor_ids(cfg) -> tuple[Path, list[str]]:
     """(path, ids) of cfg.vote.distractors_csv, ids checked by the id rule."""
-    from landmarks import metrics
+    from landmarks import data
 
     path = Path(cfg.vote.distractors_csv)
     if not cfg.vote.distractors_csv or not path.exists():
         raise LandmarksError(f"vote.suppression=distractors needs vote.distractors_csv (not found: {path})")
-    header, rows = metrics._rows(path)
+    header, rows = data.csv_rows(path)
     if "id" not in header:
         raise LandmarksError(f"{path}: needs an 'id' column")
     i_id, seen, warned = header.index("id"), {}, set()
-    return path, [metrics._row_id(path, line, f[i_id] if len(f) > i_id else "", seen, warned) for line, f in rows]
+    return path, [data.checked_id(path, line, f[i_id] if len(f) > i_id else "", seen, warned) for line, f in rows]
 
 
 def _distractor_pool(cfg, features_root: Path, whitening: dict | None) -> tuple[list[str], np.ndarray]:
@@ -245,7 +245,7 @@ def write_submission(path: str | Path, test_ids, labels, confidences, expected_i
 
 def _check_written(path: Path, expected: list[str]) -> None:
     """Re-read the written file with the scorer's reader before it is renamed in place."""
-    from landmarks.metrics import read_submission
+    from landmarks.data import read_submission
 
     read_submission(path, expected)
 

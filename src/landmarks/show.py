@@ -443,8 +443,8 @@ def compare_verification(cfg, data_dir, work_dir, model_dir):
     for name, inl in (("global only", None), ("global + verification", inputs["inliers"])):
         labels, conf, _ = predict_arrays(cfg, inputs, work.features_root, whitening, inliers=inl)
         keep = set(solution["id"].astype(str))
-        pred = pd.DataFrame([(i, str(int(l)), float(c)) for i, l, c in zip(inputs["test_ids"], labels, conf)
-                             if l != NO_LABEL and i in keep], columns=["id", "label", "confidence"])
+        pred = pd.DataFrame([(i, str(int(lab)), float(c)) for i, lab, c in zip(inputs["test_ids"], labels, conf)
+                             if lab != NO_LABEL and i in keep], columns=["id", "label", "confidence"])
         s = metrics.score(solution, pred)
         rows.append({"setting": name, "GAP": s["gap"], "accuracy": s["accuracy"], "predicted": s["n_predicted"],
                      "correct": s["n_correct"], "confident wrong non-landmarks": s["confident_wrong_nonlandmark"]})

@@ -277,9 +277,8 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
 def _build_model(cfg, num_classes: int):
     """DELG with its variables created (seeded, backbone frozen if asked) and its SGD optimizer
     (linear decay, gradient clipping; loss scaling under mixed precision on a GPU)."""
-    from landmarks.tfquiet import keras, tf
-
     from landmarks.model import build_delg
+    from landmarks.tfquiet import keras, tf
 
     tc = cfg.train
     gpus = tf.config.list_physical_devices("GPU")
@@ -307,9 +306,8 @@ def _build_model(cfg, num_classes: int):
 def _make_train_step(cfg, net, optimizer):
     """The compiled step: DELG's loss (ArcFace + weighted attention CE + weighted reconstruction
     MSE), one optimizer update; returns the losses and batch accuracies."""
-    from landmarks.tfquiet import tf
-
     from landmarks.model import normalize_pixels, preprocess_mode
+    from landmarks.tfquiet import tf
 
     mode = preprocess_mode(cfg.model.backbone, cfg.model.init)
     w_att, w_rec = float(cfg.train.attention_loss_weight), float(cfg.train.reconstruction_loss_weight)

@@ -93,8 +93,8 @@ def _predictions_df(test_ids, labels, conf, solution):
     from landmarks.predict import NO_LABEL
 
     keep = set(solution["id"].astype(str))
-    rows = [(i, str(int(l)) if l != NO_LABEL else "", float(c) if l != NO_LABEL else np.nan)
-            for i, l, c in zip(test_ids, labels, conf) if i in keep]
+    rows = [(i, str(int(lab)) if lab != NO_LABEL else "", float(c) if lab != NO_LABEL else np.nan)
+            for i, lab, c in zip(test_ids, labels, conf) if i in keep]
     return pd.DataFrame(rows, columns=["id", "label", "confidence"])
 
 

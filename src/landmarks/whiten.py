@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.store import load_npz, npz_fingerprint, save_npz, shards_digest
 from landmarks.config import log_settings
+from landmarks.store import load_npz, npz_fingerprint, save_npz, shards_digest
 from landmarks.utils import LandmarksError, l2_normalize, text_digest
 
 log = logging.getLogger("landmarks.whiten")

@@ -43,9 +43,9 @@ def make_train_csv(path: Path, rows: int, classes: int, seed: int = 0) -> Path:
 
 def data_child(data_dir: str) -> dict:
     """Read train.csv and build the label arrays the way predict does (fresh process)."""
-    from landmarks.data import load_split
-
     import pandas  # noqa: F401 - imported before the baseline so the peak is the data's
+
+    from landmarks.data import load_split
 
     with PeakRss(0.005) as mem:  # sampled: ru_maxrss would include the parent's peak (kept over fork+exec)
         t = time.perf_counter()

@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from landmarks.bench.common import cpu_info, fmt, median, model_meta, peak_gflops, rss_bytes, storage
 from landmarks.bench.common import cores as _cores
+from landmarks.bench.common import cpu_info, fmt, median, model_meta, peak_gflops, rss_bytes, storage
 from landmarks.utils import LandmarksError
 
 TITLE = "Extraction: pipeline vs bare backbone"

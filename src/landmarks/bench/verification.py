@@ -14,7 +14,6 @@ import numpy as np
 
 from landmarks.bench.common import median
 
-
 TITLE = "Verification vs train size N"
 
 
