@@ -291,3 +291,16 @@ def test_make_predict_adapts_by_default_and_opts_out():
     lines = dry("MODEL=/somewhere/delg")
     assert not any("landmarks adapt" in line for line in lines)
     assert all("--model /somewhere/delg" in line for line in lines if "landmarks predict" in line)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_validate_hard_keeps_the_zero_training_model_unless_given():
+    """The hard protocol builds its own splits: it does not adapt on DATA_DIR; a given MODEL is used."""
+    def hard(*args):
+        r = subprocess.run(["make", "-n", "-C", str(REPO), "validate-hard", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = hard()
+    assert "landmarks adapt" not in out and "--model models/default" in out
+    assert "--model /x/adapted" in hard("MODEL=/x/adapted")

@@ -626,6 +626,8 @@ def _cmd_adapt(args, cfg) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.steps is not None:
         cfg.adapt.steps = args.steps
+    if args.out is None:
+        args.out = str(Path(args.work_dir) / "adapt" / "model")
     if not args.eval_only:
         out = adapt(cfg, args.data_dir, args.work_dir, args.out, restart=args.restart,
                     replace_stale=args.replace_stale)
@@ -648,7 +650,8 @@ def _cmd_adapt(args, cfg) -> int:
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser("adapt", parents=[common],
                               help="learn the local head from DATA_DIR's unlabelled train images, export it")
-    p.add_argument("--out", default="models/adapted", help="exported SavedModel directory")
+    p.add_argument("--out", default=None, help="exported SavedModel directory (default WORK_DIR/adapt/model, "
+                   "the default MODEL of `make predict`)")
     p.add_argument("--steps", type=int, default=None, help="override adapt.steps")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in WORK_DIR/adapt")
     p.add_argument("--replace-stale", action="store_true",
