@@ -1,7 +1,13 @@
-"""`landmarks adapt`: exact pair correspondences, adapt -> export -> load_delg, exact resume, the warp check."""
+"""`landmarks adapt`: exact pair correspondences, adapt -> export -> load_delg, exact resume, the warp check,
+the cached stage (skip / re-adapt by fingerprint) and its place as the default model of `make predict`."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +16,8 @@ import pytest
 
 from landmarks.utils import LandmarksError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
 
 
 def _ramp(h=200, w=240):
@@ -192,3 +199,106 @@ def test_eval_photos_reads_shared_set():
     paths, source = eval_photos(cfg, "unused")
     assert len(paths) == cfg.adapt.eval_images and all(Path(p).exists() for p in paths)
     assert "wide_baseline_scenes" in source
+
+
+def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_path, caplog):
+    """The cached stage of `make predict`: same inputs -> skipped before TensorFlow is even imported;
+    another train split -> adapted again from step 0 (the stale checkpoint replaced, not resumed)."""
+    from landmarks.adapt import adapt
+
+    data = _make_data(tmp_path / "data")
+    work, out = tmp_path / "work", tmp_path / "work" / "adapt" / "model"
+    assert adapt(_cfg(), data, work, out, replace_stale=True) == out
+    state = json.loads((work / "adapt" / "state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4] and state["resumed_from"] == []
+    meta = json.loads((out / "landmarks_model.json").read_text())
+    mtime = (out / "saved_model.pb").stat().st_mtime_ns
+
+    caplog.set_level("INFO", logger="landmarks.adapt")
+    t0 = time.perf_counter()
+    assert adapt(_cfg(), data, work, out, replace_stale=True) == out
+    assert time.perf_counter() - t0 < 2.0
+    assert "adapt: up to date" in caplog.text and "skipped" in caplog.text
+    assert (out / "saved_model.pb").stat().st_mtime_ns == mtime
+    assert json.loads((work / "adapt" / "state.json").read_text()) == state  # no step taken, nothing saved
+
+    # the CLI run make uses: no TensorFlow import, well under the 2 s of a TF start
+    code = ("import sys, time; t = time.perf_counter(); from landmarks.cli import main; "
+            f"rc = main(['adapt', '--data-dir', {str(data)!r}, '--work-dir', {str(work)!r}, '--out', {str(out)!r}, "
+            "'--no-eval', '--replace-stale', '--set', 'model.backbone=tiny', '--set', 'model.init=random', "
+            "'--set', 'adapt.batch_size=2', '--set', 'adapt.crop_size=64', '--set', 'adapt.max_side=128', "
+            "'--set', 'adapt.checkpoint_every=2', '--set', 'adapt.steps=4', '--set', 'adapt.hidden=16']); "
+            "assert rc == 0 and 'tensorflow' not in sys.modules, sorted(m for m in sys.modules if 'tensorflow' in m)[:3]; "
+            "print('elapsed', time.perf_counter() - t)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "up to date" in r.stderr and (out / "saved_model.pb").stat().st_mtime_ns == mtime
+
+    # one more train image: other inputs, so a new adaptation (from step 0) and a new export
+    rows = pd.read_csv(data / "train.csv", dtype=str)
+    more = _make_data(tmp_path / "more", n=1, seed=5)
+    new = pd.read_csv(more / "train.csv", dtype=str)
+    src = next((more / "train").rglob("*.jpg"))
+    dst = data / src.relative_to(more)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    pd.concat([rows, new]).to_csv(data / "train.csv", index=False)
+    with pytest.raises(LandmarksError, match="--restart"):  # the strict CLI default keeps the old checkpoint
+        adapt(_cfg(), data, work, out)
+    caplog.clear()
+    assert adapt(_cfg(), data, work, out, replace_stale=True) == out
+    assert "of other inputs" in caplog.text
+    state2 = json.loads((work / "adapt" / "state.json").read_text())
+    assert state2["fingerprint"] != state["fingerprint"] and state2["resumed_from"] == []
+    assert [h["step"] for h in state2["history"]] == [1, 2, 3, 4]
+    meta2 = json.loads((out / "landmarks_model.json").read_text())
+    assert meta2["train_images"] == 5 and meta2["data_fingerprint"] != meta["data_fingerprint"]
+    # other adapt settings re-adapt too; a regenerated image (new size/mtime) changes the data fingerprint
+    assert adapt(_cfg(extra=["adapt.learning_rate=0.002"]), data, work, out, replace_stale=True) == out
+    assert json.loads((out / "landmarks_model.json").read_text())["fingerprint"] != meta2["fingerprint"]
+    from landmarks.adapt import plan
+
+    fp_before = plan(_cfg(), data)[1]
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((120, 140, 3), np.uint8)).save(dst)
+    os.utime(dst, (1, 1))
+    assert plan(_cfg(), data)[1] != fp_before
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_predict_adapts_by_default_and_opts_out():
+    """`make predict` runs the adapt stage and extracts with its export; MODEL=... or ADAPT=0 do not adapt."""
+
+    def dry(*args):
+        r = subprocess.run(["make", "-n", "-C", str(REPO), "predict", "WORK_DIR=/tmp/w", *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return [line for line in r.stdout.splitlines() if "landmarks " in line]
+
+    lines = dry()
+    adapt_lines = [line for line in lines if "landmarks adapt" in line]
+    assert len(adapt_lines) == 1 and "--out /tmp/w/adapt/model" in adapt_lines[0]
+    assert "--replace-stale" in adapt_lines[0] and "--no-eval" in adapt_lines[0]
+    order = [line.split("landmarks ")[1].split()[0] for line in lines]
+    assert order.index("adapt") < order.index("features") < order.index("predict")
+    assert all("--model /tmp/w/adapt/model" in line for line in lines if "landmarks features" in line)
+    for opt_out in (["MODEL=models/default"], ["ADAPT=0"]):
+        lines = dry(*opt_out)
+        assert not any("landmarks adapt" in line for line in lines)
+        assert all("--model models/default" in line for line in lines if "landmarks features" in line)
+    lines = dry("MODEL=/somewhere/delg")
+    assert not any("landmarks adapt" in line for line in lines)
+    assert all("--model /somewhere/delg" in line for line in lines if "landmarks predict" in line)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_validate_hard_keeps_the_zero_training_model_unless_given():
+    """The hard protocol builds its own splits: it does not adapt on DATA_DIR; a given MODEL is used."""
+    def hard(*args):
+        r = subprocess.run(["make", "-n", "-C", str(REPO), "validate-hard", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = hard()
+    assert "landmarks adapt" not in out and "--model models/default" in out
+    assert "--model /x/adapted" in hard("MODEL=/x/adapted")

@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -279,38 +280,90 @@ def train_fingerprint(cfg, data_fp: str) -> str:
     return text_digest(hashlib.sha1(json.dumps([d["model"], ad], sort_keys=True).encode()).hexdigest(), data_fp)
 
 
-def data_fingerprint(ids: list[str]) -> str:
-    """Fingerprint of the train images an adaptation used (sorted ids + count)."""
-    return text_digest(str(len(ids)), ",".join(sorted(map(str, ids))))
+def data_fingerprint(ids: list[str], paths: list[str] | None = None) -> str:
+    """Fingerprint of the train images an adaptation used: count + sorted ids, and with `paths`
+    each file's size and mtime (a regenerated image re-adapts, as it re-extracts its features)."""
+    if paths is None:
+        return text_digest(str(len(ids)), ",".join(sorted(map(str, ids))))
+    keys = []
+    for i, p in sorted(zip(map(str, ids), map(str, paths))):
+        try:
+            st = os.stat(p)
+            keys.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
+        except OSError:
+            keys.append(f"{i}:-")
+    return text_digest(str(len(ids)), ",".join(keys))
+
+
+def plan(cfg, data_dir: str | Path):
+    """The train rows an adaptation uses and its fingerprints, without TensorFlow: (df, data_fp, fp)."""
+    _check(cfg.adapt)
+    df = _adapt_images(cfg.adapt, data_dir)
+    data_fp = data_fingerprint(df["id"].astype(str).tolist(), df["path"].astype(str).tolist())
+    return df, data_fp, train_fingerprint(cfg, data_fp)
+
+
+def exported_fingerprint(out_dir: str | Path) -> dict | None:
+    """The metadata of an adapted export at `out_dir` (None when there is none)."""
+    from landmarks.delg_io import read_model_meta
+
+    try:
+        return read_model_meta(out_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def is_up_to_date(cfg, out_dir: str | Path, fp: str) -> bool:
+    """True when `out_dir` holds the export of exactly this adaptation (same fingerprint, steps, score)."""
+    old = exported_fingerprint(out_dir)
+    return (old is not None and old.get("fingerprint") == fp and old.get("steps") == cfg.adapt.steps
+            and old.get("keypoint_score") == cfg.adapt.score)
 
 
 def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, *,
-          restart: bool = False, stop_after: int | None = None) -> Path | None:
+          restart: bool = False, replace_stale: bool = False, stop_after: int | None = None) -> Path | None:
     """Adapt the local head on DATA's train images (labels unused), checkpoint in WORK/adapt, export to OUT.
 
-    `stop_after` ends this run after that many total steps without exporting (to test resuming);
-    returns the export path, or None when stopped early.
+    A cached stage: when OUT already holds this adaptation (same model and adapt settings, same
+    train images: :func:`train_fingerprint`) it returns at once, before TensorFlow is imported.
+    A checkpoint of other inputs stops the run (pass `restart`), or with `replace_stale` is
+    discarded and the adaptation starts over (what `make predict` does).  `stop_after` ends this
+    run after that many total steps without exporting (to test resuming); returns the export
+    path, or None when stopped early.
     """
-    from landmarks.delg_io import read_model_meta
+    ac = cfg.adapt
+    t_plan = time.time()
+    df, data_fp, fp = plan(cfg, data_dir)
+    ids = df["id"].astype(str).tolist()
+    if not restart and is_up_to_date(cfg, out_dir, fp):
+        log.info("adapt: up to date (%s: %d steps on %d train images of %s, fingerprint %s); skipped in %.2fs",
+                 out_dir, ac.steps, len(ids), data_dir, fp, time.time() - t_plan)
+        return Path(out_dir)
+
     from landmarks.tfquiet import keras
     from landmarks.train import _Checkpointer
+    from landmarks.utils import configure_tensorflow
 
-    ac = cfg.adapt
-    _check(ac)
-    df = _adapt_images(ac, data_dir)
-    ids = df["id"].astype(str).tolist()
-    data_fp = data_fingerprint(ids)
-    fp = train_fingerprint(cfg, data_fp)
+    configure_tensorflow()
+
     adapt_dir = Path(work_dir) / "adapt"
     adapt_dir.mkdir(parents=True, exist_ok=True)
     ck = _Checkpointer(adapt_dir, fp)
+    if not restart and replace_stale and ck.state_path.exists():
+        try:
+            stale = json.loads(ck.state_path.read_text()).get("fingerprint") != fp
+        except (OSError, ValueError):
+            stale = True
+        if stale:
+            log.info("adapt: the checkpoint in %s is of other inputs (train split or settings changed); "
+                     "adapting again", adapt_dir)
+            restart = True
     if restart:
         ck.clear()
-    old = None if restart else read_model_meta(out_dir)
-    if old is not None and old.get("fingerprint") == fp and old.get("steps") == ac.steps \
-            and old.get("keypoint_score") == ac.score:
-        log.info("%s is up to date (adapted %d steps on %d images)", out_dir, ac.steps, len(ids))
-        return Path(out_dir)
+    old = exported_fingerprint(out_dir)
+    log.info("adapt: %s (%s); fingerprint %s, %d train images of %s",
+             "no adapted model yet" if old is None else "the adapted model is out of date", out_dir, fp,
+             len(ids), data_dir)
 
     keras.utils.set_random_seed(ac.seed)
     net = _AdaptNet(cfg)
@@ -596,14 +649,18 @@ def format_eval(res: dict[str, dict], source: str, cfg) -> str:
 def _cmd_adapt(args, cfg) -> int:
     from landmarks.utils import configure_tensorflow
 
-    configure_tensorflow()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.steps is not None:
         cfg.adapt.steps = args.steps
+    if args.out is None:
+        args.out = str(Path(args.work_dir) / "adapt" / "model")
     if not args.eval_only:
-        out = adapt(cfg, args.data_dir, args.work_dir, args.out, restart=args.restart)
+        out = adapt(cfg, args.data_dir, args.work_dir, args.out, restart=args.restart,
+                    replace_stale=args.replace_stale)
         print(out)
     if args.no_eval:
         return 0
+    configure_tensorflow()
     if not (Path(args.out) / "saved_model.pb").exists():
         raise LandmarksError(f"{args.out} holds no adapted model: run `landmarks adapt` first")
     photos, source = eval_photos(cfg, args.data_dir)
@@ -619,9 +676,13 @@ def _cmd_adapt(args, cfg) -> int:
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser("adapt", parents=[common],
                               help="learn the local head from DATA_DIR's unlabelled train images, export it")
-    p.add_argument("--out", default="models/adapted", help="exported SavedModel directory")
+    p.add_argument("--out", default=None, help="exported SavedModel directory (default WORK_DIR/adapt/model, "
+                   "the default MODEL of `make predict`)")
     p.add_argument("--steps", type=int, default=None, help="override adapt.steps")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in WORK_DIR/adapt")
+    p.add_argument("--replace-stale", action="store_true",
+                   help="a checkpoint of other inputs (train split, model or adapt settings) is discarded "
+                        "instead of stopping the run (the cached stage of `make predict`)")
     p.add_argument("--no-eval", action="store_true", help="skip the match-precision check against --model")
     p.add_argument("--eval-only", action="store_true", help="only compare OUT against --model under known warps")
     p.set_defaults(func=_cmd_adapt)
