@@ -55,6 +55,7 @@ class ModelConfig:
     local_projection: Literal["block10", "block10_pcaw", "pca_imagenet", "pcaw_imagenet",
                               "random_orthogonal"] = "block10"  # zero-training local descriptors
     whiten_init: Literal["identity", "glorot"] = "identity"  # FC whitening init (identity when global_dim == channels)
+    fold_batchnorm: bool = True  # export: batch norms folded into the convolutions before them (faster; floats ~1e-6 relative)
 
 
 @dataclass
