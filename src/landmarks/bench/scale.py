@@ -36,15 +36,30 @@ def extraction_basis(cfg, res: dict) -> tuple[float | None, str]:
     else:
         return None, ""
     spi = s_mp * cfg.bench.gldv2_megapixels
-    return spi, (f"Extraction basis: {s_mp:.2f} s per megapixel from {basis}, so {spi:.2f} s per GLDv2 image "
-                 "here.")
+    f_train, f_test = pixel_factors(cfg)
+    return spi, (f"Extraction basis: {s_mp:.2f} s per megapixel from {basis} at the local scales, so {spi:.2f} s "
+                 f"per GLDv2 image here; time scales with the pixels over the scales of the call: x{f_train:.2f} for "
+                 f"train (extract.global_scales), x{f_test:.2f} for test (global + local scales).")
+
+
+def pixel_factors(cfg) -> tuple[float, float]:
+    """Extraction time relative to the basis (a model call at the local scales) for train (global
+    scales only, the default) and test (the union of both sets): the sum of scale^2 of each call."""
+    e = cfg.extract
+    pix = lambda scales: sum(float(x) ** 2 for x in scales)  # noqa: E731
+    base = pix(e.local_scales) or 1.0
+    union = set(map(float, e.global_scales)) | set(map(float, e.local_scales))
+    train = pix(union if e.train_local else e.global_scales)
+    return train / base, pix(union) / base
 
 
 def _extraction_rows(cfg, spi: float) -> list[tuple]:
     bc = cfg.bench
     gpu = bc.gpu_seconds_per_image
-    return [(name, hours(n * spi), hours(n * gpu))
-            for name, n in [("extract train", bc.gldv2_train)] + [(f"extract test {q:,}", q) for q in bc.gldv2_test]]
+    f_train, f_test = pixel_factors(cfg)
+    return [("extract train" + ("" if cfg.extract.train_local else " (global scales only)"),
+             hours(bc.gldv2_train * spi * f_train), hours(bc.gldv2_train * gpu))] + [
+        (f"extract test {q:,}", hours(q * spi * f_test), hours(q * gpu)) for q in bc.gldv2_test]
 
 
 def _knn_cell(r3: dict) -> dict | None:
@@ -105,7 +120,7 @@ def _verify_rows(cfg, res: dict, spi: float | None) -> list[tuple]:
             rows.append((f"verify {q:,} x {R} pairs", hours(q * R / r2["default_pairs_s"]), "same (CPU)"))
             if spi:
                 n_loc = min(q * R, bc.gldv2_train)
-                rows.append((f"train locals on demand (<= {n_loc:,} images)", hours(n_loc * spi),
+                rows.append((f"train locals on demand (<= {n_loc:,} images)", hours(n_loc * spi * pixel_factors(cfg)[1]),
                              hours(n_loc * bc.gpu_seconds_per_image)))
     if r6:
         big = r6["cells"][-1]
@@ -123,7 +138,8 @@ def _time_table(cfg, res: dict, spi: float | None) -> list[str]:
     rows += _verify_rows(cfg, res, spi)
     if spi and res.get(7):
         add = math.ceil(bc.gldv2_train / 100)
-        rows.append((f"add 1 % to train ({add:,} new images; row 7: only they run the model)", hours(add * spi),
+        rows.append((f"add 1 % to train ({add:,} new images; row 7: only they run the model)",
+                     hours(add * spi * pixel_factors(cfg)[0]),
                      hours(add * bc.gpu_seconds_per_image)))
     if res.get(5):
         rows.append(("read train.csv + labels", f"{res[5]['total_s']:.1f} s", "same"))
@@ -179,12 +195,14 @@ def _dask(cfg, spi: float) -> list[str]:
     """Workers and shards for a one-hour extraction of train + the larger test set."""
     bc = cfg.bench
     total_img = bc.gldv2_train + max(bc.gldv2_test)
-    workers = math.ceil(total_img * spi / 3600)
+    f_train, f_test = pixel_factors(cfg)
+    total_s = spi * (bc.gldv2_train * f_train + max(bc.gldv2_test) * f_test)
+    workers = math.ceil(total_s / 3600)
     gpu_workers = math.ceil(total_img * bc.gpu_seconds_per_image / 3600)
     cap = max(1, cfg.extract.max_shard_images)
     shards = max(math.ceil(total_img / cap), 4 * workers)
-    return [f"Dask: extraction of {total_img:,} images takes {total_img * spi / 3600:.1f} h on one worker like "
-            f"this machine ({cpu_info()['cores']} cores, {spi:.2f} s/image); to finish in one hour use **{workers}** "
+    return [f"Dask: extraction of {total_img:,} images takes {total_s / 3600:.1f} h on one worker like "
+            f"this machine ({cpu_info()['cores']} cores, {total_s / total_img:.2f} s/image on average); to finish in one hour use **{workers}** "
             f"such workers (or {gpu_workers} GPU workers) and at least **{shards}** shards (>= 4 per worker for load "
             f"balance, <= extract.max_shard_images={cfg.extract.max_shard_images} images each): "
             f"`landmarks features --split train --shards {shards} --scheduler tcp://HOST:8786`.", ""]
