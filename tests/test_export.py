@@ -72,6 +72,53 @@ def test_default_model_metadata(default_model):
     meta = json.loads((default_model / "landmarks_model.json").read_text())
     assert meta["receptive_field"] == {"size": 339, "stride": 16, "padding": 154.0}
     assert meta["local_projection"] == "block10" and meta["preprocess"] == "tf127"
+    assert meta["fold_batchnorm"] is True
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_fold_batchnorm_is_the_same_function_without_bn(name):
+    """Folding removes every BN (Lite0: 49, ResNet50: 53, convs with and without bias, depthwise
+    ones) and keeps outputs, their layer names and the receptive field; floats move ~1e-6 relative."""
+    import tensorflow as tf
+
+    from landmarks.model import LITE0_LOCAL, build_backbone, fold_batchnorm, output_layer_name, receptive_field
+
+    net = build_backbone(name, "random", **({"local_layer": LITE0_LOCAL} if name != "resnet50" else {}))
+    rng = np.random.default_rng(0)
+    for layer in net.layers:  # non-trivial BN statistics, as trained weights have
+        if type(layer).__name__ == "BatchNormalization":
+            c = layer.moving_mean.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c),
+                               rng.uniform(0.2, 3, c)])
+    folded = fold_batchnorm(net)
+    kinds = lambda m: [type(layer).__name__ for layer in m.layers]  # noqa: E731
+    assert "BatchNormalization" in kinds(net) and "BatchNormalization" not in kinds(folded)
+    assert [output_layer_name(folded, i) for i in (0, 1)] == [output_layer_name(net, i) for i in (0, 1)]
+    assert receptive_field(folded, output_layer_name(folded, 0)) == receptive_field(net, output_layer_name(net, 0))
+    x = tf.random.uniform((1, 96, 128, 3), -1, 1, seed=1)
+    for a, b in zip(net(x, training=False), folded(x, training=False)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+
+
+def test_folded_and_unfolded_exports_agree(default_model, tmp_path):
+    """model.fold_batchnorm=false exports the BN layers as they are; both give the same features."""
+    from landmarks.config import load_config
+    from landmarks.delg_io import load_delg, postprocess
+    from landmarks.export import build_default_model
+
+    plain = build_default_model(load_config(None, ["model.fold_batchnorm=false"]), tmp_path / "plain")
+    assert json.loads((plain / "landmarks_model.json").read_text())["fold_batchnorm"] is False
+    img = (np.random.default_rng(3).random((200, 260, 3)) * 255).astype(np.uint8)
+    outs = [postprocess(load_delg(m)(img, [0.5, 1.0], 300, 0.0, [0, 1])) for m in (default_model, plain)]
+    (ga, la), (gb, lb) = outs
+    assert float(ga @ gb) > 1 - 1e-5
+    key = lambda lf: {(round(float(x), 1), round(float(y), 1), round(float(s), 3)): d  # noqa: E731
+                      for (x, y), s, d in zip(lf.keypoints, lf.scales, lf.descriptors)}
+    ka, kb = key(la), key(lb)
+    common = set(ka) & set(kb)
+    assert len(common) >= 0.99 * len(ka)  # the same cells selected (a near-tie at the cap may swap)
+    assert min(float(ka[c] @ kb[c]) for c in common) > 1 - 1e-5
 
 
 def test_signature_names_and_dtypes(default_model):

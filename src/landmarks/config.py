@@ -55,6 +55,7 @@ class ModelConfig:
     local_projection: Literal["block10", "block10_pcaw", "pca_imagenet", "pcaw_imagenet",
                               "random_orthogonal"] = "block10"  # zero-training local descriptors
     whiten_init: Literal["identity", "glorot"] = "identity"  # FC whitening init (identity when global_dim == channels)
+    fold_batchnorm: bool = True  # export: batch norms folded into the convolutions before them (faster; floats ~1e-6 relative)
 
 
 @dataclass
@@ -214,6 +215,10 @@ class BenchConfig:
     gldv2_megapixels: float = 0.48  # assumed mean input size of a GLDv2 image after max_image_size (800x600)
     knn_real_images: int = 120  # row 3: shared real photos whose descriptors (+ noise) give realistic data (0 = stored train features, -1 = off)
     knn_real_noise: float = 1.0  # row 3: noise scale relative to the real descriptors' own spread
+    knn_stream_n: int = 0  # row 3: also exact vs IVF at this N (e.g. 1580000), database streamed from disk (~30 min; 0 = off)
+    knn_stream_kinds: tuple = ("flat", "sq8")  # row 3 streamed: IVF storage variants (flat, sq8, fp16)
+    knn_stream_nlist: int = 0  # row 3 streamed: IVF lists (0 = sqrt(N))
+    knn_stream_nprobes: tuple = (32, 64, 128)  # row 3 streamed: lists searched per query
     verify_sizes: tuple = (1_000, 1_580_000)  # row 6: synthetic train ids N (global-only shards)
     verify_test_images: int = 32  # row 6: test images verified per run
     incr_images: int = 100  # row 7: images of the extracted set (the data dir's train split) before 1 % is added

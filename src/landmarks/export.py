@@ -243,6 +243,7 @@ def build_default_model(cfg, out_dir: str | Path) -> Path:
         LITE0_LOCAL,
         LITE0_LOCAL_EXPANDED,
         build_backbone,
+        fold_batchnorm,
         make_gem,
         output_layer_name,
         preprocess_mode,
@@ -263,11 +264,12 @@ def build_default_model(cfg, out_dir: str | Path) -> Path:
     rf = receptive_field(backbone, output_layer_name(backbone, 0))
     w, b = fit_projection(mc.local_projection, backbone, preprocess, mc.local_dim)
     gem = make_gem(mc.gem_p, False)
-    heads = _zero_training_heads(backbone, w, b, gem)
+    heads = _zero_training_heads(fold_batchnorm(backbone) if mc.fold_batchnorm else backbone, w, b, gem)
     global_dim = int(backbone.outputs[1].shape[-1])
     meta = {"kind": "zero-training", "config_hash": cfg.section_hash("model"), "backbone": mc.backbone, "init": mc.init,
             "local_layer": output_layer_name(backbone, 0), "local_projection": mc.local_projection,
-            "keypoint_score": "L2 norm of local activations", "global": f"GeM(p={mc.gem_p}) of last map"}
+            "keypoint_score": "L2 norm of local activations", "global": f"GeM(p={mc.gem_p}) of last map",
+            "fold_batchnorm": bool(mc.fold_batchnorm)}
     out = save_serving(heads, "heads", rf, preprocess, out_dir, local_dim=mc.local_dim, global_dim=global_dim,
                        default_thres=mc.default_abs_thres, meta=meta)
     log.info("zero-training model (%s, %s) -> %s in %.1fs", mc.backbone, mc.local_projection, out, time.time() - t0)

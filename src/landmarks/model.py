@@ -200,6 +200,84 @@ def normalize_pixels(x, mode: str):
     raise LandmarksError(f"unknown preprocess mode {mode!r}")
 
 
+# ------------------------------------------------------------------------------ batch-norm folding
+
+def _foldable(model) -> dict:
+    """BatchNormalization layer name -> the convolution it follows, for every inference BN whose
+    input is a linear Conv2D / DepthwiseConv2D output that nothing else reads."""
+    keras = _keras()
+    L = keras.layers
+    readers: dict[int, int] = {}
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                readers[id(t)] = readers.get(id(t), 0) + 1
+    for t in model.outputs:
+        readers[id(t)] = readers.get(id(t), 0) + 1
+    out = {}
+    for layer in model.layers:
+        if type(layer) is not L.BatchNormalization or len(layer._inbound_nodes) != 1:
+            continue
+        (t,) = layer._inbound_nodes[0].input_tensors
+        conv = t._keras_history[0]
+        axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+        if (type(conv) in (L.Conv2D, L.DepthwiseConv2D) and readers[id(t)] == 1 and axis in (-1, 3)
+                and conv.get_config().get("activation") == "linear" and len(conv._inbound_nodes) == 1):
+            out[layer.name] = conv
+    return out
+
+
+def _folded_weights(conv, bn) -> list[np.ndarray]:
+    """[kernel, bias] of `conv` followed by inference `bn`: w * s, (b - mean) * s + beta, s = gamma / sqrt(var + eps)."""
+    w = np.asarray(conv.kernel, np.float64)
+    b = np.asarray(conv.bias, np.float64) if conv.use_bias else 0.0
+    mean, var = np.asarray(bn.moving_mean, np.float64), np.asarray(bn.moving_variance, np.float64)
+    gamma = np.asarray(bn.gamma, np.float64) if bn.scale else 1.0
+    beta = np.asarray(bn.beta, np.float64) if bn.center else 0.0
+    s = gamma / np.sqrt(var + bn.epsilon)
+    if type(conv).__name__ == "DepthwiseConv2D":  # kernel [kh, kw, cin, mult]: output channel cin * mult + m
+        w = w * s.reshape(w.shape[2], w.shape[3])
+    else:  # kernel [kh, kw, cin, cout]
+        w = w * s
+    return [w.astype(np.float32), ((b - mean) * s + beta).astype(np.float32)]
+
+
+def fold_batchnorm(model):
+    """A copy of a functional backbone with each inference batch norm folded into the convolution
+    before it (kernel and bias rescaled; the BN layer disappears), for export: the same function
+    up to float rounding, one op fewer per convolution, and Conv + BiasAdd + ReLU fuse into one
+    kernel.  Layers keep their names (a folded conv keeps the conv's); the original is untouched."""
+    keras = _keras()
+    fold = _foldable(model)
+    convs = {c.name: bn for bn, c in ((model.get_layer(n), c) for n, c in fold.items())}
+    tensors = {}
+    inputs = []
+    for inp in model.inputs:
+        new = keras.Input(shape=inp.shape[1:], dtype=inp.dtype, name=inp._keras_history[0].name)
+        tensors[id(inp)] = new
+        inputs.append(new)
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer" or layer.name in fold:
+            continue
+        if len(layer._inbound_nodes) != 1:
+            raise LandmarksError(f"fold_batchnorm: layer {layer.name} is used {len(layer._inbound_nodes)} times")
+        node = layer._inbound_nodes[0]
+        args, kwargs = node.arguments.fill_in(tensors)
+        config = layer.get_config()
+        bn = convs.get(layer.name)
+        if bn is not None:
+            config["use_bias"] = True
+        clone = type(layer).from_config(config)
+        outs = clone(*args, **kwargs)
+        clone.set_weights(_folded_weights(layer, bn) if bn is not None else layer.get_weights())
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for old, new in zip(node.output_tensors, outs):
+            tensors[id(old)] = new
+        if bn is not None:  # the BN's output is the folded conv's output
+            tensors[id(bn._inbound_nodes[0].output_tensors[0])] = outs[0]
+    return keras.Model(inputs, [tensors[id(t)] for t in model.outputs], name=model.name)
+
+
 # ------------------------------------------------------------------------------ receptive field
 
 def _layer_geometry(layer, in_size: int):

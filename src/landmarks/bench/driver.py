@@ -45,6 +45,7 @@ def quick_config(bc):
     q.verify_sizes = (200, 20_000)
     q.verify_test_images = 8
     q.incr_images = 8
+    q.knn_stream_n = min(bc.knn_stream_n, 5000)
     return q
 
 

@@ -217,10 +217,28 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
                 if meth in cell:
                     cell[meth]["search_total_s"] = cell[meth]["search_s"] * scale
             cells.append(cell)
+    stream = _stream(cfg, work_dir, real, real_path, k, qt)
     return {"cells": cells, "k": k, "approx": approx, "queries": bc.knn_queries, "timed": qt, "scale": scale,
+            "stream": stream,
             "real_src": real_src, "real_noise": bc.knn_real_noise,
             "approx_desc": (f"IVF-Flat nlist={cfg.knn.ivf_nlist or '4*sqrt(N)'} nprobe={cfg.knn.ivf_nprobe}"
                             if approx == "ivf" else f"HNSW-Flat M={cfg.knn.hnsw_m}")}
+
+
+def _stream(cfg, work_dir, real, real_path, k: int, q: int) -> dict | None:
+    """The streamed GLDv2-size measurement (bench.knn_stream_n > 0, real descriptors needed)."""
+    from landmarks.bench import knn_stream
+
+    bc = cfg.bench
+    if bc.knn_stream_n <= 0 or real is None:
+        return None
+    path = Path(work_dir).resolve() / "bench" / f"knn-stream-{bc.knn_stream_n}-{real.shape[1]}.f32"
+    log.info("bench kNN streamed: N=%d dim=%d, %d queries", bc.knn_stream_n, real.shape[1], q)
+    out = in_child(knn_stream.stream_child, int(bc.knn_stream_n), q, k, str(real_path), float(bc.knn_real_noise),
+                   str(path), tuple(bc.knn_stream_kinds), int(bc.knn_stream_nlist), tuple(bc.knn_stream_nprobes),
+                   int(cfg.knn.ivf_train_per_centroid) or 40)
+    path.unlink(missing_ok=True)  # GBs of generated data: not kept
+    return out
 
 
 def markdown(r: dict) -> list[str]:
@@ -245,6 +263,10 @@ def markdown(r: dict) -> list[str]:
                    else "")
             L.append(f"| {c['n']:,}{star} | {c['d']} | {c.get('data', '')} | {meth} | {m['build_s']:.1f} | {m['search_total_s']:.1f} | "
                      f"{gb(m['mem'])} + {gb(c['db_bytes'])} | {rec} |")
+    if r.get("stream"):
+        from landmarks.bench import knn_stream
+
+        L += knn_stream.markdown(r["stream"], r["queries"])
     return L
 
 
@@ -262,4 +284,13 @@ def summary(r: dict) -> str:
         parts.append(f"N={c['n']:,}{star}/d{c['d']}{'/real' if c.get('data') == 'real+noise' else ''}: exact "
                      f"{e['search_total_s']:.0f}s, {r['approx']} {a['build_s'] + a['search_total_s']:.0f}s "
                      f"({ratio:.2f}x exact){rec}, numpy {n['search_total_s']:.0f}s")
-    return "; ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
+    text = "; ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
+    if r.get("stream"):
+        from landmarks.bench import knn_stream
+
+        b = knn_stream.best(r["stream"], r["queries"])
+        n = r["stream"]["n"]
+        text += (f"; streamed N={n:,}: ivf-{b['kind']} nlist {b['nlist']} nprobe {b['nprobe']} build + search "
+                 f"{b['total_s']:.0f}s vs exact {b['exact_s']:.0f}s ({b['ratio']:.2f}x), r@{r['k']} {b['recall']:.3f}"
+                 if b else f"; streamed N={n:,}: no IVF setting reached recall 0.95")
+    return text

@@ -36,15 +36,30 @@ def extraction_basis(cfg, res: dict) -> tuple[float | None, str]:
     else:
         return None, ""
     spi = s_mp * cfg.bench.gldv2_megapixels
-    return spi, (f"Extraction basis: {s_mp:.2f} s per megapixel from {basis}, so {spi:.2f} s per GLDv2 image "
-                 "here.")
+    f_train, f_test = pixel_factors(cfg)
+    return spi, (f"Extraction basis: {s_mp:.2f} s per megapixel from {basis} at the local scales, so {spi:.2f} s "
+                 f"per GLDv2 image here; time scales with the pixels over the scales of the call: x{f_train:.2f} for "
+                 f"train (extract.global_scales), x{f_test:.2f} for test (global + local scales).")
+
+
+def pixel_factors(cfg) -> tuple[float, float]:
+    """Extraction time relative to the basis (a model call at the local scales) for train (global
+    scales only, the default) and test (the union of both sets): the sum of scale^2 of each call."""
+    e = cfg.extract
+    pix = lambda scales: sum(float(x) ** 2 for x in scales)  # noqa: E731
+    base = pix(e.local_scales) or 1.0
+    union = set(map(float, e.global_scales)) | set(map(float, e.local_scales))
+    train = pix(union if e.train_local else e.global_scales)
+    return train / base, pix(union) / base
 
 
 def _extraction_rows(cfg, spi: float) -> list[tuple]:
     bc = cfg.bench
     gpu = bc.gpu_seconds_per_image
-    return [(name, hours(n * spi), hours(n * gpu))
-            for name, n in [("extract train", bc.gldv2_train)] + [(f"extract test {q:,}", q) for q in bc.gldv2_test]]
+    f_train, f_test = pixel_factors(cfg)
+    return [("extract train" + ("" if cfg.extract.train_local else " (global scales only)"),
+             hours(bc.gldv2_train * spi * f_train), hours(bc.gldv2_train * gpu))] + [
+        (f"extract test {q:,}", hours(q * spi * f_test), hours(q * gpu)) for q in bc.gldv2_test]
 
 
 def _knn_cell(r3: dict) -> dict | None:
@@ -54,20 +69,44 @@ def _knn_cell(r3: dict) -> dict | None:
     return next((c for c in r3["cells"] if c["d"] == d0 and c["n"] == top and not c.get("skipped")), None)
 
 
-def _knn_rows(cfg, r3: dict) -> list[tuple]:
-    """kNN per test count from row 3, scaled to GLDv2 N and queries."""
-    bc = cfg.bench
+def _knn_costs(cfg, r3: dict) -> tuple[dict, str] | None:
+    """(method -> (build s at GLDv2 N, search s per query), source): the streamed full-size
+    measurement and its fastest IVF setting with recall >= 0.95 when row 3 ran it, else the largest cell."""
+    from landmarks.bench import knn_stream
+
+    s = r3.get("stream")
+    if s:
+        f_n = cfg.bench.gldv2_train / s["n"]
+        b = knn_stream.best(s, s["q"])
+        # exact: reading the chunked database once counts as its 'build'
+        costs = {"exact": (s["exact_read_s"] * f_n, (s["exact_s"] - s["exact_read_s"]) * f_n / s["q"])}
+        if b:
+            costs[f"ivf-{b['kind']} nlist {b['nlist']} nprobe {b['nprobe']}, recall@{s['k']} {b['recall']:.3f}"] = (
+                b["build_s"] * f_n, b["search_s"] * f_n / s["q"])
+        return costs, f"dim {s['d']}, measured at N={s['n']:,}"
     cell = _knn_cell(r3)
     if not cell:
+        return None
+    f_n = cfg.bench.gldv2_train / cell["n"]
+    costs = {m: (cell[m]["build_s"] * f_n, cell[m]["search_total_s"] * f_n / r3["queries"]) for m in ("exact", r3["approx"])}
+    return costs, f"dim {cell['d']}"
+
+
+def _knn_rows(cfg, r3: dict) -> list[tuple]:
+    """kNN per test count, and DBA over the train set (every train row is a query once per stage)."""
+    bc = cfg.bench
+    got = _knn_costs(cfg, r3)
+    if not got:
         return []
-    f_n = bc.gldv2_train / cell["n"]
+    costs, src = got
     rows = []
     for q in bc.gldv2_test:
-        f = f_n * q / r3["queries"]
-        for meth in ("exact", r3["approx"]):
-            m = cell[meth]
-            rows.append((f"kNN {meth} {q:,} test (dim {cell['d']})", hours(m["build_s"] * f_n + m["search_total_s"] * f),
-                         "same (CPU)"))
+        for meth, (build, per_q) in costs.items():
+            rows.append((f"kNN {meth}: {q:,} test ({src})", hours(build + per_q * q), "same (CPU)"))
+    if cfg.knn.dba_k > 0:
+        for meth, (build, per_q) in costs.items():
+            rows.append((f"DBA (knn.dba_k={cfg.knn.dba_k}, default): {bc.gldv2_train:,} train rows as queries, {meth}",
+                         hours(build + per_q * bc.gldv2_train), "same (CPU)"))
     return rows
 
 
@@ -81,7 +120,7 @@ def _verify_rows(cfg, res: dict, spi: float | None) -> list[tuple]:
             rows.append((f"verify {q:,} x {R} pairs", hours(q * R / r2["default_pairs_s"]), "same (CPU)"))
             if spi:
                 n_loc = min(q * R, bc.gldv2_train)
-                rows.append((f"train locals on demand (<= {n_loc:,} images)", hours(n_loc * spi),
+                rows.append((f"train locals on demand (<= {n_loc:,} images)", hours(n_loc * spi * pixel_factors(cfg)[1]),
                              hours(n_loc * bc.gpu_seconds_per_image)))
     if r6:
         big = r6["cells"][-1]
@@ -99,7 +138,8 @@ def _time_table(cfg, res: dict, spi: float | None) -> list[str]:
     rows += _verify_rows(cfg, res, spi)
     if spi and res.get(7):
         add = math.ceil(bc.gldv2_train / 100)
-        rows.append((f"add 1 % to train ({add:,} new images; row 7: only they run the model)", hours(add * spi),
+        rows.append((f"add 1 % to train ({add:,} new images; row 7: only they run the model)",
+                     hours(add * spi * pixel_factors(cfg)[0]),
                      hours(add * bc.gpu_seconds_per_image)))
     if res.get(5):
         rows.append(("read train.csv + labels", f"{res[5]['total_s']:.1f} s", "same"))
@@ -155,12 +195,14 @@ def _dask(cfg, spi: float) -> list[str]:
     """Workers and shards for a one-hour extraction of train + the larger test set."""
     bc = cfg.bench
     total_img = bc.gldv2_train + max(bc.gldv2_test)
-    workers = math.ceil(total_img * spi / 3600)
+    f_train, f_test = pixel_factors(cfg)
+    total_s = spi * (bc.gldv2_train * f_train + max(bc.gldv2_test) * f_test)
+    workers = math.ceil(total_s / 3600)
     gpu_workers = math.ceil(total_img * bc.gpu_seconds_per_image / 3600)
     cap = max(1, cfg.extract.max_shard_images)
     shards = max(math.ceil(total_img / cap), 4 * workers)
-    return [f"Dask: extraction of {total_img:,} images takes {total_img * spi / 3600:.1f} h on one worker like "
-            f"this machine ({cpu_info()['cores']} cores, {spi:.2f} s/image); to finish in one hour use **{workers}** "
+    return [f"Dask: extraction of {total_img:,} images takes {total_s / 3600:.1f} h on one worker like "
+            f"this machine ({cpu_info()['cores']} cores, {total_s / total_img:.2f} s/image on average); to finish in one hour use **{workers}** "
             f"such workers (or {gpu_workers} GPU workers) and at least **{shards}** shards (>= 4 per worker for load "
             f"balance, <= extract.max_shard_images={cfg.extract.max_shard_images} images each): "
             f"`landmarks features --split train --shards {shards} --scheduler tcp://HOST:8786`.", ""]
