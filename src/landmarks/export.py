@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.delg_io import META_FILE, serving_input_signature
+from landmarks.delg_io import META_FILE, read_model_meta, serving_input_signature
 from landmarks.utils import LandmarksError
 
 log = logging.getLogger("landmarks.export")
@@ -301,8 +301,8 @@ def _cmd_model_build(args, cfg) -> int:
             setattr(cfg.model, key, v)
     out = Path(args.out)
     if (out / "saved_model.pb").exists() and not args.force:
-        meta = out / META_FILE
-        if meta.exists() and json.loads(meta.read_text()).get("config_hash") == cfg.section_hash("model"):
+        meta = read_model_meta(out)
+        if meta is not None and meta.get("config_hash") == cfg.section_hash("model"):
             print(f"{out} is up to date (use --force to rebuild)")
             return 0
     build_default_model(cfg, out)

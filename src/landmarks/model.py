@@ -23,6 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from landmarks.tfcompat import (
+    call_arguments,
+    call_inputs,
+    call_outputs,
+    inbound_layer_names,
+    layer_calls,
+    producing_layer,
+    producing_layer_name,
+)
 from landmarks.utils import LandmarksError
 
 BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101", "tiny")
@@ -209,20 +218,20 @@ def _foldable(model) -> dict:
     L = keras.layers
     readers: dict[int, int] = {}
     for layer in model.layers:
-        for node in layer._inbound_nodes:
-            for t in node.input_tensors:
+        for call in layer_calls(layer):
+            for t in call_inputs(call):
                 readers[id(t)] = readers.get(id(t), 0) + 1
     for t in model.outputs:
         readers[id(t)] = readers.get(id(t), 0) + 1
     out = {}
     for layer in model.layers:
-        if type(layer) is not L.BatchNormalization or len(layer._inbound_nodes) != 1:
+        if type(layer) is not L.BatchNormalization or len(layer_calls(layer)) != 1:
             continue
-        (t,) = layer._inbound_nodes[0].input_tensors
-        conv = t._keras_history[0]
+        (t,) = call_inputs(layer_calls(layer)[0])
+        conv = producing_layer(t)
         axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
         if (type(conv) in (L.Conv2D, L.DepthwiseConv2D) and readers[id(t)] == 1 and axis in (-1, 3)
-                and conv.get_config().get("activation") == "linear" and len(conv._inbound_nodes) == 1):
+                and conv.get_config().get("activation") == "linear" and len(layer_calls(conv)) == 1):
             out[layer.name] = conv
     return out
 
@@ -253,16 +262,17 @@ def fold_batchnorm(model):
     tensors = {}
     inputs = []
     for inp in model.inputs:
-        new = keras.Input(shape=inp.shape[1:], dtype=inp.dtype, name=inp._keras_history[0].name)
+        new = keras.Input(shape=inp.shape[1:], dtype=inp.dtype, name=producing_layer_name(inp))
         tensors[id(inp)] = new
         inputs.append(new)
     for layer in model.layers:
         if type(layer).__name__ == "InputLayer" or layer.name in fold:
             continue
-        if len(layer._inbound_nodes) != 1:
-            raise LandmarksError(f"fold_batchnorm: layer {layer.name} is used {len(layer._inbound_nodes)} times")
-        node = layer._inbound_nodes[0]
-        args, kwargs = node.arguments.fill_in(tensors)
+        calls = layer_calls(layer)
+        if len(calls) != 1:
+            raise LandmarksError(f"fold_batchnorm: layer {layer.name} is used {len(calls)} times")
+        node = calls[0]
+        args, kwargs = call_arguments(node, tensors)
         config = layer.get_config()
         bn = convs.get(layer.name)
         if bn is not None:
@@ -271,10 +281,10 @@ def fold_batchnorm(model):
         outs = clone(*args, **kwargs)
         clone.set_weights(_folded_weights(layer, bn) if bn is not None else layer.get_weights())
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        for old, new in zip(node.output_tensors, outs):
+        for old, new in zip(call_outputs(node), outs):
             tensors[id(old)] = new
         if bn is not None:  # the BN's output is the folded conv's output
-            tensors[id(bn._inbound_nodes[0].output_tensors[0])] = outs[0]
+            tensors[id(call_outputs(layer_calls(bn)[0])[0])] = outs[0]
     return keras.Model(inputs, [tensors[id(t)] for t in model.outputs], name=model.name)
 
 
@@ -316,8 +326,7 @@ def receptive_field(model, layer_name: str, ref_size: int = 1024) -> ReceptiveFi
     """
     info: dict[str, tuple] = {}
     for layer in model.layers:
-        nodes = layer._inbound_nodes
-        parents = [t._keras_history[0].name for t in nodes[0].input_tensors] if nodes else []
+        parents = inbound_layer_names(layer)
         if not parents:
             info[layer.name] = (1, 1, 0.0, ref_size)
         else:
@@ -343,7 +352,7 @@ def receptive_field(model, layer_name: str, ref_size: int = 1024) -> ReceptiveFi
 
 
 def output_layer_name(model, index: int) -> str:
-    return model.outputs[index]._keras_history[0].name
+    return producing_layer_name(model.outputs[index])
 
 
 # ------------------------------------------------------------------------------------- heads

@@ -9,16 +9,42 @@ model code that uses it.
 from __future__ import annotations
 
 
+def layer_calls(layer) -> list:
+    """The recorded calls ("nodes") of `layer` in the functional model(s) it was built in, in order."""
+    return list(layer._inbound_nodes)
+
+
+def call_inputs(call) -> list:
+    """The symbolic tensors a recorded call read."""
+    return list(call.input_tensors)
+
+
+def call_outputs(call) -> list:
+    """The symbolic tensors a recorded call produced."""
+    return list(call.output_tensors)
+
+
+def call_arguments(call, tensors: dict) -> tuple[list, dict]:
+    """(args, kwargs) of a recorded call, each symbolic input replaced by tensors[id(input)]:
+    replays a functional graph onto new layers (batch-norm folding)."""
+    return call.arguments.fill_in(tensors)
+
+
 def inbound_layer_names(layer) -> list[str]:
     """Names of the layers whose outputs feed `layer` in its first call (its place in the
     functional model it was built in); [] for an Input layer."""
-    nodes = layer._inbound_nodes
-    return [producing_layer_name(t) for t in nodes[0].input_tensors] if nodes else []
+    calls = layer_calls(layer)
+    return [producing_layer_name(t) for t in call_inputs(calls[0])] if calls else []
+
+
+def producing_layer(tensor):
+    """The layer that produced the symbolic Keras tensor `tensor` (e.g. a model output)."""
+    return tensor._keras_history[0]
 
 
 def producing_layer_name(tensor) -> str:
-    """Name of the layer that produced the symbolic Keras tensor `tensor` (e.g. a model output)."""
-    return tensor._keras_history[0].name
+    """Name of the layer that produced the symbolic Keras tensor `tensor`."""
+    return producing_layer(tensor).name
 
 
 def freeze_function(concrete_fn):

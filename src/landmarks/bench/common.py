@@ -19,10 +19,9 @@ def median(xs) -> float:
 
 def cores() -> int:
     """CPU cores this process may use (its affinity mask, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
+    from landmarks.utils import available_cores
+
+    return available_cores()
 
 
 def rss_bytes() -> int:
@@ -143,7 +142,9 @@ def peak_gflops(cfg, info: dict) -> tuple[float, str]:
 # ---------------------------------------------------------------------------------- inputs
 def model_meta(model_dir) -> dict | None:
     """The project's landmarks_model.json of a SavedModel (None for a foreign model)."""
-    p = Path(model_dir) / "landmarks_model.json"
+    from landmarks.delg_io import META_FILE
+
+    p = Path(model_dir) / META_FILE
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError):

@@ -35,9 +35,9 @@ def _backbone_net(meta: dict):
 
 def _frozen(fn, specs):
     """A tf.function frozen to a graph with the weights as constants (grappler folds and fuses them)."""
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from landmarks.tfcompat import freeze_function
 
-    return convert_variables_to_constants_v2(fn.get_concrete_function(*specs))
+    return freeze_function(fn.get_concrete_function(*specs))
 
 
 def _backbone_fns(net, n_scales: int):
@@ -45,9 +45,8 @@ def _backbone_fns(net, n_scales: int):
     'bb': the backbone with its batch norms folded, all scales of one image in one call (the
     scales' passes may overlap, as the serving graph's loop lets them): the fastest plain forward;
     'bb_per_scale': the backbone as built, one call per scale (the baseline before issue 13)."""
-    import tensorflow as tf
-
     from landmarks.model import fold_batchnorm
+    from landmarks.tfquiet import tf
 
     spec = tf.TensorSpec([1, None, None, 3], tf.float32)
     folded = fold_batchnorm(net)
@@ -58,12 +57,12 @@ def _backbone_fns(net, n_scales: int):
 
 def backbone_flops(net, size: int = 512) -> float:
     """FLOPs of one forward pass at size x size counted by tf.profiler (mul and add = 2)."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from landmarks.tfcompat import freeze_function
+    from landmarks.tfquiet import tf
 
     cf = tf.function(lambda x: net(x, training=False)).get_concrete_function(
         tf.TensorSpec([1, size, size, 3], tf.float32))
-    frozen = convert_variables_to_constants_v2(cf)
+    frozen = freeze_function(cf)
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
     info = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
@@ -113,9 +112,8 @@ def _model_timer(model, images, args):
 
 def _backbone_inputs(images, scales, preprocess: str) -> list[list]:
     """Per image, its inputs at each scale, resized to the serving graph's sizes (round(h*s), round(w*s))."""
-    import tensorflow as tf
-
     from landmarks.model import normalize_pixels
+    from landmarks.tfquiet import tf
 
     out = []
     for im in images:
