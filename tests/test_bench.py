@@ -81,7 +81,8 @@ def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys):
                    "20,000 rows",  # row 5
                    "| 20,000 | 4 |", "Ratio largest / smallest N",  # row 6: 20 k ids in 4 shards
                    "| add 1 (1 %) |", "| 1 |\n| remove them again |",  # row 7: one model call, then none
-                   "machine:", "versions:", "tensorflow", "## GLDv2 scale on paper", "| extract train |",
+                   "machine:", "versions:", "tensorflow", "## GLDv2 scale on paper",
+                   "| extract train (global scales only) |", "| DBA (knn.dba_k=2",
                    "train features (global only)", "to finish in one hour use"):
         assert needle in text, needle
     # the machine line names SIMD flags and cores; the kNN row has the model's dim (tiny: 32) and 64

@@ -20,8 +20,8 @@ def _header(bc) -> list[str]:
             f"{' / '.join(f'{q:,}' for q in bc.gldv2_test)}. Assumptions: a GLDv2 image is "
             f"{bc.gldv2_megapixels} MP after max_image_size (bench.gldv2_megapixels), extraction time scales with "
             f"pixels; GPU box = {bc.gpu_seconds_per_image * 1000:.0f} ms/image extraction (DELG paper, R50 "
-            "global+local on a P100; no GPU here, bench.gpu_seconds_per_image); kNN, verification and voting "
-            "stay on CPU.", ""]
+            "global+local on a P100, scaled by the same pixel factors; no GPU here, bench.gpu_seconds_per_image); "
+            "kNN, verification and voting stay on CPU.", ""]
 
 
 def extraction_basis(cfg, res: dict) -> tuple[float | None, str]:
@@ -58,8 +58,8 @@ def _extraction_rows(cfg, spi: float) -> list[tuple]:
     gpu = bc.gpu_seconds_per_image
     f_train, f_test = pixel_factors(cfg)
     return [("extract train" + ("" if cfg.extract.train_local else " (global scales only)"),
-             hours(bc.gldv2_train * spi * f_train), hours(bc.gldv2_train * gpu))] + [
-        (f"extract test {q:,}", hours(q * spi * f_test), hours(q * gpu)) for q in bc.gldv2_test]
+             hours(bc.gldv2_train * spi * f_train), hours(bc.gldv2_train * gpu * f_train))] + [
+        (f"extract test {q:,}", hours(q * spi * f_test), hours(q * gpu * f_test)) for q in bc.gldv2_test]
 
 
 def _knn_cell(r3: dict) -> dict | None:
@@ -121,7 +121,7 @@ def _verify_rows(cfg, res: dict, spi: float | None) -> list[tuple]:
             if spi:
                 n_loc = min(q * R, bc.gldv2_train)
                 rows.append((f"train locals on demand (<= {n_loc:,} images)", hours(n_loc * spi * pixel_factors(cfg)[1]),
-                             hours(n_loc * bc.gpu_seconds_per_image)))
+                             hours(n_loc * bc.gpu_seconds_per_image * pixel_factors(cfg)[1])))
     if r6:
         big = r6["cells"][-1]
         for q in bc.gldv2_test:
@@ -140,7 +140,7 @@ def _time_table(cfg, res: dict, spi: float | None) -> list[str]:
         add = math.ceil(bc.gldv2_train / 100)
         rows.append((f"add 1 % to train ({add:,} new images; row 7: only they run the model)",
                      hours(add * spi * pixel_factors(cfg)[0]),
-                     hours(add * bc.gpu_seconds_per_image)))
+                     hours(add * bc.gpu_seconds_per_image * pixel_factors(cfg)[0])))
     if res.get(5):
         rows.append(("read train.csv + labels", f"{res[5]['total_s']:.1f} s", "same"))
     if not rows:
@@ -198,7 +198,7 @@ def _dask(cfg, spi: float) -> list[str]:
     f_train, f_test = pixel_factors(cfg)
     total_s = spi * (bc.gldv2_train * f_train + max(bc.gldv2_test) * f_test)
     workers = math.ceil(total_s / 3600)
-    gpu_workers = math.ceil(total_img * bc.gpu_seconds_per_image / 3600)
+    gpu_workers = math.ceil(total_s / spi * bc.gpu_seconds_per_image / 3600)
     cap = max(1, cfg.extract.max_shard_images)
     shards = max(math.ceil(total_img / cap), 4 * workers)
     return [f"Dask: extraction of {total_img:,} images takes {total_s / 3600:.1f} h on one worker like "
