@@ -94,8 +94,8 @@ class KnnConfig:
     k: int = 100
     index: Literal["exact", "ivf", "hnsw", "numpy"] = "exact"
     chunk_size: int = 4096  # queries per block
-    ivf_nlist: int = 0  # 0 = 4*sqrt(N)
-    ivf_nprobe: int = 16
+    ivf_nlist: int = 0  # 0 = sqrt(N) (1257 at 1.58 M: build + search 0.18-0.44x exact, recall@100 0.997)
+    ivf_nprobe: int = 64
     ivf_train_per_centroid: int = 40  # IVF k-means trains on a sample of this many points per list (0 = all)
     hnsw_m: int = 32
     hnsw_ef_search: int = 256  # at least 2*k is used

@@ -221,7 +221,7 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
     return {"cells": cells, "k": k, "approx": approx, "queries": bc.knn_queries, "timed": qt, "scale": scale,
             "stream": stream,
             "real_src": real_src, "real_noise": bc.knn_real_noise,
-            "approx_desc": (f"IVF-Flat nlist={cfg.knn.ivf_nlist or '4*sqrt(N)'} nprobe={cfg.knn.ivf_nprobe}"
+            "approx_desc": (f"IVF-Flat nlist={cfg.knn.ivf_nlist or 'sqrt(N)'} nprobe={cfg.knn.ivf_nprobe}"
                             if approx == "ivf" else f"HNSW-Flat M={cfg.knn.hnsw_m}")}
 
 

@@ -169,7 +169,7 @@ def _disk(cfg, r4: dict, r2: dict | None) -> list[str]:
         L += [f"| test features {q:,} (global + local) | {gb(q * (g_img + over + fpi * loc_feat))} |",
               f"| train local cache for {q:,} x {R} candidates (upper bound) | "
               f"{gb(n_loc * (g_img + over + fpi * loc_feat))} |",
-              f"| knn.npz {q:,} x K={cfg.knn.k} | {gb(q * cfg.knn.k * 12 + (q + bc.gldv2_train) * 16)} |"]
+              f"| knn-<hash>.npz {q:,} x K={cfg.knn.k} | {gb(q * cfg.knn.k * 12 + (q + bc.gldv2_train) * 16)} |"]
     return L + [""]
 
 
