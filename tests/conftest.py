@@ -78,12 +78,20 @@ def _make_dataset(tmp_path, n_classes=4, per_class=3, n_distract=3, dim=16, seed
     (data / "train.csv").write_text("id,landmark_id\n" + "".join(f"{i},{lab}\n" for i, lab in zip(tr_ids, tr_lab)))
     sample = te_ids[::-1] + ["fail0001"]
     (data / "sample_submission.csv").write_text("id,landmarks\n" + "".join(f"{i},\n" for i in sample))
-    (data / "solution.csv").write_text("id,landmarks\n" + "".join(
-        f"{i},{100 + n if i.startswith('te') else ''}\n" for n, i in enumerate(te_ids)) + "fail0001,\n")
+    (data / "solution.csv").write_text(
+        "id,landmarks\n"
+        + "".join(f"{i},{100 + n if i.startswith('te') else ''}\n" for n, i in enumerate(te_ids))
+        + "fail0001,\n"
+    )
     work = tmp_path / "work"
     write_shard(work / "features/train/shard-00000-of-00001.h5", tr_ids, tr, None)
-    write_shard(work / "features/test/shard-00000-of-00001.h5", te_ids, np.concatenate([te, prod]), None,
-                failures=[("fail0001", "unreadable image")])
+    write_shard(
+        work / "features/test/shard-00000-of-00001.h5",
+        te_ids,
+        np.concatenate([te, prod]),
+        None,
+        failures=[("fail0001", "unreadable image")],
+    )
     return data, work
 
 
@@ -101,18 +109,19 @@ def _lf(kp, desc):
     from landmarks.store import LocalFeatures
 
     n = len(kp)
-    return LocalFeatures(kp.astype(np.float32), desc.astype(np.float32), np.ones(n, np.float32),
-                         np.ones(n, np.float32))
+    return LocalFeatures(kp.astype(np.float32), desc.astype(np.float32), np.ones(n, np.float32), np.ones(n, np.float32))
 
 
 def _planted_pair(rng, n=300, shared=120, dim=128, noise=0.05):
     kp_q = rng.uniform(0, 500, (n, 2))
     d_q = _unit(rng.normal(size=(n, dim)))
     pts = np.c_[kp_q[:shared], np.ones(shared)] @ PLANTED_H.T
-    kp_t = np.concatenate([pts[:, :2] / pts[:, 2:] + rng.normal(0, 0.5, (shared, 2)),
-                           rng.uniform(0, 500, (n - shared, 2))])
-    d_t = np.concatenate([_unit(d_q[:shared] + noise * rng.normal(size=(shared, dim))),
-                          _unit(rng.normal(size=(n - shared, dim)))])
+    kp_t = np.concatenate(
+        [pts[:, :2] / pts[:, 2:] + rng.normal(0, 0.5, (shared, 2)), rng.uniform(0, 500, (n - shared, 2))]
+    )
+    d_t = np.concatenate(
+        [_unit(d_q[:shared] + noise * rng.normal(size=(shared, dim))), _unit(rng.normal(size=(n - shared, dim)))]
+    )
     perm = rng.permutation(n)
     other = _lf(rng.uniform(0, 500, (n, 2)), _unit(rng.normal(size=(n, dim))))
     return _lf(kp_q, d_q), _lf(kp_t[perm], d_t[perm]), other

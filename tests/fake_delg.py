@@ -13,6 +13,7 @@ What it computes (image-dependent, so tests can check meaning):
 - features with score >= abs_thres (<= 0: no threshold) are kept, merged over scales, and the
   top ``max_feature_num`` by score are returned.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,7 @@ def build_fake_delg(out_dir: str | Path) -> Path:
 
     class FakeDelg(tf.Module):
         @tf.function(input_signature=serving_input_signature())
-        def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres,
-                  input_global_scales_ind):
+        def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind):
             img = (tf.cast(input_image, tf.float32) - 128.0) / 128.0
             hw = tf.cast(tf.shape(img)[:2], tf.float32)
             n_s = tf.shape(input_scales)[0]

@@ -1,5 +1,6 @@
 """`landmarks adapt`: exact pair correspondences, adapt -> export -> load_delg, exact resume, the warp check,
 the cached stage (skip / re-adapt by fingerprint) and its place as the default model of `make predict`."""
+
 from __future__ import annotations
 
 import json
@@ -91,7 +92,7 @@ def _make_data(root: Path, n=4, seed=0) -> Path:
     for k in range(n):
         base = rng.integers(0, 255, (12, 14, 3)).astype(np.uint8)
         img = np.asarray(Image.fromarray(base).resize((140, 120), Image.NEAREST))
-        i = f"{k:x}{rng.integers(0, 16 ** 15):015x}"
+        i = f"{k:x}{rng.integers(0, 16**15):015x}"
         p = root / "train" / i[0] / i[1] / i[2] / f"{i}.jpg"
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(p)
@@ -103,9 +104,20 @@ def _make_data(root: Path, n=4, seed=0) -> Path:
 def _cfg(steps=4, extra=()):
     from landmarks.config import load_config
 
-    return load_config(None, ["model.backbone=tiny", "model.init=random", "adapt.batch_size=2",
-                              "adapt.crop_size=64", "adapt.max_side=128", "adapt.checkpoint_every=2",
-                              f"adapt.steps={steps}", "adapt.hidden=16", *extra])
+    return load_config(
+        None,
+        [
+            "model.backbone=tiny",
+            "model.init=random",
+            "adapt.batch_size=2",
+            "adapt.crop_size=64",
+            "adapt.max_side=128",
+            "adapt.checkpoint_every=2",
+            f"adapt.steps={steps}",
+            "adapt.hidden=16",
+            *extra,
+        ],
+    )
 
 
 def _head_weights(work: Path) -> list[np.ndarray]:
@@ -175,11 +187,24 @@ def test_warp_check_identity_is_perfect(tmp_path):
     from landmarks.config import load_config
     from landmarks.export import build_default_model
 
-    cfg = load_config(None, ["model.backbone=tiny", "model.init=random", "model.local_projection=random_orthogonal",
-                             "adapt.scale_min=1", "adapt.scale_max=1", "adapt.max_rotation=0",
-                             "adapt.perspective=0", "adapt.max_shift=0", "adapt.photometric=false",
-                             "adapt.eval_crop=96",
-                             "adapt.eval_warps=1", "adapt.eval_features=50", "extract.local_scales=1.0"])
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=tiny",
+            "model.init=random",
+            "model.local_projection=random_orthogonal",
+            "adapt.scale_min=1",
+            "adapt.scale_max=1",
+            "adapt.max_rotation=0",
+            "adapt.perspective=0",
+            "adapt.max_shift=0",
+            "adapt.photometric=false",
+            "adapt.eval_crop=96",
+            "adapt.eval_warps=1",
+            "adapt.eval_features=50",
+            "extract.local_scales=1.0",
+        ],
+    )
     model = build_default_model(cfg, tmp_path / "m")
     data = _make_data(tmp_path / "d", n=3)
     photos = sorted(str(p) for p in (data / "train").rglob("*.jpg"))
@@ -188,8 +213,10 @@ def test_warp_check_identity_is_perfect(tmp_path):
     assert res["precision"] > 0.9 and res["inliers_true"] > res["inliers_wrong"]
 
 
-@pytest.mark.skipif(not (SHARED / "wide_baseline_scenes" / "LABELS.csv").exists(),
-                    reason="shared real photos (../shared/data) not present")
+@pytest.mark.skipif(
+    not (SHARED / "wide_baseline_scenes" / "LABELS.csv").exists(),
+    reason="shared real photos (../shared/data) not present",
+)
 def test_eval_photos_reads_shared_set():
     from landmarks.adapt import eval_photos
     from landmarks.config import Config
@@ -223,13 +250,15 @@ def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_
     assert json.loads((work / "adapt" / "state.json").read_text()) == state  # no step taken, nothing saved
 
     # the CLI run make uses: no TensorFlow import, well under the 2 s of a TF start
-    code = ("import sys, time; t = time.perf_counter(); from landmarks.cli import main; "
-            f"rc = main(['adapt', '--data-dir', {str(data)!r}, '--work-dir', {str(work)!r}, '--out', {str(out)!r}, "
-            "'--no-eval', '--replace-stale', '--set', 'model.backbone=tiny', '--set', 'model.init=random', "
-            "'--set', 'adapt.batch_size=2', '--set', 'adapt.crop_size=64', '--set', 'adapt.max_side=128', "
-            "'--set', 'adapt.checkpoint_every=2', '--set', 'adapt.steps=4', '--set', 'adapt.hidden=16']); "
-            "assert rc == 0 and 'tensorflow' not in sys.modules, sorted(m for m in sys.modules if 'tensorflow' in m)[:3]; "
-            "print('elapsed', time.perf_counter() - t)")
+    code = (
+        "import sys, time; t = time.perf_counter(); from landmarks.cli import main; "
+        f"rc = main(['adapt', '--data-dir', {str(data)!r}, '--work-dir', {str(work)!r}, '--out', {str(out)!r}, "
+        "'--no-eval', '--replace-stale', '--set', 'model.backbone=tiny', '--set', 'model.init=random', "
+        "'--set', 'adapt.batch_size=2', '--set', 'adapt.crop_size=64', '--set', 'adapt.max_side=128', "
+        "'--set', 'adapt.checkpoint_every=2', '--set', 'adapt.steps=4', '--set', 'adapt.hidden=16']); "
+        "assert rc == 0 and 'tensorflow' not in sys.modules, sorted(m for m in sys.modules if 'tensorflow' in m)[:3]; "
+        "print('elapsed', time.perf_counter() - t)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "up to date" in r.stderr and (out / "saved_model.pb").stat().st_mtime_ns == mtime
@@ -270,8 +299,9 @@ def test_make_predict_adapts_by_default_and_opts_out():
     """`make predict` runs the adapt stage and extracts with its export; MODEL=... or ADAPT=0 do not adapt."""
 
     def dry(*args):
-        r = subprocess.run(["make", "-n", "-C", str(REPO), "predict", "WORK_DIR=/tmp/w", *args],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["make", "-n", "-C", str(REPO), "predict", "WORK_DIR=/tmp/w", *args], capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stderr
         return [line for line in r.stdout.splitlines() if "landmarks " in line]
 
@@ -294,6 +324,7 @@ def test_make_predict_adapts_by_default_and_opts_out():
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_validate_hard_keeps_the_zero_training_model_unless_given():
     """The hard protocol builds its own splits: it does not adapt on DATA_DIR; a given MODEL is used."""
+
     def hard(*args):
         r = subprocess.run(["make", "-n", "-C", str(REPO), "validate-hard", *args], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr

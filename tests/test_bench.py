@@ -1,4 +1,5 @@
 """bench (a tool, one module per row): the quick smoke run writes every row and the GLDv2-scale section; rows are independent."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,8 @@ def dataset(tmp_path_factory):
     for lab in range(3):
         base = np.asarray(Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).resize((160, 160)))
         for v in range(4):
-            i = f"{rng.integers(0, 2 ** 63):016x}"
-            crop = base[v * 8:v * 8 + 128, v * 6:v * 6 + 120]
+            i = f"{rng.integers(0, 2**63):016x}"
+            crop = base[v * 8 : v * 8 + 128, v * 6 : v * 6 + 120]
             if v < 3:
                 _write(root, "train", i, crop)
                 train.append(i)
@@ -48,7 +49,7 @@ def dataset(tmp_path_factory):
                 _write(root, "test", i, crop)
                 test.append(i)
                 truth.append(str(lab * 10))
-    i = f"{rng.integers(0, 2 ** 63):016x}"
+    i = f"{rng.integers(0, 2**63):016x}"
     _write(root, "test", i, (rng.random((100, 90, 3)) * 255).astype(np.uint8))
     test.append(i)
     truth.append("")
@@ -60,8 +61,9 @@ def dataset(tmp_path_factory):
 
 def _cfg(tmp_path, *extra):
     # no shared photo sets: row 2 takes its pairs from the data dir, as on a user's machine
-    return load_config(None, ["bench.quick=true", f"bench.shared_data={tmp_path / 'none'}",
-                              "verify.jobs=1", "extract.jobs=1", *extra])
+    return load_config(
+        None, ["bench.quick=true", f"bench.shared_data={tmp_path / 'none'}", "verify.jobs=1", "extract.jobs=1", *extra]
+    )
 
 
 def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys):
@@ -74,16 +76,34 @@ def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys):
     for i, title in bench.ROW_TITLES.items():
         assert f"## Row {i}: {title}" in text
         assert f"| {i} | {title} |" in printed
-    for needle in ("pipeline vs", "ratio", "% of peak FP32", "GFLOP/image",  # row 1
-                   "pairs/s baseline", "mean inliers same",  # row 2
-                   "recall@K", "| exact |", "| ivf |", "| numpy |",  # row 3
-                   "test img/s", "| 2 |", "| 4 |",  # row 4
-                   "20,000 rows",  # row 5
-                   "| 20,000 | 4 |", "Ratio largest / smallest N",  # row 6: 20 k ids in 4 shards
-                   "| add 1 (1 %) |", "| 1 |\n| remove them again |",  # row 7: one model call, then none
-                   "machine:", "versions:", "tensorflow", "## GLDv2 scale on paper",
-                   "| extract train (global scales only) |", "| DBA (knn.dba_k=2",
-                   "train features (global only)", "to finish in one hour use"):
+    for needle in (
+        "pipeline vs",
+        "ratio",
+        "% of peak FP32",
+        "GFLOP/image",  # row 1
+        "pairs/s baseline",
+        "mean inliers same",  # row 2
+        "recall@K",
+        "| exact |",
+        "| ivf |",
+        "| numpy |",  # row 3
+        "test img/s",
+        "| 2 |",
+        "| 4 |",  # row 4
+        "20,000 rows",  # row 5
+        "| 20,000 | 4 |",
+        "Ratio largest / smallest N",  # row 6: 20 k ids in 4 shards
+        "| add 1 (1 %) |",
+        "| 1 |\n| remove them again |",  # row 7: one model call, then none
+        "machine:",
+        "versions:",
+        "tensorflow",
+        "## GLDv2 scale on paper",
+        "| extract train (global scales only) |",
+        "| DBA (knn.dba_k=2",
+        "train features (global only)",
+        "to finish in one hour use",
+    ):
         assert needle in text, needle
     # the machine line names SIMD flags and cores; the kNN row has the model's dim (tiny: 32) and 64
     assert "cores" in text and "| 2,000 | 32 |" in text and "| 2,000 | 64 |" in text
@@ -101,8 +121,22 @@ def test_rows_are_independent_and_selectable(tmp_path, dataset, tiny_model, monk
     monkeypatch.setitem(bench.ROWS, 3, (boom, retrieval.markdown))
     from landmarks.cli import main
 
-    rc = main(["bench", "--quick", "--rows", "3,5", "--data-dir", str(dataset), "--work-dir", str(tmp_path / "w"),
-               "--model", str(tiny_model), "--set", f"bench.shared_data={tmp_path / 'none'}"])
+    rc = main(
+        [
+            "bench",
+            "--quick",
+            "--rows",
+            "3,5",
+            "--data-dir",
+            str(dataset),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--model",
+            str(tiny_model),
+            "--set",
+            f"bench.shared_data={tmp_path / 'none'}",
+        ]
+    )
     assert rc == 0
     text = (tmp_path / "w" / "bench.md").read_text()
     assert "ERROR: RuntimeError: index exploded" in text
@@ -150,8 +184,9 @@ def test_streamed_knn_exact_matches_numpy_and_ivf_recall(tmp_path):
     np.save(tmp_path / "real.npy", real)
     knn_stream.STEP, step = 700, knn_stream.STEP  # several chunks
     try:
-        s = knn_stream.stream_child(3000, 30, 20, str(tmp_path / "real.npy"), 1.0, str(tmp_path / "db.f32"),
-                                    ("flat", "sq8"), 0, (4, 55), 40)
+        s = knn_stream.stream_child(
+            3000, 30, 20, str(tmp_path / "real.npy"), 1.0, str(tmp_path / "db.f32"), ("flat", "sq8"), 0, (4, 55), 40
+        )
     finally:
         knn_stream.STEP = step
     db = np.fromfile(tmp_path / "db.f32", np.float32).reshape(3000, 24)

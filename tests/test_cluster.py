@@ -3,6 +3,7 @@ way users start them (`make cluster-check` runs this file).  Shards must be byte
 local run; a worker killed mid-run loses nothing: its shard is rerun on the other worker, the
 result is identical and the driver's log says what happened.  Every process is stopped at the end.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,25 +40,50 @@ class Cluster:
         self.port = _free_port()
         self.address = f"tcp://{HOST}:{self.port}"
         src = str(Path(__file__).resolve().parents[1] / "src")
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-                        TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+            TF_CPP_MIN_LOG_LEVEL="2",
+            OMP_NUM_THREADS="1",
+        )
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.tmp / f"{name}.log", "w")
         self.logs[name] = self.tmp / f"{name}.log"
-        self.procs[name] = subprocess.Popen([str(BIN / "dask"), *args], stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.env, cwd=self.tmp, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [str(BIN / "dask"), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.tmp,
+            start_new_session=True,
+        )
         log.close()
 
     def start(self, workers: int = 2, timeout: float = 60.0) -> "Cluster":
         from dask.distributed import Client
 
-        self._start("scheduler", ["scheduler", "--host", HOST, "--port", str(self.port), "--no-dashboard",
-                                  "--no-show"])
+        self._start("scheduler", ["scheduler", "--host", HOST, "--port", str(self.port), "--no-dashboard", "--no-show"])
         for k in range(workers):
-            self._start(f"worker{k}", ["worker", self.address, "--host", HOST, "--nworkers", "1", "--nthreads", "1",
-                                       "--no-dashboard", "--no-nanny", "--name", f"w{k}",
-                                       "--local-directory", str(self.tmp / f"w{k}")])
+            self._start(
+                f"worker{k}",
+                [
+                    "worker",
+                    self.address,
+                    "--host",
+                    HOST,
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--no-nanny",
+                    "--name",
+                    f"w{k}",
+                    "--local-directory",
+                    str(self.tmp / f"w{k}"),
+                ],
+            )
         t0 = time.time()
         while True:
             try:
@@ -139,11 +165,36 @@ def test_real_cluster_identical_shards_and_worker_killed_mid_run(cluster, data, 
     # with every shard, byte-identical, and its log names the lost worker and its shards
     work = tmp_path / "dask2"
     driver = subprocess.Popen(
-        [str(BIN / "landmarks"), "features", "--data-dir", str(root), "--work-dir", str(work), "--model", str(model),
-         "--split", "train", "--shards", "4", "--scheduler", cluster.address, "--set", "extract.max_image_size=64",
-         "--set", "extract.max_feature_num=50", "--set", "extract.intra_op_threads=1",
-         "--set", "extract.train_local=true"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env, start_new_session=True)
+        [
+            str(BIN / "landmarks"),
+            "features",
+            "--data-dir",
+            str(root),
+            "--work-dir",
+            str(work),
+            "--model",
+            str(model),
+            "--split",
+            "train",
+            "--shards",
+            "4",
+            "--scheduler",
+            cluster.address,
+            "--set",
+            "extract.max_image_size=64",
+            "--set",
+            "extract.max_feature_num=50",
+            "--set",
+            "extract.intra_op_threads=1",
+            "--set",
+            "extract.train_local=true",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cluster.env,
+        start_new_session=True,
+    )
     try:
         with Client(cluster.address, timeout="10s") as c:
             victim = cluster.worker_address(c, "w0")

@@ -1,4 +1,5 @@
 """Config: defaults, file loading, command-line overrides, clear errors."""
+
 import subprocess
 import sys
 
@@ -42,10 +43,12 @@ def test_dump_roundtrip(tmp_path):
 
 
 def test_cli_config_show_and_error():
-    ok = subprocess.run([sys.executable, "-m", "landmarks", "config", "show", "--set", "knn.k=3"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "landmarks", "config", "show", "--set", "knn.k=3"], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "k: 3" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "landmarks", "config", "show", "--set", "knn.zz=3"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "landmarks", "config", "show", "--set", "knn.zz=3"], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "unknown config key 'knn.zz'" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -8,8 +8,11 @@ from landmarks.utils import LandmarksError
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _ds(tmp_path, train="id,url,landmark_id\n0123456789abcdef,u,5\nfedcba9876543210,u,7\n",
-        test="id,landmarks\naaaabbbbccccdddd,\n"):
+def _ds(
+    tmp_path,
+    train="id,url,landmark_id\n0123456789abcdef,u,5\nfedcba9876543210,u,7\n",
+    test="id,landmarks\naaaabbbbccccdddd,\n",
+):
     if train is not None:
         (tmp_path / "train.csv").write_bytes(train.encode() if isinstance(train, str) else train)
     if test is not None:
@@ -31,16 +34,19 @@ def test_load_train_and_test(tmp_path):
     assert list(te.columns) == ["id", "path"] and te["path"][0].endswith("test/a/a/a/aaaabbbbccccdddd.jpg")
 
 
-@pytest.mark.parametrize("train,needle", [
-    (None, "train.csv not found"),
-    ("", "empty file"),
-    ("id,url\nabc,u\n", "missing column 'landmark_id'"),
-    ("landmark_id\n1\n", "missing column 'id'"),
-    ("id,landmark_id\nabcd,1\nabce,2\nabcd,3\n", "line 4: duplicate id 'abcd'"),
-    ("id,landmark_id\nabcd,1\nabce,x\n", "line 3: landmark_id 'x'"),
-    ("id,landmark_id\n", "no rows"),
-    (b"id,landmark_id\nab\xe9\xffcd,1\n", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "train,needle",
+    [
+        (None, "train.csv not found"),
+        ("", "empty file"),
+        ("id,url\nabc,u\n", "missing column 'landmark_id'"),
+        ("landmark_id\n1\n", "missing column 'id'"),
+        ("id,landmark_id\nabcd,1\nabce,2\nabcd,3\n", "line 4: duplicate id 'abcd'"),
+        ("id,landmark_id\nabcd,1\nabce,x\n", "line 3: landmark_id 'x'"),
+        ("id,landmark_id\n", "no rows"),
+        (b"id,landmark_id\nab\xe9\xffcd,1\n", "not UTF-8"),
+    ],
+)
 def test_load_errors(tmp_path, train, needle):
     d = _ds(tmp_path, train=train)
     with pytest.raises(LandmarksError, match=needle):

@@ -12,15 +12,27 @@ from landmarks.utils import LandmarksError
 
 
 def _small(**kw):
-    d = dict(seed=3, num_landmarks=6, views_per_landmark=3, test_views_per_landmark=2, unseen_landmarks=1,
-             num_distractors=3, image_size=96, families=2, jobs=1)
+    d = dict(
+        seed=3,
+        num_landmarks=6,
+        views_per_landmark=3,
+        test_views_per_landmark=2,
+        unseen_landmarks=1,
+        num_distractors=3,
+        image_size=96,
+        families=2,
+        jobs=1,
+    )
     d.update(kw)
     return DemoConfig(**d)
 
 
 def _digests(root):
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_demo_layout_and_truth(tmp_path):
@@ -66,14 +78,27 @@ def test_demo_refuses_foreign_dir(tmp_path):
 
 def test_demo_cli(tmp_path):
     out = tmp_path / "cli"
-    sets = ["--set", "demo.num_landmarks=2", "--set", "demo.views_per_landmark=2", "--set", "demo.num_distractors=1",
-            "--set", "demo.unseen_landmarks=0", "--set", "demo.image_size=80", "--set", "demo.jobs=1"]
+    sets = [
+        "--set",
+        "demo.num_landmarks=2",
+        "--set",
+        "demo.views_per_landmark=2",
+        "--set",
+        "demo.num_distractors=1",
+        "--set",
+        "demo.unseen_landmarks=0",
+        "--set",
+        "demo.image_size=80",
+        "--set",
+        "demo.jobs=1",
+    ]
     assert main(["demo-data", "--out", str(out)] + sets) == 0
     assert len(data.load_split(out, "train")) == 4
 
 
 def test_families_share_style_but_differ_in_layout():
     """Family members have near-identical colour statistics (confusing a pooled descriptor) yet differ pixelwise."""
+
     def hist(im):
         a = np.asarray(im.resize((64, 48))).reshape(-1, 3) // 64
         h = np.bincount(a[:, 0] * 16 + a[:, 1] * 4 + a[:, 2], minlength=64).astype(float)

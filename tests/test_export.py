@@ -1,4 +1,5 @@
 """Export in the official DELG signature, the zero-training default model, and load_delg paths."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def test_exported_model_loads_in_a_fresh_process(tiny_model):
         "print(json.dumps({'kind': m.kind, **{k: [list(v.shape), str(v.dtype)] for k, v in o.items()}}))\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    r = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True,
-                       timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["kind"] == "tf2-signature"
@@ -88,8 +90,9 @@ def test_fold_batchnorm_is_the_same_function_without_bn(name):
     for layer in net.layers:  # non-trivial BN statistics, as trained weights have
         if type(layer).__name__ == "BatchNormalization":
             c = layer.moving_mean.shape[0]
-            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c),
-                               rng.uniform(0.2, 3, c)])
+            layer.set_weights(
+                [rng.uniform(0.5, 2, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c), rng.uniform(0.2, 3, c)]
+            )
     folded = fold_batchnorm(net)
     kinds = lambda m: [type(layer).__name__ for layer in m.layers]  # noqa: E731
     assert "BatchNormalization" in kinds(net) and "BatchNormalization" not in kinds(folded)
@@ -113,8 +116,10 @@ def test_folded_and_unfolded_exports_agree(default_model, tmp_path):
     outs = [postprocess(load_delg(m)(img, [0.5, 1.0], 300, 0.0, [0, 1])) for m in (default_model, plain)]
     (ga, la), (gb, lb) = outs
     assert float(ga @ gb) > 1 - 1e-5
-    key = lambda lf: {(round(float(x), 1), round(float(y), 1), round(float(s), 3)): d  # noqa: E731
-                      for (x, y), s, d in zip(lf.keypoints, lf.scales, lf.descriptors)}
+    key = lambda lf: {
+        (round(float(x), 1), round(float(y), 1), round(float(s), 3)): d  # noqa: E731
+        for (x, y), s, d in zip(lf.keypoints, lf.scales, lf.descriptors)
+    }
     ka, kb = key(la), key(lb)
     common = set(ka) & set(kb)
     assert len(common) >= 0.99 * len(ka)  # the same cells selected (a near-tie at the cap may swap)
@@ -127,9 +132,12 @@ def test_signature_names_and_dtypes(default_model):
     sig = tf.saved_model.load(str(default_model)).signatures["serving_default"]
     _, kw = sig.structured_input_signature
     assert {k: (v.dtype, v.shape.as_list() if v.shape.rank is not None else None) for k, v in kw.items()} == {
-        "input_image": (tf.uint8, [None, None, 3]), "input_scales": (tf.float32, [None]),
-        "input_max_feature_num": (tf.int32, []), "input_abs_thres": (tf.float32, []),
-        "input_global_scales_ind": (tf.int32, [None])}
+        "input_image": (tf.uint8, [None, None, 3]),
+        "input_scales": (tf.float32, [None]),
+        "input_max_feature_num": (tf.int32, []),
+        "input_abs_thres": (tf.float32, []),
+        "input_global_scales_ind": (tf.int32, [None]),
+    }
     assert set(sig.structured_outputs) == {"boxes", "features", "scales", "scores", "global_descriptors"}
 
 
@@ -188,8 +196,18 @@ def test_cli_model_build_tiny(tmp_path):
     from landmarks.cli import main
 
     out = tmp_path / "tiny"
-    args = ["model", "build", "--out", str(out), "--backbone", "tiny", "--init", "random",
-            "--local-projection", "random_orthogonal"]
+    args = [
+        "model",
+        "build",
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--init",
+        "random",
+        "--local-projection",
+        "random_orthogonal",
+    ]
     assert main(args) == 0
     assert (out / "saved_model.pb").exists()
     mtime = (out / "saved_model.pb").stat().st_mtime

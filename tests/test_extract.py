@@ -1,4 +1,5 @@
 """landmarks.extract: sharded, resumable extraction with a fake DELG model on a tiny dataset."""
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,11 @@ def _contents(paths):
     out = {}
     for p in paths:
         with h5py.File(p, "r") as f:
+
             def visit(name, obj):
                 if isinstance(obj, h5py.Dataset):
                     out[f"{Path(p).name}/{name}"] = obj[()]
+
             f.visititems(visit)
             out[f"{Path(p).name}/fingerprint"] = f.attrs["fingerprint"]
     return out
@@ -160,8 +163,7 @@ def test_parallel_and_dask_give_identical_shards(dataset, tmp_path, fake_model):
     from dask.distributed import LocalCluster
 
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
-        dk = run_features(cfg, root, tmp_path / "w3", fake_model, "test", shards=3,
-                          scheduler=cluster.scheduler_address)
+        dk = run_features(cfg, root, tmp_path / "w3", fake_model, "test", shards=3, scheduler=cluster.scheduler_address)
     _assert_same(_contents(dk), ref)
 
 
@@ -204,14 +206,45 @@ def test_cli_features(dataset, tmp_path, fake_model, capsys):
 
     root, _, test = dataset
     work = tmp_path / "work"
-    rc = main(["features", "--split", "test", "--shards", "2", "--jobs", "1", "--data-dir", str(root),
-               "--work-dir", str(work), "--model", str(fake_model), "--set", "extract.max_image_size=64",
-               "--no-local"])
+    rc = main(
+        [
+            "features",
+            "--split",
+            "test",
+            "--shards",
+            "2",
+            "--jobs",
+            "1",
+            "--data-dir",
+            str(root),
+            "--work-dir",
+            str(work),
+            "--model",
+            str(fake_model),
+            "--set",
+            "extract.max_image_size=64",
+            "--no-local",
+        ]
+    )
     assert rc == 0
     store = FeatureStore(features_dir(work, "test"))
     assert set(store.ids) | set(store.failures()) == set(test) and not store.local_ids()
-    assert main(["features", "--split", "test", "--data-dir", str(root), "--work-dir", str(work),
-                 "--model", str(tmp_path / "none")]) == 1
+    assert (
+        main(
+            [
+                "features",
+                "--split",
+                "test",
+                "--data-dir",
+                str(root),
+                "--work-dir",
+                str(work),
+                "--model",
+                str(tmp_path / "none"),
+            ]
+        )
+        == 1
+    )
 
 
 @pytest.mark.skipif(not (SHARED / "paris6k_subset" / "LABELS.csv").exists(), reason="shared data absent")
@@ -224,7 +257,9 @@ def test_real_photos_from_shared_data(tmp_path, fake_model):
         p.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(SHARED / "paris6k_subset" / rel, p)
     pd.DataFrame({"id": ids, "landmarks": ""}).to_csv(root / "sample_submission.csv", index=False)
-    pd.DataFrame({"id": ids[:1], "landmark_id": [0]}).to_csv(root / "train.csv", index=False)  # inputs are checked together
+    pd.DataFrame({"id": ids[:1], "landmark_id": [0]}).to_csv(
+        root / "train.csv", index=False
+    )  # inputs are checked together
     cfg = _cfg(max_image_size=256)
     run_features(cfg, root, tmp_path / "w", fake_model, "test", shards=1, jobs=1)
     store = FeatureStore(features_dir(tmp_path / "w", "test"))
@@ -265,8 +300,7 @@ def test_keypoints_outside_the_image_are_dropped_and_mapped_to_original_pixels()
     from landmarks.store import LocalFeatures
 
     kp = np.array([[10, 10], [99, 49], [100, 20], [-1, 5], [50, 50], [30, 60]], np.float32)
-    lf = LocalFeatures(kp, np.eye(6, 128, dtype=np.float32), np.ones(6, np.float32),
-                       np.arange(6, dtype=np.float32))
+    lf = LocalFeatures(kp, np.eye(6, 128, dtype=np.float32), np.ones(6, np.float32), np.arange(6, dtype=np.float32))
     out = _inside_image(lf, (50, 100, 3), scale=0.5)  # resized image: 50 rows x 100 columns
     assert out.scores.tolist() == [0.0, 1.0]
     np.testing.assert_allclose(out.keypoints, [[20, 20], [198, 98]])

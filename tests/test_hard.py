@@ -1,4 +1,5 @@
 """Hard protocol: k-shot splits, separate global/local scale sets, recall@R and inlier separation."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ def _landmarks(n_classes=5, sizes=(1, 2, 3, 4, 6)):
 def test_plan_split_k_shot(k):
     lm = pd.concat([_landmarks(), pd.DataFrame({"id": ["x1", "x2", "x3"], "cls": ["extra"] * 3})], ignore_index=True)
     lm["extra"] = lm["cls"] == "extra"
-    rows, held, class_rows, label_of = plan_split(lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=3))
+    rows, held, class_rows, label_of = plan_split(
+        lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=3)
+    )
     assert len(held) == 1 and "extra" not in held  # 20 % of the 5 candidate classes; extra never held out
     for c, g in rows.groupby("cls"):
         n = len(g)
@@ -37,7 +40,9 @@ def test_plan_split_k_shot(k):
             assert (g["truth"] == str(label_of[c])).all()
     again, *_ = plan_split(lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=3))
     pd.testing.assert_frame_equal(rows, again)
-    other = [plan_split(lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=s))[0] for s in range(4, 9)]
+    other = [
+        plan_split(lm, ImportConfig(train_per_class=k, heldout_class_fraction=0.2, seed=s))[0] for s in range(4, 9)
+    ]
     assert any(not o["split"].equals(rows["split"]) for o in other)
 
 
@@ -66,9 +71,17 @@ def test_import_k_shot_with_extra_train(tmp_path):
     _write_set(root, "hard", 4, 3, 0)
     _write_set(root, "extra", 2, 2, 1)
     _write_set(root, "dis", 1, 6, 2, labelled=False)
-    out = import_dataset(Config(), [root / "hard/LABELS.csv"], tmp_path / "ds", distractors=[root / "dis/LABELS.csv"],
-                         extra_train=[root / "extra/LABELS.csv"], train_per_class=1, heldout_class_fraction=0.25,
-                         distractor_sample=4, seed=0)
+    out = import_dataset(
+        Config(),
+        [root / "hard/LABELS.csv"],
+        tmp_path / "ds",
+        distractors=[root / "dis/LABELS.csv"],
+        extra_train=[root / "extra/LABELS.csv"],
+        train_per_class=1,
+        heldout_class_fraction=0.25,
+        distractor_sample=4,
+        seed=0,
+    )
     counts = json.loads((out / "split.json").read_text())["counts"]
     # 3 seen landmarks keep 1 photo each, + 4 extra-train photos; test: 3x2 seen + 3 unseen + 4 distractors
     assert counts["train_images"] == 3 + 4 and counts["heldout_classes"] == 1
@@ -90,6 +103,7 @@ def test_select_local_equals_a_call_at_the_local_scales_alone(fake_model):
     _, lf_ref = postprocess(model(img, [0.7071, 1.0], 40, 0.0, [0]))
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
     assert len(lf) == len(lf_ref) == 40
+
     def key(f):
         return sorted(map(tuple, np.round(np.c_[f.keypoints, f.scales], 3)))
 
@@ -102,8 +116,12 @@ def test_select_local_equals_a_call_at_the_local_scales_alone(fake_model):
 
 
 def test_select_local_caps_per_scale_then_overall():
-    lf = LocalFeatures(np.arange(12, dtype=np.float32).reshape(6, 2), np.eye(6, 4, dtype=np.float32),
-                       np.array([1, 1, 1, 2, 2, 0.5], np.float32), np.array([5, 4, 3, 9, 1, 10], np.float32))
+    lf = LocalFeatures(
+        np.arange(12, dtype=np.float32).reshape(6, 2),
+        np.eye(6, 4, dtype=np.float32),
+        np.array([1, 1, 1, 2, 2, 0.5], np.float32),
+        np.array([5, 4, 3, 9, 1, 10], np.float32),
+    )
     out = extract.select_local(lf, [1.0, 2.0], 2)
     assert out.scores.tolist() == [9, 5] and out.scales.tolist() == [2, 1]
 
@@ -121,11 +139,26 @@ def test_recall_and_separation():
 
 
 def _hard_cfg(root, **over):
-    overrides = [f"hard.shared_data={root}", "hard.landmarks=hard", "hard.extra_train=extra", "hard.distractors=dis",
-                 "hard.distractor_sample=3", "hard.shots=1,2", "hard.seeds=2", "hard.heldout_class_fraction=0.25",
-                 "hard.probe_scales=0.5,1.0", "hard.probe_features=60", "hard.probe_batch=5",
-                 "extract.global_scales=0.5,1.0", "extract.local_scales=1.0", "extract.max_feature_num=50",
-                 "extract.jobs=1", "verify.jobs=1", "verify.num_to_rerank=3", "hard.demo_dir="]
+    overrides = [
+        f"hard.shared_data={root}",
+        "hard.landmarks=hard",
+        "hard.extra_train=extra",
+        "hard.distractors=dis",
+        "hard.distractor_sample=3",
+        "hard.shots=1,2",
+        "hard.seeds=2",
+        "hard.heldout_class_fraction=0.25",
+        "hard.probe_scales=0.5,1.0",
+        "hard.probe_features=60",
+        "hard.probe_batch=5",
+        "extract.global_scales=0.5,1.0",
+        "extract.local_scales=1.0",
+        "extract.max_feature_num=50",
+        "extract.jobs=1",
+        "verify.jobs=1",
+        "verify.num_to_rerank=3",
+        "hard.demo_dir=",
+    ]
     return load_config(None, overrides + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -138,8 +171,15 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
     work = tmp_path / "work"
     report = hard.run_validate_hard(cfg, work, fake_model, variants=["global only", "rerank R=50"])
     text = report.read_text()
-    for needle in ("| current config (default) |", "| global only |", "| rerank R=50 |", "| K=1 seed=1 |",
-                   "| K=2 seed=0 |", "Shortlist recall@R", "Inlier separation"):
+    for needle in (
+        "| current config (default) |",
+        "| global only |",
+        "| rerank R=50 |",
+        "| K=1 seed=1 |",
+        "| K=2 seed=0 |",
+        "Shortlist recall@R",
+        "Inlier separation",
+    ):
         assert needle in text
     res = json.loads((work / "hard" / "results.json").read_text())
     gaps = res[hard.DEFAULT_ROW]["gap"]
@@ -171,8 +211,9 @@ def test_validate_hard_errors(tmp_path, fake_model):
     with pytest.raises(LandmarksError, match="unknown variant"):
         hard.run_validate_hard(_hard_cfg(root), tmp_path / "w", fake_model, variants=["no such row"])
     with pytest.raises(LandmarksError, match="probe scales"):
-        hard.run_validate_hard(_hard_cfg(root, **{"extract.local_scales": "2.0"}), tmp_path / "w", fake_model,
-                               variants=["global only"])
+        hard.run_validate_hard(
+            _hard_cfg(root, **{"extract.local_scales": "2.0"}), tmp_path / "w", fake_model, variants=["global only"]
+        )
 
 
 def test_real_hard_protocol_splits():
@@ -200,8 +241,9 @@ def test_vote_confidence_score_or_margin(confidence, expected):
     from landmarks.predict import vote
 
     cfg = VoteConfig(power=1.0, neighbours=3, top_k=1, confidence=confidence)
-    labels, conf = vote(cfg, np.array([[0.9, 0.8, 0.1], [0.5, 0.4, 0.3]]), np.array([[0, 1, 2], [0, 3, 3]]),
-                        np.array([5, 6, 7, 5]))
+    labels, conf = vote(
+        cfg, np.array([[0.9, 0.8, 0.1], [0.5, 0.4, 0.3]]), np.array([[0, 1, 2], [0, 3, 3]]), np.array([5, 6, 7, 5])
+    )
     assert labels.tolist() == [5, 5]
     assert conf[0] == pytest.approx(expected)
     assert conf[1] == pytest.approx(0.5)  # one label only: nothing to subtract

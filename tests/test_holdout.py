@@ -39,8 +39,17 @@ SIZES = [1, 2, 5, 5, 6, 8, 3, 4, 7, 9, 5, 4]
 
 def test_holdout_split(tmp_path):
     src = _dataset(tmp_path / "src", SIZES)
-    out = make_holdout(Config(), src, tmp_path / "h", test_images=10, nonlandmark_share=0.3,
-                       heldout_class_fraction=0.17, per_class_test=2, min_class_images=3, seed=5)
+    out = make_holdout(
+        Config(),
+        src,
+        tmp_path / "h",
+        test_images=10,
+        nonlandmark_share=0.3,
+        heldout_class_fraction=0.17,
+        per_class_test=2,
+        min_class_images=3,
+        seed=5,
+    )
     info = json.loads((out / "split.json").read_text())
     held = set(info["heldout_classes"])
     assert len(held) == 2
@@ -50,16 +59,16 @@ def test_holdout_split(tmp_path):
     label = dict(zip(orig["id"], orig["landmark_id"]))
     assert len(te) == len(sol) == 10 and set(sol["id"]) == set(te["id"])
     assert not set(tr["id"]) & set(te["id"])
-    assert not held & set(tr["landmark_id"])                      # held-out classes removed from train
+    assert not held & set(tr["landmark_id"])  # held-out classes removed from train
     emp = sol[sol["landmarks"] == ""]
     assert len(emp) == 3 and all(label[i] in held for i in emp["id"])
     seen = sol[sol["landmarks"] != ""]
     assert all(int(t) == label[i] for i, t in zip(seen["id"], seen["landmarks"]))
     counts = tr["landmark_id"].value_counts()
     for i in seen["id"]:
-        assert counts[label[i]] >= 1                              # >= 1 image stays in train
+        assert counts[label[i]] >= 1  # >= 1 image stays in train
     small = {c * 10 for c, n in enumerate(SIZES) if n < 3} - held
-    assert not small & {label[i] for i in seen["id"]}             # small classes stay whole
+    assert not small & {label[i] for i in seen["id"]}  # small classes stay whole
     for c in small:
         assert counts[c] == SIZES[c // 10]
     assert seen.merge(orig, on="id")["landmark_id"].value_counts().max() <= 2
@@ -68,11 +77,29 @@ def test_holdout_split(tmp_path):
     assert data.check_images(tr) == [] and data.check_images(te) == []
     assert Path(te["path"][0]).is_symlink()
     # deterministic per seed
-    again = make_holdout(Config(), src, tmp_path / "h2", test_images=10, nonlandmark_share=0.3,
-                         heldout_class_fraction=0.17, per_class_test=2, min_class_images=3, seed=5)
+    again = make_holdout(
+        Config(),
+        src,
+        tmp_path / "h2",
+        test_images=10,
+        nonlandmark_share=0.3,
+        heldout_class_fraction=0.17,
+        per_class_test=2,
+        min_class_images=3,
+        seed=5,
+    )
     assert (again / "solution.csv").read_bytes() == (out / "solution.csv").read_bytes()
-    other = make_holdout(Config(), src, tmp_path / "h3", test_images=10, nonlandmark_share=0.3,
-                         heldout_class_fraction=0.17, per_class_test=2, min_class_images=3, seed=6)
+    other = make_holdout(
+        Config(),
+        src,
+        tmp_path / "h3",
+        test_images=10,
+        nonlandmark_share=0.3,
+        heldout_class_fraction=0.17,
+        per_class_test=2,
+        min_class_images=3,
+        seed=6,
+    )
     assert (other / "solution.csv").read_bytes() != (out / "solution.csv").read_bytes()
 
 
@@ -97,8 +124,19 @@ def test_holdout_cli_distractors_and_rerun(tmp_path, capsys):
     dis.mkdir()
     for j in range(3):
         Image.fromarray(np.full((5, 5, 3), 100 + j, np.uint8)).save(dis / f"{j}.png")
-    args = ["holdout", "--data-dir", str(src), "--out", str(tmp_path / "h"), "--test-images", "8",
-            "--distractors", str(dis), "--seed", "2"]
+    args = [
+        "holdout",
+        "--data-dir",
+        str(src),
+        "--out",
+        str(tmp_path / "h"),
+        "--test-images",
+        "8",
+        "--distractors",
+        str(dis),
+        "--seed",
+        "2",
+    ]
     assert main(args) == 0
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts["distractors"] == 3 and counts["test_images"] == 11

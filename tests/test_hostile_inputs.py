@@ -2,6 +2,7 @@
 
 Each input here was accepted with a wrong result, or failed with a trace, before the fix.
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,10 +26,12 @@ IDS = ["0123456789abcdef", "fedcba9876543210", "00112233aabbccdd"]
 
 def _ds(root: Path, train_rows, test_ids=("aaaabbbbccccdddd",), train_header="id,landmark_id") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "train.csv").write_text(train_header + "\n" + "".join(f"{i},{lab}\n" for i, lab in train_rows),
-                                    encoding="utf-8")
-    (root / "sample_submission.csv").write_text("id,landmarks\n" + "".join(f"{i},\n" for i in test_ids),
-                                                encoding="utf-8")
+    (root / "train.csv").write_text(
+        train_header + "\n" + "".join(f"{i},{lab}\n" for i, lab in train_rows), encoding="utf-8"
+    )
+    (root / "sample_submission.csv").write_text(
+        "id,landmarks\n" + "".join(f"{i},\n" for i in test_ids), encoding="utf-8"
+    )
     return root
 
 
@@ -39,12 +42,15 @@ def _one_line_error(capsys) -> str:
 
 
 # -- 1. labels that collide with internal values or wrap -----------------------------------------
-@pytest.mark.parametrize("label,needle", [
-    ("-1", "has a sign"),                       # the old "no label" value
-    ("9223372036854775808", "too large"),       # 2**63 wrapped in int64
-    ("18446744073709551617", "too large"),      # 2**64 + 1 wrapped onto 1
-    ("007", "leading zero"),                    # would not round-trip as written
-])
+@pytest.mark.parametrize(
+    "label,needle",
+    [
+        ("-1", "has a sign"),  # the old "no label" value
+        ("9223372036854775808", "too large"),  # 2**63 wrapped in int64
+        ("18446744073709551617", "too large"),  # 2**64 + 1 wrapped onto 1
+        ("007", "leading zero"),  # would not round-trip as written
+    ],
+)
 def test_labels_that_collide_or_wrap_are_refused(tmp_path, label, needle):
     d = _ds(tmp_path, [(IDS[0], "1"), (IDS[1], label)])
     with pytest.raises(LandmarksError, match=f"line 3: {needle}|line 3: landmark_id '{label}' .*{needle}"):
@@ -56,8 +62,9 @@ def test_largest_label_round_trips_to_the_submission(tmp_path):
     d = _ds(tmp_path, [(IDS[0], big), (IDS[1], "0")])
     tr = data.load_split(d, "train")
     assert [str(v) for v in tr["landmark_id"]] == [big, "0"]
-    lab, conf = predict.vote(Config().vote, np.array([[0.9, 0.1], [0.9, 0.1]]), np.array([[0, 1], [1, 0]]),
-                             tr["landmark_id"].to_numpy())
+    lab, conf = predict.vote(
+        Config().vote, np.array([[0.9, 0.1], [0.9, 0.1]]), np.array([[0, 1], [1, 0]]), tr["landmark_id"].to_numpy()
+    )
     out = predict.write_submission(tmp_path / "sub.csv", ["t01", "t02"], lab, conf, ["t01", "t02"])
     rows = [line.split(",")[1].split()[0] for line in out.read_text().splitlines()[1:]]
     assert rows == [big, "0"]  # label 0 is a real label, not "no prediction"
@@ -72,14 +79,17 @@ def test_no_label_value_cannot_be_a_label():
 
 
 # -- 2. ids that are not file names -------------------------------------------------------------
-@pytest.mark.parametrize("bad_id,needle", [
-    ("../../../../etc/passwd", "contains '.'"),
-    ("ab/../../cd", "contains '/'"),
-    ("/etc/hostname", "contains '/'"),
-    ("abc\\def", "contains"),
-    ("a b c", "contains ' '"),
-    ("ab", "shorter than 3"),
-])
+@pytest.mark.parametrize(
+    "bad_id,needle",
+    [
+        ("../../../../etc/passwd", "contains '.'"),
+        ("ab/../../cd", "contains '/'"),
+        ("/etc/hostname", "contains '/'"),
+        ("abc\\def", "contains"),
+        ("a b c", "contains ' '"),
+        ("ab", "shorter than 3"),
+    ],
+)
 def test_ids_that_escape_data_dir_are_refused_at_read(tmp_path, bad_id, needle):
     d = _ds(tmp_path, [(IDS[0], "1")], test_ids=["aaaabbbbccccdddd", bad_id])
     with pytest.raises(LandmarksError, match=f"sample_submission.csv: line 3: .*{needle}"):
@@ -141,8 +151,9 @@ def test_fully_quoted_csv(tmp_path):
 @pytest.mark.parametrize("label", ["inf", "1e3", "12.0", "nan", "0x10", " ", "+5"])
 def test_non_integer_labels_are_one_line_errors(tmp_path, capsys, label):
     d = _ds(tmp_path / "d", [(IDS[0], "1"), (IDS[1], label)])
-    rc = main(["predict", "--data-dir", str(d), "--work-dir", str(tmp_path / "w"),
-               "--submission", str(tmp_path / "s.csv")])
+    rc = main(
+        ["predict", "--data-dir", str(d), "--work-dir", str(tmp_path / "w"), "--submission", str(tmp_path / "s.csv")]
+    )
     err = _one_line_error(capsys)
     assert rc == 1 and "train.csv: line 3:" in err and "landmark_id" in err
 
@@ -176,13 +187,37 @@ def test_write_error_in_a_joblib_worker_is_a_one_line_error(tmp_path, fake_model
         Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(p)
     limit = 4096  # bytes: enough for imports, far below a shard with local features
     r = subprocess.run(
-        [sys.executable, "-m", "landmarks", "features", "--split", "test", "--data-dir", str(d),
-         "--work-dir", str(tmp_path / "w"), "--model", str(fake_model), "--shards", "2", "--jobs", "2",
-         "--set", "extract.max_image_size=64", "--set", "extract.intra_op_threads=1"],
-        capture_output=True, text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        [
+            sys.executable,
+            "-m",
+            "landmarks",
+            "features",
+            "--split",
+            "test",
+            "--data-dir",
+            str(d),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--model",
+            str(fake_model),
+            "--shards",
+            "2",
+            "--jobs",
+            "2",
+            "--set",
+            "extract.max_image_size=64",
+            "--set",
+            "extract.intra_op_threads=1",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
     err = [ln for ln in r.stderr.splitlines() if "error:" in ln or "Traceback" in ln]
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert len(err) == 1 and err[0].startswith("landmarks features: error: ") and "[Errno 27] File too large" in err[0], r.stderr[-3000:]
+    assert (
+        len(err) == 1 and err[0].startswith("landmarks features: error: ") and "[Errno 27] File too large" in err[0]
+    ), r.stderr[-3000:]
 
 
 def test_broken_pipe_is_quiet(tmp_path):
@@ -193,8 +228,12 @@ def test_broken_pipe_is_quiet(tmp_path):
     r_fd, w_fd = os.pipe()
     os.close(r_fd)  # the reader (`head -1`) is gone before anything is written
     try:
-        p = subprocess.run([sys.executable, "-m", "landmarks", "gap", "--solution", str(sol), "--submission", str(sub)],
-                           stdout=w_fd, stderr=subprocess.PIPE, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "landmarks", "gap", "--solution", str(sol), "--submission", str(sub)],
+            stdout=w_fd,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     finally:
         os.close(w_fd)
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
@@ -272,8 +311,10 @@ def test_broken_sample_submission_stops_predict_with_one_line(tmp_path, make_dat
     assert not (tmp_path / "s.csv").exists()
 
 
-@pytest.mark.parametrize("override", ["vote.method=bogus", "knn.index=faiss", "verify.matcher=flann",
-                                      "vote.suppression=yes", "holdout.link=copy"])
+@pytest.mark.parametrize(
+    "override",
+    ["vote.method=bogus", "knn.index=faiss", "verify.matcher=flann", "vote.suppression=yes", "holdout.link=copy"],
+)
 def test_unknown_config_choice_fails_at_load(override, tmp_path):
     with pytest.raises(ConfigError, match="is not one of"):
         load_config(None, [override])

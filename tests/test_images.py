@@ -1,4 +1,5 @@
 """landmarks.images.load_image: every bad or unusual input is its own test, with generated files."""
+
 from __future__ import annotations
 
 import resource
@@ -143,6 +144,7 @@ def test_tiny_image_refused(tmp_path):
 
 def _png_bomb(path, w, h):
     """A valid w x h grayscale PNG of zeros, written row-chunk by row-chunk (a few hundred KB)."""
+
     def chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 

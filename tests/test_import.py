@@ -51,8 +51,15 @@ def test_import_split(tmp_path):
     for j in range(3):
         _img(tree / "f" / f"{j}.jpg", 500 + j)
     dis = _distractor_dir(tmp_path / "dis", 4)
-    out = import_dataset(Config(), [csv, tree], tmp_path / "out", distractors=[dis],
-                         test_fraction=0.4, heldout_class_fraction=0.2, seed=1)
+    out = import_dataset(
+        Config(),
+        [csv, tree],
+        tmp_path / "out",
+        distractors=[dis],
+        test_fraction=0.4,
+        heldout_class_fraction=0.2,
+        seed=1,
+    )
     tr, te = data.load_split(out, "train"), data.load_split(out, "test")
     assert data.check_images(tr) == [] and data.check_images(te) == []
     sol = metrics.read_solution(out / "solution.csv")
@@ -114,16 +121,37 @@ def test_import_errors(tmp_path):
 def test_import_cli(tmp_path, capsys):
     csv = _labels_csv(tmp_path / "s", {"a": 4, "b": 4, "c": 4})
     dis = _distractor_dir(tmp_path / "dis", 2)
-    assert main(["import", str(csv), "--distractors", str(dis), "--out", str(tmp_path / "o"),
-                 "--test-fraction", "0.5", "--heldout-class-fraction", "0", "--copy"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                str(csv),
+                "--distractors",
+                str(dis),
+                "--out",
+                str(tmp_path / "o"),
+                "--test-fraction",
+                "0.5",
+                "--heldout-class-fraction",
+                "0",
+                "--copy",
+            ]
+        )
+        == 0
+    )
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts["train_images"] == 6 and counts["test_images"] == 8 and counts["link"] == "copy"
 
 
 @pytest.mark.skipif(not (SHARED / "paris6k_subset" / "LABELS.csv").exists(), reason="shared data absent")
 def test_import_shared_paris(tmp_path):
-    out = import_dataset(Config(), [SHARED / "paris6k_subset" / "LABELS.csv"], tmp_path / "paris",
-                         heldout_class_fraction=0.2, link="symlink")
+    out = import_dataset(
+        Config(),
+        [SHARED / "paris6k_subset" / "LABELS.csv"],
+        tmp_path / "paris",
+        heldout_class_fraction=0.2,
+        link="symlink",
+    )
     c = json.loads((out / "split.json").read_text())["counts"]
     assert c["classes"] == 5 and c["heldout_classes"] == 1 and c["train_images"] > 100
     assert data.check_images(data.load_split(out, "test")) == []

@@ -1,6 +1,7 @@
 """The package's import graph (module-level and function-local imports of landmarks.* modules,
 read with ast from src/landmarks/*.py) has no cycle: every strongly connected component is a
 single module."""
+
 from __future__ import annotations
 
 import ast
@@ -88,5 +89,6 @@ def test_no_import_cycles():
     cycles = [c for c in strongly_connected(g) if len(c) > 1]
     detail = "; ".join(
         " <-> ".join(c) + " (" + ", ".join(f"{a} imports {b}" for a in c for b in sorted(g[a] & set(c))) + ")"
-        for c in cycles)
+        for c in cycles
+    )
     assert not cycles, f"import cycle(s) in landmarks: {detail}; move the shared code into a module both can import"

@@ -1,4 +1,5 @@
 """knn: faiss vs numpy neighbours, deterministic ties, DBA/QE, the run_knn stage."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,12 +67,14 @@ def test_dba_and_alpha_qe_pull_views_together():
     db2 = knn.dba(db, 3, 3.0)
     assert np.allclose(np.linalg.norm(db2, axis=1), 1, atol=1e-5)
     labels = np.repeat(np.arange(10), 5)
+
     def intra(x):
         return np.mean([x[labels == c] @ x[labels == c].T for c in range(10)])
 
     assert intra(db2) > intra(db)
     s, i = knn.search(KnnConfig(), q, db, 5)
     q2 = knn.alpha_qe(q, db, s, i, 2, 3.0)
+
     def own(qq):
         return np.mean(np.sum(qq * centres, axis=1))
 
@@ -84,8 +87,13 @@ def _stores(tmp_path, n_train=30, n_test=8, dim=16, seed=0):
     tr = _unit(rng.normal(size=(n_train, dim)))
     te = _unit(tr[:n_test] + 0.1 * rng.normal(size=(n_test, dim)))
     write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", [f"tr{i:03d}" for i in range(n_train)], tr, None)
-    write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", [f"te{i:03d}" for i in range(n_test)], te, None,
-                failures=[("tebad", "unreadable")])
+    write_shard(
+        tmp_path / "features/test/shard-00000-of-00001.h5",
+        [f"te{i:03d}" for i in range(n_test)],
+        te,
+        None,
+        failures=[("tebad", "unreadable")],
+    )
     return tr, te
 
 
@@ -120,8 +128,12 @@ def test_run_knn_redoes_stale_output(tmp_path):
     cfg = Config()
     out = _run_knn(cfg, tmp_path)
     first = load_npz(out)["sims"]  # nearest train row of te<i> is tr<i>
-    write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", [f"tr{i:03d}" for i in range(len(tr))],
-                _unit(tr[::-1].copy()), None)
+    write_shard(
+        tmp_path / "features/train/shard-00000-of-00001.h5",
+        [f"tr{i:03d}" for i in range(len(tr))],
+        _unit(tr[::-1].copy()),
+        None,
+    )
     assert _run_knn(cfg, tmp_path) == out
     z = load_npz(out)
     assert [z["train_ids"][j] for j in z["idx"][:, 0]] == [f"tr{len(tr) - 1 - i:03d}" for i in range(8)]

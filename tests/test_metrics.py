@@ -7,10 +7,27 @@ from landmarks import metrics
 from landmarks.cli import main
 from landmarks.utils import LandmarksError
 
-TRUTH = {"id_001": "123", "id_002": "", "id_003": "999", "id_004": "123", "id_005": "999",
-         "id_006": "888", "id_007": "666", "id_008": "666", "id_009": "", "id_010": "666"}
-PREDS = {"id_001": ("123", 0.15), "id_002": ("123", 0.10), "id_003": ("999", 0.30), "id_005": ("999", 0.40),
-         "id_007": ("555", 0.60), "id_008": ("666", 0.70), "id_010": ("666", 0.99)}
+TRUTH = {
+    "id_001": "123",
+    "id_002": "",
+    "id_003": "999",
+    "id_004": "123",
+    "id_005": "999",
+    "id_006": "888",
+    "id_007": "666",
+    "id_008": "666",
+    "id_009": "",
+    "id_010": "666",
+}
+PREDS = {
+    "id_001": ("123", 0.15),
+    "id_002": ("123", 0.10),
+    "id_003": ("999", 0.30),
+    "id_005": ("999", 0.40),
+    "id_007": ("555", 0.60),
+    "id_008": ("666", 0.70),
+    "id_010": ("666", 0.99),
+}
 
 
 def _sol():
@@ -18,8 +35,9 @@ def _sol():
 
 
 def _pred(preds=PREDS):
-    return pd.DataFrame({"id": list(preds), "label": [v[0] for v in preds.values()],
-                         "confidence": [v[1] for v in preds.values()]})
+    return pd.DataFrame(
+        {"id": list(preds), "label": [v[0] for v in preds.values()], "confidence": [v[1] for v in preds.values()]}
+    )
 
 
 def _write(tmp_path, name, text, encoding="utf-8"):
@@ -30,8 +48,11 @@ def _write(tmp_path, name, text, encoding="utf-8"):
 
 def _files(tmp_path):
     sol = _write(tmp_path, "solution.csv", "id,landmarks\n" + "".join(f"{k},{v}\n" for k, v in TRUTH.items()))
-    sub = _write(tmp_path, "sub.csv", "id,landmarks\n" + "".join(
-        f"{k},{PREDS[k][0]} {PREDS[k][1]}\n" if k in PREDS else f"{k},\n" for k in TRUTH))
+    sub = _write(
+        tmp_path,
+        "sub.csv",
+        "id,landmarks\n" + "".join(f"{k},{PREDS[k][0]} {PREDS[k][1]}\n" if k in PREDS else f"{k},\n" for k in TRUTH),
+    )
     return sol, sub
 
 
@@ -70,15 +91,18 @@ def test_ties_are_broken_by_id():
     assert metrics.gap(sol, pred) == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("id,landmarks\nid_001,123 0.5\nid_xyz,1 0.2\n", "line 3: unknown id"),
-    ("id,landmarks\nid_001,123 0.5\nid_001,1 0.2\n", "line 3: duplicate id"),
-    ("id,landmarks\nid_001,123 0.5\nid_003,999 high\n", "line 3: confidence 'high'"),
-    ("id,landmarks\nid_001,123\n", "line 2: landmarks"),
-    ("id,landmarks\nid_001,123 nan\n", "line 2: confidence"),
-    ("id,predictions\nid_001,123 0.5\n", "missing column 'landmarks'"),
-    ("", "empty file"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("id,landmarks\nid_001,123 0.5\nid_xyz,1 0.2\n", "line 3: unknown id"),
+        ("id,landmarks\nid_001,123 0.5\nid_001,1 0.2\n", "line 3: duplicate id"),
+        ("id,landmarks\nid_001,123 0.5\nid_003,999 high\n", "line 3: confidence 'high'"),
+        ("id,landmarks\nid_001,123\n", "line 2: landmarks"),
+        ("id,landmarks\nid_001,123 nan\n", "line 2: confidence"),
+        ("id,predictions\nid_001,123 0.5\n", "missing column 'landmarks'"),
+        ("", "empty file"),
+    ],
+)
 def test_malformed_submission(tmp_path, body, needle):
     p = _write(tmp_path, "bad.csv", body)
     with pytest.raises(LandmarksError, match=needle):
@@ -94,25 +118,34 @@ def test_non_utf8_submission(tmp_path):
 def test_missing_ids_are_no_prediction(tmp_path):
     p = _write(tmp_path, "sub.csv", "id,landmarks\nid_010,666 0.99\n")
     sub = metrics.read_submission(p, expected_ids=list(TRUTH))
-    assert len(sub) == 10 and sub["label"].eq("").sum() == 9 and math.isnan(sub.set_index("id").loc["id_001", "confidence"])
+    assert (
+        len(sub) == 10
+        and sub["label"].eq("").sum() == 9
+        and math.isnan(sub.set_index("id").loc["id_001", "confidence"])
+    )
 
 
 def test_official_format_multi_id_and_ignored(tmp_path, capsys):
-    sol = _write(tmp_path, "solution.csv", (
-        "id,landmarks,Usage\n"
-        "a,1 2,Public\n"      # multi-id truth: either label is correct
-        "b,,Public\n"         # non-landmark
-        "c,3,Private\n"
-        "d,4,Ignored\n"       # not scored
-        "e,5,Private\n"))
+    sol = _write(
+        tmp_path,
+        "solution.csv",
+        (
+            "id,landmarks,Usage\n"
+            "a,1 2,Public\n"  # multi-id truth: either label is correct
+            "b,,Public\n"  # non-landmark
+            "c,3,Private\n"
+            "d,4,Ignored\n"  # not scored
+            "e,5,Private\n"
+        ),
+    )
     df = metrics.read_solution(sol)
     assert list(df["id"]) == ["a", "b", "c", "e"] and df.attrs["ignored_ids"] == ["d"]
     sub = _write(tmp_path, "sub.csv", "id,landmarks\na,2 0.9\nb,7 0.8\nc,3 0.7\nd,4 0.95\ne,9 0.6\n")
     s = metrics.score_files(sol, sub)
     # ranking a(ok) b(x) c(ok) e(x): (1 + 2/3) / 3 landmarks
     assert s["gap"] == pytest.approx((1 + 2 / 3) / 3)
-    assert s["gap_public"] == pytest.approx(1.0)       # a correct, b wrong after it
-    assert s["gap_private"] == pytest.approx(0.5)      # c correct, e wrong
+    assert s["gap_public"] == pytest.approx(1.0)  # a correct, b wrong after it
+    assert s["gap_private"] == pytest.approx(0.5)  # c correct, e wrong
     assert s["confident_wrong_nonlandmark"] == 1
     assert main(["gap", "--solution", str(sol), "--submission", str(sub)]) == 0
     out = capsys.readouterr().out

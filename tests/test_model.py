@@ -1,4 +1,5 @@
 """DELG model: torch-free Lite0 conversion, receptive fields, heads."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """notebooks: all three execute on a small generated demo (a failing cell fails the test) and are
 stored without outputs."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ def nb_env(tmp_path_factory, fake_model):
     root = tmp_path_factory.mktemp("notebooks")
     model = fake_model
     work = root / "work"
-    env = nbk.notebook_env(data_dir=work / "small_demo" / "data", work_dir=work, model=model,
-                           submission=root / "submission.csv", small=True)
+    env = nbk.notebook_env(
+        data_dir=work / "small_demo" / "data",
+        work_dir=work,
+        model=model,
+        submission=root / "submission.csv",
+        small=True,
+    )
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -72,8 +78,12 @@ def test_notebook_executes(nb_env, name):
 def test_failing_cell_fails_and_cli(tmp_path, capsys):
     d = tmp_path / "nbs"
     d.mkdir()
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nprint(os.environ['LANDMARKS_WORK_DIR'])"),
-                                         nbformat.v4.new_code_cell("raise ValueError('broken cell')")])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("import os\nprint(os.environ['LANDMARKS_WORK_DIR'])"),
+            nbformat.v4.new_code_cell("raise ValueError('broken cell')"),
+        ]
+    )
     nbformat.write(nb, d / "bad.ipynb")
     with pytest.raises(LandmarksError, match="bad.ipynb failed.*broken cell"):
         nbk.run_notebooks(tmp_path / "html", d, env={"LANDMARKS_WORK_DIR": "/somewhere"}, timeout=60)

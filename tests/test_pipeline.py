@@ -1,6 +1,7 @@
 """End to end with the real zero-training default model: small demo -> model -> features ->
 whiten -> knn -> local-features -> verify -> predict -> validate through the CLI, the way
 `make predict` / `make validate` chain them."""
+
 from __future__ import annotations
 
 import subprocess
@@ -21,14 +22,42 @@ def lm(*args, check=True):
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     data, work, model, sub = root / "data", root / "work", root / "model", root / "submission.csv"
-    small = ["--set", "demo.num_landmarks=6", "--set", "demo.views_per_landmark=4", "--set",
-             "demo.test_views_per_landmark=2", "--set", "demo.unseen_landmarks=1", "--set",
-             "demo.num_distractors=4", "--set", "demo.image_size=256", "--set", "demo.families=2"]
+    small = [
+        "--set",
+        "demo.num_landmarks=6",
+        "--set",
+        "demo.views_per_landmark=4",
+        "--set",
+        "demo.test_views_per_landmark=2",
+        "--set",
+        "demo.unseen_landmarks=1",
+        "--set",
+        "demo.num_distractors=4",
+        "--set",
+        "demo.image_size=256",
+        "--set",
+        "demo.families=2",
+    ]
     lm("demo-data", "--out", data, *small)
     lm("model", "build", "--out", model)
-    common = ["--data-dir", data, "--work-dir", work, "--model", model, "--submission", sub,
-              "--set", "extract.global_scales=0.7071,1.0", "--set", "extract.local_scales=0.7071,1.0",
-              "--set", "extract.max_feature_num=300", "--set", "extract.intra_op_threads=2"]
+    common = [
+        "--data-dir",
+        data,
+        "--work-dir",
+        work,
+        "--model",
+        model,
+        "--submission",
+        sub,
+        "--set",
+        "extract.global_scales=0.7071,1.0",
+        "--set",
+        "extract.local_scales=0.7071,1.0",
+        "--set",
+        "extract.max_feature_num=300",
+        "--set",
+        "extract.intra_op_threads=2",
+    ]
     for split in ("train", "test"):
         lm("features", *common, "--split", split, "--shards", 2, "--jobs", 1)
     for stage in ("whiten", "knn", "local-features", "verify", "predict"):

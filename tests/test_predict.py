@@ -1,4 +1,5 @@
 """predict: voting rules, non-landmark suppression, submission writing, the run_predict stage."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,13 +32,13 @@ def test_sum_power_vote_and_ties():
     idx = np.array([[0, 1, 2, 3], [1, 0, 3, -1]])
     labels_of = np.array([5, 7, 7, 9])
     lab, conf = predict.vote(cfg, sims, idx, labels_of)
-    assert lab[0] == 7 and conf[0] == pytest.approx(2 * 0.8 ** 3)
+    assert lab[0] == 7 and conf[0] == pytest.approx(2 * 0.8**3)
     assert lab[1] == 5 and conf[1] == pytest.approx(0.125)  # tie 5 vs 7 -> smaller label id
     lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
     assert lab[0] == 5 and conf[0] == pytest.approx(0.729 + 0.5)
     cfg.inlier_floor = 15  # 20 inliers -> 5 above the chance floor -> 0.5 * 5/10
     lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
-    assert lab[0] == 7 and conf[0] == pytest.approx(2 * 0.8 ** 3)
+    assert lab[0] == 7 and conf[0] == pytest.approx(2 * 0.8**3)
     cfg.inlier_floor = 18
     lab, conf = predict.vote(cfg, sims, idx, labels_of, np.array([[20, 0], [0, 0]]))
     assert conf[0] == pytest.approx(max(0.729 + 0.1, 2 * 0.512))
@@ -66,8 +67,9 @@ def test_write_submission(tmp_path):
     from landmarks.metrics import read_submission
 
     expected = ["aaa", "bbb", "ccc", "ddd"]
-    out = predict.write_submission(tmp_path / "s/sub.csv", ["ccc", "aaa", "ddd"], [3, 12, -1],
-                                   [0.5, 1.23456789, 0.9], expected)
+    out = predict.write_submission(
+        tmp_path / "s/sub.csv", ["ccc", "aaa", "ddd"], [3, 12, -1], [0.5, 1.23456789, 0.9], expected
+    )
     assert out.read_text() == "id,landmarks\naaa,12 1.234568\nbbb,\nccc,3 0.500000\nddd,\n"
     df = read_submission(out, expected)
     assert list(df["id"]) == expected
@@ -134,6 +136,8 @@ def test_run_predict_with_verification_is_byte_identical(tmp_path, make_dataset,
     for jobs in (2, 1):
         cfg.verify.jobs = jobs
         WorkLayout(work).verified(cfg).unlink(missing_ok=True)
-        outs.append(pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / f"{jobs}.csv").read_bytes())
+        outs.append(
+            pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / f"{jobs}.csv").read_bytes()
+        )
     assert outs[0] == outs[1]
     assert len(outs[0].decode().splitlines()) == 5

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of the CSV readers, the id and label rules, the submission
 writer and the GAP reader: arbitrary text, quoting, BOM, CRLF, other encodings, huge and negative
 numbers, duplicate ids.  Every input gives the correct result or a one-line LandmarksError."""
+
 from __future__ import annotations
 
 import csv
@@ -19,18 +20,28 @@ from hypothesis import strategies as st
 from landmarks import data, metrics, predict
 from landmarks.utils import LandmarksError
 
-SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 valid_ids = st.from_regex(r"[A-Za-z0-9_-]{3,12}", fullmatch=True)
 any_text = st.text(st.characters(codec="utf-8"), max_size=10)
 pad = st.sampled_from(["", " ", "\t", "  ", "\u3000"])
 padded_ids = st.tuples(pad, valid_ids, pad).map("".join)
-ids_any = st.one_of(valid_ids, padded_ids, any_text,
-                    st.sampled_from(["../abc", "/etc/x", "a/b/c", "abc\x00", "..", "abc.jpg", "ab"]))
+ids_any = st.one_of(
+    valid_ids, padded_ids, any_text, st.sampled_from(["../abc", "/etc/x", "a/b/c", "abc\x00", "..", "abc.jpg", "ab"])
+)
 labels_ok = st.integers(0, 2**63 - 1).map(str)
-labels_any = st.one_of(labels_ok, st.integers(-2**70, 2**70).map(str), any_text,
-                       st.sampled_from(["inf", "-inf", "nan", "1e3", "12.0", "007", "+5", "-0", " 5 ", "0x1f", ""]))
+labels_any = st.one_of(
+    labels_ok,
+    st.integers(-(2**70), 2**70).map(str),
+    any_text,
+    st.sampled_from(["inf", "-inf", "nan", "1e3", "12.0", "007", "+5", "-0", " 5 ", "0x1f", ""]),
+)
 quoting = st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC])
 newline = st.sampled_from(["\n", "\r\n"])
 
@@ -72,7 +83,7 @@ def test_id_rule_and_image_paths_stay_inside(s):
 
 
 @SETTINGS
-@given(st.integers(-2**80, 2**80))
+@given(st.integers(-(2**80), 2**80))
 def test_label_rule_on_integers(n):
     ok = data.label_problem(str(n)) is None
     assert ok == (0 <= n < 2**63)
@@ -87,8 +98,12 @@ def test_accepted_labels_round_trip_exactly(s):
 
 # -- data.load_split ----------------------------------------------------------------------------
 @SETTINGS
-@given(rows=st.lists(st.tuples(ids_any, labels_any, any_text), min_size=1, max_size=6),
-       quote=quoting, nl=newline, bom=st.booleans())
+@given(
+    rows=st.lists(st.tuples(ids_any, labels_any, any_text), min_size=1, max_size=6),
+    quote=quoting,
+    nl=newline,
+    bom=st.booleans(),
+)
 def test_train_csv_any_text(rows, quote, nl, bom):
     """Arbitrary ids and labels: a one-line error, or exactly the stripped ids and int labels."""
     with _Dir() as d:
@@ -106,9 +121,18 @@ def test_train_csv_any_text(rows, quote, nl, bom):
 
 
 @SETTINGS
-@given(rows=st.lists(st.tuples(padded_ids, labels_ok, any_text.filter(lambda t: "\r" not in t)),
-                     min_size=1, max_size=6, unique_by=lambda r: r[0].strip()),
-       quote=quoting, nl=newline, bom=st.booleans(), url_first=st.booleans())
+@given(
+    rows=st.lists(
+        st.tuples(padded_ids, labels_ok, any_text.filter(lambda t: "\r" not in t)),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda r: r[0].strip(),
+    ),
+    quote=quoting,
+    nl=newline,
+    bom=st.booleans(),
+    url_first=st.booleans(),
+)
 def test_train_csv_valid_rows_are_read_exactly(rows, quote, nl, bom, url_first):
     """Valid ids (whitespace-padded), labels up to 2**63-1, any quoting, CRLF, BOM, column order."""
     header = ["url", "id", "landmark_id"] if url_first else ["id", "landmark_id", "url"]
@@ -121,8 +145,12 @@ def test_train_csv_valid_rows_are_read_exactly(rows, quote, nl, bom, url_first):
         assert all(p.startswith(str(d / "train") + "/") for p in df["path"])
 
 
-byte_pieces = st.one_of(st.binary(max_size=6), valid_ids.map(str.encode), valid_ids.map(str.encode),
-                        st.sampled_from([b"\n", b"\r\n", b"\r", b",", b'"', b"\xef\xbb\xbf", b"\x00", b" ", b"\xff"]))
+byte_pieces = st.one_of(
+    st.binary(max_size=6),
+    valid_ids.map(str.encode),
+    valid_ids.map(str.encode),
+    st.sampled_from([b"\n", b"\r\n", b"\r", b",", b'"', b"\xef\xbb\xbf", b"\x00", b" ", b"\xff"]),
+)
 
 
 @SETTINGS
@@ -141,8 +169,11 @@ def test_any_bytes_as_sample_submission(raw):
 
 
 @SETTINGS
-@given(ids=st.lists(valid_ids, min_size=1, max_size=5, unique=True), enc=st.sampled_from(["latin-1", "utf-16"]),
-       extra=st.text(st.characters(min_codepoint=0xa0, max_codepoint=0xff), min_size=1, max_size=3))
+@given(
+    ids=st.lists(valid_ids, min_size=1, max_size=5, unique=True),
+    enc=st.sampled_from(["latin-1", "utf-16"]),
+    extra=st.text(st.characters(min_codepoint=0xA0, max_codepoint=0xFF), min_size=1, max_size=3),
+)
 def test_other_encodings_are_one_line_errors(ids, enc, extra):
     with _Dir() as d:
         rows = [("id", "landmarks")] + [(i + extra if k == 0 else i, "") for k, i in enumerate(ids)]
@@ -154,9 +185,24 @@ def test_other_encodings_are_one_line_errors(ids, enc, extra):
 
 # -- GAP reader -----------------------------------------------------------------------------------
 @SETTINGS
-@given(rows=st.lists(st.tuples(st.one_of(valid_ids, padded_ids, ids_any), st.one_of(
-    st.just(""), labels_any, st.tuples(st.one_of(labels_ok, labels_any), st.one_of(st.floats(), st.floats(-9, 9), any_text))
-    .map(lambda t: f"{t[0]} {t[1]}"))), max_size=6), quote=quoting, nl=newline, bom=st.booleans())
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(valid_ids, padded_ids, ids_any),
+            st.one_of(
+                st.just(""),
+                labels_any,
+                st.tuples(st.one_of(labels_ok, labels_any), st.one_of(st.floats(), st.floats(-9, 9), any_text)).map(
+                    lambda t: f"{t[0]} {t[1]}"
+                ),
+            ),
+        ),
+        max_size=6,
+    ),
+    quote=quoting,
+    nl=newline,
+    bom=st.booleans(),
+)
 @example(rows=[("", "")], quote=csv.QUOTE_MINIMAL, nl="\n", bom=False)  # ',' was skipped as a blank line
 def test_submission_reader_any_text(rows, quote, nl, bom):
     with _Dir() as d:
@@ -179,16 +225,25 @@ truth = st.lists(labels_ok, max_size=2).map(" ".join)
 
 
 @SETTINGS
-@given(table=st.dictionaries(valid_ids, st.tuples(truth, st.one_of(st.none(), st.tuples(
-    labels_ok, st.floats(-1e6, 1e6, allow_nan=False)))), min_size=1, max_size=8),
-    quote=quoting, nl=newline, bom=st.booleans(), dropped=st.integers(0, 3))
+@given(
+    table=st.dictionaries(
+        valid_ids,
+        st.tuples(truth, st.one_of(st.none(), st.tuples(labels_ok, st.floats(-1e6, 1e6, allow_nan=False)))),
+        min_size=1,
+        max_size=8,
+    ),
+    quote=quoting,
+    nl=newline,
+    bom=st.booleans(),
+    dropped=st.integers(0, 3),
+)
 def test_gap_from_files_equals_gap_from_frames(table, quote, nl, bom, dropped):
     """score_files reads back exactly what score() gets in memory; every test id counted once."""
     ids = list(table)
     sol_rows = [(i, t) for i, (t, _) in table.items()]
     preds = {i: p for i, (_, p) in table.items() if p is not None}
     sub_rows = [(i, f"{p[0]} {p[1]!r}" if p else "") for i, p in ((i, preds.get(i)) for i in ids)]
-    sub_rows = sub_rows[:max(0, len(sub_rows) - dropped)]  # missing rows count as no prediction
+    sub_rows = sub_rows[: max(0, len(sub_rows) - dropped)]  # missing rows count as no prediction
     with _Dir() as d:
         (d / "solution.csv").write_bytes(_csv_bytes([("id", "landmarks")] + sol_rows, quote, nl, bom))
         (d / "sub.csv").write_bytes(_csv_bytes([("id", "landmarks")] + sub_rows, quote, nl, bom))
@@ -196,21 +251,32 @@ def test_gap_from_files_equals_gap_from_frames(table, quote, nl, bom, dropped):
         sub = metrics.read_submission(d / "sub.csv", expected_ids=ids)
     assert sorted(sub["id"]) == sorted(ids)
     kept = {r[0] for r in sub_rows}
-    frame = pd.DataFrame([(i, p[0], p[1]) for i, p in preds.items() if i in kept], columns=["id", "label", "confidence"])
+    frame = pd.DataFrame(
+        [(i, p[0], p[1]) for i, p in preds.items() if i in kept], columns=["id", "label", "confidence"]
+    )
     sol = pd.DataFrame(sol_rows, columns=["id", "landmarks"])
     assert got["gap"] == pytest.approx(metrics.gap(sol, frame), abs=1e-12)
     assert 0.0 <= got["gap"] <= 1.0 and got["n_test"] == len(ids)
 
 
 # -- submission writer ----------------------------------------------------------------------------
-label_values = st.one_of(st.none(), st.just(predict.NO_LABEL), st.integers(0, 2**63 - 1), labels_ok, labels_ok,
-                         st.integers(-2**64, 2**64), labels_any)
+label_values = st.one_of(
+    st.none(),
+    st.just(predict.NO_LABEL),
+    st.integers(0, 2**63 - 1),
+    labels_ok,
+    labels_ok,
+    st.integers(-(2**64), 2**64),
+    labels_any,
+)
 conf_values = st.one_of(st.floats(-1e9, 1e9), st.floats(-1e9, 1e9), st.floats())
 
 
 @SETTINGS
-@given(expected=st.lists(st.one_of(valid_ids, valid_ids, valid_ids, ids_any), min_size=1, max_size=6),
-       picks=st.lists(st.tuples(st.integers(0, 6), label_values, conf_values), max_size=6, unique_by=lambda t: t[0]))
+@given(
+    expected=st.lists(st.one_of(valid_ids, valid_ids, valid_ids, ids_any), min_size=1, max_size=6),
+    picks=st.lists(st.tuples(st.integers(0, 6), label_values, conf_values), max_size=6, unique_by=lambda t: t[0]),
+)
 def test_submission_writer(expected, picks):
     """One row per expected id, in order, exactly once; labels written exactly; or a one-line error."""
     test_ids = [expected[k] if k < len(expected) else f"zz{k}zz" for k, _, _ in picks]

@@ -1,4 +1,5 @@
 """show: one readable PNG per test image (candidates, inlier lines, keypoint scores); data plots."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ def _unit(x):
 
 
 def _lf(kp, desc, rng):
-    return LocalFeatures(kp.astype(np.float32), desc, np.ones(len(kp), np.float32),
-                         rng.uniform(0, 1, len(kp)).astype(np.float32))
+    return LocalFeatures(
+        kp.astype(np.float32), desc, np.ones(len(kp), np.float32), rng.uniform(0, 1, len(kp)).astype(np.float32)
+    )
 
 
 def make_case_data(tmp_path):
@@ -47,8 +49,10 @@ def make_case_data(tmp_path):
     d_q = _unit(rng.normal(size=(n, 128)))
     pts = np.c_[kp_q[:shared], np.ones(shared)] @ H.T
     kp_t = np.concatenate([pts[:, :2] / pts[:, 2:], rng.uniform(10, 170, (n - shared, 2))])
-    d_t = np.concatenate([_unit(d_q[:shared] + 0.05 * rng.normal(size=(shared, 128))),
-                          _unit(rng.normal(size=(n - shared, 128)))])
+    d_t = np.concatenate(
+        [_unit(d_q[:shared] + 0.05 * rng.normal(size=(shared, 128))), _unit(rng.normal(size=(n - shared, 128)))]
+    )
+
     def rand():
         return _lf(rng.uniform(0, 170, (n, 2)), _unit(rng.normal(size=(n, 128))), rng)
 
@@ -85,8 +89,13 @@ def test_show_case_png_and_inliers(tmp_path):
     t = FeatureStore(work / "features/train").local(["a0" * 8])["a0" * 8]
     m = verify.match_mutual(q.descriptors, t.descriptors, cfg.verify.mutual_min_sim)
     assert first.inliers == verify.count_inliers(cfg.verify, q.keypoints, t.keypoints, m)
-    assert np.allclose(np.c_[first.src, np.ones(len(first.src))] @ H.T[:, :2] / (
-        np.c_[first.src, np.ones(len(first.src))] @ H.T[:, 2:]), first.dst, atol=1.0)
+    assert np.allclose(
+        np.c_[first.src, np.ones(len(first.src))]
+        @ H.T[:, :2]
+        / (np.c_[first.src, np.ones(len(first.src))] @ H.T[:, 2:]),
+        first.dst,
+        atol=1.0,
+    )
     assert case.prediction == 11 and len(case.keypoints) == 150
 
     out = show.render_case(case, tmp_path / "case.png")
@@ -97,8 +106,18 @@ def test_show_case_png_and_inliers(tmp_path):
 
 def test_cli_show_and_unknown_id(tmp_path, capsys):
     data, work = make_case_data(tmp_path)
-    common = ["--data-dir", str(data), "--work-dir", str(work), "--model", str(tmp_path / "none"),
-              "--set", "verify.jobs=1", "--set", "verify.mutual_min_sim=0.5"]
+    common = [
+        "--data-dir",
+        str(data),
+        "--work-dir",
+        str(work),
+        "--model",
+        str(tmp_path / "none"),
+        "--set",
+        "verify.jobs=1",
+        "--set",
+        "verify.mutual_min_sim=0.5",
+    ]
     assert cli.main(["show", "d0" * 8, *common]) == 0
     png = work / "show" / f"{'d0' * 8}.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -120,7 +139,9 @@ def test_test_id_without_features_is_explained(tmp_path):
     data, work = make_case_data(tmp_path)
     extra = "e0" * 8
     sub = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
-    pd.concat([sub, pd.DataFrame({"id": [extra], "landmarks": [""]})]).to_csv(data / "sample_submission.csv", index=False)
+    pd.concat([sub, pd.DataFrame({"id": [extra], "landmarks": [""]})]).to_csv(
+        data / "sample_submission.csv", index=False
+    )
     with pytest.raises(LandmarksError, match="has no features"):
         show.load_case(_cfg(), data, work, None, extra)
 
@@ -141,7 +162,11 @@ def test_tables_and_data_plots(tmp_path):
     assert s["train images"] == 4 and s["test non-landmark images"] == 1
     sizes = show.image_sizes(data, "train")
     assert (sizes["width"] == 240).all() and (sizes["height"] == 180).all()
-    for fig in (show.plot_class_sizes(data), show.plot_class_samples(data, classes=2, per_class=2),
-                show.plot_image_sizes(data), show.plot_test_gallery(data, table, "all")):
+    for fig in (
+        show.plot_class_sizes(data),
+        show.plot_class_samples(data, classes=2, per_class=2),
+        show.plot_image_sizes(data),
+        show.plot_test_gallery(data, table, "all"),
+    ):
         fig.savefig(tmp_path / "fig.png")
         assert (tmp_path / "fig.png").stat().st_size > 1000

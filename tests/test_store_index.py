@@ -1,4 +1,5 @@
 """store.load_index: one id index per stage, persisted beside the shards, invalidated by them."""
+
 from __future__ import annotations
 
 import os
@@ -16,16 +17,26 @@ def _unit(x):
 
 
 def _lf(rng, n=40):
-    return LocalFeatures(rng.uniform(0, 300, (n, 2)).astype(np.float32), _unit(rng.normal(size=(n, 16))),
-                         np.ones(n, np.float32), np.ones(n, np.float32))
+    return LocalFeatures(
+        rng.uniform(0, 300, (n, 2)).astype(np.float32),
+        _unit(rng.normal(size=(n, 16))),
+        np.ones(n, np.float32),
+        np.ones(n, np.float32),
+    )
 
 
 def test_index_persisted_ordered_and_invalidated(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     d = tmp_path / "train"
     # two id-hash shards whose rows interleave in CSV order
-    write_shard(d / "shard-00000-of-00002.h5", ["b", "d"], _unit(rng.normal(size=(2, 4))), None,
-                failures=[("x", "missing file")], order=[1, 3])
+    write_shard(
+        d / "shard-00000-of-00002.h5",
+        ["b", "d"],
+        _unit(rng.normal(size=(2, 4))),
+        None,
+        failures=[("x", "missing file")],
+        order=[1, 3],
+    )
     write_shard(d / "shard-00001-of-00002.h5", ["a", "c"], _unit(rng.normal(size=(2, 4))), None, order=[0, 2])
     builds = []
     real = store.StoreIndex.build
@@ -39,8 +50,7 @@ def test_index_persisted_ordered_and_invalidated(tmp_path, monkeypatch):
     assert len(builds) == 1
     # a rewritten shard (atomic replace: new mtime) invalidates the persisted index
     st = (d / "shard-00001-of-00002.h5").stat()
-    write_shard(d / "shard-00001-of-00002.h5", ["a", "c", "e"], _unit(rng.normal(size=(3, 4))), None,
-                order=[0, 2, 4])
+    write_shard(d / "shard-00001-of-00002.h5", ["a", "c", "e"], _unit(rng.normal(size=(3, 4))), None, order=[0, 2, 4])
     os.utime(d / "shard-00001-of-00002.h5", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert FeatureStore(d).ids == ["a", "b", "c", "d", "e"] and len(builds) == 2
     # a local cache file joins the index; its ids have local features
@@ -57,10 +67,18 @@ def test_verify_builds_each_index_once_per_stage(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     n_test, n_train = 3 * verify.BATCH_IMAGES + 5, 30
     tr_g, te_g = _unit(rng.normal(size=(n_train, 8))), _unit(rng.normal(size=(n_test, 8)))
-    write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", [f"tr{i}" for i in range(n_train)], tr_g,
-                [_lf(rng) for _ in range(n_train)])
-    write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", [f"te{i}" for i in range(n_test)], te_g,
-                [_lf(rng) for _ in range(n_test)])
+    write_shard(
+        tmp_path / "features/train/shard-00000-of-00001.h5",
+        [f"tr{i}" for i in range(n_train)],
+        tr_g,
+        [_lf(rng) for _ in range(n_train)],
+    )
+    write_shard(
+        tmp_path / "features/test/shard-00000-of-00001.h5",
+        [f"te{i}" for i in range(n_test)],
+        te_g,
+        [_lf(rng) for _ in range(n_test)],
+    )
     cfg = Config()
     cfg.knn.k = 5
     cfg.verify.num_to_rerank = 3

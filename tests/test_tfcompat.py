@@ -1,4 +1,5 @@
 """The private Keras / TF APIs behind landmarks.tfcompat still answer as the model code expects."""
+
 from __future__ import annotations
 
 import os

@@ -24,7 +24,7 @@ def _banners(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if any(w in ln.lower() for w in BANNER_WORDS)]
 
 
-STAND_IN = '''
+STAND_IN = """
 import os, types, warnings
 os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
 os.write(2, b"I0000 00:00:1.2 5651 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
@@ -35,7 +35,7 @@ warnings.warn("a real Python warning at import", UserWarning)
 constant = object()
 config = types.SimpleNamespace(list_physical_devices=lambda: os.write(
     2, b"E0000 00:00:1.5 77 cuda_platform.cc:52] failed call to cuInit: CUDA error (303)\\n"))
-'''
+"""
 
 
 @pytest.mark.parametrize("driver", [False, True])
@@ -46,10 +46,16 @@ def test_filter_drops_banners_and_replays_everything_else(tmp_path, driver):
     fake = tmp_path / "tensorflow"
     fake.mkdir()
     (fake / "__init__.py").write_text(STAND_IN.replace("DRIVER and", "False and" if driver else "True and"))
-    code = ("import sys, os; from landmarks.tfquiet import import_tensorflow; tf = import_tensorflow(); "
-            "assert tf is import_tensorflow(); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])))
+    code = (
+        "import sys, os; from landmarks.tfquiet import import_tensorflow; tf = import_tensorflow(); "
+        "assert tf is import_tensorflow(); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"  # C++ INFO off, warnings and errors on
     kept = _banners(r.stderr)  # a driver is there: its cuInit error is a real one
@@ -58,8 +64,10 @@ def test_filter_drops_banners_and_replays_everything_else(tmp_path, driver):
 
 
 def test_real_tensorflow_import_is_quiet_and_warnings_still_show():
-    code = ("import warnings; from landmarks.tfquiet import tf; tf.constant(1.0) + 1.0; "
-            "warnings.warn('kept after the import', UserWarning)")
+    code = (
+        "import warnings; from landmarks.tfquiet import tf; tf.constant(1.0) + 1.0; "
+        "warnings.warn('kept after the import', UserWarning)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr
     assert _banners(r.stderr) == [], r.stderr
@@ -74,10 +82,32 @@ def test_cli_with_joblib_workers_prints_no_banners(tmp_path, fake_model, write_s
     pd.DataFrame({"id": ids, "landmark_id": np.arange(6) % 2}).to_csv(root / "train.csv", index=False)
     (root / "sample_submission.csv").write_text("id,landmarks\naaaabbbbccccdddd,\n")
     r = subprocess.run(
-        [sys.executable, "-m", "landmarks", "features", "--data-dir", str(root), "--work-dir", str(tmp_path / "w"),
-         "--model", str(fake_model), "--split", "train", "--shards", "2", "--jobs", "2",
-         "--set", "extract.max_image_size=64", "--set", "extract.intra_op_threads=1"],
-        capture_output=True, text=True, env=_env())
+        [
+            sys.executable,
+            "-m",
+            "landmarks",
+            "features",
+            "--data-dir",
+            str(root),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--model",
+            str(fake_model),
+            "--split",
+            "train",
+            "--shards",
+            "2",
+            "--jobs",
+            "2",
+            "--set",
+            "extract.max_image_size=64",
+            "--set",
+            "extract.intra_op_threads=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stderr
     assert _banners(r.stdout + r.stderr) == [], r.stderr
     assert "img/s" not in r.stderr and "\r" not in r.stderr  # tqdm is off when stderr is not a terminal

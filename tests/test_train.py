@@ -1,4 +1,5 @@
 """Training: tiny backbone on a handful of generated images, checkpoints, resume, export."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def _make_data(root: Path, classes=3, views=3, seed=0) -> Path:
         for v in range(views):
             img = np.asarray(Image.fromarray(base).resize((96, 80), Image.NEAREST)).astype(int)
             img = np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
-            i = f"{c:x}{v:x}{rng.integers(0, 16 ** 14):014x}"
+            i = f"{c:x}{v:x}{rng.integers(0, 16**14):014x}"
             p = root / "train" / i[0] / i[1] / i[2] / f"{i}.jpg"
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(p)
@@ -33,9 +34,20 @@ def _make_data(root: Path, classes=3, views=3, seed=0) -> Path:
 def _cfg(steps=4):
     from landmarks.config import load_config
 
-    return load_config(None, ["model.backbone=tiny", "model.init=random", "model.global_dim=32",
-                              "train.batch_size=4", "train.crop_size=64", "train.checkpoint_every=2",
-                              f"train.steps={steps}", "train.learning_rate=0.01", "train.freeze_backbone=false"])
+    return load_config(
+        None,
+        [
+            "model.backbone=tiny",
+            "model.init=random",
+            "model.global_dim=32",
+            "train.batch_size=4",
+            "train.crop_size=64",
+            "train.checkpoint_every=2",
+            f"train.steps={steps}",
+            "train.learning_rate=0.01",
+            "train.freeze_backbone=false",
+        ],
+    )
 
 
 def test_train_resume_and_export(tmp_path):

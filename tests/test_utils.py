@@ -1,4 +1,5 @@
 """Shared helpers: L2 normalisation, content digests, image links, build-then-swap folders."""
+
 from __future__ import annotations
 
 import os

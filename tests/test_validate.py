@@ -1,4 +1,5 @@
 """validate: report with the GAP table and plots from knn/verified results."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,9 @@ def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_
     p0, p1 = planted_pair(rng, n=100, shared=50), planted_pair(rng, n=100, shared=50)
     q_local = [p0[0], p1[0], p0[2], p1[2]]
     write_shard(work / "features/train/shard-00000-of-00001.h5", tr_ids, tr, [p0[1], p1[1]])
-    write_shard(work / "features/test/shard-00000-of-00001.h5", te_ids, te, q_local,
-                failures=[("fail0001", "unreadable image")])
+    write_shard(
+        work / "features/test/shard-00000-of-00001.h5", te_ids, te, q_local, failures=[("fail0001", "unreadable image")]
+    )
     cfg = Config()
     cfg.verify.jobs = 1
     cfg.verify.mutual_min_sim = 0.5
@@ -54,6 +56,7 @@ def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_
     cfg.vote.suppression = "test"
     sub = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
     text = validate.run_validate(cfg, data, work, tmp_path / "model", sub).read_text()
+
     def row(name):
         return next(ln for ln in text.splitlines() if ln.startswith(f"| {name}"))
 

@@ -1,4 +1,5 @@
 """verify: matchers, seeded RANSAC on planted homographies, the run_verify stage."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,8 +77,9 @@ def run_knn_verify(cfg, root, out=None):
     work = WorkLayout(root)
     whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg))
     knn_path = knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg))
-    return verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"), out or work.verified(cfg),
-                             work.whiten(cfg))
+    return verify.run_verify(
+        cfg, knn_path, work.features("test"), work.features("train"), out or work.verified(cfg), work.whiten(cfg)
+    )
 
 
 def test_run_verify_stage(tmp_path, planted_pair):
@@ -85,6 +87,7 @@ def test_run_verify_stage(tmp_path, planted_pair):
     pairs = [planted_pair(rng, n=120, shared=60) for _ in range(3)]
     queries = [p[0] for p in pairs]
     trains = [p[1] for p in pairs] + [p[2] for p in pairs]
+
     def gl(n):
         return _unit(rng.normal(size=(n, 8)))
 

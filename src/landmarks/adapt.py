@@ -27,6 +27,7 @@ the train images in ``landmarks_model.json``.  Checkpoints (head + Adam state + 
 :func:`evaluate` measures match precision under known warps and inliers of correct vs wrong
 pairs on held-out real photos, adapted against any baseline model.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,15 +47,27 @@ from landmarks.utils import LandmarksError, atomic_path, text_digest
 log = logging.getLogger("landmarks.adapt")
 
 SCORES = ("reliability", "norm", "norm_x_reliability")
-ADAPT_CURVES = Curves(("loss", "infonce", "reliability"), ("nn_correct", "rel_accuracy"),
-                      "nearest neighbour correct / reliability accuracy")
+ADAPT_CURVES = Curves(
+    ("loss", "infonce", "reliability"),
+    ("nn_correct", "rel_accuracy"),
+    "nearest neighbour correct / reliability accuracy",
+)
 # adapt settings that do not change the learned head (export choice, the check, checkpoint period)
-NOT_TRAINING = ("score", "checkpoint_every", "eval_images", "eval_warps", "eval_crop", "eval_features",
-                "eval_tolerance", "eval_data")
+NOT_TRAINING = (
+    "score",
+    "checkpoint_every",
+    "eval_images",
+    "eval_warps",
+    "eval_crop",
+    "eval_features",
+    "eval_tolerance",
+    "eval_data",
+)
 REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------ pairs
+
 
 def homography_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """3x3 H with H @ [x, y, 1] ~ dst for 4 point pairs (DLT, exact)."""
@@ -126,8 +139,13 @@ def make_pair(image: np.ndarray, rng: np.random.Generator, ac, size: int, photom
     a = src.crop((int(ox), int(oy), int(ox) + size, int(oy) + size))
     m = np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]], np.float64) @ np.linalg.inv(hc)  # B -> source image
     m = m / m[2, 2]
-    b = src.transform((size, size), Image.Transform.PERSPECTIVE, tuple(m.ravel()[:8]),
-                      resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    b = src.transform(
+        (size, size),
+        Image.Transform.PERSPECTIVE,
+        tuple(m.ravel()[:8]),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(0, 0, 0),
+    )
     photometric = ac.photometric if photometric is None else photometric
     occ = None
     if photometric:
@@ -136,7 +154,7 @@ def make_pair(image: np.ndarray, rng: np.random.Generator, ac, size: int, photom
             ow, oh = (rng.uniform(0.15, 0.4, 2) * size).astype(int)
             x0, y0 = int(rng.integers(0, size - ow)), int(rng.integers(0, size - oh))
             arr = np.array(b)
-            arr[y0:y0 + oh, x0:x0 + ow] = rng.integers(0, 256, 3, dtype=np.uint8)
+            arr[y0 : y0 + oh, x0 : x0 + ow] = rng.integers(0, 256, 3, dtype=np.uint8)
             b = Image.fromarray(arr)
             occ = (x0, y0, x0 + ow - 1, y0 + oh - 1)
     h_idx = _shift(-0.5) @ hc @ _shift(0.5)
@@ -167,6 +185,7 @@ def cell_targets(h: np.ndarray, rf, grid: tuple[int, int], occ=None) -> tuple[np
 
 # ------------------------------------------------------------------------------------ images
 
+
 def load_images(paths: list[str], max_side: int, min_side: int) -> tuple[list[np.ndarray], list[str]]:
     """Decode once at long side <= max_side, upscaled so the short side >= min_side; skip bad files."""
     from PIL import Image
@@ -183,8 +202,11 @@ def load_images(paths: list[str], max_side: int, min_side: int) -> tuple[list[np
         h, w = img.shape[:2]
         if min(h, w) < min_side:
             f = min_side / min(h, w)
-            img = np.asarray(Image.fromarray(img).resize((max(min_side, round(w * f)), max(min_side, round(h * f))),
-                                                         Image.Resampling.BILINEAR))
+            img = np.asarray(
+                Image.fromarray(img).resize(
+                    (max(min_side, round(w * f)), max(min_side, round(h * f))), Image.Resampling.BILINEAR
+                )
+            )
         out.append(np.ascontiguousarray(img))
     return out, bad
 
@@ -203,11 +225,16 @@ def make_batch(images: list[np.ndarray], step: int, ac, rf, grid) -> dict[str, n
         xb.append(b)
         us.append(u)
         vs.append(v)
-    return {"a": np.stack(xa).astype(np.float32), "b": np.stack(xb).astype(np.float32),
-            "u": np.stack(us), "valid": np.stack(vs).astype(np.float32)}
+    return {
+        "a": np.stack(xa).astype(np.float32),
+        "b": np.stack(xb).astype(np.float32),
+        "u": np.stack(us),
+        "valid": np.stack(vs).astype(np.float32),
+    }
 
 
 # ------------------------------------------------------------------------------------ model
+
 
 def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
     """Keras model: local block [b, h, w, C] -> (descriptor [b, h, w, local_dim], reliability logit [b, h, w, 1]).
@@ -219,8 +246,9 @@ def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
 
     L = keras.layers
     inp = keras.Input((None, None, channels), name="local_block")
-    base = L.Dense(local_dim, use_bias=True, kernel_initializer=keras.initializers.Identity(),
-                   name="adapt_linear")(inp)  # Identity of a C x D kernel = eye(C, D): the block10 padding
+    base = L.Dense(local_dim, use_bias=True, kernel_initializer=keras.initializers.Identity(), name="adapt_linear")(
+        inp
+    )  # Identity of a C x D kernel = eye(C, D): the block10 padding
     hid = L.Conv2D(hidden, context, padding="same", activation="relu", name="adapt_hidden")(inp)
     res = L.Dense(local_dim, kernel_initializer="zeros", name="adapt_residual")(hid)
     desc = L.Add(name="adapt_descriptor")([base, res])
@@ -263,8 +291,9 @@ def _heads_module(backbone, head, gem, score: str):
 def _check(ac) -> None:
     """One-line errors for adapt settings that cannot train."""
     if ac.steps <= 0 or ac.batch_size <= 0 or ac.crop_size < 64 or ac.max_side < ac.crop_size:
-        raise LandmarksError("adapt.steps and adapt.batch_size must be > 0, adapt.crop_size >= 64 and "
-                             "adapt.max_side >= adapt.crop_size")
+        raise LandmarksError(
+            "adapt.steps and adapt.batch_size must be > 0, adapt.crop_size >= 64 and adapt.max_side >= adapt.crop_size"
+        )
     if ac.score not in SCORES:
         raise LandmarksError(f"unknown adapt.score {ac.score!r} (choose from {', '.join(SCORES)})")
     if not 0 < ac.scale_min <= ac.scale_max or ac.temperature <= 0:
@@ -316,12 +345,24 @@ def exported_fingerprint(out_dir: str | Path) -> dict | None:
 def is_up_to_date(cfg, out_dir: str | Path, fp: str) -> bool:
     """True when `out_dir` holds the export of exactly this adaptation (same fingerprint, steps, score)."""
     old = exported_fingerprint(out_dir)
-    return (old is not None and old.get("fingerprint") == fp and old.get("steps") == cfg.adapt.steps
-            and old.get("keypoint_score") == cfg.adapt.score)
+    return (
+        old is not None
+        and old.get("fingerprint") == fp
+        and old.get("steps") == cfg.adapt.steps
+        and old.get("keypoint_score") == cfg.adapt.score
+    )
 
 
-def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, *,
-          restart: bool = False, replace_stale: bool = False, stop_after: int | None = None) -> Path | None:
+def adapt(
+    cfg,
+    data_dir: str | Path,
+    work_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    restart: bool = False,
+    replace_stale: bool = False,
+    stop_after: int | None = None,
+) -> Path | None:
     """Adapt the local head on DATA's train images (labels unused), checkpoint in WORK/adapt, export to OUT.
 
     A cached stage: when OUT already holds this adaptation (same model and adapt settings, same
@@ -336,8 +377,15 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     df, data_fp, fp = plan(cfg, data_dir)
     ids = df["id"].astype(str).tolist()
     if not restart and is_up_to_date(cfg, out_dir, fp):
-        log.info("adapt: up to date (%s: %d steps on %d train images of %s, fingerprint %s); skipped in %.2fs",
-                 out_dir, ac.steps, len(ids), data_dir, fp, time.time() - t_plan)
+        log.info(
+            "adapt: up to date (%s: %d steps on %d train images of %s, fingerprint %s); skipped in %.2fs",
+            out_dir,
+            ac.steps,
+            len(ids),
+            data_dir,
+            fp,
+            time.time() - t_plan,
+        )
         return Path(out_dir)
 
     from landmarks.tfquiet import keras
@@ -355,15 +403,22 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
         except (OSError, ValueError):
             stale = True
         if stale:
-            log.info("adapt: the checkpoint in %s is of other inputs (train split or settings changed); "
-                     "adapting again", adapt_dir)
+            log.info(
+                "adapt: the checkpoint in %s is of other inputs (train split or settings changed); adapting again",
+                adapt_dir,
+            )
             restart = True
     if restart:
         ck.clear()
     old = exported_fingerprint(out_dir)
-    log.info("adapt: %s (%s); fingerprint %s, %d train images of %s",
-             "no adapted model yet" if old is None else "the adapted model is out of date", out_dir, fp,
-             len(ids), data_dir)
+    log.info(
+        "adapt: %s (%s); fingerprint %s, %d train images of %s",
+        "no adapted model yet" if old is None else "the adapted model is out of date",
+        out_dir,
+        fp,
+        len(ids),
+        data_dir,
+    )
 
     keras.utils.set_random_seed(ac.seed)
     net = _AdaptNet(cfg)
@@ -376,8 +431,14 @@ def adapt(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     timing = {}
     if (adapt_dir / "timing.json").exists():
         timing = json.loads((adapt_dir / "timing.json").read_text())
-    meta = {"kind": "adapted", "fingerprint": fp, "data_fingerprint": data_fp, "data_dir": str(data_dir),
-            "train_images": len(ids), "steps": step}
+    meta = {
+        "kind": "adapted",
+        "fingerprint": fp,
+        "data_fingerprint": data_fp,
+        "data_dir": str(data_dir),
+        "train_images": len(ids),
+        "steps": step,
+    }
     return _export(cfg, net, out_dir, meta, history, timing)
 
 
@@ -408,8 +469,10 @@ class _AdaptNet:
         self.rf = receptive_field(self.backbone, output_layer_name(self.backbone, 0))
         channels = int(self.backbone.outputs[0].shape[-1])
         if channels > mc.local_dim:
-            raise LandmarksError(f"adapt keeps the local block's {channels} channels inside the {mc.local_dim}-d "
-                                 "descriptor; raise model.local_dim")
+            raise LandmarksError(
+                f"adapt keeps the local block's {channels} channels inside the {mc.local_dim}-d "
+                "descriptor; raise model.local_dim"
+            )
         zeros = tf.zeros([1, ac.crop_size, ac.crop_size, 3])
         self.grid = tuple(int(d) for d in self.local_model(zeros).shape[1:3])
         self.head = build_head(channels, mc.local_dim, ac.hidden, ac.context)
@@ -431,7 +494,7 @@ def bilinear_sample(f, u, rows: int, cols: int):
     def g(yy, xx):
         return tf.gather(flat, tf.cast(yy * cols + xx, tf.int32), batch_dims=1)
 
-    return ((1 - wy) * ((1 - wx) * g(y0, x0) + wx * g(y0, x1)) + wy * ((1 - wx) * g(y1, x0) + wx * g(y1, x1)))
+    return (1 - wy) * ((1 - wx) * g(y0, x0) + wx * g(y0, x1)) + wy * ((1 - wx) * g(y1, x0) + wx * g(y1, x1))
 
 
 def _make_train_step(cfg, net: _AdaptNet):
@@ -478,14 +541,20 @@ def _make_train_step(cfg, net: _AdaptNet):
         grads = tape.gradient(loss, head.trainable_variables)
         optimizer.apply_gradients(zip(grads, head.trainable_variables))
         acc = tf.reduce_sum(tf.cast(tf.equal(tf.cast(rl > 0, tf.float32), correct), tf.float32) * valid) / nv
-        return {"loss": loss, "infonce": nce, "reliability": rel,
-                "nn_correct": tf.reduce_sum(correct * valid) / nv, "rel_accuracy": acc}
+        return {
+            "loss": loss,
+            "infonce": nce,
+            "reliability": rel,
+            "nn_correct": tf.reduce_sum(correct * valid) / nv,
+            "rel_accuracy": acc,
+        }
 
     return train_step
 
 
-def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, history: list, resumed: list,
-               data_dir) -> int:
+def _run_steps(
+    cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, history: list, resumed: list, data_dir
+) -> int:
     """Decode the images once, then train from `step` to `end` (the next batch's pairs are made
     while a step runs), checkpointing and plotting every adapt.checkpoint_every steps and at `end`;
     writes timing.json.  Returns `end`."""
@@ -501,8 +570,14 @@ def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, h
         log.warning("adapt: %d of %d train images unusable (first: %s)", len(bad), len(paths), bad[0])
     if not images:
         raise LandmarksError(f"{data_dir}: no usable train image to adapt on")
-    log.info("adapt: %d images decoded in %.1fs; %d steps x %d pairs of %dpx views", len(images),
-             time.time() - t0, end - step, ac.batch_size, ac.crop_size)
+    log.info(
+        "adapt: %d images decoded in %.1fs; %d steps x %d pairs of %dpx views",
+        len(images),
+        time.time() - t0,
+        end - step,
+        ac.batch_size,
+        ac.crop_size,
+    )
     t0, done = time.time(), 0
     bar = tqdm(total=end - step, desc="adapt", unit="step", disable=None)
     with ThreadPoolExecutor(1) as pool:
@@ -511,8 +586,15 @@ def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, h
             batch = nxt.result()
             if step + 1 < end:
                 nxt = pool.submit(make_batch, images, step + 1, ac, net.rf, net.grid)
-            m = {k: float(v) for k, v in train_step(tf.constant(batch["a"]), tf.constant(batch["b"]),
-                                                     tf.constant(batch["u"]), tf.constant(batch["valid"])).items()}
+            m = {
+                k: float(v)
+                for k, v in train_step(
+                    tf.constant(batch["a"]),
+                    tf.constant(batch["b"]),
+                    tf.constant(batch["u"]),
+                    tf.constant(batch["valid"]),
+                ).items()
+            }
             if not np.isfinite(m["loss"]):
                 raise LandmarksError(f"adaptation diverged at step {step + 1}; lower adapt.learning_rate")
             step += 1
@@ -521,14 +603,18 @@ def _run_steps(cfg, net: _AdaptNet, ck, paths: list[str], step: int, end: int, h
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", nn=f"{m['nn_correct']:.2f}")
             if step % max(1, ac.checkpoint_every) == 0 or step == end:
-                ck.save(net.head, net.optimizer, {"step": step, "history": history, "resumed_from": resumed,
-                                                  "images": len(images)})
+                ck.save(
+                    net.head,
+                    net.optimizer,
+                    {"step": step, "history": history, "resumed_from": resumed, "images": len(images)},
+                )
                 plot_curves(history, ck.dir / "curves.png", ADAPT_CURVES)
     bar.close()
     dt = time.time() - t0
     ips = 2 * done * ac.batch_size / max(dt, 1e-9)
-    log.info("adapted %d steps in %.1fs: %.1f views/s (%d px, pairs made + backbone + head)", done, dt, ips,
-             ac.crop_size)
+    log.info(
+        "adapted %d steps in %.1fs: %.1f views/s (%d px, pairs made + backbone + head)", done, dt, ips, ac.crop_size
+    )
     with atomic_path(ck.dir / "timing.json") as tmp:
         tmp.write_text(json.dumps({"seconds": round(dt, 1), "views_per_s": round(ips, 2), "steps": done}))
     return step
@@ -541,20 +627,36 @@ def _export(cfg, net: _AdaptNet, out_dir, meta: dict, history: list, timing: dic
 
     ac, mc = cfg.adapt, cfg.model
     last = history[-1] if history else {}
-    meta = {**meta, "adapt": cfg.to_dict()["adapt"], "backbone": mc.backbone,
-            "init": mc.init, "local_layer": output_layer_name(net.backbone, 0),
-            "local_projection": "adapted (identity + residual MLP, InfoNCE under known homographies)",
-            "keypoint_score": ac.score, "global": f"GeM(p={mc.gem_p}) of last map",
-            "final": {k: round(v, 4) for k, v in last.items() if k != "step"}, "timing": timing}
+    meta = {
+        **meta,
+        "adapt": cfg.to_dict()["adapt"],
+        "backbone": mc.backbone,
+        "init": mc.init,
+        "local_layer": output_layer_name(net.backbone, 0),
+        "local_projection": "adapted (identity + residual MLP, InfoNCE under known homographies)",
+        "keypoint_score": ac.score,
+        "global": f"GeM(p={mc.gem_p}) of last map",
+        "final": {k: round(v, 4) for k, v in last.items() if k != "step"},
+        "timing": timing,
+    }
     heads = _heads_module(net.backbone, net.head, make_gem(mc.gem_p, False), ac.score)
-    out = save_serving(heads, "heads", net.rf, preprocess_mode(mc.backbone, mc.init), out_dir,
-                       local_dim=mc.local_dim, global_dim=int(net.backbone.outputs[1].shape[-1]),
-                       default_thres=mc.default_abs_thres, meta=meta)
+    out = save_serving(
+        heads,
+        "heads",
+        net.rf,
+        preprocess_mode(mc.backbone, mc.init),
+        out_dir,
+        local_dim=mc.local_dim,
+        global_dim=int(net.backbone.outputs[1].shape[-1]),
+        default_thres=mc.default_abs_thres,
+        meta=meta,
+    )
     log.info("adapted model -> %s", out)
     return out
 
 
 # ----------------------------------------------------------------------------------- evaluate
+
 
 def eval_photos(cfg, data_dir) -> tuple[list[str], str]:
     """Held-out real photos for the check: adapt.eval_data, else the shared wide-baseline set, else DATA test."""
@@ -623,28 +725,40 @@ def evaluate(cfg, models: dict[str, str | Path], photos: list[str]) -> dict[str,
             jw = next(t for t in range(j + 1, j + len(pairs)) if pairs[t % len(pairs)][0] != i) % len(pairs)
             mw = verify.match_mutual(fa[j].descriptors, fb[jw].descriptors, cfg.verify.mutual_min_sim, cfg.verify.ratio)
             inl_wrong.append(verify.count_inliers(cfg.verify, fa[j].keypoints, fb[jw].keypoints, mw))
-        res[name] = {"pairs": len(pairs), "precision": n_c / max(n_m, 1), "matches_per_pair": n_m / len(pairs),
-                     "correct_per_pair": float(np.mean(correct_per_pair)),
-                     "inliers_true": float(np.mean(inl_ok)), "inliers_wrong": float(np.mean(inl_wrong)),
-                     "true_above_all_wrong": float(np.mean(np.asarray(inl_ok) > max(inl_wrong)))}
+        res[name] = {
+            "pairs": len(pairs),
+            "precision": n_c / max(n_m, 1),
+            "matches_per_pair": n_m / len(pairs),
+            "correct_per_pair": float(np.mean(correct_per_pair)),
+            "inliers_true": float(np.mean(inl_ok)),
+            "inliers_wrong": float(np.mean(inl_wrong)),
+            "true_above_all_wrong": float(np.mean(np.asarray(inl_ok) > max(inl_wrong))),
+        }
     return res
 
 
 def format_eval(res: dict[str, dict], source: str, cfg) -> str:
     """Markdown table of `evaluate`'s results, one row per model."""
     ac = cfg.adapt
-    lines = [f"Match precision under known warps: {source}, {next(iter(res.values()))['pairs']} pairs "
-             f"({ac.eval_warps} warps per photo, {ac.eval_crop}px views, {ac.eval_features} features, "
-             f"correct within {ac.eval_tolerance:g} px)", "",
-             "| model | precision | correct matches / pair | matches / pair | inliers true pair | "
-             "inliers wrong pair | true > every wrong |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Match precision under known warps: {source}, {next(iter(res.values()))['pairs']} pairs "
+        f"({ac.eval_warps} warps per photo, {ac.eval_crop}px views, {ac.eval_features} features, "
+        f"correct within {ac.eval_tolerance:g} px)",
+        "",
+        "| model | precision | correct matches / pair | matches / pair | inliers true pair | "
+        "inliers wrong pair | true > every wrong |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in res.items():
-        lines.append(f"| {name} | {r['precision']:.3f} | {r['correct_per_pair']:.1f} | {r['matches_per_pair']:.1f} | "
-                     f"{r['inliers_true']:.1f} | {r['inliers_wrong']:.1f} | {r['true_above_all_wrong']:.2f} |")
+        lines.append(
+            f"| {name} | {r['precision']:.3f} | {r['correct_per_pair']:.1f} | {r['matches_per_pair']:.1f} | "
+            f"{r['inliers_true']:.1f} | {r['inliers_wrong']:.1f} | {r['true_above_all_wrong']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------- CLI
+
 
 def _cmd_adapt(args, cfg) -> int:
     from landmarks.utils import configure_tensorflow
@@ -655,8 +769,7 @@ def _cmd_adapt(args, cfg) -> int:
     if args.out is None:
         args.out = str(Path(args.work_dir) / "adapt" / "model")
     if not args.eval_only:
-        out = adapt(cfg, args.data_dir, args.work_dir, args.out, restart=args.restart,
-                    replace_stale=args.replace_stale)
+        out = adapt(cfg, args.data_dir, args.work_dir, args.out, restart=args.restart, replace_stale=args.replace_stale)
         print(out)
     if args.no_eval:
         return 0
@@ -674,15 +787,22 @@ def _cmd_adapt(args, cfg) -> int:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("adapt", parents=[common],
-                              help="learn the local head from DATA_DIR's unlabelled train images, export it")
-    p.add_argument("--out", default=None, help="exported SavedModel directory (default WORK_DIR/adapt/model, "
-                   "the default MODEL of `make predict`)")
+    p = subparsers.add_parser(
+        "adapt", parents=[common], help="learn the local head from DATA_DIR's unlabelled train images, export it"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="exported SavedModel directory (default WORK_DIR/adapt/model, the default MODEL of `make predict`)",
+    )
     p.add_argument("--steps", type=int, default=None, help="override adapt.steps")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in WORK_DIR/adapt")
-    p.add_argument("--replace-stale", action="store_true",
-                   help="a checkpoint of other inputs (train split, model or adapt settings) is discarded "
-                        "instead of stopping the run (the cached stage of `make predict`)")
+    p.add_argument(
+        "--replace-stale",
+        action="store_true",
+        help="a checkpoint of other inputs (train split, model or adapt settings) is discarded "
+        "instead of stopping the run (the cached stage of `make predict`)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the match-precision check against --model")
     p.add_argument("--eval-only", action="store_true", help="only compare OUT against --model under known warps")
     p.set_defaults(func=_cmd_adapt)

@@ -5,6 +5,7 @@ Each stage module exposes ``register_cli(subparsers, common)``; it adds its sub-
 options) and sets ``func`` to a handler ``func(args, cfg) -> int``.  Stage modules import
 TensorFlow lazily, so light commands (``gap``, ``config show``) start fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,14 @@ def common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
     g.add_argument("--config", default=None, help="YAML/TOML config file (defaults: `landmarks config show`)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable), e.g. --set knn.k=50")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set knn.k=50",
+    )
     g.add_argument("--data-dir", default="data/demo", help="Kaggle-layout dataset directory")
     g.add_argument("--work-dir", default="work", help="features, indexes and reports")
     g.add_argument("--model", default="models/default", help="DELG SavedModel directory")

@@ -6,6 +6,7 @@ the command line (``--set verify.num_to_rerank=100``).  Each stage hashes the se
 it depends on into the fingerprint of its outputs, so a changed setting redoes exactly
 the stages it affects.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,10 +53,13 @@ class ModelConfig:
     arcface_margin: float = 0.1
     arcface_scale: float = 0.0  # 0 -> sqrt(global_dim)
     default_abs_thres: float = 0.0  # score threshold baked into the zero-training export (0 = auto)
-    local_projection: Literal["block10", "block10_pcaw", "pca_imagenet", "pcaw_imagenet",
-                              "random_orthogonal"] = "block10"  # zero-training local descriptors
+    local_projection: Literal["block10", "block10_pcaw", "pca_imagenet", "pcaw_imagenet", "random_orthogonal"] = (
+        "block10"  # zero-training local descriptors
+    )
     whiten_init: Literal["identity", "glorot"] = "identity"  # FC whitening init (identity when global_dim == channels)
-    fold_batchnorm: bool = True  # export: batch norms folded into the convolutions before them (faster; floats ~1e-6 relative)
+    fold_batchnorm: bool = (
+        True  # export: batch norms folded into the convolutions before them (faster; floats ~1e-6 relative)
+    )
 
 
 @dataclass
@@ -215,7 +219,9 @@ class BenchConfig:
     gldv2_megapixels: float = 0.48  # assumed mean input size of a GLDv2 image after max_image_size (800x600)
     knn_real_images: int = 120  # row 3: shared real photos whose descriptors (+ noise) give realistic data (0 = stored train features, -1 = off)
     knn_real_noise: float = 1.0  # row 3: noise scale relative to the real descriptors' own spread
-    knn_stream_n: int = 0  # row 3: also exact vs IVF at this N (e.g. 1580000), database streamed from disk (~30 min; 0 = off)
+    knn_stream_n: int = (
+        0  # row 3: also exact vs IVF at this N (e.g. 1580000), database streamed from disk (~30 min; 0 = off)
+    )
     knn_stream_kinds: tuple = ("flat", "sq8")  # row 3 streamed: IVF storage variants (flat, sq8, fp16)
     knn_stream_nlist: int = 0  # row 3 streamed: IVF lists (0 = sqrt(N))
     knn_stream_nprobes: tuple = (32, 64, 128)  # row 3 streamed: lists searched per query
@@ -341,7 +347,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return "" if value is None else str(value)
         if typ is tuple:
             if isinstance(value, str):
-                parts = [p for p in value.replace("[", "").replace("]", "").replace("(", "").replace(")", "").split(",") if p.strip()]
+                parts = [
+                    p
+                    for p in value.replace("[", "").replace("]", "").replace("(", "").replace(")", "").split(",")
+                    if p.strip()
+                ]
                 value = [_number_or_text(p.strip()) for p in parts]
             return tuple(value)
     except (TypeError, ValueError):

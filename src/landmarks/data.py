@@ -10,6 +10,7 @@ separator, no '.', no NUL); image ids (train.csv, sample_submission.csv) have at
 Label rule: a landmark_id is a non-negative decimal integer below 2**63 written plainly
 (no sign, no leading zero, no exponent or fraction), so it round-trips exactly through int64.
 """
+
 from __future__ import annotations
 
 import csv
@@ -142,8 +143,14 @@ def strip_column(col: pd.Series, path, name: str) -> pd.Series:
     stripped = col.str.strip()
     changed = stripped.ne(col).to_numpy()
     if changed.any():
-        log.warning("%s: %d %s value(s) had surrounding whitespace, stripped (first: line %s, %r)",
-                    path, int(changed.sum()), name, _first_lines(changed, 1), col[changed].iloc[0])
+        log.warning(
+            "%s: %d %s value(s) had surrounding whitespace, stripped (first: line %s, %r)",
+            path,
+            int(changed.sum()),
+            name,
+            _first_lines(changed, 1),
+            col[changed].iloc[0],
+        )
     return stripped
 
 
@@ -158,21 +165,29 @@ def _first_problem(values: pd.Series, path, problem) -> None:
 def check_ids(ids: pd.Series, path, min_len: int = 1) -> None:
     """Every id follows the id rule and is unique; LandmarksError naming the first bad line."""
     lens = np.fromiter(map(len, ids.tolist()), np.int64, len(ids))
-    if not (len(ids) and lens.min() >= min_len and lens.max() <= ID_MAX_LEN
-            and _ID_RE.fullmatch("".join(ids.tolist()))):  # all characters allowed: each id is fine
+    if not (
+        len(ids) and lens.min() >= min_len and lens.max() <= ID_MAX_LEN and _ID_RE.fullmatch("".join(ids.tolist()))
+    ):  # all characters allowed: each id is fine
         _first_problem(ids, path, lambda v: id_problem(v, min_len))
     dup = ids.duplicated().to_numpy()
     if dup.any():
-        raise LandmarksError(f"{path}: line {_first_lines(dup)}: duplicate id {ids[dup].iloc[0]!r} "
-                             f"({int(dup.sum())} duplicates in all)")
+        raise LandmarksError(
+            f"{path}: line {_first_lines(dup)}: duplicate id {ids[dup].iloc[0]!r} ({int(dup.sum())} duplicates in all)"
+        )
 
 
 def labels_to_int(labels: pd.Series, path) -> np.ndarray:
     """Checked landmark_id texts -> int64 (exact: the rule admits only canonical integers < 2**63)."""
     lens = np.fromiter(map(len, labels.tolist()), np.int64, len(labels))
     joined = "".join(labels.tolist())
-    if len(labels) and lens.min() >= 1 and lens.max() <= 19 and joined.isascii() and joined.isdigit() \
-            and all(int(v) <= LABEL_MAX for v in labels[lens == 19]):
+    if (
+        len(labels)
+        and lens.min() >= 1
+        and lens.max() <= 19
+        and joined.isascii()
+        and joined.isdigit()
+        and all(int(v) <= LABEL_MAX for v in labels[lens == 19])
+    ):
         values = labels.astype(np.int64).to_numpy()
         if (1 + np.searchsorted(_POW10, values, side="right") == lens).all():  # no leading zeros
             return values
@@ -187,8 +202,11 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
     data_dir = Path(data_dir)
     path = data_dir / SPLITS[split]
     if not path.exists():
-        hint = "run `landmarks demo-data`, `landmarks import` or `landmarks holdout` to make one" \
-            if not data_dir.exists() else f"expected {SPLITS[split]} in it"
+        hint = (
+            "run `landmarks demo-data`, `landmarks import` or `landmarks holdout` to make one"
+            if not data_dir.exists()
+            else f"expected {SPLITS[split]} in it"
+        )
         raise LandmarksError(f"{path} not found: {data_dir} is not a Kaggle-layout dataset ({hint})")
     header = read_header(path)
     need = ["id", "landmark_id"] if split == "train" else ["id"]
@@ -196,8 +214,16 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
         if col not in header:
             raise LandmarksError(f"{path}: missing column {col!r} (header: {','.join(header)})")
     try:
-        df = pd.read_csv(path, usecols=[header.index(c) for c in need], dtype=object, encoding="utf-8-sig",
-                         keep_default_na=False, na_filter=False, engine="c", index_col=False)
+        df = pd.read_csv(
+            path,
+            usecols=[header.index(c) for c in need],
+            dtype=object,
+            encoding="utf-8-sig",
+            keep_default_na=False,
+            na_filter=False,
+            engine="c",
+            index_col=False,
+        )
     except UnicodeDecodeError:
         raise LandmarksError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except (pd.errors.ParserError, ValueError) as e:
@@ -259,7 +285,9 @@ def _read_text(path: str | Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise LandmarksError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+        raise LandmarksError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -380,17 +408,27 @@ def read_submission(path: str | Path, expected_ids=None) -> pd.DataFrame:
                 raise LandmarksError(f"{path}: line {line}: confidence {parts[1]!r} is not finite")
         else:
             raise LandmarksError(
-                f"{path}: line {line}: landmarks {f[i_lm]!r} must be '<landmark_id> <confidence>' or empty")
+                f"{path}: line {line}: landmarks {f[i_lm]!r} must be '<landmark_id> <confidence>' or empty"
+            )
         ids.append(rid)
         labels.append(label)
         confs.append(conf)
     if expected is not None:
         missing = sorted(expected - set(seen))
         if missing:
-            log.warning("%s: %d test ids have no row (first: %s); counted as no prediction",
-                        path, len(missing), ", ".join(missing[:3]))
+            log.warning(
+                "%s: %d test ids have no row (first: %s); counted as no prediction",
+                path,
+                len(missing),
+                ", ".join(missing[:3]),
+            )
             ids += missing
             labels += [""] * len(missing)
             confs += [math.nan] * len(missing)
-    return pd.DataFrame({"id": pd.Series(ids, dtype=object), "label": pd.Series(labels, dtype=object),
-                         "confidence": np.asarray(confs, dtype=np.float64)})
+    return pd.DataFrame(
+        {
+            "id": pd.Series(ids, dtype=object),
+            "label": pd.Series(labels, dtype=object),
+            "confidence": np.asarray(confs, dtype=np.float64),
+        }
+    )

@@ -8,6 +8,7 @@ with empty truth.  Images are hard-linked (copy fallback) as <split>/a/b/c/<id>.
 sha1 of the file content; the bytes are kept as they are (readers decode by content).
 Writes train.csv, sample_submission.csv, solution.csv, label_map.csv, split.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,9 @@ def read_labels(src: str | Path, distractors: bool = False) -> pd.DataFrame:
             if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
                 rel = p.relative_to(src)
                 if not distractors and len(rel.parts) < 2:
-                    raise LandmarksError(f"import: {p} is not inside a class folder of {src} "
-                                         "(expected DIR/<class>/<image>)")
+                    raise LandmarksError(
+                        f"import: {p} is not inside a class folder of {src} (expected DIR/<class>/<image>)"
+                    )
                 rows.append((str(rel), "" if distractors else rel.parts[0], os.path.abspath(p)))
         if not rows:
             raise LandmarksError(f"import: no images ({', '.join(sorted(IMAGE_EXTS))}) under {src}")
@@ -57,7 +59,11 @@ def read_labels(src: str | Path, distractors: bool = False) -> pd.DataFrame:
             raise LandmarksError(f"import: {src}: missing column {col!r} (expected id,landmark_id,path)")
     if len(df) == 0:
         raise LandmarksError(f"import: {src}: no rows")
-    cls = df["landmark_id"].str.strip() if "landmark_id" in df.columns and not distractors else pd.Series("", index=df.index)
+    cls = (
+        df["landmark_id"].str.strip()
+        if "landmark_id" in df.columns and not distractors
+        else pd.Series("", index=df.index)
+    )
     if not distractors and (cls == "").any():
         line = int(np.flatnonzero((cls == "").to_numpy())[0]) + 2
         raise LandmarksError(f"import: {src}: line {line}: empty landmark_id (pass non-landmarks with --distractors)")
@@ -66,7 +72,9 @@ def read_labels(src: str | Path, distractors: bool = False) -> pd.DataFrame:
         raise LandmarksError(f"import: {src}: line {line}: empty path")
     base = src.parent
     src_id = df["id"] if "id" in df.columns else df["path"]
-    return pd.DataFrame({"src_id": src_id, "cls": cls, "file": [os.path.abspath(base / p) for p in df["path"].str.strip()]})
+    return pd.DataFrame(
+        {"src_id": src_id, "cls": cls, "file": [os.path.abspath(base / p) for p in df["path"].str.strip()]}
+    )
 
 
 def _place(src: str, dst: Path, mode: str, state: dict) -> None:
@@ -132,8 +140,17 @@ def plan_split(lm: pd.DataFrame, ic) -> tuple[pd.DataFrame, set, list[dict], dic
         is_test[order[:n_test]] = True
         split = np.where(is_test, "test", "unused" if c in held else "train")
         parts.append(g.assign(split=split, truth="" if c in held else str(label_of[c])))
-        class_rows.append({"class": c, "landmark_id": label_of[c], "held_out": c in held, "extra_train": c in extra_classes,
-                           "n_train": int((split == "train").sum()), "n_test": int(is_test.sum()), "n_images": n})
+        class_rows.append(
+            {
+                "class": c,
+                "landmark_id": label_of[c],
+                "held_out": c in held,
+                "extra_train": c in extra_classes,
+                "n_train": int((split == "train").sum()),
+                "n_test": int(is_test.sum()),
+                "n_images": n,
+            }
+        )
     return pd.concat(parts, ignore_index=True), held, class_rows, label_of
 
 
@@ -149,18 +166,36 @@ def split_up_to_date(out_dir: Path, params: dict, stage: str) -> bool:
     return False
 
 
-def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fraction=None,
-                   heldout_class_fraction=None, seed=None, link=None, extra_train=(), train_per_class=None,
-                   distractor_sample=None) -> Path:
+def import_dataset(
+    cfg,
+    label_csvs_or_dirs,
+    out_dir,
+    distractors=(),
+    test_fraction=None,
+    heldout_class_fraction=None,
+    seed=None,
+    link=None,
+    extra_train=(),
+    train_per_class=None,
+    distractor_sample=None,
+) -> Path:
     """Build a Kaggle-layout dataset in out_dir from labelled sets (+ distractors); returns out_dir.
 
     `cfg` is the Config (its `dataset_import` section gives defaults for the keyword arguments).
     `extra_train` sets only add train classes (all their images go to train; more classes to
     confuse, as in GLDv2); `train_per_class` K > 0 makes a k-shot split (see `plan_split`).
     """
-    ic = _import_settings(cfg, dict(test_fraction=test_fraction, heldout_class_fraction=heldout_class_fraction,
-                                    seed=seed, link=link, train_per_class=train_per_class,
-                                    distractor_sample=distractor_sample))
+    ic = _import_settings(
+        cfg,
+        dict(
+            test_fraction=test_fraction,
+            heldout_class_fraction=heldout_class_fraction,
+            seed=seed,
+            link=link,
+            train_per_class=train_per_class,
+            distractor_sample=distractor_sample,
+        ),
+    )
     sources = [os.path.abspath(s) for s in label_csvs_or_dirs]
     extra_train = [os.path.abspath(s) for s in extra_train]
     distractors = [os.path.abspath(d) for d in distractors]
@@ -168,9 +203,13 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
         raise LandmarksError("import: give at least one LABELS.csv or class-folder tree")
     out_dir = Path(out_dir)
     allrows = _read_sources(sources, extra_train, distractors)
-    params = {"sources": sources, "extra_train": extra_train, "distractors": [str(d) for d in distractors],
-              **dataclasses.asdict(ic),
-              "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16]}
+    params = {
+        "sources": sources,
+        "extra_train": extra_train,
+        "distractors": [str(d) for d in distractors],
+        **dataclasses.asdict(ic),
+        "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16],
+    }
     if split_up_to_date(out_dir, params, "import"):
         return out_dir
 
@@ -182,11 +221,24 @@ def import_dataset(cfg, label_csvs_or_dirs, out_dir, distractors=(), test_fracti
     with building_dir(out_dir, "importing") as tmp:
         counts = _write_import(tmp, table, class_rows, label_of, held, ic.link)
         with atomic_path(tmp / "split.json") as p:
-            p.write_text(json.dumps({"params": params, "counts": counts, "heldout_classes": sorted(held),
-                                     "label_map": label_of}, indent=1))
-    log.info("import: %d train / %d test images (%d landmark, %d non-landmark), %d classes (%d held out), "
-             "%d distractors -> %s", counts["train_images"], counts["test_images"], counts["test_landmark"],
-             counts["test_nonlandmark"], counts["classes"], counts["heldout_classes"], counts["distractors"], out_dir)
+            p.write_text(
+                json.dumps(
+                    {"params": params, "counts": counts, "heldout_classes": sorted(held), "label_map": label_of},
+                    indent=1,
+                )
+            )
+    log.info(
+        "import: %d train / %d test images (%d landmark, %d non-landmark), %d classes (%d held out), "
+        "%d distractors -> %s",
+        counts["train_images"],
+        counts["test_images"],
+        counts["test_landmark"],
+        counts["test_nonlandmark"],
+        counts["classes"],
+        counts["heldout_classes"],
+        counts["distractors"],
+        out_dir,
+    )
     return out_dir
 
 
@@ -227,19 +279,22 @@ def _read_sources(sources: list[str], extra_train: list[str], distractors: list[
     dup = allrows["id"].duplicated()
     if dup.any():
         first = allrows.loc[dup, "file"].iloc[0]
-        log.warning("import: %d images are byte-identical to an earlier one and are left out (first: %s)", int(dup.sum()), first)
+        log.warning(
+            "import: %d images are byte-identical to an earlier one and are left out (first: %s)", int(dup.sum()), first
+        )
         allrows = allrows[~dup].reset_index(drop=True)
     return allrows
 
 
-def _write_import(tmp: Path, table: pd.DataFrame, class_rows: list[dict], label_of: dict, held: set,
-                  link: str) -> dict:
+def _write_import(tmp: Path, table: pd.DataFrame, class_rows: list[dict], label_of: dict, held: set, link: str) -> dict:
     """Link the used images of `table` into tmp and write its CSVs; returns the split's counts."""
     from tqdm import tqdm
 
     used = table[table["split"] != "unused"]
     state: dict = {}
-    for iid, sp, f in tqdm(list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img", disable=None):
+    for iid, sp, f in tqdm(
+        list(zip(used["id"], used["split"], used["file"])), desc="linking images", unit="img", disable=None
+    ):
         _place(f, tmp / sp / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", link, state)
     train = used[used["split"] == "train"].sort_values("id")
     test = used[used["split"] == "test"].sort_values("id")
@@ -249,20 +304,34 @@ def _write_import(tmp: Path, table: pd.DataFrame, class_rows: list[dict], label_
     pd.DataFrame(class_rows).to_csv(tmp / "label_map.csv", index=False)
     table[["id", "split", "cls", "src_id", "source", "file"]].sort_values("id").to_csv(tmp / "sources.csv", index=False)
     return {
-        "train_images": len(train), "test_images": len(test),
-        "test_landmark": int((test["truth"] != "").sum()), "test_nonlandmark": int((test["truth"] == "").sum()),
-        "classes": len(label_of), "train_classes": len(label_of) - len(held), "heldout_classes": len(held),
+        "train_images": len(train),
+        "test_images": len(test),
+        "test_landmark": int((test["truth"] != "").sum()),
+        "test_nonlandmark": int((test["truth"] == "").sum()),
+        "classes": len(label_of),
+        "train_classes": len(label_of) - len(held),
+        "heldout_classes": len(held),
         "heldout_test_images": int(((test["cls"] != "") & (test["truth"] == "")).sum()),
-        "distractors": int((table["cls"] == "").sum()), "unused_images": int((table["split"] == "unused").sum()),
+        "distractors": int((table["cls"] == "").sum()),
+        "unused_images": int((table["split"] == "unused").sum()),
         "link": "copy" if state.get("copy_fallback") else link,
     }
 
 
 def _cmd_import(args, cfg) -> int:
-    out = import_dataset(cfg, args.labels, args.out, distractors=args.distractors or [],
-                         test_fraction=args.test_fraction, heldout_class_fraction=args.heldout_class_fraction,
-                         seed=args.seed, link=args.link_mode, extra_train=args.extra_train or [],
-                         train_per_class=args.train_per_class, distractor_sample=args.distractor_sample)
+    out = import_dataset(
+        cfg,
+        args.labels,
+        args.out,
+        distractors=args.distractors or [],
+        test_fraction=args.test_fraction,
+        heldout_class_fraction=args.heldout_class_fraction,
+        seed=args.seed,
+        link=args.link_mode,
+        extra_train=args.extra_train or [],
+        train_per_class=args.train_per_class,
+        distractor_sample=args.distractor_sample,
+    )
     counts = json.loads((out / "split.json").read_text())["counts"]
     print(json.dumps(counts))
     return 0
@@ -270,20 +339,41 @@ def _cmd_import(args, cfg) -> int:
 
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser("import", parents=[common], help="import labelled photo sets as a Kaggle-layout holdout")
-    p.add_argument("labels", nargs="+", metavar="LABELS.csv|DIR", help="landmark sets (id,landmark_id,path or class folders)")
+    p.add_argument(
+        "labels", nargs="+", metavar="LABELS.csv|DIR", help="landmark sets (id,landmark_id,path or class folders)"
+    )
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--distractors", nargs="+", default=[], metavar="LABELS.csv|DIR", help="non-landmark sets (test, empty truth)")
+    p.add_argument(
+        "--distractors", nargs="+", default=[], metavar="LABELS.csv|DIR", help="non-landmark sets (test, empty truth)"
+    )
     p.add_argument("--test-fraction", type=float, default=None, help="per class share of images to test (config: 0.3)")
     p.add_argument("--heldout-class-fraction", type=float, default=None, help="share of classes held out of train")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--extra-train", nargs="+", default=[], metavar="LABELS.csv|DIR",
-                   help="sets whose classes only join train (all their images)")
-    p.add_argument("--train-per-class", type=int, default=None, metavar="K",
-                   help="k-shot: exactly K train images per class, the rest to test (config: 0 = off)")
-    p.add_argument("--distractor-sample", type=int, default=None, metavar="N",
-                   help="use a seeded sample of N distractor images (config: 0 = all)")
+    p.add_argument(
+        "--extra-train",
+        nargs="+",
+        default=[],
+        metavar="LABELS.csv|DIR",
+        help="sets whose classes only join train (all their images)",
+    )
+    p.add_argument(
+        "--train-per-class",
+        type=int,
+        default=None,
+        metavar="K",
+        help="k-shot: exactly K train images per class, the rest to test (config: 0 = off)",
+    )
+    p.add_argument(
+        "--distractor-sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use a seeded sample of N distractor images (config: 0 = all)",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--link", dest="link_mode", action="store_const", const="hardlink", help="hard-link images (default)")
+    g.add_argument(
+        "--link", dest="link_mode", action="store_const", const="hardlink", help="hard-link images (default)"
+    )
     g.add_argument("--copy", dest="link_mode", action="store_const", const="copy", help="copy images")
     g.add_argument("--symlink", dest="link_mode", action="store_const", const="symlink", help="symlink images")
     p.set_defaults(func=_cmd_import, link_mode=None)

@@ -9,6 +9,7 @@ Post-processing follows the reference: each scale's global row is L2-normalised,
 are summed and L2-normalised again; a local keypoint is its box centre (x, y), descriptors
 are L2-normalised.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,7 @@ import numpy as np
 from landmarks.store import LocalFeatures
 from landmarks.utils import LandmarksError, l2_normalize
 
-INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
-               "input_global_scales_ind")
+INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind")
 OUTPUT_NAMES = ("boxes", "features", "scales", "scores", "global_descriptors")
 META_FILE = "landmarks_model.json"  # our exports' settings and fingerprints, beside saved_model.pb
 
@@ -44,8 +44,9 @@ class DelgModel:
     _fn: Callable
     _keep: object  # the loaded SavedModel, kept alive
 
-    def __call__(self, image: np.ndarray, scales, max_feature_num: int, abs_thres: float,
-                 global_scales_ind) -> dict[str, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, scales, max_feature_num: int, abs_thres: float, global_scales_ind
+    ) -> dict[str, np.ndarray]:
         from landmarks.tfquiet import tf
 
         feeds = (
@@ -63,8 +64,10 @@ def check_saved_model(model_dir: str | Path) -> Path:
     """`model_dir` as a Path; a one-line LandmarksError when it holds no saved_model.pb."""
     model_dir = Path(model_dir)
     if not (model_dir / "saved_model.pb").exists():
-        raise LandmarksError(f"{model_dir} is not a SavedModel (no saved_model.pb): run `make model` "
-                             "or pass MODEL=<DELG SavedModel dir> (--model on the command line)")
+        raise LandmarksError(
+            f"{model_dir} is not a SavedModel (no saved_model.pb): run `make model` "
+            "or pass MODEL=<DELG SavedModel dir> (--model on the command line)"
+        )
     return model_dir
 
 
@@ -90,6 +93,7 @@ def load_delg(model_dir: str | Path) -> DelgModel:
     if sig is not None:
         _, kwargs = sig.structured_input_signature
         if set(INPUT_NAMES) <= set(kwargs):
+
             def fn(*feeds):
                 out = sig(**dict(zip(INPUT_NAMES, feeds)))
                 missing = [k for k in OUTPUT_NAMES if k not in out]
@@ -108,8 +112,10 @@ def load_delg(model_dir: str | Path) -> DelgModel:
             return dict(zip(OUTPUT_NAMES, pruned(*feeds)))
 
         return DelgModel(str(model_dir), "tf1-prune", fn, loaded)
-    raise LandmarksError(f"{model_dir}: neither a 'serving_default' signature with the DELG inputs "
-                         f"{list(INPUT_NAMES)} nor a TF1 graph to prune")
+    raise LandmarksError(
+        f"{model_dir}: neither a 'serving_default' signature with the DELG inputs "
+        f"{list(INPUT_NAMES)} nor a TF1 graph to prune"
+    )
 
 
 def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatures]:
@@ -121,7 +127,11 @@ def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatur
     yx = (boxes[:, 0:2] + boxes[:, 2:4]) / 2.0
     keypoints = yx[:, ::-1].copy()  # (x, y)
     desc = np.asarray(outputs["features"], np.float32)
-    desc = l2_normalize(desc.reshape(boxes.shape[0], -1)) if boxes.shape[0] else desc.reshape(0, desc.shape[-1] if desc.ndim == 2 else 128)
+    desc = (
+        l2_normalize(desc.reshape(boxes.shape[0], -1))
+        if boxes.shape[0]
+        else desc.reshape(0, desc.shape[-1] if desc.ndim == 2 else 128)
+    )
     local = LocalFeatures(
         keypoints=keypoints,
         descriptors=desc,

@@ -8,6 +8,7 @@ members while local matching + a homography tells them apart.  The test split al
 of landmarks absent from train and non-landmark distractors (both with empty ground truth).
 Deterministic per seed: same config -> byte-identical files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,7 +61,7 @@ def _tinted_texture(name: str, size: tuple[int, int], rgb, rng, strength=0.5) ->
     h0, w0 = g.shape
     cw, ch = int(rng.integers(w0 // 3, w0 + 1)), int(rng.integers(h0 // 3, h0 + 1))
     x, y = int(rng.integers(0, w0 - cw + 1)), int(rng.integers(0, h0 - ch + 1))
-    crop = Image.fromarray((g[y:y + ch, x:x + cw] * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+    crop = Image.fromarray((g[y : y + ch, x : x + cw] * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
     t = np.asarray(crop, np.float32)[..., None] / 255.0
     base = np.asarray(rgb, np.float32)[None, None, :]
     return np.clip(base * ((1 - strength) + strength * 2 * t), 0, 255).astype(np.uint8)
@@ -125,7 +126,12 @@ def _facade(style: dict, rng: np.random.Generator, w: int, h: int):
         for c in range(cols):
             cx, cy = (c + 0.5) * cw, y0 + fh * 0.5
             if f == 0 and c == door:
-                d.rectangle([cx - ww * 0.6, h - fh * 0.85, cx + ww * 0.6, h], fill=style["dark"], outline=(240, 240, 230), width=3)
+                d.rectangle(
+                    [cx - ww * 0.6, h - fh * 0.85, cx + ww * 0.6, h],
+                    fill=style["dark"],
+                    outline=(240, 240, 230),
+                    width=3,
+                )
                 continue
             _window(d, style, rng, cx, cy, ww, wh)
     _plaques(d, style, rng, w, h)
@@ -165,8 +171,12 @@ def _plaques(d, style: dict, rng: np.random.Generator, w: int, h: int) -> None:
             d.ellipse([x - s, y - s, x + s, y + s], fill=col, outline=style["dark"], width=2)
         else:
             d.rectangle([x - 2 * s, y - s, x + 2 * s, y + s], fill=col, outline=style["dark"], width=2)
-            d.text((x - 1.8 * s, y - 0.8 * s), "".join(rng.choice(list("ABCDEFGHKLMNRSTV"), 3)),
-                   fill=style["dark"], font=_font(int(s * 1.2)))
+            d.text(
+                (x - 1.8 * s, y - 0.8 * s),
+                "".join(rng.choice(list("ABCDEFGHKLMNRSTV"), 3)),
+                fill=style["dark"],
+                font=_font(int(s * 1.2)),
+            )
 
 
 def _painting(style: dict, rng: np.random.Generator, w: int, h: int):
@@ -184,7 +194,7 @@ def _painting(style: dict, rng: np.random.Generator, w: int, h: int):
             s = rng.uniform(0.12, 0.35)
             cw_, ch_ = int(sw * s), int(sh * s)
             x, y = int(rng.integers(0, sw - cw_)), int(rng.integers(0, sh - ch_))
-            tile = Image.fromarray(src[y:y + ch_, x:x + cw_]).resize((tw, th), Image.BILINEAR)
+            tile = Image.fromarray(src[y : y + ch_, x : x + cw_]).resize((tw, th), Image.BILINEAR)
             if rng.random() < 0.5:
                 tile = tile.transpose(Image.FLIP_LEFT_RIGHT)
             img.paste(tile, (frame + j * tw, frame + i * th))
@@ -209,7 +219,9 @@ def _sign(style: dict, rng: np.random.Generator, w: int, h: int):
         d.text((2 * bw + rng.integers(0, w // 5), y), text, fill=style["palette"][2], font=_font(size))
         y += int(size * 1.25)
     cx, cy, r = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, h / 8
-    pts = [(cx + r * np.cos(t), cy + r * np.sin(t)) for t in np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))]
+    pts = [
+        (cx + r * np.cos(t), cy + r * np.sin(t)) for t in np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))
+    ]
     d.polygon(pts, fill=style["palette"][3], outline=style["palette"][1])
     return img
 
@@ -245,11 +257,14 @@ def _background(rng, size) -> np.ndarray:
         top, bottom = rng.uniform(120, 230, 3), rng.uniform(170, 250, 3)
         bg = (top * (1 - sky) + bottom * sky) * np.ones((h, w, 3), np.float32)
         gh = int(h * rng.uniform(0.2, 0.5))
-        bg[h - gh:] = _tinted_texture(_GRAY_TEXTURES[int(rng.integers(len(_GRAY_TEXTURES)))], (w, gh),
-                                      rng.uniform(60, 200, 3), rng, 0.7)
+        bg[h - gh :] = _tinted_texture(
+            _GRAY_TEXTURES[int(rng.integers(len(_GRAY_TEXTURES)))], (w, gh), rng.uniform(60, 200, 3), rng, 0.7
+        )
         return bg.astype(np.uint8)
     if kind == 1:
-        return _tinted_texture(_GRAY_TEXTURES[int(rng.integers(len(_GRAY_TEXTURES)))], (w, h), rng.uniform(60, 220, 3), rng, 0.7)
+        return _tinted_texture(
+            _GRAY_TEXTURES[int(rng.integers(len(_GRAY_TEXTURES)))], (w, h), rng.uniform(60, 220, 3), rng, 0.7
+        )
     low = rng.uniform(30, 230, (4, 4, 3))
     low = (0.4 * low + 0.6 * low.mean(axis=2, keepdims=True)).astype(np.uint8)  # muted colours
     return np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC))
@@ -315,8 +330,9 @@ def _warp_scene(scene, rng, w: int, h: int, hard: bool):
     shift = 0.2 if hard else 0.1
     pts = pts @ rot.T + [w / 2 + rng.uniform(-shift, shift) * w, h / 2 + rng.uniform(-shift, shift) * h]
     src = np.array([[0, 0], [sw, 0], [sw, sh], [0, sh]], np.float64)
-    return scene.convert("RGBA").transform((w, h), Image.PERSPECTIVE, _perspective_coeffs(pts, src),
-                                           Image.BICUBIC, fillcolor=(0, 0, 0, 0))
+    return scene.convert("RGBA").transform(
+        (w, h), Image.PERSPECTIVE, _perspective_coeffs(pts, src), Image.BICUBIC, fillcolor=(0, 0, 0, 0)
+    )
 
 
 def _occluders(d, rng, w: int, h: int, hard: bool) -> None:
@@ -329,7 +345,10 @@ def _occluders(d, rng, w: int, h: int, hard: bool) -> None:
             d.rectangle([x, 0, x + rng.uniform(4, 14), h], fill=col)
         elif kind == 1:
             r = rng.uniform(0.08, 0.22) * h
-            d.ellipse([x - r, y - 1.3 * r, x + r, y + r], fill=(int(rng.integers(20, 80)), int(rng.integers(70, 140)), 30, 255))
+            d.ellipse(
+                [x - r, y - 1.3 * r, x + r, y + r],
+                fill=(int(rng.integers(20, 80)), int(rng.integers(70, 140)), 30, 255),
+            )
         elif kind == 2:
             s = rng.uniform(0.1, 0.25) * h
             d.rounded_rectangle([x - s / 4, y - s, x + s / 4, h], radius=int(s / 5), fill=col)
@@ -405,8 +424,13 @@ def make_demo(dc, out_dir: str | Path) -> Path:
         counts = _write_tables(dc, tmp, _render_views(dc, tmp))
     with atomic_path(stamp) as p:  # written last: the Makefile target
         p.write_text(json.dumps({"config": key, "counts": counts}))
-    log.info("demo data: %d train, %d test (%d non-landmark) images in %s", counts["train"], counts["test"],
-             counts["test_nonlandmark"], out_dir)
+    log.info(
+        "demo data: %d train, %d test (%d non-landmark) images in %s",
+        counts["train"],
+        counts["test"],
+        counts["test_nonlandmark"],
+        out_dir,
+    )
     return out_dir
 
 
@@ -417,10 +441,18 @@ def _render_views(dc, out_dir: Path) -> list[tuple]:
     from tqdm import tqdm
 
     n_seen = dc.num_landmarks
-    tasks = [delayed(_landmark_task)(_demo_key(dc), str(out_dir), i, f"lm{i:03d}", dc.views_per_landmark,
-                                     dc.test_views_per_landmark) for i in range(n_seen)]
-    tasks += [delayed(_landmark_task)(_demo_key(dc), str(out_dir), n_seen + j, f"unseen{j:03d}", 0,
-                                      dc.test_views_per_landmark) for j in range(dc.unseen_landmarks)]
+    tasks = [
+        delayed(_landmark_task)(
+            _demo_key(dc), str(out_dir), i, f"lm{i:03d}", dc.views_per_landmark, dc.test_views_per_landmark
+        )
+        for i in range(n_seen)
+    ]
+    tasks += [
+        delayed(_landmark_task)(
+            _demo_key(dc), str(out_dir), n_seen + j, f"unseen{j:03d}", 0, dc.test_views_per_landmark
+        )
+        for j in range(dc.unseen_landmarks)
+    ]
     tasks += [delayed(_distractor_task)(_demo_key(dc), str(out_dir), k) for k in range(dc.num_distractors)]
     results = Parallel(n_jobs=max(1, dc.jobs), return_as="generator")(tasks)
     return [r for res in tqdm(results, total=len(tasks), desc="demo images", unit="task", disable=None) for r in res]
@@ -439,15 +471,36 @@ def _write_tables(dc, out_dir: Path, rows: list[tuple]) -> dict:
     pd.DataFrame(train, columns=["id", "landmark_id"]).to_csv(out_dir / "train.csv", index=False)
     pd.DataFrame({"id": [t[0] for t in test], "landmarks": ""}).to_csv(out_dir / "sample_submission.csv", index=False)
     pd.DataFrame(test, columns=["id", "landmarks"]).to_csv(out_dir / "solution.csv", index=False)
-    meta = [{"name": f"lm{i:03d}", "landmark_id": int(labels[i]), "family": i % max(1, dc.families),
-             "kind": KINDS[(i % max(1, dc.families)) % len(KINDS)]} for i in range(n_seen)]
-    meta += [{"name": f"unseen{j:03d}", "landmark_id": None, "family": (n_seen + j) % max(1, dc.families),
-              "kind": KINDS[((n_seen + j) % max(1, dc.families)) % len(KINDS)]} for j in range(dc.unseen_landmarks)]
-    counts = {"train": len(train), "test": len(test), "test_landmark": sum(1 for t in test if t[1]),
-              "test_nonlandmark": sum(1 for t in test if not t[1]), "landmarks": n_seen,
-              "unseen_landmarks": dc.unseen_landmarks, "distractors": dc.num_distractors}
-    (out_dir / "demo.json").write_text(json.dumps({"config": _demo_key(dc), "counts": counts, "landmarks": meta},
-                                                  indent=1))
+    meta = [
+        {
+            "name": f"lm{i:03d}",
+            "landmark_id": int(labels[i]),
+            "family": i % max(1, dc.families),
+            "kind": KINDS[(i % max(1, dc.families)) % len(KINDS)],
+        }
+        for i in range(n_seen)
+    ]
+    meta += [
+        {
+            "name": f"unseen{j:03d}",
+            "landmark_id": None,
+            "family": (n_seen + j) % max(1, dc.families),
+            "kind": KINDS[((n_seen + j) % max(1, dc.families)) % len(KINDS)],
+        }
+        for j in range(dc.unseen_landmarks)
+    ]
+    counts = {
+        "train": len(train),
+        "test": len(test),
+        "test_landmark": sum(1 for t in test if t[1]),
+        "test_nonlandmark": sum(1 for t in test if not t[1]),
+        "landmarks": n_seen,
+        "unseen_landmarks": dc.unseen_landmarks,
+        "distractors": dc.num_distractors,
+    }
+    (out_dir / "demo.json").write_text(
+        json.dumps({"config": _demo_key(dc), "counts": counts, "landmarks": meta}, indent=1)
+    )
     return counts
 
 

@@ -25,6 +25,7 @@ images x 3 known similarity warps, correct = within 16 px): block10 0.453 / 87.1
 0.448 / 87.5, pcaw_imagenet 0.398 / 73.3, random_orthogonal 0.367 / 64.0, pca_imagenet 0.360 / 63.7.
 block10 wins and needs no fitting data at all.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,7 @@ def _serving_class():
             self.global_dim = int(global_dim)
 
         @tf.function(input_signature=serving_input_signature())
-        def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres,
-                  input_global_scales_ind):
+        def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind):
             heads = getattr(self.owner, self._heads_name)
             img = tf.cast(input_image, tf.float32)
             hw = tf.shape(img)[:2]
@@ -77,10 +77,15 @@ def _serving_class():
             scores = tf.zeros([0], tf.float32)
             globs = tf.zeros([0, self.global_dim], tf.float32)
             for i in tf.range(tf.shape(input_scales)[0]):
-                tf.autograph.experimental.set_loop_options(shape_invariants=[
-                    (boxes, tf.TensorShape([None, 4])), (feats, tf.TensorShape([None, self.local_dim])),
-                    (scs, tf.TensorShape([None])), (scores, tf.TensorShape([None])),
-                    (globs, tf.TensorShape([None, self.global_dim]))])
+                tf.autograph.experimental.set_loop_options(
+                    shape_invariants=[
+                        (boxes, tf.TensorShape([None, 4])),
+                        (feats, tf.TensorShape([None, self.local_dim])),
+                        (scs, tf.TensorShape([None])),
+                        (scores, tf.TensorShape([None])),
+                        (globs, tf.TensorShape([None, self.global_dim])),
+                    ]
+                )
                 s = input_scales[i]
                 nh = tf.maximum(tf.cast(tf.round(h * s), tf.int32), 1)
                 nw = tf.maximum(tf.cast(tf.round(w * s), tf.int32), 1)
@@ -104,8 +109,7 @@ def _serving_class():
                 rx = tf.cast(nw, tf.float32) / w
                 y0 = ys * self.rf_stride - self.rf_padding
                 x0 = xs * self.rf_stride - self.rf_padding
-                b = tf.stack([y0 / ry, x0 / rx, (y0 + self.rf_size - 1.0) / ry, (x0 + self.rf_size - 1.0) / rx],
-                             axis=1)
+                b = tf.stack([y0 / ry, x0 / rx, (y0 + self.rf_size - 1.0) / ry, (x0 + self.rf_size - 1.0) / rx], axis=1)
                 boxes = tf.concat([boxes, b], 0)
                 feats = tf.concat([feats, desc], 0)
                 scs = tf.concat([scs, tf.fill(tf.shape(sc), s)], 0)
@@ -124,8 +128,18 @@ def _serving_class():
     return DelgServing
 
 
-def save_serving(heads_owner, heads_name: str, rf, preprocess: str, out_dir: str | Path, *,
-                 local_dim: int, global_dim: int, default_thres: float = 0.0, meta: dict | None = None) -> Path:
+def save_serving(
+    heads_owner,
+    heads_name: str,
+    rf,
+    preprocess: str,
+    out_dir: str | Path,
+    *,
+    local_dim: int,
+    global_dim: int,
+    default_thres: float = 0.0,
+    meta: dict | None = None,
+) -> Path:
     """Save `heads_owner.<heads_name>` as a DELG SavedModel at `out_dir` (atomic: temp dir, then rename)."""
     from landmarks.tfquiet import tf
 
@@ -142,9 +156,14 @@ def save_serving(heads_owner, heads_name: str, rf, preprocess: str, out_dir: str
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve})
     finally:
         absl_log.setLevel(level)
-    info = {"receptive_field": {"size": rf.size, "stride": rf.stride, "padding": rf.padding},
-            "preprocess": preprocess, "local_dim": local_dim, "global_dim": global_dim,
-            "default_abs_thres": default_thres, **(meta or {})}
+    info = {
+        "receptive_field": {"size": rf.size, "stride": rf.stride, "padding": rf.padding},
+        "preprocess": preprocess,
+        "local_dim": local_dim,
+        "global_dim": global_dim,
+        "default_abs_thres": default_thres,
+        **(meta or {}),
+    }
     (tmp / META_FILE).write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -153,6 +172,7 @@ def save_serving(heads_owner, heads_name: str, rf, preprocess: str, out_dir: str
 
 
 # ----------------------------------------------------------------------- zero-training default
+
 
 def skimage_photos() -> list[np.ndarray]:
     """RGB uint8 natural photos bundled with scikit-image (no download needed)."""
@@ -208,8 +228,10 @@ def fit_projection(kind: str, backbone, preprocess: str, dim: int, seed: int = 0
         return q[:c, :dim].astype(np.float32), np.zeros(dim, np.float32)
     if kind == "block10":
         if c > dim:
-            raise LandmarksError(f"local_projection block10 keeps the local block as is and needs <= {dim} channels, "
-                                 f"got {c}: use --set model.local_projection=pca_imagenet")
+            raise LandmarksError(
+                f"local_projection block10 keeps the local block as is and needs <= {dim} channels, "
+                f"got {c}: use --set model.local_projection=pca_imagenet"
+            )
         return np.eye(c, dim, dtype=np.float32), np.zeros(dim, np.float32)
     raise LandmarksError(f"unknown model.local_projection {kind!r} (choose from {', '.join(PROJECTIONS)})")
 
@@ -253,8 +275,9 @@ def build_default_model(cfg, out_dir: str | Path) -> Path:
     mc = cfg.model
     t0 = time.time()
     if mc.local_projection not in PROJECTIONS:
-        raise LandmarksError(f"unknown model.local_projection {mc.local_projection!r} "
-                             f"(choose from {', '.join(PROJECTIONS)})")
+        raise LandmarksError(
+            f"unknown model.local_projection {mc.local_projection!r} (choose from {', '.join(PROJECTIONS)})"
+        )
     if mc.backbone == "efficientnet_lite0":
         layer = LITE0_LOCAL if mc.local_projection.startswith("block10") else LITE0_LOCAL_EXPANDED
         backbone = build_backbone(mc.backbone, mc.init, local_layer=layer)
@@ -266,12 +289,28 @@ def build_default_model(cfg, out_dir: str | Path) -> Path:
     gem = make_gem(mc.gem_p, False)
     heads = _zero_training_heads(fold_batchnorm(backbone) if mc.fold_batchnorm else backbone, w, b, gem)
     global_dim = int(backbone.outputs[1].shape[-1])
-    meta = {"kind": "zero-training", "config_hash": cfg.section_hash("model"), "backbone": mc.backbone, "init": mc.init,
-            "local_layer": output_layer_name(backbone, 0), "local_projection": mc.local_projection,
-            "keypoint_score": "L2 norm of local activations", "global": f"GeM(p={mc.gem_p}) of last map",
-            "fold_batchnorm": bool(mc.fold_batchnorm)}
-    out = save_serving(heads, "heads", rf, preprocess, out_dir, local_dim=mc.local_dim, global_dim=global_dim,
-                       default_thres=mc.default_abs_thres, meta=meta)
+    meta = {
+        "kind": "zero-training",
+        "config_hash": cfg.section_hash("model"),
+        "backbone": mc.backbone,
+        "init": mc.init,
+        "local_layer": output_layer_name(backbone, 0),
+        "local_projection": mc.local_projection,
+        "keypoint_score": "L2 norm of local activations",
+        "global": f"GeM(p={mc.gem_p}) of last map",
+        "fold_batchnorm": bool(mc.fold_batchnorm),
+    }
+    out = save_serving(
+        heads,
+        "heads",
+        rf,
+        preprocess,
+        out_dir,
+        local_dim=mc.local_dim,
+        global_dim=global_dim,
+        default_thres=mc.default_abs_thres,
+        meta=meta,
+    )
     log.info("zero-training model (%s, %s) -> %s in %.1fs", mc.backbone, mc.local_projection, out, time.time() - t0)
     return out
 
@@ -283,13 +322,29 @@ def export_trained(net, cfg, out_dir: str | Path, meta: dict | None = None) -> P
     mc = cfg.model
     rf = receptive_field(net.backbone, output_layer_name(net.backbone, 0))
     preprocess = preprocess_mode(mc.backbone, mc.init)
-    info = {"kind": "trained", "backbone": mc.backbone, "init": mc.init,
-            "local_layer": output_layer_name(net.backbone, 0), "keypoint_score": "attention", **(meta or {})}
-    return save_serving(net, "serving_heads", rf, preprocess, out_dir, local_dim=mc.local_dim,
-                        global_dim=mc.global_dim, default_thres=mc.default_abs_thres, meta=info)
+    info = {
+        "kind": "trained",
+        "backbone": mc.backbone,
+        "init": mc.init,
+        "local_layer": output_layer_name(net.backbone, 0),
+        "keypoint_score": "attention",
+        **(meta or {}),
+    }
+    return save_serving(
+        net,
+        "serving_heads",
+        rf,
+        preprocess,
+        out_dir,
+        local_dim=mc.local_dim,
+        global_dim=mc.global_dim,
+        default_thres=mc.default_abs_thres,
+        meta=info,
+    )
 
 
 # ------------------------------------------------------------------------------------- CLI
+
 
 def _cmd_model_build(args, cfg) -> int:
     from landmarks.utils import configure_tensorflow
@@ -314,10 +369,16 @@ def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser("model", parents=[common], help="build the zero-training DELG model (official signature)")
     p.add_argument("action", choices=["build"])
     p.add_argument("--out", default="models/default", help="SavedModel output directory")
-    p.add_argument("--backbone", default=None,
-                   help="override model.backbone (efficientnet_lite0|resnet50|resnet101|tiny)")
+    p.add_argument(
+        "--backbone", default=None, help="override model.backbone (efficientnet_lite0|resnet50|resnet101|tiny)"
+    )
     p.add_argument("--init", default=None, choices=["imagenet", "random"], help="override model.init")
-    p.add_argument("--local-projection", dest="local_projection", default=None, choices=PROJECTIONS,
-                   help="override model.local_projection")
+    p.add_argument(
+        "--local-projection",
+        dest="local_projection",
+        default=None,
+        choices=PROJECTIONS,
+        help="override model.local_projection",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if OUT exists")
     p.set_defaults(func=_cmd_model_build)

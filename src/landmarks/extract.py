@@ -22,6 +22,7 @@ as ``local-cache-<digest>-i-of-N.h5`` next to the shards (the predict stage call
 shortlisted train images).  Bad images never stop the stage: they go to the shard's failures
 with a short reason (see ``landmarks.images``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,8 +41,16 @@ from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, sh
 from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, log, text_digest
 
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
-RESULT_FIELDS = ("global_scales", "local_scales", "max_feature_num", "abs_thres", "max_image_size",
-                 "max_image_pixels", "min_image_size", "local_dtype")
+RESULT_FIELDS = (
+    "global_scales",
+    "local_scales",
+    "max_feature_num",
+    "abs_thres",
+    "max_image_size",
+    "max_image_pixels",
+    "min_image_size",
+    "local_dtype",
+)
 FORMAT_VERSION = 2
 PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
 WATCH_SECONDS = 0.25  # the dask driver checks which workers are alive this often
@@ -81,8 +90,7 @@ def result_settings(cfg) -> dict:
 
 def base_fingerprint(cfg, model_dir: str | Path) -> str:
     """Model directory + result-affecting settings: shared by every shard of every split."""
-    return text_digest(f"v{FORMAT_VERSION}", dir_digest(model_dir),
-                       json.dumps(result_settings(cfg), sort_keys=True))
+    return text_digest(f"v{FORMAT_VERSION}", dir_digest(model_dir), json.dumps(result_settings(cfg), sort_keys=True))
 
 
 def file_keys(ids: Sequence[str], paths: Sequence[str]) -> list[str]:
@@ -106,8 +114,9 @@ def id_bucket(ids: Sequence[str], n: int) -> np.ndarray:
     """Stable shard of each id: sha1(id) mod n (independent of CSV order and of other rows)."""
     import hashlib
 
-    return np.fromiter((int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") % n for i in ids),
-                       np.int64, len(ids))
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") % n for i in ids), np.int64, len(ids)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,8 +144,9 @@ def _inside_image(lf, shape, scale: float):
     h, w = shape[:2]
     kp = lf.keypoints
     keep = (kp[:, 0] >= 0) & (kp[:, 0] <= w - 1) & (kp[:, 1] >= 0) & (kp[:, 1] <= h - 1)
-    return LocalFeatures((kp[keep] / np.float32(scale)).astype(np.float32), lf.descriptors[keep],
-                         lf.scales[keep], lf.scores[keep])
+    return LocalFeatures(
+        (kp[keep] / np.float32(scale)).astype(np.float32), lf.descriptors[keep], lf.scales[keep], lf.scores[keep]
+    )
 
 
 SCALE_DECIMALS = 4  # scales are compared after rounding (the model echoes them as float32)
@@ -196,9 +206,16 @@ def extract_shard(task: ShardTask) -> dict:
     ok = [(k, i, r) for k, i, r in rows if r[0] == "ok"]
     failed = [(k, i, r[1]) for k, i, r in rows if r[0] == "fail"]
     _write_rows(task, ok, failed)
-    return {"path": task.out, "n": len(task.ids), "done": len(ok), "extracted": len(run), "kept": len(kept),
-            "failures": dict(collections.Counter(reason for _, _, reason in failed)), "seconds": time.time() - t0,
-            "worker": _worker_name()}
+    return {
+        "path": task.out,
+        "n": len(task.ids),
+        "done": len(ok),
+        "extracted": len(run),
+        "kept": len(kept),
+        "failures": dict(collections.Counter(reason for _, _, reason in failed)),
+        "seconds": time.time() - t0,
+        "worker": _worker_name(),
+    }
 
 
 def _extract_rows(task: ShardTask, model, run: list[int], t0: float) -> dict:
@@ -221,8 +238,9 @@ def _extract_rows(task: ShardTask, model, run: list[int], t0: float) -> dict:
         for k, image_id in enumerate(run_ids):
             if time.time() - last > PROGRESS_SECONDS:  # workers cannot drive the driver's bar
                 last = time.time()
-                print(f"  {Path(task.out).name}: {k}/{n} images, {k / (last - t0):.2f} img/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {Path(task.out).name}: {k}/{n} images, {k / (last - t0):.2f} img/s", file=sys.stderr, flush=True
+                )
             fut = pending.popleft()
             if k + ahead < n:
                 pending.append(pool.submit(load, run_paths[k + ahead]))
@@ -257,8 +275,18 @@ def _write_rows(task: ShardTask, ok: list[tuple], failed: list[tuple]) -> None:
     ok_ids = [i for _, i, _ in ok]
     local = [r[2] for _, _, r in ok] if task.local else None
     failures = [(i, reason) for _, i, reason in failed]
-    call_writing(task.out, write_shard, task.out, ok_ids, gmat, local, failures, attrs,
-                 local_dtype=task.settings["local_dtype"], **extra)  # a full disk: one line, not a trace through joblib
+    call_writing(
+        task.out,
+        write_shard,
+        task.out,
+        ok_ids,
+        gmat,
+        local,
+        failures,
+        attrs,
+        local_dtype=task.settings["local_dtype"],
+        **extra,
+    )  # a full disk: one line, not a trace through joblib
 
 
 def _worker_name() -> str:
@@ -290,8 +318,12 @@ def _reusable(task: ShardTask) -> dict:
     try:
         with h5py.File(task.out, "r") as f:
             a = f.attrs
-            if (a.get("base_fingerprint") != task.attrs.get("base_fingerprint") or bool(a.get("has_local")) != task.local
-                    or "keys" not in f or "keys" not in f["failures"]):
+            if (
+                a.get("base_fingerprint") != task.attrs.get("base_fingerprint")
+                or bool(a.get("has_local")) != task.local
+                or "keys" not in f
+                or "keys" not in f["failures"]
+            ):
                 return {}
             ids, keys = _decode(f["ids"][:]), _decode(f["keys"][:])
             rows = [r for r, (i, key) in enumerate(zip(ids, keys)) if want.get(i) == key]
@@ -309,8 +341,9 @@ def _reusable(task: ShardTask) -> dict:
                         a0, b0 = offs[r], offs[r + 1]
                         lf = LocalFeatures(kp[a0:b0], de[a0:b0].astype(np.float32), sc[a0:b0], so[a0:b0])
                     out[ids[r]] = ("ok", g[r] if g is not None else None, lf)
-            for i, reason, key in zip(_decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:]),
-                                      _decode(f["failures/keys"][:])):
+            for i, reason, key in zip(
+                _decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:]), _decode(f["failures/keys"][:])
+            ):
                 if want.get(i) == key:
                     out[i] = ("fail", reason)
     except (OSError, KeyError):  # unreadable: nothing is kept, everything is extracted again
@@ -333,8 +366,10 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
     def done(r):
         results.append(r)
         bar.update(r["n"])
-        bar.set_postfix(shards=f"{len(results)}/{len(tasks)}",
-                        rate=f"{sum(x['n'] for x in results) / max(time.time() - t0, 1e-9):.2f} img/s")
+        bar.set_postfix(
+            shards=f"{len(results)}/{len(tasks)}",
+            rate=f"{sum(x['n'] for x in results) / max(time.time() - t0, 1e-9):.2f} img/s",
+        )
 
     try:
         if not tasks:
@@ -391,8 +426,13 @@ def _run_dask(client, tasks: list[ShardTask], done) -> None:
             finished = set()
         for fut in finished:
             r = fut.result()  # a task that failed on every try raises here
-            log.info("%s done on %s (%d extracted, %d kept)", Path(r["path"]).name, r.get("worker", "?"),
-                     r.get("extracted", r["n"]), r.get("kept", 0))
+            log.info(
+                "%s done on %s (%d extracted, %d kept)",
+                Path(r["path"]).name,
+                r.get("worker", "?"),
+                r.get("extracted", r["n"]),
+                r.get("kept", 0),
+            )
             done(r)
             for v in held.values():
                 v.discard(Path(r["path"]).name)
@@ -400,8 +440,12 @@ def _run_dask(client, tasks: list[ShardTask], done) -> None:
         if not now:  # the scheduler did not answer: keep what we know
             continue
         for w in set(held) - set(now):
-            log.warning("dask worker %s left while holding %s; the scheduler retries them on %d remaining "
-                        "worker(s)", w, ", ".join(sorted(held[w])) or "no shard", len(now))
+            log.warning(
+                "dask worker %s left while holding %s; the scheduler retries them on %d remaining worker(s)",
+                w,
+                ", ".join(sorted(held[w])) or "no shard",
+                len(now),
+            )
             del held[w]
         for w, v in now.items():
             if w not in held:
@@ -437,8 +481,21 @@ def _clean_dir(out_dir: Path, keep: set[str], base_fp: str) -> int:
     return removed
 
 
-def _plan(ids: Sequence[str], paths: Sequence[str], n_shards: int, name_fn, split: str, local: bool,
-          cfg, model_dir: Path, base_fp: str, threads: int, out_dir: Path, kind: str, by_hash: bool = False):
+def _plan(
+    ids: Sequence[str],
+    paths: Sequence[str],
+    n_shards: int,
+    name_fn,
+    split: str,
+    local: bool,
+    cfg,
+    model_dir: Path,
+    base_fp: str,
+    threads: int,
+    out_dir: Path,
+    kind: str,
+    by_hash: bool = False,
+):
     """Cut rows into shards; return (all paths, tasks still to run).
 
     Contiguous row ranges, or (`by_hash`) id-hash buckets: an id's shard never depends on the
@@ -469,14 +526,30 @@ def _plan(ids: Sequence[str], paths: Sequence[str], n_shards: int, name_fn, spli
             continue
         if out.exists():
             log.info("redoing %s (%s)", out.name, "unreadable" if attrs is None else "fingerprint changed")
-        todo.append(ShardTask(
-            out=str(out), ids=sid, paths=spath, model_dir=str(model_dir), settings=settings, local=local,
-            threads=threads, prefetch=cfg.extract.prefetch,
-            attrs={"fingerprint": fp, "base_fingerprint": base_fp, "split": split, "shard": i,
-                   "num_shards": n_shards, "kind": kind, "model": str(model_dir),
-                   "settings": json.dumps(settings, sort_keys=True)},
-            order=rows if by_hash else None, keys=skeys,
-        ))
+        todo.append(
+            ShardTask(
+                out=str(out),
+                ids=sid,
+                paths=spath,
+                model_dir=str(model_dir),
+                settings=settings,
+                local=local,
+                threads=threads,
+                prefetch=cfg.extract.prefetch,
+                attrs={
+                    "fingerprint": fp,
+                    "base_fingerprint": base_fp,
+                    "split": split,
+                    "shard": i,
+                    "num_shards": n_shards,
+                    "kind": kind,
+                    "model": str(model_dir),
+                    "settings": json.dumps(settings, sort_keys=True),
+                },
+                order=rows if by_hash else None,
+                keys=skeys,
+            )
+        )
     return all_paths, todo
 
 
@@ -489,9 +562,11 @@ def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> s
     for r in results:
         fails.update(r["failures"])
     why = ", ".join(f"{k}: {v}" for k, v in sorted(fails.items())) or "none"
-    return (f"features {split}: {done}/{n} images extracted, {sum(fails.values())} failed ({why}), "
-            f"{len(results)} shards run ({kept} rows kept from them), {skipped} skipped as done, {seconds:.1f} s, "
-            f"{n / max(seconds, 1e-9):.2f} images/s")
+    return (
+        f"features {split}: {done}/{n} images extracted, {sum(fails.values())} failed ({why}), "
+        f"{len(results)} shards run ({kept} rows kept from them), {skipped} skipped as done, {seconds:.1f} s, "
+        f"{n / max(seconds, 1e-9):.2f} images/s"
+    )
 
 
 def _resolve_jobs(cfg, jobs, scheduler, n_tasks: int) -> tuple[int, object, int]:
@@ -512,8 +587,9 @@ def _cap_shards(cfg, n_shards: int, n_rows: int) -> int:
     cap = int(cfg.extract.max_shard_images)
     if cap > 0 and n_rows > cap * n_shards:
         wanted = -(-n_rows // cap)
-        log.info("%d images: using %d shards instead of %d (extract.max_shard_images=%d)",
-                 n_rows, wanted, n_shards, cap)
+        log.info(
+            "%d images: using %d shards instead of %d (extract.max_shard_images=%d)", n_rows, wanted, n_shards, cap
+        )
         return wanted
     return n_shards
 
@@ -530,8 +606,17 @@ def _sticky_shards(out_dir: Path, asked: int, capped: int, n_rows: int, cfg) -> 
     return capped
 
 
-def run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | None = None,
-                 jobs: int | None = None, scheduler=None, local: bool | None = None) -> list[Path]:
+def run_features(
+    cfg,
+    data_dir,
+    work_dir,
+    model_dir,
+    split: str,
+    shards: int | None = None,
+    jobs: int | None = None,
+    scheduler=None,
+    local: bool | None = None,
+) -> list[Path]:
     """_run_features after checking every input CSV (a broken one stops the run before any
     extraction), holding the split's directory lock (one run at a time per WORK_DIR split)."""
     from landmarks.data import check_inputs
@@ -542,8 +627,17 @@ def run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | N
         return _run_features(cfg, data_dir, work_dir, model_dir, split, shards, jobs, scheduler, local)
 
 
-def _run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | None = None,
-                  jobs: int | None = None, scheduler=None, local: bool | None = None) -> list[Path]:
+def _run_features(
+    cfg,
+    data_dir,
+    work_dir,
+    model_dir,
+    split: str,
+    shards: int | None = None,
+    jobs: int | None = None,
+    scheduler=None,
+    local: bool | None = None,
+) -> list[Path]:
     """Extract features of one split into WORK_DIR/features/<split>/shard-i-of-N.h5 (resumable).
 
     `scheduler`: a dask address (tcp://host:8786) or Client; `local`: store local features
@@ -567,15 +661,35 @@ def _run_features(cfg, data_dir, work_dir, model_dir, split: str, shards: int | 
     _clean_dir(out_dir, keep, base_fp)
     ids, paths = df["id"].tolist(), df["path"].tolist()
     jobs, scheduler, threads = _resolve_jobs(cfg, jobs, scheduler, n_shards)
-    all_paths, todo = _plan(ids, paths, n_shards, shard_name, split, bool(local), cfg, model_dir, base_fp,
-                            threads, out_dir, "shard", by_hash=True)
+    all_paths, todo = _plan(
+        ids,
+        paths,
+        n_shards,
+        shard_name,
+        split,
+        bool(local),
+        cfg,
+        model_dir,
+        base_fp,
+        threads,
+        out_dir,
+        "shard",
+        by_hash=True,
+    )
     skipped = n_shards - len(todo)
     if not todo:
         log.info("features %s: all %d shards up to date in %s", split, n_shards, out_dir)
         return all_paths
     where = f"dask {scheduler}" if scheduler else f"{min(jobs, len(todo))} job(s)"
-    log.info("features %s: %d images in %d shard(s) to run (%d up to date), %s, local=%s",
-             split, sum(len(t.ids) for t in todo), len(todo), skipped, where, bool(local))
+    log.info(
+        "features %s: %d images in %d shard(s) to run (%d up to date), %s, local=%s",
+        split,
+        sum(len(t.ids) for t in todo),
+        len(todo),
+        skipped,
+        where,
+        bool(local),
+    )
     results = _run_tasks(todo, jobs, scheduler, f"features {split}")
     log.info(_summary(split, results, skipped, time.time() - t0))
     return all_paths
@@ -586,8 +700,9 @@ def _cache_name(digest: str):
     return lambda i, n: f"local-cache-{digest}-{i:05d}-of-{n:05d}.h5"
 
 
-def ensure_local(cfg, data_dir, work_dir, model_dir, split: str, ids: Iterable[str],
-                 jobs: int | None = None, scheduler=None) -> FeatureStore:
+def ensure_local(
+    cfg, data_dir, work_dir, model_dir, split: str, ids: Iterable[str], jobs: int | None = None, scheduler=None
+) -> FeatureStore:
     """Make sure the given ids have local features in the split's store; return the store.
 
     Ids already holding local features, or known to have failed, are left alone; the others are
@@ -617,8 +732,9 @@ def _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, schedul
     path_of = dict(zip(df["id"], df["path"]))
     unknown = [i for i in need if i not in path_of]
     if unknown:
-        raise LandmarksError(f"{len(unknown)} id(s) not in the {split} split of {data_dir} "
-                             f"(first: {', '.join(unknown[:3])})")
+        raise LandmarksError(
+            f"{len(unknown)} id(s) not in the {split} split of {data_dir} (first: {', '.join(unknown[:3])})"
+        )
     base_fp = base_fingerprint(cfg, model_dir)
     keep = {p.name for p in out_dir.glob(SHARD_GLOB)}
     _clean_dir(out_dir, keep, base_fp)
@@ -626,8 +742,20 @@ def _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, schedul
     n_shards = _cap_shards(cfg, max(1, min(int(cfg.extract.shards), len(need))), len(need))
     jobs, scheduler, threads = _resolve_jobs(cfg, jobs, scheduler, n_shards)
     t0 = time.time()
-    _, todo = _plan(need, [path_of[i] for i in need], n_shards, _cache_name(digest), split, True, cfg,
-                    model_dir, base_fp, threads, out_dir, "local-cache")
+    _, todo = _plan(
+        need,
+        [path_of[i] for i in need],
+        n_shards,
+        _cache_name(digest),
+        split,
+        True,
+        cfg,
+        model_dir,
+        base_fp,
+        threads,
+        out_dir,
+        "local-cache",
+    )
     if todo:
         results = _run_tasks(todo, jobs, scheduler, f"local {split}")
         log.info(_summary(f"{split} (local cache)", results, n_shards - len(todo), time.time() - t0))
@@ -641,13 +769,14 @@ def shortlist(cfg, knn_path: str | Path) -> tuple[list[str], list[str]]:
 
     knn = load_npz(knn_path)
     train_ids = knn["train_ids"]
-    top = knn["idx"][:, :max(0, int(cfg.verify.num_to_rerank))]
+    top = knn["idx"][:, : max(0, int(cfg.verify.num_to_rerank))]
     wanted = np.unique(top[top >= 0])
     return [str(i) for i in knn["test_ids"]], [str(train_ids[j]) for j in wanted]
 
 
-def run_local_features(cfg, data_dir, work_dir, model_dir, knn_path: str | Path, jobs: int | None = None,
-                       scheduler=None) -> list[Path]:
+def run_local_features(
+    cfg, data_dir, work_dir, model_dir, knn_path: str | Path, jobs: int | None = None, scheduler=None
+) -> list[Path]:
     """Stage: local features of every image verification will compare, read from a knn output.
 
     Train extraction is global-only (1.58 M images); verification needs local features of the
@@ -668,8 +797,13 @@ def run_local_features(cfg, data_dir, work_dir, model_dir, knn_path: str | Path,
             store = ensure_local(cfg, data_dir, work_dir, model_dir, split, missing, jobs=jobs, scheduler=scheduler)
             missing = [i for i in missing if not store.has_local(i)]
             store.close()
-        log.info("local-features: %s: %d of %d images have local features%s", split, len(ids) - len(missing),
-                 len(ids), " (the others failed extraction)" if missing else "")
+        log.info(
+            "local-features: %s: %d of %d images have local features%s",
+            split,
+            len(ids) - len(missing),
+            len(ids),
+            " (the others failed extraction)" if missing else "",
+        )
         out.append(directory)
     return out
 
@@ -681,20 +815,32 @@ def register_cli(subparsers, common) -> None:
     import argparse
 
     p = subparsers.add_parser(
-        "features", parents=[common],
-        help="extract DELG features of a split into WORK_DIR/features/<split> (sharded, resumable)")
+        "features",
+        parents=[common],
+        help="extract DELG features of a split into WORK_DIR/features/<split> (sharded, resumable)",
+    )
     p.add_argument("--split", choices=["train", "test"], required=True)
     p.add_argument("--shards", type=int, default=None, help="number of shards (default: extract.shards)")
     p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: extract.jobs)")
-    p.add_argument("--scheduler", default=None, metavar="ADDR",
-                   help="dask scheduler address, e.g. tcp://host:8786 (default: extract.scheduler; empty = local)")
-    p.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
-                   help="store local features (default: yes for test, extract.train_local for train)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDR",
+        help="dask scheduler address, e.g. tcp://host:8786 (default: extract.scheduler; empty = local)",
+    )
+    p.add_argument(
+        "--local",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store local features (default: yes for test, extract.train_local for train)",
+    )
     p.set_defaults(func=_cli)
 
     p = subparsers.add_parser(
-        "local-features", parents=[common],
-        help="local features of the test images and their shortlisted train neighbours (reads the knn output)")
+        "local-features",
+        parents=[common],
+        help="local features of the test images and their shortlisted train neighbours (reads the knn output)",
+    )
     p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: extract.jobs)")
     p.add_argument("--scheduler", default=None, metavar="ADDR", help="dask scheduler address (default: local)")
     p.set_defaults(func=_cli_local)
@@ -708,8 +854,9 @@ def _cli_local(args, cfg) -> int:
     if not knn_path.exists():
         raise LandmarksError(f"local-features: {knn_path} not found: run `landmarks knn` first (make knn)")
     log_settings(log, cfg, "extract")
-    run_local_features(cfg, args.data_dir, args.work_dir, args.model, knn_path, jobs=args.jobs,
-                       scheduler=args.scheduler)
+    run_local_features(
+        cfg, args.data_dir, args.work_dir, args.model, knn_path, jobs=args.jobs, scheduler=args.scheduler
+    )
     return 0
 
 
@@ -717,7 +864,16 @@ def _cli(args, cfg) -> int:
     from landmarks.config import log_settings
 
     log_settings(log, cfg, "extract")
-    paths = run_features(cfg, args.data_dir, args.work_dir, args.model, args.split, shards=args.shards,
-                         jobs=args.jobs, scheduler=args.scheduler, local=args.local)
+    paths = run_features(
+        cfg,
+        args.data_dir,
+        args.work_dir,
+        args.model,
+        args.split,
+        shards=args.shards,
+        jobs=args.jobs,
+        scheduler=args.scheduler,
+        local=args.local,
+    )
     print(f"{len(paths)} shard(s) in {features_dir(args.work_dir, args.split)}")
     return 0

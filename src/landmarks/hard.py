@@ -15,6 +15,7 @@ are then selected from the probe with the very functions the features stage uses
 functions: ``knn.search`` (+ whitening, DBA, QE), ``verify.verify_image``, ``predict.vote`` and
 ``metrics.score``.  So one extraction serves every split and every setting (``hard.variants``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,13 +37,32 @@ PROBE_VERSION = 1
 # Named settings scored by the protocol: config overrides on top of the effective config.
 # "old defaults" restores the defaults before the hard protocol existed; the levers are each
 # applied alone on top of the current config, so a row shows what that one change does.
-OLD_DEFAULTS = ["extract.global_scales=0.7071,1.0,1.4142", "extract.local_scales=0.7071,1.0,1.4142",
-                "verify.num_to_rerank=10", "verify.geometry=homography", "vote.inlier_floor=0",
-                "vote.neighbours=10", "vote.confidence=score", "vote.power=8", "verify.mutual_min_sim=0.0", "verify.ratio=1.0",
-                "whiten.global_pca=false", "whiten.local_pca=false", "knn.dba_k=0", "knn.qe_k=0"]
-REFERENCE = ["extract.global_scales=0.3536,0.5,0.7071", "verify.enabled=false", "vote.neighbours=1",
-             "vote.method=sum_power", "vote.confidence=score",
-             "whiten.global_pca=false", "knn.dba_k=0", "knn.qe_k=0"]
+OLD_DEFAULTS = [
+    "extract.global_scales=0.7071,1.0,1.4142",
+    "extract.local_scales=0.7071,1.0,1.4142",
+    "verify.num_to_rerank=10",
+    "verify.geometry=homography",
+    "vote.inlier_floor=0",
+    "vote.neighbours=10",
+    "vote.confidence=score",
+    "vote.power=8",
+    "verify.mutual_min_sim=0.0",
+    "verify.ratio=1.0",
+    "whiten.global_pca=false",
+    "whiten.local_pca=false",
+    "knn.dba_k=0",
+    "knn.qe_k=0",
+]
+REFERENCE = [
+    "extract.global_scales=0.3536,0.5,0.7071",
+    "verify.enabled=false",
+    "vote.neighbours=1",
+    "vote.method=sum_power",
+    "vote.confidence=score",
+    "whiten.global_pca=false",
+    "knn.dba_k=0",
+    "knn.qe_k=0",
+]
 VARIANTS: dict[str, list[str]] = {
     "plain reference (Lite0 GeM, 512 px x 3 scales, cosine top-1)": REFERENCE,
     "old defaults": OLD_DEFAULTS,
@@ -69,7 +89,11 @@ VARIANTS: dict[str, list[str]] = {
     "ratio test 0.9": ["verify.ratio=0.9"],
     "local PCA (train)": ["whiten.local_pca=true"],
     "global PCA whitening (train)": ["whiten.global_pca=true"],
-    "global PCA whitening (train) to 128-d, power 3": ["whiten.global_pca=true", "whiten.global_pca_dim=128", "vote.power=3"],
+    "global PCA whitening (train) to 128-d, power 3": [
+        "whiten.global_pca=true",
+        "whiten.global_pca_dim=128",
+        "vote.power=3",
+    ],
     "no DBA (k=0)": ["knn.dba_k=0"],
     "DBA k=1": ["knn.dba_k=1"],
     "DBA k=2": ["knn.dba_k=2"],
@@ -114,10 +138,20 @@ def demo_rows(hc) -> pd.DataFrame:
     if d is None or not (d / "train.csv").exists() or not (d / "solution.csv").exists():
         return pd.DataFrame(columns=["id", "cls", "role", "file"])
     train, test = data.load_split(d, "train"), data.load_split(d, "test")
-    return pd.concat([pd.DataFrame({"id": train["id"], "cls": train["landmark_id"].astype(str), "role": "demo-train",
-                                    "file": train["path"]}),
-                      pd.DataFrame({"id": test["id"], "cls": "", "role": "demo-test", "file": test["path"]})],
-                     ignore_index=True)
+    return pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "id": train["id"],
+                    "cls": train["landmark_id"].astype(str),
+                    "role": "demo-train",
+                    "file": train["path"],
+                }
+            ),
+            pd.DataFrame({"id": test["id"], "cls": "", "role": "demo-test", "file": test["path"]}),
+        ],
+        ignore_index=True,
+    )
 
 
 # -- probe extraction -------------------------------------------------------------------------------
@@ -135,8 +169,9 @@ def _probe_batch(model_dir: str, threads: int, ids: list[str], files: list[str],
         for image_id, path in zip(ids, files):
             g = f.create_group(image_id)
             try:
-                image, scale = load_image(path, settings["max_image_size"], settings["max_image_pixels"],
-                                          settings["min_image_size"])
+                image, scale = load_image(
+                    path, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"]
+                )
                 raw = model(image, scales, ALL_FEATURES, settings["abs_thres"], list(range(len(scales))))
                 _, lf = postprocess(raw)
             except Exception as e:  # noqa: BLE001 - recorded, like the features stage does
@@ -155,9 +190,15 @@ def _probe_batch(model_dir: str, threads: int, ids: list[str], files: list[str],
 
 def probe_settings(cfg) -> dict:
     e, h = cfg.extract, cfg.hard
-    return {"probe_scales": [float(s) for s in h.probe_scales], "probe_features": int(h.probe_features),
-            "max_image_size": e.max_image_size, "max_image_pixels": e.max_image_pixels,
-            "min_image_size": e.min_image_size, "abs_thres": e.abs_thres, "version": PROBE_VERSION}
+    return {
+        "probe_scales": [float(s) for s in h.probe_scales],
+        "probe_features": int(h.probe_features),
+        "max_image_size": e.max_image_size,
+        "max_image_pixels": e.max_image_pixels,
+        "min_image_size": e.min_image_size,
+        "abs_thres": e.abs_thres,
+        "version": PROBE_VERSION,
+    }
 
 
 def probe_fingerprint(cfg, model_dir) -> str:
@@ -191,14 +232,28 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
     done = {i for p in out_dir.glob(f"probe-{fp}-*.h5") for i in _probed_ids(p)}
     todo_rows = pool[~pool["id"].isin(done)]
     size = max(1, int(cfg.hard.probe_batch))
-    todo = [todo_rows.iloc[a:a + size] for a in range(0, len(todo_rows), size)]
+    todo = [todo_rows.iloc[a : a + size] for a in range(0, len(todo_rows), size)]
     if todo:
         jobs = max(1, min(int(cfg.extract.jobs), len(todo)))
         threads = max(1, available_cores() // jobs)
-        log.info("hard: probing %d of %d pool images at scales %s (%d jobs)", len(todo_rows), len(pool),
-                 settings["probe_scales"], jobs)
-        tasks = (delayed(_probe_batch)(str(model_dir), threads, list(b["id"]), list(b["file"]), settings,
-                                       str(out_dir / f"probe-{fp}-{text_digest(*b['id'])}.h5")) for b in todo)
+        log.info(
+            "hard: probing %d of %d pool images at scales %s (%d jobs)",
+            len(todo_rows),
+            len(pool),
+            settings["probe_scales"],
+            jobs,
+        )
+        tasks = (
+            delayed(_probe_batch)(
+                str(model_dir),
+                threads,
+                list(b["id"]),
+                list(b["file"]),
+                settings,
+                str(out_dir / f"probe-{fp}-{text_digest(*b['id'])}.h5"),
+            )
+            for b in todo
+        )
         with tqdm(total=len(todo), desc="hard: probe batches", unit="batch", disable=None) as bar:
             for _ in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
                 bar.update(1)
@@ -230,8 +285,12 @@ class Probe:
                         fail[image_id] = str(grp.attrs["failure"])
                         continue
                     g[image_id] = grp["global"][()]
-                    lf = LocalFeatures(grp["keypoints"][()], grp["descriptors"][()].astype(np.float32),
-                                       grp["scales"][()], grp["scores"][()])
+                    lf = LocalFeatures(
+                        grp["keypoints"][()],
+                        grp["descriptors"][()].astype(np.float32),
+                        grp["scales"][()],
+                        grp["scores"][()],
+                    )
                     loc[image_id] = (lf, tuple(grp.attrs["shape"]), float(grp.attrs["scale"]))
         return cls(np.asarray(scales, np.float64), g, loc, fail)
 
@@ -240,8 +299,9 @@ class Probe:
         for s in wanted:
             hit = np.flatnonzero(np.isclose(self.scales, float(s), atol=1e-3))
             if not len(hit):
-                raise LandmarksError(f"hard: scale {s} is not among the probe scales {list(self.scales)} "
-                                     "(add it to hard.probe_scales)")
+                raise LandmarksError(
+                    f"hard: scale {s} is not among the probe scales {list(self.scales)} (add it to hard.probe_scales)"
+                )
             rows.append(int(hit[0]))
         return rows
 
@@ -250,7 +310,9 @@ class Probe:
         from landmarks.utils import l2_normalize
 
         rows = self._rows(scales)
-        return np.stack([l2_normalize(l2_normalize(self.globals_[i][rows]).sum(axis=0)) for i in ids]).astype(np.float32)
+        return np.stack([l2_normalize(l2_normalize(self.globals_[i][rows]).sum(axis=0)) for i in ids]).astype(
+            np.float32
+        )
 
     def local(self, image_id: str, scales, cap: int):
         """Local features at `scales` with `cap`, as the features stage stores them."""
@@ -291,9 +353,17 @@ def make_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
             test = rows[rows["split"] == "test"].sort_values("id")
             test_ids = list(test["id"]) + list(dis["id"])
             truth = list(test["truth"]) + [""] * len(dis)
-            out.append(Split(f"K={k} seed={seed}", int(k), seed, list(train["id"]),
-                             train["cls"].map(label_of).to_numpy(np.int64), test_ids,
-                             pd.DataFrame({"id": test_ids, "landmarks": truth})))
+            out.append(
+                Split(
+                    f"K={k} seed={seed}",
+                    int(k),
+                    seed,
+                    list(train["id"]),
+                    train["cls"].map(label_of).to_numpy(np.int64),
+                    test_ids,
+                    pd.DataFrame({"id": test_ids, "landmarks": truth}),
+                )
+            )
     return out
 
 
@@ -312,14 +382,32 @@ def guard_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
         test = rows[rows["split"] == "test"].sort_values("id")
         dis = pool[pool["role"] == "distractor"]
         ids, truth = list(test["id"]) + list(dis["id"]), list(test["truth"]) + [""] * len(dis)
-        out.append(Split("easy import", 0, cfg.dataset_import.seed, list(train["id"]),
-                         train["cls"].map(label_of).to_numpy(np.int64), ids, pd.DataFrame({"id": ids, "landmarks": truth})))
+        out.append(
+            Split(
+                "easy import",
+                0,
+                cfg.dataset_import.seed,
+                list(train["id"]),
+                train["cls"].map(label_of).to_numpy(np.int64),
+                ids,
+                pd.DataFrame({"id": ids, "landmarks": truth}),
+            )
+        )
     demo_train = pool[pool["role"] == "demo-train"]
     if len(demo_train):
         sol = data.load_solution(cfg.hard.demo_dir)
         sol = sol[sol["id"].isin(usable)]
-        out.append(Split("demo", 0, 0, list(demo_train["id"]), demo_train["cls"].astype(np.int64).to_numpy(),
-                         list(sol["id"]), sol[["id", "landmarks"]].fillna("").reset_index(drop=True)))
+        out.append(
+            Split(
+                "demo",
+                0,
+                0,
+                list(demo_train["id"]),
+                demo_train["cls"].astype(np.int64).to_numpy(),
+                list(sol["id"]),
+                sol[["id", "landmarks"]].fillna("").reset_index(drop=True),
+            )
+        )
     return out
 
 
@@ -389,7 +477,7 @@ class Scorer:
                 cands = [self._lf(cfg, c, w_local, split.name) for c in todo]
                 for c, n in zip(todo, verify_image(cfg.verify, q, cands)):
                     self._pairs[(vkey, qid, c)] = int(n)
-            inl[r, :len(cand)] = [self._pairs[(vkey, qid, c)] for c in cand]
+            inl[r, : len(cand)] = [self._pairs[(vkey, qid, c)] for c in cand]
         self.verify_seconds += time.time() - t0
         return inl
 
@@ -402,14 +490,15 @@ class Scorer:
         inl = self._inliers(cfg, split, idx) if cfg.verify.enabled else None
         labels, conf = vote(cfg.vote, sims, idx, split.train_labels, inl)
         ok = labels != NO_LABEL
-        preds = pd.DataFrame({"id": np.asarray(split.test_ids)[ok], "label": labels[ok].astype(str),
-                              "confidence": conf[ok]})
+        preds = pd.DataFrame(
+            {"id": np.asarray(split.test_ids)[ok], "label": labels[ok].astype(str), "confidence": conf[ok]}
+        )
         s = metrics.score(split.solution, preds)
         truth = split.solution["landmarks"].to_numpy()
         cand_labels = np.where(idx >= 0, split.train_labels[np.clip(idx, 0, None)], -1).astype(str)
         s["recall"] = validate.shortlist_recall(cand_labels, truth, cfg.hard.recall_at)
         if inl is not None:
-            s["good"], s["bad"] = validate.split_inliers(cand_labels[:, :inl.shape[1]], truth, inl)
+            s["good"], s["bad"] = validate.split_inliers(cand_labels[:, : inl.shape[1]], truth, inl)
         return s
 
 
@@ -437,8 +526,11 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
     pool = pool_table(cfg.hard)
     probe = Probe.load(extract_probe(cfg, pool, model_dir, work_dir), cfg.hard.probe_scales, set(pool["id"]))
     if probe.failures:
-        log.warning("hard: %d pool images failed and are left out: %s", len(probe.failures),
-                    ", ".join(f"{k}: {v}" for k, v in list(probe.failures.items())[:3]))
+        log.warning(
+            "hard: %d pool images failed and are left out: %s",
+            len(probe.failures),
+            ", ".join(f"{k}: {v}" for k, v in list(probe.failures.items())[:3]),
+        )
     splits = make_splits(cfg, pool, set(probe.globals_))
     guards = guard_splits(cfg, pool, set(probe.globals_))
     scorer = Scorer(probe)
@@ -446,10 +538,18 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
     for name, c in configs:
         t0, v0 = time.time(), scorer.verify_seconds
         per = [scorer.score(c, s) for s in splits]
-        results[name] = {"splits": per, "guards": {g.name: scorer.score(c, g)["gap"] for g in guards},
-                         "seconds": time.time() - t0, "verify_seconds": scorer.verify_seconds - v0}
-        log.info("hard: %-60s %s  %s", name, "  ".join(f"K={k}: {_mean(per, splits, k):.4f}" for k in cfg.hard.shots),
-                 "  ".join(f"{g}: {v:.4f}" for g, v in results[name]["guards"].items()))
+        results[name] = {
+            "splits": per,
+            "guards": {g.name: scorer.score(c, g)["gap"] for g in guards},
+            "seconds": time.time() - t0,
+            "verify_seconds": scorer.verify_seconds - v0,
+        }
+        log.info(
+            "hard: %-60s %s  %s",
+            name,
+            "  ".join(f"K={k}: {_mean(per, splits, k):.4f}" for k in cfg.hard.shots),
+            "  ".join(f"{g}: {v:.4f}" for g, v in results[name]["guards"].items()),
+        )
     return write_report(cfg, work_dir, pool, splits, results, model_dir)
 
 
@@ -466,37 +566,66 @@ def _gap_lines(cfg, pool, splits, results, model_dir) -> list[str]:
     """Header and the GAP table: one row per named setting, mean (min-max) over seeds, guards."""
     shots = list(cfg.hard.shots)
     guard_names = list(next(iter(results.values()))["guards"])
-    lines = ["# Hard protocol report", "",
-             f"Pool: {int((pool['role'] == 'landmark').sum())} wide-baseline photos, "
-             f"{int((pool['role'] == 'extra').sum())} extra-train photos, {int((pool['role'] == 'distractor').sum())} "
-             f"product photos; model `{model_dir}`; {len(splits)} splits "
-             f"(K in {shots}, {cfg.hard.seeds} seeds, held-out class share {cfg.hard.heldout_class_fraction}).", "",
-             "## GAP, mean (min-max) over seeds", "",
-             "Guard columns (GAP on one split each): `easy import` is the `make import` split of the Paris and "
-             "multiview scenes with the product sample as non-landmarks; `demo` is the demo dataset.", "",
-             "| setting | " + " | ".join(f"hard K={k}" for k in shots) + " | " +
-             " | ".join(f"accuracy K={k}" for k in shots) + " | " + "".join(f"{g} | " for g in guard_names) + "verify s |",
-             "|---|" + "---|" * (2 * len(shots) + len(guard_names) + 1)]
+    lines = [
+        "# Hard protocol report",
+        "",
+        f"Pool: {int((pool['role'] == 'landmark').sum())} wide-baseline photos, "
+        f"{int((pool['role'] == 'extra').sum())} extra-train photos, {int((pool['role'] == 'distractor').sum())} "
+        f"product photos; model `{model_dir}`; {len(splits)} splits "
+        f"(K in {shots}, {cfg.hard.seeds} seeds, held-out class share {cfg.hard.heldout_class_fraction}).",
+        "",
+        "## GAP, mean (min-max) over seeds",
+        "",
+        "Guard columns (GAP on one split each): `easy import` is the `make import` split of the Paris and "
+        "multiview scenes with the product sample as non-landmarks; `demo` is the demo dataset.",
+        "",
+        "| setting | "
+        + " | ".join(f"hard K={k}" for k in shots)
+        + " | "
+        + " | ".join(f"accuracy K={k}" for k in shots)
+        + " | "
+        + "".join(f"{g} | " for g in guard_names)
+        + "verify s |",
+        "|---|" + "---|" * (2 * len(shots) + len(guard_names) + 1),
+    ]
     for name, r in results.items():
         per = r["splits"]
-        lines.append(f"| {name} | " + " | ".join(_span(per, splits, k) for k in shots) + " | " +
-                     " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots) + " | " +
-                     "".join(f"{r['guards'][g]:.4f} | " for g in guard_names) + f"{r['verify_seconds']:.1f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_span(per, splits, k) for k in shots)
+            + " | "
+            + " | ".join(f"{_mean(per, splits, k, 'accuracy'):.3f}" for k in shots)
+            + " | "
+            + "".join(f"{r['guards'][g]:.4f} | " for g in guard_names)
+            + f"{r['verify_seconds']:.1f} |"
+        )
     return lines
 
 
 def _recall_lines(cfg, splits, results) -> list[str]:
     """Per-split figures of the default row, then shortlist recall@R per distinct shortlist."""
     shots, at = list(cfg.hard.shots), list(cfg.hard.recall_at)
-    lines = ["", f"## Per split ({DEFAULT_ROW})", "",
-             "| split | landmark queries | test images | GAP | accuracy | " + " | ".join(f"R@{r}" for r in at) + " |",
-             "|---|---|---|---|---|" + "---|" * len(at)]
+    lines = [
+        "",
+        f"## Per split ({DEFAULT_ROW})",
+        "",
+        "| split | landmark queries | test images | GAP | accuracy | " + " | ".join(f"R@{r}" for r in at) + " |",
+        "|---|---|---|---|---|" + "---|" * len(at),
+    ]
     for s, p in zip(splits, results[DEFAULT_ROW]["splits"]):
         n_lm = int((s.solution["landmarks"] != "").sum())
-        lines.append(f"| {s.name} | {n_lm} | {len(s.test_ids)} | {p['gap']:.4f} | {p['accuracy']:.3f} | " +
-                     " | ".join(f"{p['recall'][r]:.3f}" for r in at) + " |")
-    lines += ["", "## Shortlist recall@R (mean over seeds; rows with the same shortlist as a row above are left out)", "",
-              "| setting | K | " + " | ".join(f"R@{r}" for r in at) + " |", "|---|---|" + "---|" * len(at)]
+        lines.append(
+            f"| {s.name} | {n_lm} | {len(s.test_ids)} | {p['gap']:.4f} | {p['accuracy']:.3f} | "
+            + " | ".join(f"{p['recall'][r]:.3f}" for r in at)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Shortlist recall@R (mean over seeds; rows with the same shortlist as a row above are left out)",
+        "",
+        "| setting | K | " + " | ".join(f"R@{r}" for r in at) + " |",
+        "|---|---|" + "---|" * len(at),
+    ]
     seen_recall = set()
     for name, r in results.items():
         key = json.dumps([p["recall"] for p in r["splits"]])
@@ -505,7 +634,9 @@ def _recall_lines(cfg, splits, results) -> list[str]:
         seen_recall.add(key)
         for k in shots:
             per = [p for p, s in zip(r["splits"], splits) if s.shots == k]
-            lines.append(f"| {name} | {k} | " + " | ".join(f"{np.mean([p['recall'][a] for p in per]):.3f}" for a in at) + " |")
+            lines.append(
+                f"| {name} | {k} | " + " | ".join(f"{np.mean([p['recall'][a] for p in per]):.3f}" for a in at) + " |"
+            )
     return lines
 
 
@@ -513,18 +644,26 @@ def _separation_lines(results) -> tuple[list[str], dict]:
     """Inlier separation of every verified setting, all splits pooled; and the figures by name."""
     from landmarks import validate
 
-    lines = ["", "## Inlier separation (all splits pooled): correct-class against wrong candidates", "",
-             "| setting | correct q10/q50/q90 | wrong q50/q90 | random floor (wrong q95) | correct at or below floor | ROC AUC |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Inlier separation (all splits pooled): correct-class against wrong candidates",
+        "",
+        "| setting | correct q10/q50/q90 | wrong q50/q90 | random floor (wrong q95) | correct at or below floor | ROC AUC |",
+        "|---|---|---|---|---|---|",
+    ]
     summary = {}
     for name, r in results.items():
         if "good" not in r["splits"][0]:
             continue
-        sep = validate.separation(np.concatenate([p["good"] for p in r["splits"]]), np.concatenate([p["bad"] for p in r["splits"]]))
+        sep = validate.separation(
+            np.concatenate([p["good"] for p in r["splits"]]), np.concatenate([p["bad"] for p in r["splits"]])
+        )
         summary[name] = sep
-        lines.append(f"| {name} | {sep['good_q10']:.0f}/{sep['good_q50']:.0f}/{sep['good_q90']:.0f} | "
-                     f"{sep['bad_q50']:.0f}/{sep['bad_q90']:.0f} | {sep['floor']:.0f} | {sep['good_at_floor']:.3f} | "
-                     f"{sep['auc']:.3f} |")
+        lines.append(
+            f"| {name} | {sep['good_q10']:.0f}/{sep['good_q50']:.0f}/{sep['good_q90']:.0f} | "
+            f"{sep['bad_q50']:.0f}/{sep['bad_q90']:.0f} | {sep['floor']:.0f} | {sep['good_at_floor']:.3f} | "
+            f"{sep['auc']:.3f} |"
+        )
     return lines, summary
 
 
@@ -537,10 +676,15 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     out = work_dir / "report.md"
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    js = {name: {"gap": {str(k): [p["gap"] for p, s in zip(r["splits"], splits) if s.shots == k] for k in shots},
-                 "guards": r["guards"],
-                 "verify_seconds": r["verify_seconds"], "separation": summary.get(name)}
-          for name, r in results.items()}
+    js = {
+        name: {
+            "gap": {str(k): [p["gap"] for p, s in zip(r["splits"], splits) if s.shots == k] for k in shots},
+            "guards": r["guards"],
+            "verify_seconds": r["verify_seconds"],
+            "separation": summary.get(name),
+        }
+        for name, r in results.items()
+    }
     with atomic_path(work_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(js, indent=1), encoding="utf-8")
     print("\n".join(gap_lines))
@@ -549,11 +693,19 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("validate-hard", parents=[common],
-                              help="hard protocol: k-shot splits of the wide-baseline photos -> WORK_DIR/hard/report.md")
-    p.add_argument("--variant", action="append", default=None, metavar="NAME[;NAME...]",
-                   help="score only these named variants (repeatable, or ';'-separated; default: all); "
-                        "the current config is always scored")
+    p = subparsers.add_parser(
+        "validate-hard",
+        parents=[common],
+        help="hard protocol: k-shot splits of the wide-baseline photos -> WORK_DIR/hard/report.md",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="NAME[;NAME...]",
+        help="score only these named variants (repeatable, or ';'-separated; default: all); "
+        "the current config is always scored",
+    )
     p.set_defaults(func=_cli)
 
 

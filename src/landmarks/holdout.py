@@ -7,6 +7,7 @@ train folder (symlink mode) or per-file hard links; test images are linked one b
 missing source files are skipped with a count.  Vectorised pandas: a 1.58M-row train.csv
 splits in seconds.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,9 @@ def _link(src: str, dst: Path, mode: str) -> None:
         link_file(src, dst, mode)
     except OSError as e:
         other = "--link hardlink" if mode == "symlink" else "--link symlink"
-        raise LandmarksError(f"holdout: cannot {mode} {src} -> {dst} ({e.strerror or e}); "
-                             f"try {other} or --no-images") from None
+        raise LandmarksError(
+            f"holdout: cannot {mode} {src} -> {dst} ({e.strerror or e}); try {other} or --no-images"
+        ) from None
 
 
 def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
@@ -85,9 +87,12 @@ def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if data_dir.resolve() == out_dir.resolve():
         raise LandmarksError("holdout: --out must differ from --data-dir")
-    params = {**dataclasses.asdict(hc), "data_dir": str(data_dir.resolve()),
-              "train_csv": file_digest(data_dir / "train.csv") if (data_dir / "train.csv").exists() else None,
-              "distractors": str(distractors) if distractors else None}
+    params = {
+        **dataclasses.asdict(hc),
+        "data_dir": str(data_dir.resolve()),
+        "train_csv": file_digest(data_dir / "train.csv") if (data_dir / "train.csv").exists() else None,
+        "distractors": str(distractors) if distractors else None,
+    }
     if split_up_to_date(out_dir, params, "holdout"):
         return out_dir
 
@@ -108,19 +113,33 @@ def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
         pd.DataFrame({"id": test_ids, "landmarks": ""}).to_csv(tmp / "sample_submission.csv", index=False)
         pd.DataFrame({"id": test_ids, "landmarks": truth}).to_csv(tmp / "solution.csv", index=False)
         counts = {
-            "train_images": len(new_train), "train_classes": int(new_train["landmark_id"].nunique()),
-            "test_images": len(test_ids), "test_landmark": int(sum(1 for t in truth if t)),
-            "test_nonlandmark": int(sum(1 for t in truth if not t)), "heldout_classes": len(held),
-            "heldout_test_images": int((test["truth"] == "").sum()), "distractors": 0 if dis is None else len(dis),
+            "train_images": len(new_train),
+            "train_classes": int(new_train["landmark_id"].nunique()),
+            "test_images": len(test_ids),
+            "test_landmark": int(sum(1 for t in truth if t)),
+            "test_nonlandmark": int(sum(1 for t in truth if not t)),
+            "heldout_classes": len(held),
+            "heldout_test_images": int((test["truth"] == "").sum()),
+            "distractors": 0 if dis is None else len(dis),
             "seen_test_classes": int(test.loc[test["truth"] != "", "landmark_id"].nunique()),
-            "linked": linked, "missing_images": missing,
+            "linked": linked,
+            "missing_images": missing,
         }
         with atomic_path(tmp / "split.json") as p:
-            p.write_text(json.dumps({"params": params, "counts": counts,
-                                     "heldout_classes": [int(h) for h in held][:10000]}, indent=1))
-    log.info("holdout: %d train / %d test images (%d landmark, %d non-landmark; %d held-out classes) -> %s",
-             counts["train_images"], counts["test_images"], counts["test_landmark"], counts["test_nonlandmark"],
-             counts["heldout_classes"], out_dir)
+            p.write_text(
+                json.dumps(
+                    {"params": params, "counts": counts, "heldout_classes": [int(h) for h in held][:10000]}, indent=1
+                )
+            )
+    log.info(
+        "holdout: %d train / %d test images (%d landmark, %d non-landmark; %d held-out classes) -> %s",
+        counts["train_images"],
+        counts["test_images"],
+        counts["test_landmark"],
+        counts["test_nonlandmark"],
+        counts["heldout_classes"],
+        out_dir,
+    )
     return out_dir
 
 
@@ -129,10 +148,16 @@ def _holdout_settings(cfg, overrides: dict):
     hc = dataclasses.replace(cfg.holdout, **{k: v for k, v in overrides.items() if v is not None})
     if hc.link not in LINK_MODES:
         raise LandmarksError(f"holdout: link mode {hc.link!r} unknown (expected {', '.join(LINK_MODES)})")
-    if hc.test_images < 1 or not 0 <= hc.nonlandmark_share <= 1 or not 0 <= hc.heldout_class_fraction < 1 \
-            or hc.per_class_test < 1:
-        raise LandmarksError("holdout: need test_images >= 1, per_class_test >= 1, nonlandmark_share in [0, 1] "
-                             "and heldout_class_fraction in [0, 1)")
+    if (
+        hc.test_images < 1
+        or not 0 <= hc.nonlandmark_share <= 1
+        or not 0 <= hc.heldout_class_fraction < 1
+        or hc.per_class_test < 1
+    ):
+        raise LandmarksError(
+            "holdout: need test_images >= 1, per_class_test >= 1, nonlandmark_share in [0, 1] "
+            "and heldout_class_fraction in [0, 1)"
+        )
     return hc
 
 
@@ -144,7 +169,9 @@ def _read_distractors(distractors, train: pd.DataFrame) -> pd.DataFrame:
     dis = read_labels(distractors, distractors=True)
     ok = np.fromiter((os.path.isfile(f) for f in dis["file"]), bool, len(dis))
     if not ok.all():
-        log.warning("holdout: %d distractor files missing, left out (first: %s)", int((~ok).sum()), dis.loc[~ok, "file"].iloc[0])
+        log.warning(
+            "holdout: %d distractor files missing, left out (first: %s)", int((~ok).sum()), dis.loc[~ok, "file"].iloc[0]
+        )
         dis = dis[ok]
     dis = dis.assign(id=[file_digest(f) for f in dis["file"]]).drop_duplicates("id")
     clash = dis["id"].isin(set(train["id"]))
@@ -153,8 +180,9 @@ def _read_distractors(distractors, train: pd.DataFrame) -> pd.DataFrame:
     return dis
 
 
-def _link_images(tmp: Path, data_dir: Path, new_train: pd.DataFrame, test_srcs: list[str], test_ids: list[str],
-                 mode: str) -> tuple[int, int]:
+def _link_images(
+    tmp: Path, data_dir: Path, new_train: pd.DataFrame, test_srcs: list[str], test_ids: list[str], mode: str
+) -> tuple[int, int]:
     """Link the train images (symlink mode: one link to the whole source train folder) and the test
     images into tmp; returns (files linked, source files missing)."""
     from tqdm import tqdm
@@ -164,7 +192,9 @@ def _link_images(tmp: Path, data_dir: Path, new_train: pd.DataFrame, test_srcs: 
         if (data_dir / "train").is_dir():
             os.symlink(os.path.abspath(data_dir / "train"), tmp / "train")  # lazy: one link for all train images
     else:
-        for src, iid in tqdm(list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img", disable=None):
+        for src, iid in tqdm(
+            list(zip(new_train["path"], new_train["id"])), desc="linking train", unit="img", disable=None
+        ):
             if os.path.exists(src):
                 _link(src, tmp / "train" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg", mode)
                 linked += 1
@@ -182,10 +212,18 @@ def _link_images(tmp: Path, data_dir: Path, new_train: pd.DataFrame, test_srcs: 
 
 
 def _cmd_holdout(args, cfg) -> int:
-    out = make_holdout(cfg, args.data_dir, args.out, distractors=args.distractors,
-                       test_images=args.test_images, nonlandmark_share=args.nonlandmark_share,
-                       heldout_class_fraction=args.heldout_class_fraction, per_class_test=args.per_class_test,
-                       seed=args.seed, link="none" if args.no_images else args.link)
+    out = make_holdout(
+        cfg,
+        args.data_dir,
+        args.out,
+        distractors=args.distractors,
+        test_images=args.test_images,
+        nonlandmark_share=args.nonlandmark_share,
+        heldout_class_fraction=args.heldout_class_fraction,
+        per_class_test=args.per_class_test,
+        seed=args.seed,
+        link="none" if args.no_images else args.link,
+    )
     print(json.dumps(json.loads((out / "split.json").read_text())["counts"]))
     return 0
 

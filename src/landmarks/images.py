@@ -19,6 +19,7 @@ Failures raise ``ImageError`` whose ``reason`` is one short phrase: "missing fil
 "empty file", "not an image", "truncated", "too large (WxH)", "too small (WxH)",
 "decode error".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,8 +87,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def load_image(path: str | Path, max_image_size: int = 1024, max_pixels: int = 120_000_000,
-               min_size: int = 16) -> tuple[np.ndarray, float]:
+def load_image(
+    path: str | Path, max_image_size: int = 1024, max_pixels: int = 120_000_000, min_size: int = 16
+) -> tuple[np.ndarray, float]:
     """Decode `path` to an upright uint8 RGB array (long side <= max_image_size; 0 = no limit).
 
     Returns ``(image, scale)``: ``scale`` = resized pixels per original pixel (<= 1), so an
@@ -135,8 +137,7 @@ def _check_file(path: Path) -> None:
         raise ImageError("empty file", path)
 
 
-def _plan_decode(img, path: Path, max_image_size: int, max_pixels: int,
-                 min_size: int) -> tuple[float, tuple[int, int]]:
+def _plan_decode(img, path: Path, max_image_size: int, max_pixels: int, min_size: int) -> tuple[float, tuple[int, int]]:
     """From the header alone: refuse too small or too large images, let libjpeg decode big JPEGs
     at 1/2..1/8 (``draft``: the result stays >= the wanted size).  Returns the final scale and
     the (w, h) that will be decoded."""
@@ -147,8 +148,7 @@ def _plan_decode(img, path: Path, max_image_size: int, max_pixels: int,
         raise ImageError(f"too small ({w}x{h})", path)
     scale = min(1.0, max_image_size / max(w, h)) if max_image_size > 0 else 1.0
     if img.format == "JPEG" and scale < 1.0:
-        img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode,
-                  (math.ceil(w * scale), math.ceil(h * scale)))
+        img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (math.ceil(w * scale), math.ceil(h * scale)))
     dw, dh = img.size
     if dw * dh > max_pixels:
         raise ImageError(f"too large ({w}x{h})", path)

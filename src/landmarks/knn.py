@@ -9,6 +9,7 @@ ascending, so the output does not depend on the search backend's tie order.
 Optional retrieval tricks (off by default): database-side augmentation (DBA) and alpha query
 expansion (alpha-QE), Radenovic et al. / Gordo et al.
 """
+
 from __future__ import annotations
 
 import logging
@@ -121,15 +122,15 @@ def search(cfg, queries: np.ndarray, database: np.ndarray, k: int | None = None)
     if cfg.index == "numpy":
         chunk = max(1, min(chunk, NUMPY_BLOCK_FLOATS // max(1, db.shape[0])))
         for a in range(0, nq, chunk):
-            sims[a:a + chunk], idx[a:a + chunk] = _numpy_topk(q[a:a + chunk], db, k)
+            sims[a : a + chunk], idx[a : a + chunk] = _numpy_topk(q[a : a + chunk], db, k)
         return sims, idx
     index = _faiss_index(cfg, db)
     kk = min(db.shape[0], k + TIE_MARGIN)
     if cfg.index == "hnsw":  # faiss's default efSearch (16) caps recall far below k=100
         index.hnsw.efSearch = max(int(cfg.hnsw_ef_search), 2 * kk)
     for a in range(0, nq, chunk):
-        s, i = index.search(q[a:a + chunk], kk)
-        sims[a:a + chunk], idx[a:a + chunk] = _sort_rows(s, i, k)
+        s, i = index.search(q[a : a + chunk], kk)
+        sims[a : a + chunk], idx[a : a + chunk] = _sort_rows(s, i, k)
     return sims, idx
 
 
@@ -153,18 +154,19 @@ def dba(db: np.ndarray, k: int, alpha: float = 3.0, cfg=None) -> np.ndarray:
     out = np.empty_like(db)
     step = 65536
     for a in range(0, db.shape[0], step):
-        s, i = search(cfg, db[a:a + step], db, kk)
+        s, i = search(cfg, db[a : a + step], db, kk)
         rows = np.arange(a, a + s.shape[0])[:, None]
         # drop self (whichever column it sits in), keep k others
         not_self = i != rows
-        order = np.argsort(~not_self, axis=1, kind="stable")[:, :kk - 1]
+        order = np.argsort(~not_self, axis=1, kind="stable")[:, : kk - 1]
         s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-        out[a:a + s.shape[0]] = _weighted_sum(db[a:a + s.shape[0]], db, s, i, alpha)
+        out[a : a + s.shape[0]] = _weighted_sum(db[a : a + s.shape[0]], db, s, i, alpha)
     return out
 
 
-def alpha_qe(queries: np.ndarray, db: np.ndarray, sims: np.ndarray, idx: np.ndarray, k: int,
-             alpha: float = 3.0) -> np.ndarray:
+def alpha_qe(
+    queries: np.ndarray, db: np.ndarray, sims: np.ndarray, idx: np.ndarray, k: int, alpha: float = 3.0
+) -> np.ndarray:
     """alpha query expansion: query + sum of its top-k database neighbours weighted by sim**alpha,
     re-normalised.  Search again with the result."""
     q = np.ascontiguousarray(queries, np.float32)
@@ -179,8 +181,9 @@ def knn_fingerprint(cfg, train_features: Path, test_features: Path) -> str:
     """Inputs of the knn stage: both splits' shards and the knn + whiten settings."""
     from landmarks.layout import KNN_SECTIONS, settings_hash
 
-    return text_digest("knn-v2", shards_digest(train_features), shards_digest(test_features),
-                       settings_hash(cfg, *KNN_SECTIONS))
+    return text_digest(
+        "knn-v2", shards_digest(train_features), shards_digest(test_features), settings_hash(cfg, *KNN_SECTIONS)
+    )
 
 
 def neighbours(cfg, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,8 +197,9 @@ def neighbours(cfg, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np
     return sims, idx
 
 
-def run_knn(cfg, train_features: str | Path, test_features: str | Path, out: str | Path,
-            whiten_path: str | Path | None = None) -> Path:
+def run_knn(
+    cfg, train_features: str | Path, test_features: str | Path, out: str | Path, whiten_path: str | Path | None = None
+) -> Path:
     """Stage: top-K train neighbours of every test image -> `out` (skipped when up to date).
 
     Reads the global descriptors of both feature directories (and the fitted whitening when
@@ -218,15 +222,17 @@ def run_knn(cfg, train_features: str | Path, test_features: str | Path, out: str
     if w is not None:
         train, test = whiten.apply_global(w, train), whiten.apply_global(w, test)
     sims, idx = neighbours(cfg, train, test)
-    save_npz(out, fp, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str),
-             sims=sims, idx=idx)
+    save_npz(
+        out, fp, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str), sims=sims, idx=idx
+    )
     log.info("knn: %d test x %d train, k=%d -> %s", len(test_ids), len(train_ids), sims.shape[1], out)
     return out
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("knn", parents=[common],
-                              help="top-K train neighbours of each test image -> WORK_DIR/knn-<settings>.npz")
+    p = subparsers.add_parser(
+        "knn", parents=[common], help="top-K train neighbours of each test image -> WORK_DIR/knn-<settings>.npz"
+    )
     p.set_defaults(func=_cli)
 
 

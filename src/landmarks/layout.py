@@ -14,6 +14,7 @@ fingerprint of its inputs, and a stage redoes its work when that no longer match
       report.md, plots/                                                  landmarks validate
       hard/, adapt/, show/, bench/, notebooks/                           tools
 """
+
 from __future__ import annotations
 
 import hashlib

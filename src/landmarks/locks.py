@@ -6,6 +6,7 @@ second run on the same directory waits for the first to finish (logging who hold
 then finds its shards done, instead of deleting the temp files the first run is writing.  The
 kernel drops the lock when its process ends, so a killed run never leaves a stale lock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,13 @@ def stage_lock(directory: str | Path, name: str):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
-            log.warning("%s: another run (pid %s) is working in %s; waiting for it to finish (lock %s)",
-                        name, holder, directory, path.name)
+            log.warning(
+                "%s: another run (pid %s) is working in %s; waiting for it to finish (lock %s)",
+                name,
+                holder,
+                directory,
+                path.name,
+            )
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()

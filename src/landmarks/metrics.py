@@ -5,6 +5,7 @@ confidence, descending (ties broken by id, ascending, so the score is determinis
 GAP = (1/M) * sum_i P(i) * rel(i) with M = number of test images whose truth is not empty.
 A prediction on an image with empty truth is a wrong prediction.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,7 @@ from landmarks.utils import LandmarksError
 
 log = logging.getLogger("landmarks.metrics")
 
+
 def _truth_sets(solution_df: pd.DataFrame) -> dict[str, set[str]]:
     return {str(i): set(str(t).split()) for i, t in zip(solution_df["id"], solution_df["landmarks"].fillna(""))}
 
@@ -30,7 +32,9 @@ def _ranked(solution_df: pd.DataFrame, predictions_df: pd.DataFrame):
     pred["label"] = pred["label"].fillna("").astype(str).str.strip()
     unknown = pred.loc[~pred["id"].isin(list(truth.keys())), "id"]
     if len(unknown):
-        raise LandmarksError(f"{len(unknown)} predictions for ids not in the solution (first: {', '.join(unknown[:3])})")
+        raise LandmarksError(
+            f"{len(unknown)} predictions for ids not in the solution (first: {', '.join(unknown[:3])})"
+        )
     dup = pred["id"].duplicated()
     if dup.any():
         raise LandmarksError(f"duplicate prediction for id {pred.loc[dup, 'id'].iloc[0]!r}")
@@ -82,10 +86,14 @@ def format_score(s: dict) -> str:
     if "gap_public" in s:
         lines.append(f"GAP Public {s['gap_public']:.6f}")
         lines.append(f"GAP Private {s['gap_private']:.6f}")
-    lines.append(f"accuracy {s['accuracy']:.6f} ({s['n_correct']}/{s['n_landmark']} landmark images; "
-                 f"{s['n_predicted']} predictions on {s['n_test']} test images)")
-    lines.append(f"confident wrong non-landmark predictions {s['confident_wrong_nonlandmark']} "
-                 f"(of {s['n_nonlandmark']} non-landmark images)")
+    lines.append(
+        f"accuracy {s['accuracy']:.6f} ({s['n_correct']}/{s['n_landmark']} landmark images; "
+        f"{s['n_predicted']} predictions on {s['n_test']} test images)"
+    )
+    lines.append(
+        f"confident wrong non-landmark predictions {s['confident_wrong_nonlandmark']} "
+        f"(of {s['n_nonlandmark']} non-landmark images)"
+    )
     return "\n".join(lines)
 
 

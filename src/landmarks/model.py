@@ -16,6 +16,7 @@ Heads (:class:`DelgNet`): GeM + FC whitening + ArcFace for the global descriptor
 (local block -> local_dim -> local block) on the stop-gradient local block.
 Keypoint boxes use the receptive field computed from the layer graph (:func:`receptive_field`).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,15 @@ from landmarks.utils import LandmarksError
 BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101", "tiny")
 
 # EfficientNet-B0/Lite0 stages: (kernel, stride, expand, out channels, repeats)
-LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
-                (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+LITE0_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
 LITE0_LOCAL = "block10_add"  # stride 16, 112 channels
 LITE0_LOCAL_EXPANDED = "block11_expand_activation"  # stride 16, 672 channels (ReLU6)
 RESNET_LOCAL = {"resnet50": "conv4_block6_out", "resnet101": "conv4_block23_out"}
@@ -66,6 +74,7 @@ def _keras():
 
 
 # ----------------------------------------------------------------------------------- backbones
+
 
 def _lite0_graph(include_top: bool = False, local_layer: str = LITE0_LOCAL):
     keras = _keras()
@@ -159,9 +168,11 @@ def _resnet_graph(name: str, init: str):
     try:
         base = app(include_top=False, weights=weights, input_shape=(None, None, 3))
     except Exception as e:  # offline: urllib / HTTP / OSError from keras' get_file
-        raise LandmarksError(f"--init imagenet for {name} needs keras' ImageNet download, which failed "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); use --set model.init=random "
-                             "or the offline efficientnet_lite0 backbone") from None
+        raise LandmarksError(
+            f"--init imagenet for {name} needs keras' ImageNet download, which failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); use --set model.init=random "
+            "or the offline efficientnet_lite0 backbone"
+        ) from None
     local = base.get_layer(RESNET_LOCAL[name]).output
     top = base.get_layer(RESNET_GLOBAL[name]).output
     return keras.Model(base.input, [local, top], name=name)
@@ -211,6 +222,7 @@ def normalize_pixels(x, mode: str):
 
 # ------------------------------------------------------------------------------ batch-norm folding
 
+
 def _foldable(model) -> dict:
     """BatchNormalization layer name -> the convolution it follows, for every inference BN whose
     input is a linear Conv2D / DepthwiseConv2D output that nothing else reads."""
@@ -230,8 +242,13 @@ def _foldable(model) -> dict:
         (t,) = call_inputs(layer_calls(layer)[0])
         conv = producing_layer(t)
         axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
-        if (type(conv) in (L.Conv2D, L.DepthwiseConv2D) and readers[id(t)] == 1 and axis in (-1, 3)
-                and conv.get_config().get("activation") == "linear" and len(layer_calls(conv)) == 1):
+        if (
+            type(conv) in (L.Conv2D, L.DepthwiseConv2D)
+            and readers[id(t)] == 1
+            and axis in (-1, 3)
+            and conv.get_config().get("activation") == "linear"
+            and len(layer_calls(conv)) == 1
+        ):
             out[layer.name] = conv
     return out
 
@@ -290,6 +307,7 @@ def fold_batchnorm(model):
 
 # ------------------------------------------------------------------------------ receptive field
 
+
 def _layer_geometry(layer, in_size: int):
     """(kernel, stride, pad_before, out_size) of a spatial layer along one axis; None if pointwise."""
     cls = type(layer).__name__
@@ -310,8 +328,16 @@ def _layer_geometry(layer, in_size: int):
     if cls == "ZeroPadding2D":
         (top, bottom), _ = layer.padding
         return 1, 1, top, in_size + top + bottom
-    if cls in ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten", "Dense", "Reshape", "Cropping2D",
-               "UpSampling2D", "Conv2DTranspose"):
+    if cls in (
+        "GlobalAveragePooling2D",
+        "GlobalMaxPooling2D",
+        "Flatten",
+        "Dense",
+        "Reshape",
+        "Cropping2D",
+        "UpSampling2D",
+        "Conv2DTranspose",
+    ):
         raise LandmarksError(f"receptive field: layer {layer.name} ({cls}) breaks the spatial grid")
     return None
 
@@ -357,6 +383,7 @@ def output_layer_name(model, index: int) -> str:
 
 # ------------------------------------------------------------------------------------- heads
 
+
 def _layers():
     keras = _keras()
     from landmarks.tfquiet import tf
@@ -370,8 +397,9 @@ def _layers():
             self.p0, self.trainable_p, self.eps = float(p), bool(trainable_p), eps
 
         def build(self, input_shape):
-            self.p = self.add_weight(name="p", shape=(), initializer=keras.initializers.Constant(self.p0),
-                                     trainable=self.trainable_p)
+            self.p = self.add_weight(
+                name="p", shape=(), initializer=keras.initializers.Constant(self.p0), trainable=self.trainable_p
+            )
 
         def call(self, x):
             x = tf.cast(x, tf.float32)
@@ -392,8 +420,9 @@ def _layers():
         def build(self, input_shape):
             d = int(input_shape[-1])
             self.s = self.scale or math.sqrt(d)
-            self.w = self.add_weight(name="kernel", shape=(d, self.num_classes),
-                                     initializer="glorot_uniform", trainable=True)
+            self.w = self.add_weight(
+                name="kernel", shape=(d, self.num_classes), initializer="glorot_uniform", trainable=True
+            )
 
         def call(self, x, labels=None):
             x = tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
@@ -406,8 +435,7 @@ def _layers():
             return self.s * tf.where(onehot > 0, tf.cos(theta + self.margin), cos)
 
         def get_config(self):
-            return {**super().get_config(), "num_classes": self.num_classes, "margin": self.margin,
-                    "scale": self.scale}
+            return {**super().get_config(), "num_classes": self.num_classes, "margin": self.margin, "scale": self.scale}
 
     return GeM, ArcFace
 

@@ -12,6 +12,7 @@ Unset variables fall back to the demo defaults (data/demo, work, models/default)
 The .ipynb files in the repository carry no outputs: this runner executes an in-memory copy and
 writes only HTML; ``--strip`` removes outputs from notebooks saved by hand from Jupyter.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,32 @@ from landmarks.utils import LandmarksError, atomic_path
 
 log = logging.getLogger("landmarks.notebooks")
 
-ENV = {"data_dir": "LANDMARKS_DATA_DIR", "work_dir": "LANDMARKS_WORK_DIR", "model": "LANDMARKS_MODEL",
-       "submission": "LANDMARKS_SUBMISSION", "config": "LANDMARKS_CONFIG", "overrides": "LANDMARKS_SET",
-       "small": "LANDMARKS_SMALL_DEMO"}
-DEFAULTS = {"data_dir": "data/demo", "work_dir": "work", "model": "models/default",
-            "submission": "submission/submission.csv"}
+ENV = {
+    "data_dir": "LANDMARKS_DATA_DIR",
+    "work_dir": "LANDMARKS_WORK_DIR",
+    "model": "LANDMARKS_MODEL",
+    "submission": "LANDMARKS_SUBMISSION",
+    "config": "LANDMARKS_CONFIG",
+    "overrides": "LANDMARKS_SET",
+    "small": "LANDMARKS_SMALL_DEMO",
+}
+DEFAULTS = {
+    "data_dir": "data/demo",
+    "work_dir": "work",
+    "model": "models/default",
+    "submission": "submission/submission.csv",
+}
 # The notebook-sized demo (DemoConfig fields): ~35 train and ~25 test images of 256 px.
-SMALL_DEMO = {"num_landmarks": 8, "views_per_landmark": 4, "test_views_per_landmark": 2, "unseen_landmarks": 2,
-              "num_distractors": 6, "image_size": 256, "families": 4, "jobs": 1}
+SMALL_DEMO = {
+    "num_landmarks": 8,
+    "views_per_landmark": 4,
+    "test_views_per_landmark": 2,
+    "unseen_landmarks": 2,
+    "num_distractors": 6,
+    "image_size": 256,
+    "families": 4,
+    "jobs": 1,
+}
 # Settings for the small run: one shard, in-process workers (process start-up would dominate).
 SMALL_OVERRIDES = {"extract": {"shards": 1, "jobs": 1}, "verify": {"jobs": 1}}
 
@@ -61,8 +80,10 @@ class Context:
     small: bool = True
 
     def __repr__(self) -> str:
-        return (f"Context(data_dir={str(self.data_dir)!r}, work_dir={str(self.work_dir)!r}, "
-                f"model={str(self.model)!r}, submission={str(self.submission)!r}, small_demo={self.small})")
+        return (
+            f"Context(data_dir={str(self.data_dir)!r}, work_dir={str(self.work_dir)!r}, "
+            f"model={str(self.model)!r}, submission={str(self.submission)!r}, small_demo={self.small})"
+        )
 
 
 def context() -> Context:
@@ -127,12 +148,14 @@ def run_pipeline(run: Context) -> dict:
     if cfg.verify.enabled:
         t = time.time()
         extract.run_local_features(cfg, run.data_dir, work.root, run.model, knn_path)
-        verified = verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"),
-                                     work.verified(cfg), work.whiten(cfg))
+        verified = verify.run_verify(
+            cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg)
+        )
         times["local features + verify"] = time.time() - t
     t = time.time()
-    sub = predict.run_predict(cfg, run.data_dir, knn_path, verified, run.submission, work.features_root,
-                              work.whiten(cfg))
+    sub = predict.run_predict(
+        cfg, run.data_dir, knn_path, verified, run.submission, work.features_root, work.whiten(cfg)
+    )
     times["predict (vote)"] = time.time() - t
     t = time.time()
     report = run_validate(run.cfg, run.data_dir, run.work_dir, run.model, sub)
@@ -196,8 +219,9 @@ def _write_html(nb, path: Path) -> Path:
     return path
 
 
-def run_notebook(path: str | Path, out_dir: str | Path, env: dict | None = None, timeout: int = 900,
-                 cwd: str | Path | None = None) -> Path:
+def run_notebook(
+    path: str | Path, out_dir: str | Path, env: dict | None = None, timeout: int = 900, cwd: str | Path | None = None
+) -> Path:
     """Execute one notebook (a failing cell raises LandmarksError) and write OUT/<name>.html.
     The HTML is written even when a cell fails, so the error can be read there."""
     import nbformat
@@ -210,8 +234,13 @@ def run_notebook(path: str | Path, out_dir: str | Path, env: dict | None = None,
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF start-up chatter out of the outputs
     full_env.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the HTML
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=False,
-                            resources={"metadata": {"path": str(cwd or repo_root())}})
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=False,
+        resources={"metadata": {"path": str(cwd or repo_root())}},
+    )
     html = out_dir / f"{path.stem}.html"
     t0 = time.time()
     try:
@@ -228,12 +257,18 @@ def run_notebook(path: str | Path, out_dir: str | Path, env: dict | None = None,
     return html
 
 
-def notebook_env(data_dir=None, work_dir=None, model=None, submission=None, config=None,
-                 overrides=None, small: bool | None = None) -> dict:
+def notebook_env(
+    data_dir=None, work_dir=None, model=None, submission=None, config=None, overrides=None, small: bool | None = None
+) -> dict:
     """LANDMARKS_* variables for the given values (absolute paths); None values are left out."""
     env = {}
-    for key, value in (("data_dir", data_dir), ("work_dir", work_dir), ("model", model),
-                       ("submission", submission), ("config", config)):
+    for key, value in (
+        ("data_dir", data_dir),
+        ("work_dir", work_dir),
+        ("model", model),
+        ("submission", submission),
+        ("config", config),
+    ):
         if value:
             env[ENV[key]] = str(Path(value).resolve())
     if overrides:
@@ -243,8 +278,13 @@ def notebook_env(data_dir=None, work_dir=None, model=None, submission=None, conf
     return env
 
 
-def run_notebooks(out_dir: str | Path, notebooks_dir: str | Path | None = None, env: dict | None = None,
-                  timeout: int = 900, only: list[str] | None = None) -> list[Path]:
+def run_notebooks(
+    out_dir: str | Path,
+    notebooks_dir: str | Path | None = None,
+    env: dict | None = None,
+    timeout: int = 900,
+    only: list[str] | None = None,
+) -> list[Path]:
     """Execute every notebook of notebooks_dir in name order; return the HTML paths."""
     from tqdm import tqdm
 
@@ -267,14 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     from landmarks.config import ConfigError
     from landmarks.utils import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m landmarks.notebooks", parents=[common_parser()],
-                                     description="Execute notebooks/*.ipynb and write HTML into --out.")
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.notebooks",
+        parents=[common_parser()],
+        description="Execute notebooks/*.ipynb and write HTML into --out.",
+    )
     parser.add_argument("--out", default=None, help="HTML output directory (default WORK_DIR/notebooks)")
     parser.add_argument("--notebooks", default=None, help="notebook directory (default: the repo's notebooks/)")
     parser.add_argument("--only", action="append", default=[], help="run only this notebook (repeatable)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell (default 900)")
-    parser.add_argument("--full", action="store_true",
-                        help="notebook 02 runs on DATA_DIR/WORK_DIR instead of a small demo")
+    parser.add_argument(
+        "--full", action="store_true", help="notebook 02 runs on DATA_DIR/WORK_DIR instead of a small demo"
+    )
     parser.add_argument("--strip", action="store_true", help="strip outputs from the notebooks in place and exit")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -286,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                     nbformat.write(nb, p)
                     print(f"stripped {p}")
             return 0
-        env = notebook_env(args.data_dir, args.work_dir, args.model, args.submission, args.config,
-                           args.overrides, small=not args.full)
+        env = notebook_env(
+            args.data_dir, args.work_dir, args.model, args.submission, args.config, args.overrides, small=not args.full
+        )
         out = Path(args.out) if args.out else Path(args.work_dir) / "notebooks"
         for html in run_notebooks(out, args.notebooks, env=env, timeout=args.timeout, only=args.only):
             print(html)

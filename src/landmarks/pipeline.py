@@ -4,6 +4,7 @@ Each step is one stage's public function with the paths of the WORK_DIR layout; 
 decides anything a stage does not.  From a shell, `make predict` runs the same steps as separate
 commands (features, whiten, knn, local-features, verify, predict).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,6 +33,7 @@ def run_after_features(cfg, data_dir, work_dir, model_dir, submission, jobs: int
     verified = None
     if cfg.verify.enabled:
         extract.run_local_features(cfg, data_dir, work.root, model_dir, knn_path, jobs=jobs)
-        verified = verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"),
-                                     work.verified(cfg), work.whiten(cfg))
+        verified = verify.run_verify(
+            cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg)
+        )
     return predict.run_predict(cfg, data_dir, knn_path, verified, submission, work.features_root, work.whiten(cfg))

@@ -13,6 +13,7 @@ landmark ('distractors': a CSV of ids whose global features are stored; 'test': 
 best train similarity is lowest) scores like one extra label; a test image's confidence is
 lowered by weight x that score, so confident predictions on non-landmarks drop in the ranking.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,8 +52,9 @@ def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.n
     return base
 
 
-def vote(cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarray,
-         inliers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def vote(
+    cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarray, inliers: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels ([q] int64, NO_LABEL = none) and confidences ([q] float64) from the neighbours.
 
     `cfg` is the VoteConfig; knn_idx indexes `train_labels`; `inliers` [q, R] covers the first R
@@ -92,8 +94,9 @@ def vote(cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarra
 
 
 # -- non-landmark suppression --------------------------------------------------------------------
-def nonlandmark_score(cfg_vote, cfg_knn, queries: np.ndarray, query_ids: list[str], pool: np.ndarray,
-                      pool_ids: list[str]) -> np.ndarray:
+def nonlandmark_score(
+    cfg_vote, cfg_knn, queries: np.ndarray, query_ids: list[str], pool: np.ndarray, pool_ids: list[str]
+) -> np.ndarray:
     """Per query: the vote score the non-landmark pool gets as one label (self matches excluded)."""
     from landmarks.knn import search
 
@@ -105,9 +108,9 @@ def nonlandmark_score(cfg_vote, cfg_knn, queries: np.ndarray, query_ids: list[st
     pool_ids_arr = np.asarray(pool_ids, dtype=object)
     self_hit = pool_ids_arr[idx] == np.asarray(query_ids, dtype=object)[:, None]
     sims = np.where(self_hit, -np.inf, sims)
-    sims = -np.sort(-sims, axis=1)[:, :k - 1 if k > 1 else 1]
+    sims = -np.sort(-sims, axis=1)[:, : k - 1 if k > 1 else 1]
     sims = np.where(np.isfinite(sims), sims, 0.0)
-    top = sims[:, :max(1, int(cfg_vote.top_k))]
+    top = sims[:, : max(1, int(cfg_vote.top_k))]
     if cfg_vote.method == "host":
         return np.clip(top, 0, None).sum(axis=1)
     return (np.clip(top, 0.0, None) ** cfg_vote.power).sum(axis=1)
@@ -124,8 +127,9 @@ def _global_matrix(cfg, directory: Path, whitening: dict | None) -> tuple[list[s
     return ids, x
 
 
-def suppression_penalty(cfg, features_root: str | Path, test_ids: list[str], best_train_sim: np.ndarray,
-                        whitening: dict | None = None) -> np.ndarray:
+def suppression_penalty(
+    cfg, features_root: str | Path, test_ids: list[str], best_train_sim: np.ndarray, whitening: dict | None = None
+) -> np.ndarray:
     """weight x non-landmark score per test image (zeros when suppression is 'none').
 
     `features_root` holds the feature directories (test, and distractors/train for 'distractors');
@@ -142,7 +146,9 @@ def suppression_penalty(cfg, features_root: str | Path, test_ids: list[str], bes
     queries = x[[pos[i] for i in test_ids]]
     if vc.suppression == "test":
         best = np.asarray(best_train_sim, np.float64)
-        thr = vc.suppression_max_sim if vc.suppression_max_sim > 0 else float(np.quantile(best, vc.suppression_quantile))
+        thr = (
+            vc.suppression_max_sim if vc.suppression_max_sim > 0 else float(np.quantile(best, vc.suppression_quantile))
+        )
         mask = best <= thr
         pool_ids = [i for i, m in zip(test_ids, mask) if m]
         pool = queries[mask]
@@ -179,8 +185,10 @@ def _distractor_pool(cfg, features_root: Path, whitening: dict | None) -> tuple[
             found.setdefault(i, row)
     missing = [i for i in want if i not in found]
     if missing:
-        raise LandmarksError(f"{len(missing)} distractor ids of {path} have no stored global features "
-                             f"(e.g. {missing[0]}); extract them into {features_root / 'distractors'}")
+        raise LandmarksError(
+            f"{len(missing)} distractor ids of {path} have no stored global features "
+            f"(e.g. {missing[0]}); extract them into {features_root / 'distractors'}"
+        )
     if not want:
         raise LandmarksError(f"{path} lists no distractor ids")
     return want, np.stack([found[i] for i in want]).astype(np.float32)
@@ -238,8 +246,9 @@ def write_submission(path: str | Path, test_ids, labels, confidences, expected_i
         try:
             _check_written(tmp, expected)
         except LandmarksError as e:  # name the final file, not the temp one about to be removed
-            raise LandmarksError(f"submission {path} not written: its check failed: "
-                                 f"{str(e).replace(str(tmp), 'the written file')}") from None
+            raise LandmarksError(
+                f"submission {path} not written: its check failed: {str(e).replace(str(tmp), 'the written file')}"
+            ) from None
     return path
 
 
@@ -263,19 +272,27 @@ def load_inputs(cfg, data_dir, knn_path: str | Path, verified_path: str | Path |
     train_ids = [str(i) for i in knn["train_ids"]]
     missing = [i for i in train_ids if i not in lab]
     if missing:
-        raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv (e.g. {missing[0]}): "
-                             "features belong to another dataset; use another WORK_DIR")
+        raise LandmarksError(
+            f"{len(missing)} train feature ids are not in {data_dir}/train.csv (e.g. {missing[0]}): "
+            "features belong to another dataset; use another WORK_DIR"
+        )
     inliers = None
     if verified_path is not None:
         from landmarks.verify import verify_fingerprint
 
         ver = _read_output(verified_path, "verify")
         if str(ver["fingerprint"]) != verify_fingerprint(cfg, str(knn["fingerprint"])):
-            raise LandmarksError(f"{verified_path} was made from another knn output or settings: "
-                                 "rerun `landmarks verify` (make verify)")
+            raise LandmarksError(
+                f"{verified_path} was made from another knn output or settings: rerun `landmarks verify` (make verify)"
+            )
         inliers = ver["inliers"]
-    return {"knn": knn, "inliers": inliers, "train_labels": np.array([lab[i] for i in train_ids], np.int64),
-            "test_ids": [str(i) for i in knn["test_ids"]], "expected_ids": [str(i) for i in test["id"]]}
+    return {
+        "knn": knn,
+        "inliers": inliers,
+        "train_labels": np.array([lab[i] for i in train_ids], np.int64),
+        "test_ids": [str(i) for i in knn["test_ids"]],
+        "expected_ids": [str(i) for i in test["id"]],
+    }
 
 
 def _read_output(path: str | Path, stage: str) -> dict:
@@ -287,8 +304,9 @@ def _read_output(path: str | Path, stage: str) -> dict:
     return load_npz(path)
 
 
-def predict_arrays(cfg, inputs: dict, features_root: str | Path, whitening: dict | None = None,
-                   inliers="default") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_arrays(
+    cfg, inputs: dict, features_root: str | Path, whitening: dict | None = None, inliers="default"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, confidences after suppression, penalty) for the knn test ids."""
     knn = inputs["knn"]
     inl = inputs["inliers"] if isinstance(inliers, str) else inliers
@@ -298,8 +316,15 @@ def predict_arrays(cfg, inputs: dict, features_root: str | Path, whitening: dict
     return labels, conf - penalty, penalty
 
 
-def run_predict(cfg, data_dir, knn_path: str | Path, verified_path: str | Path | None, submission: str | Path,
-                features_root: str | Path, whiten_path: str | Path | None = None) -> Path:
+def run_predict(
+    cfg,
+    data_dir,
+    knn_path: str | Path,
+    verified_path: str | Path | None,
+    submission: str | Path,
+    features_root: str | Path,
+    whiten_path: str | Path | None = None,
+) -> Path:
     """Stage: vote over the knn neighbours (+ verified inliers) -> SUBMISSION, every test id once.
 
     `verified_path` None = global only.  `features_root` and `whiten_path` are read only for
@@ -323,13 +348,18 @@ def stage_paths(cfg, work_dir) -> dict:
     from landmarks.layout import WorkLayout
 
     work = WorkLayout(work_dir)
-    return {"knn_path": work.knn(cfg), "verified_path": work.verified(cfg) if cfg.verify.enabled else None,
-            "features_root": work.features_root, "whiten_path": work.whiten(cfg)}
+    return {
+        "knn_path": work.knn(cfg),
+        "verified_path": work.verified(cfg) if cfg.verify.enabled else None,
+        "features_root": work.features_root,
+        "whiten_path": work.whiten(cfg),
+    }
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("predict", parents=[common],
-                              help="vote over the knn (+ verify) outputs -> submission CSV")
+    p = subparsers.add_parser(
+        "predict", parents=[common], help="vote over the knn (+ verify) outputs -> submission CSV"
+    )
     p.set_defaults(func=_cli)
 
 

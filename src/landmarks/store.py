@@ -19,6 +19,7 @@ Local features of shortlisted train images (stage ``landmarks local-features``) 
 the same format as ``local-cache-*.h5`` next to the shards.  ``store-index.npz`` beside them persists the
 id -> (file, row) index, keyed by the files' names, sizes and mtimes (``load_index``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -203,16 +204,31 @@ class StoreIndex:
             perm = np.argsort(np.asarray(g_ord, np.int64), kind="stable")
             g_ids_a, g_loc_a = g_ids_a[perm], g_loc_a[perm]
         fails = {i: r for i, r in fails.items() if i not in seen_g}
-        return StoreIndex(digest, [p.name for p in files], g_ids_a, g_loc_a, _encode(l_ids),
-                          np.asarray(l_loc, np.int64).reshape(-1, 2), _encode(list(fails)),
-                          _encode(list(fails.values())))
+        return StoreIndex(
+            digest,
+            [p.name for p in files],
+            g_ids_a,
+            g_loc_a,
+            _encode(l_ids),
+            np.asarray(l_loc, np.int64).reshape(-1, 2),
+            _encode(list(fails)),
+            _encode(list(fails.values())),
+        )
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, digest=np.array(self.digest), files=np.array(self.files, dtype=str),
-                         g_ids=self.g_ids, g_loc=self.g_loc, l_ids=self.l_ids, l_loc=self.l_loc,
-                         f_ids=self.f_ids, f_reasons=self.f_reasons)
+                np.savez(
+                    f,
+                    digest=np.array(self.digest),
+                    files=np.array(self.files, dtype=str),
+                    g_ids=self.g_ids,
+                    g_loc=self.g_loc,
+                    l_ids=self.l_ids,
+                    l_loc=self.l_loc,
+                    f_ids=self.f_ids,
+                    f_reasons=self.f_reasons,
+                )
 
     @staticmethod
     def load(path: Path, digest: str, local_only: bool = False) -> "StoreIndex | None":
@@ -227,8 +243,17 @@ class StoreIndex:
                     g_ids, g_loc, f_ids, f_reasons = none, loc, none, none
                 else:
                     g_ids, g_loc, f_ids, f_reasons = z["g_ids"], z["g_loc"], z["f_ids"], z["f_reasons"]
-                return StoreIndex(digest, [str(x) for x in z["files"]], g_ids, g_loc, z["l_ids"], z["l_loc"],
-                                  f_ids, f_reasons, local_only)
+                return StoreIndex(
+                    digest,
+                    [str(x) for x in z["files"]],
+                    g_ids,
+                    g_loc,
+                    z["l_ids"],
+                    z["l_loc"],
+                    f_ids,
+                    f_reasons,
+                    local_only,
+                )
         except (OSError, KeyError, ValueError):
             return None
 
@@ -280,7 +305,8 @@ class FeatureStore:
         self.index = index
         self.files = [self.directory / n for n in index.files]
         self._local_rows: dict[str, tuple[int, int]] = {
-            i.decode(): (int(a), int(b)) for i, (a, b) in zip(index.l_ids.tolist(), index.l_loc.tolist())}
+            i.decode(): (int(a), int(b)) for i, (a, b) in zip(index.l_ids.tolist(), index.l_loc.tolist())
+        }
         self._order_cache: list[str] | None = None
 
     def _full(self) -> None:

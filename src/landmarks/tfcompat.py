@@ -6,6 +6,7 @@ concrete function's variables into constants.  Each of those is one function her
 TF upgrade that moves a private attribute breaks one module (and tests/test_tfcompat.py), not the
 model code that uses it.
 """
+
 from __future__ import annotations
 
 

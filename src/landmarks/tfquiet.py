@@ -49,8 +49,11 @@ _LOCK = threading.Lock()
 def _kept(text: str) -> list[str]:
     """The captured lines worth showing."""
     no_driver = bool(NO_DRIVER.search(text))
-    return [ln for ln in text.splitlines(keepends=True)
-            if not BANNERS.search(ln) and not (no_driver and NO_DRIVER_ONLY.search(ln))]
+    return [
+        ln
+        for ln in text.splitlines(keepends=True)
+        if not BANNERS.search(ln) and not (no_driver and NO_DRIVER_ONLY.search(ln))
+    ]
 
 
 def import_tensorflow():

@@ -20,6 +20,7 @@ same batches.  Checkpoints (weights + optimizer state + history) go to ``W/train
 ``train.checkpoint_every`` steps; a rerun resumes from the last one (if model/train config and
 labels are unchanged).  ``W/train/curves.png`` plots loss and accuracy.
 """
+
 from __future__ import annotations
 
 import json
@@ -103,9 +104,15 @@ def make_dataset(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray, tc,
         img = read_train_image(tf.gather(paths, i))
         s = tf.stack([tf.cast(step_seed, tf.int32), tf.constant(seed, tf.int32)])
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(img), bounding_boxes=tf.zeros([1, 0, 4]), seed=s, min_object_covered=0.1,
-            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.25, 1.0), max_attempts=20,
-            use_image_if_no_bounding_boxes=True)
+            tf.shape(img),
+            bounding_boxes=tf.zeros([1, 0, 4]),
+            seed=s,
+            min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.25, 1.0),
+            max_attempts=20,
+            use_image_if_no_bounding_boxes=True,
+        )
         img = tf.slice(img, begin, size)
         img = tf.image.resize(tf.cast(img, tf.float32), (crop, crop))
         img = tf.image.stateless_random_flip_left_right(img, s + 1)
@@ -132,8 +139,13 @@ class Curves(NamedTuple):
     smooth_scores: bool = False  # rolling mean of 5 for the scores too
 
 
-TRAIN_CURVES = Curves(("loss", "arcface", "attention", "reconstruction"), ("accuracy", "attention_accuracy"),
-                      "batch accuracy", log_loss=True, smooth_scores=True)
+TRAIN_CURVES = Curves(
+    ("loss", "arcface", "attention", "reconstruction"),
+    ("accuracy", "attention_accuracy"),
+    "batch accuracy",
+    log_loss=True,
+    smooth_scores=True,
+)
 
 
 def plot_curves(history: list[dict], path: Path, curves: Curves) -> None:
@@ -158,8 +170,9 @@ def plot_curves(history: list[dict], path: Path, curves: Curves) -> None:
     axes[0].legend()
     for col in curves.scores:
         if col in h:
-            axes[1].plot(h["step"], h[col].rolling(5, min_periods=1).mean() if curves.smooth_scores else h[col],
-                         label=col)
+            axes[1].plot(
+                h["step"], h[col].rolling(5, min_periods=1).mean() if curves.smooth_scores else h[col], label=col
+            )
     axes[1].set_xlabel("step")
     axes[1].set_title(curves.scores_title)
     axes[1].legend()
@@ -190,8 +203,10 @@ class _Checkpointer:
             return None
         state = json.loads(self.state_path.read_text())
         if state.get("fingerprint") != self.fingerprint:
-            raise LandmarksError(f"{self.state_path} belongs to a different model/train config or label set; "
-                                 "pass --restart to start over (or use another --work-dir)")
+            raise LandmarksError(
+                f"{self.state_path} belongs to a different model/train config or label set; "
+                "pass --restart to start over (or use another --work-dir)"
+            )
         return state
 
     def save(self, net, optimizer, state: dict) -> None:
@@ -233,8 +248,15 @@ class _Checkpointer:
             var.assign(val)
 
 
-def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, *,
-          restart: bool = False, stop_after: int | None = None) -> Path | None:
+def train(
+    cfg,
+    data_dir: str | Path,
+    work_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    restart: bool = False,
+    stop_after: int | None = None,
+) -> Path | None:
     """Train DELG on DATA's train split, checkpointing in WORK/train; export to OUT when done.
 
     `stop_after` ends this run after that many total steps without exporting (used to test
@@ -269,8 +291,13 @@ def train(cfg, data_dir: str | Path, work_dir: str | Path, out_dir: str | Path, 
     if old is not None and old.get("fingerprint") == fp and old.get("steps") == step:
         log.info("%s is up to date (trained %d steps)", out_dir, step)
         return Path(out_dir)
-    meta = {"fingerprint": fp, "num_classes": len(classes), "steps": step, "train_images": len(df),
-            "data_dir": str(data_dir)}
+    meta = {
+        "fingerprint": fp,
+        "num_classes": len(classes),
+        "steps": step,
+        "train_images": len(df),
+        "data_dir": str(data_dir),
+    }
     return export_trained(net, cfg, out_dir, meta=meta)
 
 
@@ -295,8 +322,9 @@ def _build_model(cfg, num_classes: int):
     crop = int(tc.crop_size)
     net(tf.zeros([1, crop, crop, 3]), training=False, labels=tf.zeros([1], tf.int32))
     schedule = keras.optimizers.schedules.PolynomialDecay(tc.learning_rate, tc.steps, end_learning_rate=0.0, power=1.0)
-    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=tc.momentum,
-                                     global_clipnorm=tc.clip_norm if tc.clip_norm > 0 else None)
+    optimizer = keras.optimizers.SGD(
+        learning_rate=schedule, momentum=tc.momentum, global_clipnorm=tc.clip_norm if tc.clip_norm > 0 else None
+    )
     if tc.mixed_precision and gpus:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(net.trainable_variables)
@@ -320,23 +348,41 @@ def _make_train_step(cfg, net, optimizer):
         x = normalize_pixels(x, mode)
         with tf.GradientTape() as tape:
             out = net(x, training=True, labels=y)
-            arc = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=y, logits=tf.cast(out["logits"], tf.float32)))
-            att = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=y, logits=tf.cast(out["att_logits"], tf.float32)))
+            arc = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(out["logits"], tf.float32))
+            )
+            att = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(out["att_logits"], tf.float32))
+            )
             rec = tf.cast(out["recon_mse"], tf.float32)
             loss = arc + w_att * att + w_rec * rec
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         grads = tape.gradient(scaled, net.trainable_variables)
         optimizer.apply_gradients(zip(grads, net.trainable_variables))
-        return {"loss": loss, "arcface": arc, "attention": att, "reconstruction": rec,
-                "accuracy": accuracy(out["logits"], y), "attention_accuracy": accuracy(out["att_logits"], y)}
+        return {
+            "loss": loss,
+            "arcface": arc,
+            "attention": att,
+            "reconstruction": rec,
+            "accuracy": accuracy(out["logits"], y),
+            "attention_accuracy": accuracy(out["att_logits"], y),
+        }
 
     return train_step
 
 
-def _run_steps(cfg, net, optimizer, ck: _Checkpointer, paths: np.ndarray, labels: np.ndarray, step: int,
-               end: int, history: list, state: dict) -> int:
+def _run_steps(
+    cfg,
+    net,
+    optimizer,
+    ck: _Checkpointer,
+    paths: np.ndarray,
+    labels: np.ndarray,
+    step: int,
+    end: int,
+    history: list,
+    state: dict,
+) -> int:
     """Train from `step` to `end` on the seeded sample order, appending to `history`; checkpoint
     (with `state`) and plot every train.checkpoint_every steps and at `end`.  Returns `end`."""
     from tqdm import tqdm
@@ -344,15 +390,14 @@ def _run_steps(cfg, net, optimizer, ck: _Checkpointer, paths: np.ndarray, labels
     tc = cfg.train
     train_step = _make_train_step(cfg, net, optimizer)
     idx = sample_indices(labels, tc.steps * tc.batch_size, tc.seed, tc.class_balanced)
-    idx = idx[step * tc.batch_size:end * tc.batch_size]
+    idx = idx[step * tc.batch_size : end * tc.batch_size]
     ds = make_dataset(paths, labels, idx, tc, offset=step * tc.batch_size)
     t0 = time.time()
     bar = tqdm(total=end - step, desc="train", unit="step", disable=None)
     for x, y in ds:
         m = {k: float(v) for k, v in train_step(x, y).items()}
         if not np.isfinite(m["loss"]):
-            raise LandmarksError(f"training diverged at step {step + 1} (loss {m['loss']}); "
-                                 "lower train.learning_rate")
+            raise LandmarksError(f"training diverged at step {step + 1} (loss {m['loss']}); lower train.learning_rate")
         step += 1
         history.append({"step": step, **m})
         bar.update(1)

@@ -1,4 +1,5 @@
 """Small shared helpers: atomic writes, file fingerprints, logging, clear errors."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ host-baseline voting, and, for each option that is on, the same run with that op
 knn-level option off is one more knn output, named after its settings beside the default's).
 Writes WORK_DIR/report.md and PNG plots in WORK_DIR/plots/.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,6 +42,7 @@ def split_inliers(cand_labels: np.ndarray, truth, inliers: np.ndarray) -> tuple[
 
 def separation(good: np.ndarray, bad: np.ndarray) -> dict:
     """Quantiles of correct and wrong inliers, ROC AUC (correct above wrong) and the random floor."""
+
     def q(x, p):
         return float(np.quantile(x, p)) if len(x) else float("nan")
 
@@ -49,13 +51,21 @@ def separation(good: np.ndarray, bad: np.ndarray) -> dict:
         from scipy.stats import rankdata
 
         ranks = rankdata(both)
-        auc = float((ranks[:len(good)].sum() - len(good) * (len(good) + 1) / 2) / (len(good) * len(bad)))
+        auc = float((ranks[: len(good)].sum() - len(good) * (len(good) + 1) / 2) / (len(good) * len(bad)))
     else:
         auc = float("nan")
-    return {"n_good": len(good), "n_bad": len(bad), "good_q10": q(good, 0.1), "good_q50": q(good, 0.5),
-            "good_q90": q(good, 0.9), "bad_q50": q(bad, 0.5), "bad_q90": q(bad, 0.9), "floor": q(bad, 0.95),
-            "auc": auc, "good_at_floor": float(np.mean(good <= q(bad, 0.95))) if len(good) and len(bad) else float("nan")}
-
+    return {
+        "n_good": len(good),
+        "n_bad": len(bad),
+        "good_q10": q(good, 0.1),
+        "good_q50": q(good, 0.5),
+        "good_q90": q(good, 0.9),
+        "bad_q50": q(bad, 0.5),
+        "bad_q90": q(bad, 0.9),
+        "floor": q(bad, 0.95),
+        "auc": auc,
+        "good_at_floor": float(np.mean(good <= q(bad, 0.95))) if len(good) and len(bad) else float("nan"),
+    }
 
 
 def diagnostics_section(cfg, solution, inputs) -> list[str]:
@@ -68,22 +78,33 @@ def diagnostics_section(cfg, solution, inputs) -> list[str]:
     cand = np.where(idx >= 0, labels[np.clip(idx, 0, None)], -1).astype(str)
     at = [r for r in cfg.hard.recall_at if r <= idx.shape[1]] or [idx.shape[1]]
     rec = shortlist_recall(cand, truth, at)
-    out = ["## Shortlist recall@R (global kNN)", "",
-           "Share of landmark test images with a correct-class train image among the top R neighbours "
-           f"({int((truth != '').sum())} landmark test images).", "",
-           "| " + " | ".join(f"R@{r}" for r in at) + " |", "|" + "---|" * len(at),
-           "| " + " | ".join(f"{rec[r]:.3f}" for r in at) + " |", ""]
+    out = [
+        "## Shortlist recall@R (global kNN)",
+        "",
+        "Share of landmark test images with a correct-class train image among the top R neighbours "
+        f"({int((truth != '').sum())} landmark test images).",
+        "",
+        "| " + " | ".join(f"R@{r}" for r in at) + " |",
+        "|" + "---|" * len(at),
+        "| " + " | ".join(f"{rec[r]:.3f}" for r in at) + " |",
+        "",
+    ]
     if inputs["inliers"] is None:
         return out
     inl = np.asarray(inputs["inliers"])[rows]
-    sep = separation(*split_inliers(cand[:, :inl.shape[1]], truth, inl))
-    out += ["## Inlier separation (verification)", "",
-            f"Inliers of the top {inl.shape[1]} candidates of landmark test images: correct-class against wrong "
-            "candidates. The random floor is what a non-matching pair gets (wrong candidates' 95th percentile).", "",
-            "| correct n | correct q10 / q50 / q90 | wrong n | wrong q50 / q90 | random floor | correct at or below floor | ROC AUC |",
-            "|---|---|---|---|---|---|---|",
-            f"| {sep['n_good']} | {sep['good_q10']:.0f} / {sep['good_q50']:.0f} / {sep['good_q90']:.0f} | {sep['n_bad']} | "
-            f"{sep['bad_q50']:.0f} / {sep['bad_q90']:.0f} | {sep['floor']:.0f} | {sep['good_at_floor']:.3f} | {sep['auc']:.3f} |", ""]
+    sep = separation(*split_inliers(cand[:, : inl.shape[1]], truth, inl))
+    out += [
+        "## Inlier separation (verification)",
+        "",
+        f"Inliers of the top {inl.shape[1]} candidates of landmark test images: correct-class against wrong "
+        "candidates. The random floor is what a non-matching pair gets (wrong candidates' 95th percentile).",
+        "",
+        "| correct n | correct q10 / q50 / q90 | wrong n | wrong q50 / q90 | random floor | correct at or below floor | ROC AUC |",
+        "|---|---|---|---|---|---|---|",
+        f"| {sep['n_good']} | {sep['good_q10']:.0f} / {sep['good_q50']:.0f} / {sep['good_q90']:.0f} | {sep['n_bad']} | "
+        f"{sep['bad_q50']:.0f} / {sep['bad_q90']:.0f} | {sep['floor']:.0f} | {sep['good_at_floor']:.3f} | {sep['auc']:.3f} |",
+        "",
+    ]
     return out
 
 
@@ -93,8 +114,11 @@ def _predictions_df(test_ids, labels, conf, solution):
     from landmarks.predict import NO_LABEL
 
     keep = set(solution["id"].astype(str))
-    rows = [(i, str(int(lab)) if lab != NO_LABEL else "", float(c) if lab != NO_LABEL else np.nan)
-            for i, lab, c in zip(test_ids, labels, conf) if i in keep]
+    rows = [
+        (i, str(int(lab)) if lab != NO_LABEL else "", float(c) if lab != NO_LABEL else np.nan)
+        for i, lab, c in zip(test_ids, labels, conf)
+        if i in keep
+    ]
     return pd.DataFrame(rows, columns=["id", "label", "confidence"])
 
 
@@ -135,8 +159,11 @@ def _knn_ablations(cfg, work, inputs) -> list[tuple[str, object, dict]]:
     from landmarks.store import load_npz
 
     out = []
-    for name, field, off in (("whiten.global_pca", ("whiten", "global_pca"), False),
-                             ("knn.dba_k", ("knn", "dba_k"), 0), ("knn.qe_k", ("knn", "qe_k"), 0)):
+    for name, field, off in (
+        ("whiten.global_pca", ("whiten", "global_pca"), False),
+        ("knn.dba_k", ("knn", "dba_k"), 0),
+        ("knn.qe_k", ("knn", "qe_k"), 0),
+    ):
         if getattr(getattr(cfg, field[0]), field[1]):
             c = copy.deepcopy(cfg)
             setattr(getattr(c, field[0]), field[1], off)
@@ -166,7 +193,9 @@ def _plot_precision(plot_dir: Path, truth: dict, default, glob) -> str:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, df in (("default", default), ("global only", glob)):
-        d = df.dropna(subset=["confidence"]).sort_values(["confidence", "id"], ascending=[False, True], kind="mergesort")
+        d = df.dropna(subset=["confidence"]).sort_values(
+            ["confidence", "id"], ascending=[False, True], kind="mergesort"
+        )
         corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])], float)
         if len(corr):
             ax.plot(np.arange(1, len(corr) + 1), np.cumsum(corr) / np.arange(1, len(corr) + 1), label=name)
@@ -196,8 +225,13 @@ def _plot_inliers(plot_dir: Path, truth: dict, inputs) -> str:
     top = max([1, *good, *bad])
     bins = np.unique(np.concatenate([[0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 40, 60, 80, 120, 200, 400, 1000], [top + 1]]))
     bins = bins[bins <= top + 1]
-    ax.hist([good, bad], bins=bins, label=[f"correct candidates ({len(good)})", f"wrong candidates ({len(bad)})"],
-            color=["tab:green", "tab:red"], alpha=0.8)
+    ax.hist(
+        [good, bad],
+        bins=bins,
+        label=[f"correct candidates ({len(good)})", f"wrong candidates ({len(bad)})"],
+        color=["tab:green", "tab:red"],
+        alpha=0.8,
+    )
     ax.set_xscale("symlog", linthresh=10)
     ax.set_yscale("log")
     ax.set_xlabel("RANSAC inliers")
@@ -215,9 +249,11 @@ def _plot_scores(plot_dir: Path, truth: dict, default) -> str:
     corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])])
     conf = d["confidence"].to_numpy()
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups = [(conf[is_lm & corr], "landmark, correct", "tab:green"),
-              (conf[is_lm & ~corr], "landmark, wrong", "tab:orange"),
-              (conf[~is_lm], "non-landmark", "tab:red")]
+    groups = [
+        (conf[is_lm & corr], "landmark, correct", "tab:green"),
+        (conf[is_lm & ~corr], "landmark, wrong", "tab:orange"),
+        (conf[~is_lm], "non-landmark", "tab:red"),
+    ]
     allc = conf if len(conf) else np.zeros(1)
     bins = np.linspace(allc.min(), allc.max() + 1e-9, 40)
     for vals, name, color in groups:
@@ -271,22 +307,28 @@ def _submission_line(data_dir, submission) -> str:
 
 def _settings_text(cfg) -> str:
     v, k, w = cfg.verify, cfg.knn, cfg.vote
-    return (f"Settings: knn k={k.k} index={k.index} dba_k={k.dba_k} qe_k={k.qe_k}; "
-            f"verify enabled={v.enabled} matcher={v.matcher} num_to_rerank={v.num_to_rerank} "
-            f"mutual_min_sim={v.mutual_min_sim} ratio={v.ratio} geometry={v.geometry} "
-            f"reproj={v.reproj_threshold} iters={v.max_iters}; vote method={w.method} neighbours={w.neighbours} "
-            f"top_k={w.top_k} power={w.power} inlier_weight={w.inlier_weight} cap={w.inlier_cap} "
-            f"suppression={w.suppression} (weight {w.suppression_weight}); whiten global={cfg.whiten.global_pca} "
-            f"local={cfg.whiten.local_pca}.")
+    return (
+        f"Settings: knn k={k.k} index={k.index} dba_k={k.dba_k} qe_k={k.qe_k}; "
+        f"verify enabled={v.enabled} matcher={v.matcher} num_to_rerank={v.num_to_rerank} "
+        f"mutual_min_sim={v.mutual_min_sim} ratio={v.ratio} geometry={v.geometry} "
+        f"reproj={v.reproj_threshold} iters={v.max_iters}; vote method={w.method} neighbours={w.neighbours} "
+        f"top_k={w.top_k} power={w.power} inlier_weight={w.inlier_weight} cap={w.inlier_cap} "
+        f"suppression={w.suppression} (weight {w.suppression_weight}); whiten global={cfg.whiten.global_pca} "
+        f"local={cfg.whiten.local_pca}."
+    )
 
 
 def _gap_table(rows, default_name: str) -> list[str]:
-    table = ["| setting | GAP | accuracy | predicted | correct | confident wrong non-landmarks |",
-             "|---|---|---|---|---|---|"]
+    table = [
+        "| setting | GAP | accuracy | predicted | correct | confident wrong non-landmarks |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in rows:
         mark = " **(default)**" if name == default_name else ""
-        table.append(f"| {name}{mark} | {s['gap']:.4f} | {s['accuracy']:.4f} | {s['n_predicted']} | "
-                     f"{s['n_correct']} | {s['confident_wrong_nonlandmark']} |")
+        table.append(
+            f"| {name}{mark} | {s['gap']:.4f} | {s['accuracy']:.4f} | {s['n_predicted']} | "
+            f"{s['n_correct']} | {s['confident_wrong_nonlandmark']} |"
+        )
     return table
 
 
@@ -300,8 +342,10 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     work = WorkLayout(work_dir)
     solution = data.load_solution(data_dir)
     if solution is None:
-        raise LandmarksError(f"{data_dir}/solution.csv not found: validate needs a dataset with ground truth "
-                             "(demo data, `landmarks holdout` or `landmarks import`)")
+        raise LandmarksError(
+            f"{data_dir}/solution.csv not found: validate needs a dataset with ground truth "
+            "(demo data, `landmarks holdout` or `landmarks import`)"
+        )
     paths = stage_paths(cfg, work.root)
     inputs = load_inputs(cfg, data_dir, paths["knn_path"], paths["verified_path"])
     whitening = whiten.load_whiten(cfg, paths["whiten_path"], work.features("train"), "global")
@@ -312,14 +356,19 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     plots = _plots(work.plots, solution, inputs, frames[default_name], frames[glob_name])
     table = _gap_table(rows, default_name)
     lines = [
-        "# Validation report", "",
+        "# Validation report",
+        "",
         f"Dataset `{data_dir}`: {default_score['n_test']} scored test images "
         f"({default_score['n_landmark']} landmark, {default_score['n_nonlandmark']} non-landmark); "
-        f"{len(inputs['knn']['train_ids'])} train images with features. Model `{model_dir}`.", "",
-        *table, "",
-        "\"confident wrong non-landmarks\": predictions on non-landmark images whose confidence is above "
-        "the lowest-confidence correct prediction.", "",
-        _settings_text(cfg), "",
+        f"{len(inputs['knn']['train_ids'])} train images with features. Model `{model_dir}`.",
+        "",
+        *table,
+        "",
+        '"confident wrong non-landmarks": predictions on non-landmark images whose confidence is above '
+        "the lowest-confidence correct prediction.",
+        "",
+        _settings_text(cfg),
+        "",
     ]
     sub_line = _submission_line(data_dir, submission)
     if sub_line:
@@ -334,8 +383,11 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("validate", parents=[common],
-                              help="GAP of global-only / verified / host-baseline settings -> WORK_DIR/report.md")
+    p = subparsers.add_parser(
+        "validate",
+        parents=[common],
+        help="GAP of global-only / verified / host-baseline settings -> WORK_DIR/report.md",
+    )
     p.set_defaults(func=_cli)
 
 

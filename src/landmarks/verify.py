@@ -8,6 +8,7 @@ a homography (or fundamental matrix) with pydegensac; inliers = RANSAC mask sum.
 Determinism: matches are put in a canonical order and pydegensac gets a fixed seed
 (cfg.verify.seed), so two runs give identical inlier counts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,9 @@ def match_mutual(desc_q: np.ndarray, desc_t: np.ndarray, min_sim: float = 0.0, r
     return _mutual_block(np.asarray(desc_q, np.float32) @ np.asarray(desc_t, np.float32).T, min_sim, ratio)
 
 
-def match_mutual_batch(desc_q: np.ndarray, descs_t: list[np.ndarray], min_sim: float = 0.0,
-                       ratio: float = 1.0) -> list[np.ndarray]:
+def match_mutual_batch(
+    desc_q: np.ndarray, descs_t: list[np.ndarray], min_sim: float = 0.0, ratio: float = 1.0
+) -> list[np.ndarray]:
     """Mutual NN of one test image against many candidates with a single matrix product."""
     if not descs_t:
         return []
@@ -80,7 +82,7 @@ def match_mutual_batch(desc_q: np.ndarray, descs_t: list[np.ndarray], min_sim: f
     sims = np.asarray(desc_q, np.float32) @ cat.T
     out, a = [], 0
     for n in sizes:
-        out.append(_mutual_block(sims[:, a:a + n], min_sim, ratio))
+        out.append(_mutual_block(sims[:, a : a + n], min_sim, ratio))
         a += n
     return out
 
@@ -115,8 +117,7 @@ def ransac_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray)
     src = np.ascontiguousarray(kp_q[m[:, 0]], np.float64)
     dst = np.ascontiguousarray(kp_t[m[:, 1]], np.float64)
     fit = getattr(pydegensac, fit_name)
-    _, mask = fit(src, dst, float(cfg.reproj_threshold), float(cfg.confidence), int(cfg.max_iters),
-                  seed=int(cfg.seed))
+    _, mask = fit(src, dst, float(cfg.reproj_threshold), float(cfg.confidence), int(cfg.max_iters), seed=int(cfg.seed))
     return m, np.asarray(mask, bool).reshape(-1)
 
 
@@ -173,8 +174,15 @@ def _release_stores() -> None:
     _STORES.clear()
 
 
-def _verify_batch(cfg_verify, test_dir: str, train_dir: str, test_ids: list[str], cand_ids: list[list[str]],
-                  w_local: dict | None, digests: tuple[str, str] | None = None) -> np.ndarray:
+def _verify_batch(
+    cfg_verify,
+    test_dir: str,
+    train_dir: str,
+    test_ids: list[str],
+    cand_ids: list[list[str]],
+    w_local: dict | None,
+    digests: tuple[str, str] | None = None,
+) -> np.ndarray:
     """One joblib task: read the batch's local features once, verify each test image.
 
     `digests`: the (test, train) index digests of this stage; None = look the stores up afresh."""
@@ -189,7 +197,7 @@ def _verify_batch(cfg_verify, test_dir: str, train_dir: str, test_ids: list[str]
     for r, (tid, row) in enumerate(zip(test_ids, cand_ids)):
         q = _pca_local(q_local.get(tid), w_local)
         cands = [_pca_local(t_local.get(c), w_local) for c in row]
-        out[r, :len(row)] = verify_image(cfg_verify, q, cands)
+        out[r, : len(row)] = verify_image(cfg_verify, q, cands)
     return out
 
 
@@ -200,15 +208,18 @@ def verify_fingerprint(cfg, knn_fp: str) -> str:
     return text_digest("verify-v2", knn_fp, settings_hash(cfg, *VERIFY_SECTIONS))
 
 
-def _open_stores(test_features: Path, train_features: Path, test_ids: list[str],
-                 cand: list[list[str]]) -> tuple[str, str]:
+def _open_stores(
+    test_features: Path, train_features: Path, test_ids: list[str], cand: list[list[str]]
+) -> tuple[str, str]:
     """Open both stores once for the stage (the persisted id index), check that every image to
     compare has its local features, and return the index digests the batches use."""
     from landmarks.store import FeatureStore, load_index
 
     digests = []
-    for split, directory, wanted in (("test", test_features, test_ids),
-                                     ("train", train_features, sorted({c for row in cand for c in row}))):
+    for split, directory, wanted in (
+        ("test", test_features, test_ids),
+        ("train", train_features, sorted({c for row in cand for c in row})),
+    ):
         store = FeatureStore(directory, index=load_index(directory, local_only=True))
         missing = [i for i in wanted if not store.has_local(i)]
         if missing:  # images whose extraction failed are compared as featureless, not re-asked for
@@ -216,35 +227,57 @@ def _open_stores(test_features: Path, train_features: Path, test_ids: list[str],
             missing = [i for i in missing if i not in failed]
         if missing:
             store.close()
-            raise LandmarksError(f"verify: {len(missing)} {split} images to compare have no local features "
-                                 f"(e.g. {missing[0]}): run `landmarks local-features` first (make local-features)")
+            raise LandmarksError(
+                f"verify: {len(missing)} {split} images to compare have no local features "
+                f"(e.g. {missing[0]}): run `landmarks local-features` first (make local-features)"
+            )
         _STORES[str(directory)] = (store.index.digest, store)  # the in-process batches use it as is
         digests.append(store.index.digest)
     return digests[0], digests[1]
 
 
-def _run_batches(vc, test_features: Path, train_features: Path, test_ids: list[str], cand: list[list[str]],
-                 w_local: dict | None, digests: tuple[str, str], R: int) -> np.ndarray:
+def _run_batches(
+    vc,
+    test_features: Path,
+    train_features: Path,
+    test_ids: list[str],
+    cand: list[list[str]],
+    w_local: dict | None,
+    digests: tuple[str, str],
+    R: int,
+) -> np.ndarray:
     """Inliers [q, R]: batches of BATCH_IMAGES test images, in worker processes when verify.jobs > 1."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
     batches = [list(range(a, min(a + BATCH_IMAGES, len(test_ids)))) for a in range(0, len(test_ids), BATCH_IMAGES)]
-    args = [(vc, str(test_features), str(train_features), [test_ids[r] for r in b], [cand[r] for r in b], w_local,
-             digests) for b in batches]
+    args = [
+        (vc, str(test_features), str(train_features), [test_ids[r] for r in b], [cand[r] for r in b], w_local, digests)
+        for b in batches
+    ]
     jobs = max(1, int(vc.jobs))
-    results = (Parallel(n_jobs=jobs, return_as="generator")(delayed(_verify_batch)(*a) for a in args) if jobs > 1
-               else (_verify_batch(*a) for a in args))
+    results = (
+        Parallel(n_jobs=jobs, return_as="generator")(delayed(_verify_batch)(*a) for a in args)
+        if jobs > 1
+        else (_verify_batch(*a) for a in args)
+    )
     inliers = np.zeros((len(test_ids), R), np.int32)
     with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img", disable=None) as bar:
         for b, res in zip(batches, results):
-            inliers[b, :res.shape[1]] = res
+            inliers[b, : res.shape[1]] = res
             bar.update(len(b))
     return inliers
 
 
-def run_verify(cfg, knn_path: str | Path, test_features: str | Path, train_features: str | Path,
-               out: str | Path, whiten_path: str | Path | None = None, timing: dict | None = None) -> Path:
+def run_verify(
+    cfg,
+    knn_path: str | Path,
+    test_features: str | Path,
+    train_features: str | Path,
+    out: str | Path,
+    whiten_path: str | Path | None = None,
+    timing: dict | None = None,
+) -> Path:
     """Stage: inliers of the top verify.num_to_rerank candidates of a knn output -> `out`.
 
     Needs the local features of the test images and their shortlisted train images
@@ -281,8 +314,11 @@ def run_verify(cfg, knn_path: str | Path, test_features: str | Path, train_featu
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("verify", parents=[common],
-                              help="geometric verification of the knn shortlist -> WORK_DIR/verified-<settings>.npz")
+    p = subparsers.add_parser(
+        "verify",
+        parents=[common],
+        help="geometric verification of the knn shortlist -> WORK_DIR/verified-<settings>.npz",
+    )
     p.set_defaults(func=_cli)
 
 
@@ -297,6 +333,7 @@ def _cli(args, cfg) -> int:
     if not knn_path.exists():
         raise LandmarksError(f"verify: {knn_path} not found: run `landmarks knn` first (make knn)")
     log_settings(log, cfg, "verify")
-    print(run_verify(cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg),
-                     work.whiten(cfg)))
+    print(
+        run_verify(cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg))
+    )
     return 0

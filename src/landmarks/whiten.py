@@ -10,6 +10,7 @@
 Both are off by default (cfg.whiten.*).  Stage ``landmarks whiten`` fits them; knn, verify and
 predict read the file (``load_whiten``) when they are on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,10 @@ def fit_global(x: np.ndarray, dim: int = 0) -> dict:
 def fit_local(desc: np.ndarray, dim: int = 128) -> dict:
     """PCA (no whitening) of local descriptors -> {'l_mean' [d0], 'l_proj' [d0, dim]}."""
     if desc.shape[0] < 2:
-        raise LandmarksError("whiten: need local descriptors of train images to fit the local PCA "
-                             "(set extract.train_local=true or disable whiten.local_pca)")
+        raise LandmarksError(
+            "whiten: need local descriptors of train images to fit the local PCA "
+            "(set extract.train_local=true or disable whiten.local_pca)"
+        )
     mean, _, vec = _pca(desc)
     dim = min(dim or desc.shape[1], desc.shape[1])
     return {"l_mean": mean.astype(np.float32), "l_proj": vec[:, :dim].astype(np.float32)}
@@ -135,8 +138,9 @@ def load_whiten(cfg, path: str | Path | None, train_features: str | Path, part: 
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("whiten", parents=[common],
-                              help="fit PCA-whitening on the train features (when whiten.* is on)")
+    p = subparsers.add_parser(
+        "whiten", parents=[common], help="fit PCA-whitening on the train features (when whiten.* is on)"
+    )
     p.set_defaults(func=_cli)
 
 

@@ -21,6 +21,7 @@ the rows and writes the report; ``common`` holds the shared helpers.  Every timi
 of ``bench.repeats`` runs; ratios come from the same run.  Output: the table on stdout and
 WORK_DIR/bench.md (machine, versions, inputs, the rows, the GLDv2 section).
 """
+
 from __future__ import annotations
 
 from landmarks.bench.common import PeakRss, cpu_info, peak_gflops, versions
@@ -29,5 +30,18 @@ from landmarks.bench.driver import ROW_TITLES, ROWS, parse_rows, quick_config, r
 from landmarks.bench.retrieval import row_knn
 from landmarks.bench.scale import scale_section
 
-__all__ = ["ROWS", "ROW_TITLES", "PeakRss", "cpu_info", "make_train_csv", "parse_rows", "peak_gflops",
-           "quick_config", "register_cli", "row_knn", "run_bench", "scale_section", "versions"]
+__all__ = [
+    "ROWS",
+    "ROW_TITLES",
+    "PeakRss",
+    "cpu_info",
+    "make_train_csv",
+    "parse_rows",
+    "peak_gflops",
+    "quick_config",
+    "register_cli",
+    "row_knn",
+    "run_bench",
+    "scale_section",
+    "versions",
+]

@@ -1,4 +1,5 @@
 """Helpers every bench row shares: medians, peak memory, the machine, formatting, child processes."""
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,17 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("numpy", "pandas", "tensorflow-cpu", "tensorflow", "keras", "faiss-cpu", "pydegensac", "scipy",
-                 "h5py"):
+    for name in (
+        "numpy",
+        "pandas",
+        "tensorflow-cpu",
+        "tensorflow",
+        "keras",
+        "faiss-cpu",
+        "pydegensac",
+        "scipy",
+        "h5py",
+    ):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -135,8 +145,10 @@ def peak_gflops(cfg, info: dict) -> tuple[float, str]:
     else:
         src = "bench.cpu_ghz" if bc.cpu_ghz else "/proc/cpuinfo 'cpu MHz' (nominal; turbo not counted)"
     peak = info["cores"] * ghz * bc.flops_per_cycle
-    return peak, (f"{info['cores']} cores x {ghz:.2f} GHz ({src}) x {bc.flops_per_cycle} FLOP/cycle "
-                  "(AVX2: 2 FMA units x 8 fp32 x 2; AVX-512 on Zen 4 is double-pumped, same rate)")
+    return peak, (
+        f"{info['cores']} cores x {ghz:.2f} GHz ({src}) x {bc.flops_per_cycle} FLOP/cycle "
+        "(AVX2: 2 FMA units x 8 fp32 x 2; AVX-512 on Zen 4 is double-pumped, same rate)"
+    )
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -168,9 +180,11 @@ def storage(path) -> dict:
 
     out = {"file": Path(path).stat().st_size}
     with h5py.File(path, "r") as f:
+
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 out[name] = obj.id.get_storage_size()
+
         f.visititems(visit)
         out["n"] = int(f["ids"].shape[0])
         out["m"] = int(f["local/descriptors"].shape[0]) if "local" in f else 0

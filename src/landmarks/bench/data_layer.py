@@ -1,6 +1,7 @@
 """Row 5: the data layer at GLDv2 size: reading a generated 1.58 M-row train.csv and building the
 label arrays the way predict does, in a fresh process (peak memory of the data alone).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,10 @@ def make_train_csv(path: Path, rows: int, classes: int, seed: int = 0) -> Path:
     if path.exists() and marker.exists() and json.loads(marker.read_text()) == want:
         return path
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 2 ** 63, rows, dtype=np.int64)
+    ids = rng.integers(0, 2**63, rows, dtype=np.int64)
     ids = np.unique(ids)
     while len(ids) < rows:
-        ids = np.unique(np.concatenate([ids, rng.integers(0, 2 ** 63, rows - len(ids), dtype=np.int64)]))
+        ids = np.unique(np.concatenate([ids, rng.integers(0, 2**63, rows - len(ids), dtype=np.int64)]))
     ids = rng.permutation(ids)
     w = 1.0 / np.arange(1, classes + 1) ** 0.8  # long tail like GLDv2
     labels = rng.choice(classes, rows, p=w / w.sum()) * 7 + 1
@@ -35,8 +36,11 @@ def make_train_csv(path: Path, rows: int, classes: int, seed: int = 0) -> Path:
             f.write("id,landmark_id\n")
             step = 200_000
             for a in range(0, rows, step):
-                f.write("".join(f"{i:016x},{lab}\n" for i, lab in zip(ids[a:a + step].tolist(),
-                                                                        labels[a:a + step].tolist())))
+                f.write(
+                    "".join(
+                        f"{i:016x},{lab}\n" for i, lab in zip(ids[a : a + step].tolist(), labels[a : a + step].tolist())
+                    )
+                )
     marker.write_text(json.dumps(want))
     return path
 
@@ -66,18 +70,28 @@ def row_data(cfg, data_dir, work_dir, model_dir) -> dict:
     make_train_csv(d / "train.csv", bc.csv_rows, bc.csv_classes)
     gen = time.perf_counter() - t
     runs = [in_child(data_child, str(d)) for _ in range(bc.repeats)]
-    return {"rows": runs[0]["rows"], "classes": runs[0]["classes"], "gen_s": gen,
-            "read_s": median([r["read_s"] for r in runs]), "total_s": median([r["total_s"] for r in runs]),
-            "mem": max(r["mem"] for r in runs), "bytes": (d / "train.csv").stat().st_size}
+    return {
+        "rows": runs[0]["rows"],
+        "classes": runs[0]["classes"],
+        "gen_s": gen,
+        "read_s": median([r["read_s"] for r in runs]),
+        "total_s": median([r["total_s"] for r in runs]),
+        "mem": max(r["mem"] for r in runs),
+        "bytes": (d / "train.csv").stat().st_size,
+    }
 
 
 def markdown(r: dict) -> list[str]:
     """Row 5's section of bench.md."""
-    return [f"Generated train.csv: {r['rows']:,} rows, {r['classes']:,} landmark ids, {gb(r['bytes'])} "
-            f"(generated once in {r['gen_s']:.1f} s, reused); each run in a fresh process.", "",
-            "| step | s | peak RSS delta |", "|---|---|---|",
-            f"| data.load_split (read + validate + paths) | {r['read_s']:.2f} | |",
-            f"| + label arrays (id->label dict as predict, np.unique) | {r['total_s']:.2f} | {gb(r['mem'])} |"]
+    return [
+        f"Generated train.csv: {r['rows']:,} rows, {r['classes']:,} landmark ids, {gb(r['bytes'])} "
+        f"(generated once in {r['gen_s']:.1f} s, reused); each run in a fresh process.",
+        "",
+        "| step | s | peak RSS delta |",
+        "|---|---|---|",
+        f"| data.load_split (read + validate + paths) | {r['read_s']:.2f} | |",
+        f"| + label arrays (id->label dict as predict, np.unique) | {r['total_s']:.2f} | {gb(r['mem'])} |",
+    ]
 
 
 def summary(r: dict) -> str:

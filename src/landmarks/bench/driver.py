@@ -2,6 +2,7 @@
 print the summary table and write WORK_DIR/bench.md with the machine, the rows' sections and
 the GLDv2 section computed from them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,10 +19,15 @@ from landmarks.utils import LandmarksError, atomic_path, log
 _MODULES = {1: extraction, 2: matching, 3: retrieval, 4: e2e, 5: data_layer, 6: verification, 7: incremental}
 ROW_TITLES = {i: m.TITLE for i, m in _MODULES.items()}
 # row -> (measure(cfg, data_dir, work_dir, model_dir) -> dict, markdown(result) -> lines)
-ROWS = {1: (extraction.row_extraction, extraction.markdown), 2: (matching.row_matching, matching.markdown),
-        3: (retrieval.row_knn, retrieval.markdown), 4: (e2e.row_e2e, e2e.markdown),
-        5: (data_layer.row_data, data_layer.markdown), 6: (verification.row_verify, verification.markdown),
-        7: (incremental.row_incremental, incremental.markdown)}
+ROWS = {
+    1: (extraction.row_extraction, extraction.markdown),
+    2: (matching.row_matching, matching.markdown),
+    3: (retrieval.row_knn, retrieval.markdown),
+    4: (e2e.row_e2e, e2e.markdown),
+    5: (data_layer.row_data, data_layer.markdown),
+    6: (verification.row_verify, verification.markdown),
+    7: (incremental.row_incremental, incremental.markdown),
+}
 
 
 def quick_config(bc):
@@ -91,16 +97,20 @@ def _summary_table(selected, results, errors, walls) -> list[str]:
 def _head(cfg, data_dir, work_dir, model_dir, total: float) -> list[str]:
     """Title, date, machine, versions, inputs and the settings that shape the timings."""
     info, v, e = cpu_info(), versions(), cfg.extract
-    return [f"# Benchmark ({'quick smoke run' if cfg.bench.quick else 'full'})", "",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time {total:.0f} s",
-            f"- machine: {info['model']}, {info['cores']} cores, {info['mhz'] / 1000:.2f} GHz, "
-            f"SIMD {' '.join(info['simd']) or 'unknown'}, RAM {gb(info['ram'])}; {platform.platform()}",
-            "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
-            f"- inputs: data {data_dir}, model {model_dir} ({(model_meta(model_dir) or {}).get('backbone', 'foreign')}),"
-            f" work {work_dir}; repeats {cfg.bench.repeats} (medians)",
-            f"- settings: global scales {list(e.global_scales)}, local scales {list(e.local_scales)}, max_image_size "
-            f"{e.max_image_size}, max_feature_num {e.max_feature_num}; knn k {cfg.knn.k}, dba_k {cfg.knn.dba_k}; "
-            f"verify {cfg.verify.matcher}, num_to_rerank {cfg.verify.num_to_rerank}", ""]
+    return [
+        f"# Benchmark ({'quick smoke run' if cfg.bench.quick else 'full'})",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time {total:.0f} s",
+        f"- machine: {info['model']}, {info['cores']} cores, {info['mhz'] / 1000:.2f} GHz, "
+        f"SIMD {' '.join(info['simd']) or 'unknown'}, RAM {gb(info['ram'])}; {platform.platform()}",
+        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
+        f"- inputs: data {data_dir}, model {model_dir} ({(model_meta(model_dir) or {}).get('backbone', 'foreign')}),"
+        f" work {work_dir}; repeats {cfg.bench.repeats} (medians)",
+        f"- settings: global scales {list(e.global_scales)}, local scales {list(e.local_scales)}, max_image_size "
+        f"{e.max_image_size}, max_feature_num {e.max_feature_num}; knn k {cfg.knn.k}, dba_k {cfg.knn.dba_k}; "
+        f"verify {cfg.verify.matcher}, num_to_rerank {cfg.verify.num_to_rerank}",
+        "",
+    ]
 
 
 def run_bench(cfg, data_dir, work_dir, model_dir, rows=None, out: str | Path | None = None) -> Path:
@@ -120,7 +130,7 @@ def run_bench(cfg, data_dir, work_dir, model_dir, rows=None, out: str | Path | N
     body = ["## Summary", ""] + table + [""]
     for i in selected:
         body += [f"## Row {i}: {ROW_TITLES[i]}", ""]
-        body += ([f"ERROR: {errors[i]}", ""] if i in errors else ROWS[i][1](results[i]) + [""])
+        body += [f"ERROR: {errors[i]}", ""] if i in errors else ROWS[i][1](results[i]) + [""]
     body += scale_section(cfg, results)
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(_head(cfg, data_dir, work_dir, model_dir, total) + body) + "\n")
@@ -131,8 +141,9 @@ def run_bench(cfg, data_dir, work_dir, model_dir, rows=None, out: str | Path | N
 
 def register_cli(subparsers, common) -> None:
     """`landmarks bench [--quick] [--rows 1,3] [--out PATH]`."""
-    p = subparsers.add_parser("bench", parents=[common],
-                              help="benchmark every stage against its baseline -> WORK_DIR/bench.md")
+    p = subparsers.add_parser(
+        "bench", parents=[common], help="benchmark every stage against its baseline -> WORK_DIR/bench.md"
+    )
     p.add_argument("--quick", action="store_true", default=None, help="tiny smoke run (bench.quick)")
     p.add_argument("--rows", default=None, help="rows to run, e.g. 1,3 (default: bench.rows)")
     p.add_argument("--out", default=None, help="report path (default: WORK_DIR/bench.md)")

@@ -2,6 +2,7 @@
 each NUM_TO_RERANK, with the features extracted beforehand; the stored shards' sizes feed the
 disk figures of the GLDv2 section.
 """
+
 from __future__ import annotations
 
 import copy
@@ -78,12 +79,16 @@ def row_e2e(cfg, data_dir, work_dir, model_dir) -> dict:
         shards = sorted((e2e / "features" / split).glob("shard-*.h5"))
         st = [storage(p) for p in shards]
         n = sum(s["n"] for s in st)
-        sizes[split] = {"n": n, "file": sum(s["file"] for s in st),
-                        "global": sum(s.get("global", 0) for s in st),
-                        "local": sum(sum(v for kk, v in s.items() if kk.startswith("local/")) for s in st),
-                        "m": sum(s["m"] for s in st), "files": len(st),
-                        "ids": sum(s.get("ids", 0) for s in st),
-                        "datasets": sum(sum(v for kk, v in s.items() if kk not in ("file", "n", "m")) for s in st)}
+        sizes[split] = {
+            "n": n,
+            "file": sum(s["file"] for s in st),
+            "global": sum(s.get("global", 0) for s in st),
+            "local": sum(sum(v for kk, v in s.items() if kk.startswith("local/")) for s in st),
+            "m": sum(s["m"] for s in st),
+            "files": len(st),
+            "ids": sum(s.get("ids", 0) for s in st),
+            "datasets": sum(sum(v for kk, v in s.items() if kk not in ("file", "n", "m")) for s in st),
+        }
     res["sizes"] = sizes
     res["knn_bytes"] = sum(p.stat().st_size for p in e2e.glob("knn-*.npz"))
     res["ver_bytes"] = sum(p.stat().st_size for p in e2e.glob("verified-*.npz"))
@@ -92,10 +97,14 @@ def row_e2e(cfg, data_dir, work_dir, model_dir) -> dict:
 
 def markdown(r: dict) -> list[str]:
     """Row 4's section of bench.md."""
-    L = [f"`landmarks predict` (knn + verify + vote + submission) on {r['n_test']} test (bench.e2e_test_images) / "
-         f"{r['n_train']} train images of the data dir; features (train with local) extracted beforehand ({r['extract_s']:.1f} s, skipped when "
-         "done); the knn and verified outputs deleted before each run.", "",
-         "| NUM_TO_RERANK | predict s | test images/s | GAP |", "|---|---|---|---|"]
+    L = [
+        f"`landmarks predict` (knn + verify + vote + submission) on {r['n_test']} test (bench.e2e_test_images) / "
+        f"{r['n_train']} train images of the data dir; features (train with local) extracted beforehand ({r['extract_s']:.1f} s, skipped when "
+        "done); the knn and verified outputs deleted before each run.",
+        "",
+        "| NUM_TO_RERANK | predict s | test images/s | GAP |",
+        "|---|---|---|---|",
+    ]
     for run in r["runs"]:
         L.append(f"| {run['R']} | {run['s']:.2f} | {run['ips']:.1f} | {fmt(run['gap'], 4)} |")
     return L

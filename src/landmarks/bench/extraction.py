@@ -6,6 +6,7 @@ images, and the backbone is a frozen graph of the same architecture on inputs re
 sizes the serving graph uses.  The ratio pipeline / backbone is what the pipeline costs on top of
 the network itself; FLOPs from tf.profiler put the backbone against the CPU's FP32 peak.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,12 +62,14 @@ def backbone_flops(net, size: int = 512) -> float:
     from landmarks.tfquiet import tf
 
     cf = tf.function(lambda x: net(x, training=False)).get_concrete_function(
-        tf.TensorSpec([1, size, size, 3], tf.float32))
+        tf.TensorSpec([1, size, size, 3], tf.float32)
+    )
     frozen = freeze_function(cf)
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
-    info = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
-                                         options=opts)
+    info = tf.compat.v1.profiler.profile(
+        graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts
+    )
     return float(info.total_float_ops)
 
 
@@ -87,9 +90,16 @@ def _pipeline_timer(cfg, ids, paths, model_dir: Path, out_dir: Path, settings: d
     from landmarks import extract
 
     def run(rows, name) -> float:
-        task = extract.ShardTask(out=str(out_dir / f"shard-{name}.h5"), ids=[ids[i] for i in rows],
-                                 paths=[paths[i] for i in rows], model_dir=str(model_dir), settings=settings,
-                                 local=True, threads=_cores(), prefetch=cfg.extract.prefetch)
+        task = extract.ShardTask(
+            out=str(out_dir / f"shard-{name}.h5"),
+            ids=[ids[i] for i in rows],
+            paths=[paths[i] for i in rows],
+            model_dir=str(model_dir),
+            settings=settings,
+            local=True,
+            threads=_cores(),
+            prefetch=cfg.extract.prefetch,
+        )
         t = time.perf_counter()
         r = extract.extract_shard(task)
         if r["done"] == 0:
@@ -101,6 +111,7 @@ def _pipeline_timer(cfg, ids, paths, model_dir: Path, out_dir: Path, settings: d
 
 def _model_timer(model, images, args):
     """A function rows -> seconds of the model call alone on those decoded images (no decode, post, write)."""
+
     def run(rows) -> float:
         t = time.perf_counter()
         for i in rows:
@@ -164,8 +175,14 @@ def _flops(cfg, res: dict, net, inputs, meta: dict) -> None:
     pixels = sum(int(x.shape[1]) * int(x.shape[2]) for xs in inputs for x in xs)
     flops_img = flops_ref / (ref * ref) * pixels / n
     peak, assumption = peak_gflops(cfg, cpu_info())
-    res.update(backbone=meta.get("backbone"), bb_s=median(res["times"]["bb"]), flops_img=flops_img, peak=peak,
-               peak_note=assumption, flops_ref=flops_ref)
+    res.update(
+        backbone=meta.get("backbone"),
+        bb_s=median(res["times"]["bb"]),
+        flops_img=flops_img,
+        peak=peak,
+        peak_note=assumption,
+        flops_ref=flops_ref,
+    )
     res["bb_ips"] = n / res["bb_s"]
     res["bb_per_scale_ips"] = n / median(res["times"]["bb_per_scale"])
     res["ratio"] = res["pipe_ips"] / res["bb_ips"]
@@ -190,14 +207,22 @@ def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
     pipeline = _pipeline_timer(cfg, ids, paths, model_dir, out_dir, settings)
     pipeline(range(len(ids)), "all")  # loads the model (cached per process by extract), traces the graph
     model = extract._get_model(str(model_dir), _cores())  # the very model object the pipeline used
-    images = [load_image(p, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"])[0]
-              for p in paths]
+    images = [
+        load_image(p, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"])[0]
+        for p in paths
+    ]
     scales, rows, cap = extract.model_call(settings, local=True)  # the test-side call (global + local)
     model_only = _model_timer(model, images, (scales, cap, settings["abs_thres"], rows))
     n = len(images)
     meta = model_meta(model_dir)
-    res = {"n": n, "mpix": sum(im.shape[0] * im.shape[1] for im in images) / n / 1e6, "scales": list(scales),
-           "backbone": None, "folded": (meta or {}).get("fold_batchnorm"), "group": GROUP}
+    res = {
+        "n": n,
+        "mpix": sum(im.shape[0] * im.shape[1] for im in images) / n / 1e6,
+        "scales": list(scales),
+        "backbone": None,
+        "folded": (meta or {}).get("fold_batchnorm"),
+        "group": GROUP,
+    }
     timers = {"pipe": lambda rows, g: pipeline(rows, f"g{g}"), "model": lambda rows, g: model_only(rows)}
     if meta is None:
         res["backbone_error"] = "model has no landmarks_model.json (not built here): backbone unknown"
@@ -219,37 +244,48 @@ def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
 
 def markdown(r: dict) -> list[str]:
     """Row 1's section of bench.md."""
-    L = [f"Images: {r['n']} train images of the data dir, mean input {r['mpix']:.3f} MP after max_image_size, "
-         f"scales {r['scales']}; {r['feat_per_img']:.0f} local features/image; TF threads = all cores, one process; "
-         f"the methods take turns on each group of {r.get('group', 'all')} images (the pipeline writes a shard per group).",
-         "", "| measurement | images/s | s/image | ratio to backbone |", "|---|---|---|---|"]
+    L = [
+        f"Images: {r['n']} train images of the data dir, mean input {r['mpix']:.3f} MP after max_image_size, "
+        f"scales {r['scales']}; {r['feat_per_img']:.0f} local features/image; TF threads = all cores, one process; "
+        f"the methods take turns on each group of {r.get('group', 'all')} images (the pipeline writes a shard per group).",
+        "",
+        "| measurement | images/s | s/image | ratio to backbone |",
+        "|---|---|---|---|",
+    ]
     bb = r.get("bb_ips")
-    for name, key in (("full feature path (decode+resize+model+post+write)", "pipe_ips"),
-                      ("model call only (decoded images)", "model_ips"),
-                      ("bare backbone: BN folded, frozen graph, all scales of an image in one call", "bb_ips"),
-                      ("bare backbone as built, frozen graph, one call per scale (the baseline before issue 13)",
-                       "bb_per_scale_ips")):
+    for name, key in (
+        ("full feature path (decode+resize+model+post+write)", "pipe_ips"),
+        ("model call only (decoded images)", "model_ips"),
+        ("bare backbone: BN folded, frozen graph, all scales of an image in one call", "bb_ips"),
+        ("bare backbone as built, frozen graph, one call per scale (the baseline before issue 13)", "bb_per_scale_ips"),
+    ):
         v = r.get(key)
         ratio = f"{v / bb:.3f}" if (v and bb) else "n/a"
         L.append(f"| {name} | {fmt(v)} | {fmt(1 / v if v else None, 3)} | {ratio} |")
     if bb:
         ok = "meets" if r["ratio"] >= AIM else "below"
-        folded = {True: "folded at export", False: "NOT folded (model.fold_batchnorm=false)"}.get(r.get("folded"),
-                                                                                                  "unknown")
-        L += ["", f"Pipeline overhead ratio **{r['ratio']:.3f}** against the fastest bare backbone (aim >= {AIM:.2f}: "
-              f"{ok}); {r['ratio_per_scale']:.3f} against the per-scale baseline. The model's batch norms are {folded}. "
-              "The model-call row includes the in-graph resize, heads, thresholds and top-k, so model - backbone = "
-              "those, pipeline - model = decode + post-processing + write (decode overlaps the model in a prefetch "
-              "thread).",
-              f"Backbone ({r['backbone']}): {r['flops_img'] / 1e9:.2f} GFLOP/image (tf.profiler: "
-              f"{r['flops_ref'] / 1e9:.2f} GFLOP at 512x512, scaled by the pixels of each scale); achieved "
-              f"{r['bb_gflops']:.1f} GFLOP/s in the backbone ({100 * r['bb_gflops'] / r['peak']:.1f} % of peak), "
-              f"{r['pipe_gflops']:.1f} GFLOP/s end to end ({100 * r['pipe_gflops'] / r['peak']:.1f} %). "
-              f"Peak FP32 {r['peak']:.0f} GFLOP/s = {r['peak_note']}."]
+        folded = {True: "folded at export", False: "NOT folded (model.fold_batchnorm=false)"}.get(
+            r.get("folded"), "unknown"
+        )
+        L += [
+            "",
+            f"Pipeline overhead ratio **{r['ratio']:.3f}** against the fastest bare backbone (aim >= {AIM:.2f}: "
+            f"{ok}); {r['ratio_per_scale']:.3f} against the per-scale baseline. The model's batch norms are {folded}. "
+            "The model-call row includes the in-graph resize, heads, thresholds and top-k, so model - backbone = "
+            "those, pipeline - model = decode + post-processing + write (decode overlaps the model in a prefetch "
+            "thread).",
+            f"Backbone ({r['backbone']}): {r['flops_img'] / 1e9:.2f} GFLOP/image (tf.profiler: "
+            f"{r['flops_ref'] / 1e9:.2f} GFLOP at 512x512, scaled by the pixels of each scale); achieved "
+            f"{r['bb_gflops']:.1f} GFLOP/s in the backbone ({100 * r['bb_gflops'] / r['peak']:.1f} % of peak), "
+            f"{r['pipe_gflops']:.1f} GFLOP/s end to end ({100 * r['pipe_gflops'] / r['peak']:.1f} %). "
+            f"Peak FP32 {r['peak']:.0f} GFLOP/s = {r['peak_note']}.",
+        ]
     else:
         L += ["", f"Backbone: n/a ({r.get('backbone_error')})"]
-    L.append("Runs (s per repeat, all images): " + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}"
-                                                   for k, v in r.get("times", {}).items() if v))
+    L.append(
+        "Runs (s per repeat, all images): "
+        + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in r.get("times", {}).items() if v)
+    )
     return L
 
 
@@ -257,7 +293,12 @@ def summary(r: dict) -> str:
     """Row 1's cell of the summary table."""
     ratio = f"{r['ratio']:.3f}" if r.get("ratio") else "n/a"
     extra = f"; backbone {100 * r['bb_gflops'] / r['peak']:.1f} % of peak FP32" if r.get("bb_gflops") else ""
-    more = (f"; model call {r['model_ratio']:.3f}; vs per-scale backbone {r['ratio_per_scale']:.3f}"
-            if r.get("model_ratio") else "")
-    return (f"{r['pipe_ips']:.2f} img/s pipeline vs {fmt(r.get('bb_ips'))} backbone; ratio {ratio} "
-            f"(aim >= {AIM:.2f}){more}{extra}")
+    more = (
+        f"; model call {r['model_ratio']:.3f}; vs per-scale backbone {r['ratio_per_scale']:.3f}"
+        if r.get("model_ratio")
+        else ""
+    )
+    return (
+        f"{r['pipe_ips']:.2f} img/s pipeline vs {fmt(r.get('bb_ips'))} backbone; ratio {ratio} "
+        f"(aim >= {AIM:.2f}){more}{extra}"
+    )

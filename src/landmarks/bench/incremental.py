@@ -1,6 +1,7 @@
 """Row 7: incremental extraction: adding 1 % of rows to an extracted set sends only the new
 images through the model (the shards keep every row whose image key is unchanged).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,6 +46,7 @@ def _counting_model_calls():
         def call(image, *a):
             counts["n"] += 1
             return m(image, *a)
+
         return call
 
     extract._get_model = counting
@@ -76,23 +78,40 @@ def row_incremental(cfg, data_dir, work_dir, model_dir) -> dict:
         full_s, full_calls = run(n)
         add_s, add_calls = run(n + add)
         rm_s, rm_calls = run(n)
-    return {"n": n, "add": add, "shards": shards, "full_s": full_s, "add_s": add_s, "rm_s": rm_s,
-            "full_calls": full_calls, "add_calls": add_calls, "rm_calls": rm_calls, "ratio": add_s / full_s}
+    return {
+        "n": n,
+        "add": add,
+        "shards": shards,
+        "full_s": full_s,
+        "add_s": add_s,
+        "rm_s": rm_s,
+        "full_calls": full_calls,
+        "add_calls": add_calls,
+        "rm_calls": rm_calls,
+        "ratio": add_s / full_s,
+    }
 
 
 def markdown(r: dict) -> list[str]:
     """Row 7's section of bench.md."""
-    return [f"`run_features` on the first {r['n']} train rows of the data dir ({r['shards']} id-hash shards, 1 job, "
-            f"the project model), then {r['add']} row(s) appended (1 %), then removed again; model calls counted.", "",
-            "| step | s | images through the model |", "|---|---|---|",
-            f"| extract {r['n']} images | {r['full_s']:.2f} | {r['full_calls']} |",
-            f"| add {r['add']} (1 %) | {r['add_s']:.2f} | {r['add_calls']} |",
-            f"| remove them again | {r['rm_s']:.2f} | {r['rm_calls']} |", "",
-            f"Ratio add-1 % / full extraction: **{r['ratio']:.3f}** (every shard is rewritten: kept rows are copied, "
-            "only new images run the model)."]
+    return [
+        f"`run_features` on the first {r['n']} train rows of the data dir ({r['shards']} id-hash shards, 1 job, "
+        f"the project model), then {r['add']} row(s) appended (1 %), then removed again; model calls counted.",
+        "",
+        "| step | s | images through the model |",
+        "|---|---|---|",
+        f"| extract {r['n']} images | {r['full_s']:.2f} | {r['full_calls']} |",
+        f"| add {r['add']} (1 %) | {r['add_s']:.2f} | {r['add_calls']} |",
+        f"| remove them again | {r['rm_s']:.2f} | {r['rm_calls']} |",
+        "",
+        f"Ratio add-1 % / full extraction: **{r['ratio']:.3f}** (every shard is rewritten: kept rows are copied, "
+        "only new images run the model).",
+    ]
 
 
 def summary(r: dict) -> str:
     """Row 7's cell of the summary table."""
-    return (f"add 1 % ({r['add']} img): {r['add_s']:.1f} s, {r['add_calls']} model calls, vs {r['full_s']:.1f} s "
-            f"for all {r['n']}: ratio {r['ratio']:.3f}")
+    return (
+        f"add 1 % ({r['add']} img): {r['add_s']:.1f} s, {r['add_calls']} model calls, vs {r['full_s']:.1f} s "
+        f"for all {r['n']}: ratio {r['ratio']:.3f}"
+    )

@@ -9,6 +9,7 @@ index (8 GB for IVF-Flat) plus a chunk.  The data are real global descriptors pl
 by their own principal components (``retrieval._realistic``, generated once into the file), so
 recall is measured where neighbours form a continuum, not well-separated families.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,10 @@ def write_realistic(path: Path, real: np.ndarray, n: int, seed: int, noise: floa
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            x = real[rng.integers(0, len(real), b - a)] + (rng.standard_normal((b - a, len(std)), np.float32) * std) @ vt
+            x = (
+                real[rng.integers(0, len(real), b - a)]
+                + (rng.standard_normal((b - a, len(std)), np.float32) * std) @ vt
+            )
             x += rng.standard_normal(x.shape, np.float32) * iso
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             f.write(np.ascontiguousarray(x, np.float32).tobytes())
@@ -76,8 +80,18 @@ def _ivf(kind: str, d: int, nlist: int):
     return faiss.IndexIVFScalarQuantizer(quant, d, nlist, qt, faiss.METRIC_INNER_PRODUCT, False), quant
 
 
-def ivf_streamed(path: Path, n: int, d: int, queries: np.ndarray, k: int, exact: np.ndarray, kind: str, nlist: int,
-                 nprobes, per_centroid: int) -> dict:
+def ivf_streamed(
+    path: Path,
+    n: int,
+    d: int,
+    queries: np.ndarray,
+    k: int,
+    exact: np.ndarray,
+    kind: str,
+    nlist: int,
+    nprobes,
+    per_centroid: int,
+) -> dict:
     """One IVF variant: k-means on per_centroid x nlist sampled rows, add in chunks, search at each nprobe."""
     from landmarks import knn
 
@@ -95,14 +109,27 @@ def ivf_streamed(path: Path, n: int, d: int, queries: np.ndarray, k: int, exact:
         del sample
         for a in range(0, n, STEP):
             index.add(read_rows(path, a, min(n, a + STEP), d))
-        out = {"kind": kind, "nlist": nlist, "train_rows": len(rows), "train_s": train_s,
-               "build_s": time.perf_counter() - t, "bytes_per_vector": int(index.code_size), "searches": []}
+        out = {
+            "kind": kind,
+            "nlist": nlist,
+            "train_rows": len(rows),
+            "train_s": train_s,
+            "build_s": time.perf_counter() - t,
+            "bytes_per_vector": int(index.code_size),
+            "searches": [],
+        }
         for nprobe in nprobes:
             index.nprobe = min(int(nprobe), nlist)
             t = time.perf_counter()
             _, i = knn._sort_rows(*index.search(queries, kk), k)
-            out["searches"].append({"nprobe": int(nprobe), "search_s": time.perf_counter() - t,
-                                    "recall": _recall(exact, i, k), "recall10": _recall(exact, i, min(10, k))})
+            out["searches"].append(
+                {
+                    "nprobe": int(nprobe),
+                    "search_s": time.perf_counter() - t,
+                    "recall": _recall(exact, i, k),
+                    "recall10": _recall(exact, i, min(10, k)),
+                }
+            )
         del index, quant
     out["mem"] = mem.delta
     return out
@@ -112,8 +139,9 @@ def _recall(exact: np.ndarray, got: np.ndarray, k: int) -> float:
     return float(np.mean([len(np.intersect1d(a[:k], b[:k])) for a, b in zip(exact, got)]) / k)
 
 
-def stream_child(n: int, q: int, k: int, real_path: str, noise: float, data_path: str, kinds, nlist: int, nprobes,
-                 per_centroid: int) -> dict:
+def stream_child(
+    n: int, q: int, k: int, real_path: str, noise: float, data_path: str, kinds, nlist: int, nprobes, per_centroid: int
+) -> dict:
     """The whole streamed measurement (run in a fresh process): data file, exact, each IVF variant."""
     from landmarks.bench.retrieval import _realistic
 
@@ -137,19 +165,26 @@ def markdown(s: dict, queries: int) -> list[str]:
     """The streamed measurement's table (times scaled from the timed queries to `queries`)."""
     f = queries / s["q"]
     ex = (s["exact_s"] - s["exact_read_s"]) * f + s["exact_read_s"]
-    L = ["", f"Streamed at N = {s['n']:,} x {s['d']} (bench.knn_stream_n; database {s['db_bytes'] / 1e9:.2f} GB in a "
-         f"float32 file read in chunks of {STEP:,} rows; {s['q']:,} timed queries, search times x{f:g} to {queries:,}; "
-         f"exact = faiss.knn per chunk, merged, {s['exact_read_s']:.0f} s of it reading the file once):", "",
-         "| method | nlist | nprobe | bytes/vector | k-means s (rows) | build s | search s | build + search s | "
-         "vs exact | recall@100 | recall@10 | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
-         f"| exact (chunked) | | | {4 * s['d']} | | | {ex:.0f} | {ex:.0f} | 1.00 | 1 | 1 | "
-         f"{s['exact_mem'] / 1e9:.2f} GB |"]
+    L = [
+        "",
+        f"Streamed at N = {s['n']:,} x {s['d']} (bench.knn_stream_n; database {s['db_bytes'] / 1e9:.2f} GB in a "
+        f"float32 file read in chunks of {STEP:,} rows; {s['q']:,} timed queries, search times x{f:g} to {queries:,}; "
+        f"exact = faiss.knn per chunk, merged, {s['exact_read_s']:.0f} s of it reading the file once):",
+        "",
+        "| method | nlist | nprobe | bytes/vector | k-means s (rows) | build s | search s | build + search s | "
+        "vs exact | recall@100 | recall@10 | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| exact (chunked) | | | {4 * s['d']} | | | {ex:.0f} | {ex:.0f} | 1.00 | 1 | 1 | "
+        f"{s['exact_mem'] / 1e9:.2f} GB |",
+    ]
     for v in s["ivf"]:
         for r in v["searches"]:
             tot = v["build_s"] + r["search_s"] * f
-            L.append(f"| ivf-{v['kind']} | {v['nlist']} | {r['nprobe']} | {v['bytes_per_vector']} | {v['train_s']:.0f} "
-                     f"({v['train_rows']:,}) | {v['build_s']:.0f} | {r['search_s'] * f:.0f} | {tot:.0f} | {tot / ex:.2f} | "
-                     f"{r['recall']:.4f} | {r['recall10']:.4f} | {v['mem'] / 1e9:.2f} GB |")
+            L.append(
+                f"| ivf-{v['kind']} | {v['nlist']} | {r['nprobe']} | {v['bytes_per_vector']} | {v['train_s']:.0f} "
+                f"({v['train_rows']:,}) | {v['build_s']:.0f} | {r['search_s'] * f:.0f} | {tot:.0f} | {tot / ex:.2f} | "
+                f"{r['recall']:.4f} | {r['recall10']:.4f} | {v['mem'] / 1e9:.2f} GB |"
+            )
     return L
 
 
@@ -157,9 +192,21 @@ def best(s: dict, queries: int, min_recall: float = 0.95) -> dict | None:
     """The fastest IVF setting with recall@K >= min_recall: {kind, nlist, nprobe, total_s, ratio, recall}."""
     f = queries / s["q"]
     ex = (s["exact_s"] - s["exact_read_s"]) * f + s["exact_read_s"]
-    cands = [{"kind": v["kind"], "nlist": v["nlist"], "nprobe": r["nprobe"], "build_s": v["build_s"],
-              "search_s": r["search_s"] * f, "total_s": v["build_s"] + r["search_s"] * f, "recall": r["recall"],
-              "exact_s": ex} for v in s["ivf"] for r in v["searches"] if r["recall"] >= min_recall]
+    cands = [
+        {
+            "kind": v["kind"],
+            "nlist": v["nlist"],
+            "nprobe": r["nprobe"],
+            "build_s": v["build_s"],
+            "search_s": r["search_s"] * f,
+            "total_s": v["build_s"] + r["search_s"] * f,
+            "recall": r["recall"],
+            "exact_s": ex,
+        }
+        for v in s["ivf"]
+        for r in v["searches"]
+        if r["recall"] >= min_recall
+    ]
     if not cands:
         return None
     b = min(cands, key=lambda c: c["total_s"])

@@ -7,6 +7,7 @@ in one matrix product), both followed by pydegensac.  Mean inliers of same- and 
 pairs show that the faster matcher separates them as well.  The extraction time of these photos
 (near GLDv2 size) is the basis of the "GLDv2 scale on paper" extraction figures.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,7 +52,7 @@ def _match_images(cfg, data_dir) -> tuple[list[tuple[str, str, str]], str]:
     if len(labels) < 2:
         raise LandmarksError(f"row 2 needs 2 landmarks with >= {bc.match_per_class} images ({source})")
     step = max(1, len(labels) // bc.match_classes)
-    for lab in labels[::step][:bc.match_classes]:
+    for lab in labels[::step][: bc.match_classes]:
         sub = df[df["landmark_id"] == lab].sort_values("id").head(bc.match_per_class)
         rows += [(str(i), str(lab), str(p)) for i, p in zip(sub["id"], sub["path"])]
     return rows, source
@@ -68,8 +69,10 @@ def _match_features(cfg, model_dir, items, cache: Path) -> tuple[list, dict]:
     from landmarks.utils import configure_tensorflow, dir_digest, text_digest
 
     e = cfg.extract
-    key = text_digest(dir_digest(model_dir), json.dumps([items, list(e.local_scales), cfg.bench.match_features,
-                                                         e.abs_thres, e.max_image_size]))
+    key = text_digest(
+        dir_digest(model_dir),
+        json.dumps([items, list(e.local_scales), cfg.bench.match_features, e.abs_thres, e.max_image_size]),
+    )
     path = cache / f"match-{key}.npz"
     if path.exists():
         with np.load(path) as z:
@@ -115,8 +118,9 @@ def _run_matcher(vc, feats, matcher: str) -> tuple[float, float, np.ndarray]:
         cands = [b for b in range(n) if b != a]
         t = time.perf_counter()
         if matcher == "mutual":
-            ms = verify.match_mutual_batch(feats[a].descriptors, [feats[b].descriptors for b in cands],
-                                           vc.mutual_min_sim, vc.ratio)
+            ms = verify.match_mutual_batch(
+                feats[a].descriptors, [feats[b].descriptors for b in cands], vc.mutual_min_sim, vc.ratio
+            )
         else:
             ms = [verify.match_kdtree(feats[a].descriptors, feats[b].descriptors, vc.kdtree_distance) for b in cands]
         t_match += time.perf_counter() - t
@@ -137,18 +141,32 @@ def row_matching(cfg, data_dir, work_dir, model_dir) -> dict:
     same = (labels[:, None] == labels[None, :]) & ~np.eye(n, dtype=bool)
     diff = labels[:, None] != labels[None, :]
     pairs = n * (n - 1)
-    res = {"n": n, "pairs": pairs, "same": int(same.sum()), "diff": int(diff.sum()), "source": source,
-           "feat_per_img": float(np.mean([len(f) for f in feats])), "methods": {}, "extract": timing}
+    res = {
+        "n": n,
+        "pairs": pairs,
+        "same": int(same.sum()),
+        "diff": int(diff.sum()),
+        "source": source,
+        "feat_per_img": float(np.mean([len(f) for f in feats])),
+        "methods": {},
+        "extract": timing,
+    }
     base_vc = dataclasses.replace(cfg.verify, matcher="kdtree")
-    for name, vc in (("baseline: cKDTree(d<%.2f) + pydegensac" % cfg.verify.kdtree_distance, base_vc),
-                     (f"default: {cfg.verify.matcher} + pydegensac", cfg.verify)):
+    for name, vc in (
+        ("baseline: cKDTree(d<%.2f) + pydegensac" % cfg.verify.kdtree_distance, base_vc),
+        (f"default: {cfg.verify.matcher} + pydegensac", cfg.verify),
+    ):
         runs = [_run_matcher(vc, feats, vc.matcher) for _ in range(bc.repeats)]
         tm, tr = median([r[0] for r in runs]), median([r[1] for r in runs])
         inl = runs[0][2]
-        res["methods"][name] = {"match_s": tm, "ransac_s": tr, "pairs_s": pairs / (tm + tr),
-                                "inl_same": float(inl[same].mean()) if same.any() else float("nan"),
-                                "inl_diff": float(inl[diff].mean()) if diff.any() else float("nan"),
-                                "matcher": vc.matcher}
+        res["methods"][name] = {
+            "match_s": tm,
+            "ransac_s": tr,
+            "pairs_s": pairs / (tm + tr),
+            "inl_same": float(inl[same].mean()) if same.any() else float("nan"),
+            "inl_diff": float(inl[diff].mean()) if diff.any() else float("nan"),
+            "matcher": vc.matcher,
+        }
     (b, base), (_, dflt) = list(res["methods"].items())
     res["speedup"] = dflt["pairs_s"] / base["pairs_s"]
     res["default_pairs_s"] = dflt["pairs_s"]
@@ -157,31 +175,44 @@ def row_matching(cfg, data_dir, work_dir, model_dir) -> dict:
 
 def markdown(r: dict) -> list[str]:
     """Row 2's section of bench.md."""
-    L = [f"Pairs: {r['n']} images ({r['source']}), every ordered pair: {r['pairs']} pairs "
-         f"({r['same']} same-landmark, {r['diff']} different); {r['feat_per_img']:.0f} local features/image "
-         "(default model, cap bench.match_features). One query image against all others per matcher call, as "
-         "verify does for its candidates.", "",
-         "| method | pairs/s | matching s | RANSAC s | mean inliers same | mean inliers different |",
-         "|---|---|---|---|---|---|"]
+    L = [
+        f"Pairs: {r['n']} images ({r['source']}), every ordered pair: {r['pairs']} pairs "
+        f"({r['same']} same-landmark, {r['diff']} different); {r['feat_per_img']:.0f} local features/image "
+        "(default model, cap bench.match_features). One query image against all others per matcher call, as "
+        "verify does for its candidates.",
+        "",
+        "| method | pairs/s | matching s | RANSAC s | mean inliers same | mean inliers different |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in r["methods"].items():
-        L.append(f"| {name} | {m['pairs_s']:.1f} | {m['match_s']:.3f} | {m['ransac_s']:.3f} | "
-                 f"{m['inl_same']:.1f} | {m['inl_diff']:.1f} |")
+        L.append(
+            f"| {name} | {m['pairs_s']:.1f} | {m['match_s']:.3f} | {m['ransac_s']:.3f} | "
+            f"{m['inl_same']:.1f} | {m['inl_diff']:.1f} |"
+        )
     ex = r.get("extract") or {}
     if ex.get("n"):
-        L += ["", f"Extraction of these photos (model call + decode + post-processing, one pass, from the run that "
-              f"filled the cache): {ex['s'] / ex['n']:.2f} s/image at {ex['mpix']:.2f} MP "
-              f"({ex['s'] / ex['n'] / ex['mpix']:.2f} s/MP)."]
+        L += [
+            "",
+            f"Extraction of these photos (model call + decode + post-processing, one pass, from the run that "
+            f"filled the cache): {ex['s'] / ex['n']:.2f} s/image at {ex['mpix']:.2f} MP "
+            f"({ex['s'] / ex['n'] / ex['mpix']:.2f} s/MP).",
+        ]
     ok = "meets" if r["speedup"] >= 5 else "below"
     dflt = list(r["methods"].values())[1]
     dom = "RANSAC" if dflt["ransac_s"] > dflt["match_s"] else "matching"
-    L += ["", f"Speed-up of the default over the baseline: **{r['speedup']:.2f}x** (aim >= 5x: {ok}); "
-          f"the default's time is dominated by {dom} "
-          f"({100 * max(dflt['ransac_s'], dflt['match_s']) / (dflt['ransac_s'] + dflt['match_s']):.0f} %)."]
+    L += [
+        "",
+        f"Speed-up of the default over the baseline: **{r['speedup']:.2f}x** (aim >= 5x: {ok}); "
+        f"the default's time is dominated by {dom} "
+        f"({100 * max(dflt['ransac_s'], dflt['match_s']) / (dflt['ransac_s'] + dflt['match_s']):.0f} %).",
+    ]
     return L
 
 
 def summary(r: dict) -> str:
     """Row 2's cell of the summary table."""
     (bn, b), (dn, d) = list(r["methods"].items())
-    return (f"{d['pairs_s']:.1f} vs {b['pairs_s']:.1f} pairs/s baseline: {r['speedup']:.2f}x (aim >= 5x); "
-            f"inliers same/diff {d['inl_same']:.1f}/{d['inl_diff']:.1f} vs {b['inl_same']:.1f}/{b['inl_diff']:.1f}")
+    return (
+        f"{d['pairs_s']:.1f} vs {b['pairs_s']:.1f} pairs/s baseline: {r['speedup']:.2f}x (aim >= 5x); "
+        f"inliers same/diff {d['inl_same']:.1f}/{d['inl_diff']:.1f} vs {b['inl_same']:.1f}/{b['inl_diff']:.1f}"
+    )

@@ -7,6 +7,7 @@ overlap those of others, as real landmarks do).  Times of index build and search
 the data and recall@K of the approximate index against exact; cells over bench.knn_max_db_gb are
 extrapolated linearly in N from the largest measured one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,9 @@ from landmarks.utils import LandmarksError, atomic_path, log
 TITLE = "kNN: exact vs approximate vs numpy"
 
 
-def _synthetic(n: int, d: int, seed: int, chunk: int = 65536, centres: np.ndarray | None = None,
-               noise: float = 0.8) -> np.ndarray:
+def _synthetic(
+    n: int, d: int, seed: int, chunk: int = 65536, centres: np.ndarray | None = None, noise: float = 0.8
+) -> np.ndarray:
     """Unit vectors in float32 chunks: cluster centre (a 'landmark') + gaussian noise, normalised."""
     rng = np.random.default_rng(seed)
     out = np.empty((n, d), np.float32)
@@ -70,7 +72,7 @@ def _shared_photo_paths(cfg) -> tuple[list[str], list[Path]]:
         d = pd.read_csv(s / "LABELS.csv", dtype=str).sort_values("id")
         paths += [str(s / p) for p in d["path"] if (s / p).exists()]
     step = max(1, len(paths) // max(1, cfg.bench.knn_real_images))
-    return paths[::step][:cfg.bench.knn_real_images], sets
+    return paths[::step][: cfg.bench.knn_real_images], sets
 
 
 def _extract_globals(cfg, model_dir, paths: list[str], cache: Path) -> None:
@@ -121,8 +123,17 @@ def _real_globals(cfg, data_dir, work_dir, model_dir) -> tuple[np.ndarray | None
     return None, "none found: synthetic families only"
 
 
-def knn_child(n: int, d: int, q: int, k: int, knn_cfg: dict, approx: str, seed: int = 0,
-              real_path: str | None = None, real_noise: float = 1.0) -> dict:
+def knn_child(
+    n: int,
+    d: int,
+    q: int,
+    k: int,
+    knn_cfg: dict,
+    approx: str,
+    seed: int = 0,
+    real_path: str | None = None,
+    real_noise: float = 1.0,
+) -> dict:
     """One (N, dim) kNN measurement (run in a fresh process): time, peak RSS delta, recall@k.
 
     `real_path`: .npy of real descriptors of dim d: data and queries are real descriptors plus
@@ -159,8 +170,8 @@ def knn_child(n: int, d: int, q: int, k: int, knn_cfg: dict, approx: str, seed: 
                 s = np.empty((q, k), np.float32)
                 i = np.empty((q, k), np.int64)
                 for a in range(0, q, c.chunk_size):
-                    s0, i0 = index.search(queries[a:a + c.chunk_size], kk)
-                    s[a:a + c.chunk_size], i[a:a + c.chunk_size] = knn._sort_rows(s0, i0, k)
+                    s0, i0 = index.search(queries[a : a + c.chunk_size], kk)
+                    s[a : a + c.chunk_size], i[a : a + c.chunk_size] = knn._sort_rows(s0, i0, k)
                 del index
             total = time.perf_counter() - t
         results[method] = i
@@ -218,11 +229,22 @@ def row_knn(cfg, data_dir, work_dir, model_dir) -> dict:
                     cell[meth]["search_total_s"] = cell[meth]["search_s"] * scale
             cells.append(cell)
     stream = _stream(cfg, work_dir, real, real_path, k, qt)
-    return {"cells": cells, "k": k, "approx": approx, "queries": bc.knn_queries, "timed": qt, "scale": scale,
-            "stream": stream,
-            "real_src": real_src, "real_noise": bc.knn_real_noise,
-            "approx_desc": (f"IVF-Flat nlist={cfg.knn.ivf_nlist or 'sqrt(N)'} nprobe={cfg.knn.ivf_nprobe}"
-                            if approx == "ivf" else f"HNSW-Flat M={cfg.knn.hnsw_m}")}
+    return {
+        "cells": cells,
+        "k": k,
+        "approx": approx,
+        "queries": bc.knn_queries,
+        "timed": qt,
+        "scale": scale,
+        "stream": stream,
+        "real_src": real_src,
+        "real_noise": bc.knn_real_noise,
+        "approx_desc": (
+            f"IVF-Flat nlist={cfg.knn.ivf_nlist or 'sqrt(N)'} nprobe={cfg.knn.ivf_nprobe}"
+            if approx == "ivf"
+            else f"HNSW-Flat M={cfg.knn.hnsw_m}"
+        ),
+    }
 
 
 def _stream(cfg, work_dir, real, real_path, k: int, q: int) -> dict | None:
@@ -234,24 +256,38 @@ def _stream(cfg, work_dir, real, real_path, k: int, q: int) -> dict | None:
         return None
     path = Path(work_dir).resolve() / "bench" / f"knn-stream-{bc.knn_stream_n}-{real.shape[1]}.f32"
     log.info("bench kNN streamed: N=%d dim=%d, %d queries", bc.knn_stream_n, real.shape[1], q)
-    out = in_child(knn_stream.stream_child, int(bc.knn_stream_n), q, k, str(real_path), float(bc.knn_real_noise),
-                   str(path), tuple(bc.knn_stream_kinds), int(bc.knn_stream_nlist), tuple(bc.knn_stream_nprobes),
-                   int(cfg.knn.ivf_train_per_centroid) or 40)
+    out = in_child(
+        knn_stream.stream_child,
+        int(bc.knn_stream_n),
+        q,
+        k,
+        str(real_path),
+        float(bc.knn_real_noise),
+        str(path),
+        tuple(bc.knn_stream_kinds),
+        int(bc.knn_stream_nlist),
+        tuple(bc.knn_stream_nprobes),
+        int(cfg.knn.ivf_train_per_centroid) or 40,
+    )
     path.unlink(missing_ok=True)  # GBs of generated data: not kept
     return out
 
 
 def markdown(r: dict) -> list[str]:
     """Row 3's section of bench.md."""
-    L = [f"Top-{r['k']} of {r['queries']} queries (timed on {r['timed']}, search times x{r['scale']:g}); synthetic "
-         f"unit vectors (N/1000 random families, N/10 clusters of 10 around them, each vector = its cluster centre + noise, "
-         f"so a query's top-{r['k']} is mostly its family; float32, generated in chunks); approximate = "
-         f"{r['approx_desc']}; memory = peak RSS above the generated data, sampled every 10 ms; rows marked * are "
-         "extrapolated linearly in N from the measured N (over bench.knn_max_db_gb). Data 'real+noise': "
-         f"real global descriptors ({r.get('real_src', 'n/a')}) plus noise drawn from their own principal "
-         f"components x {r.get('real_noise', 1.0)} (bench.knn_real_noise), queries likewise: views of one photo overlap "
-         "those of others as real landmarks do. IVF k-means trains on knn.ivf_train_per_centroid points per list.", "",
-         "| N | dim | data | method | build s | search s | peak RSS + data | recall@K |", "|---|---|---|---|---|---|---|---|"]
+    L = [
+        f"Top-{r['k']} of {r['queries']} queries (timed on {r['timed']}, search times x{r['scale']:g}); synthetic "
+        f"unit vectors (N/1000 random families, N/10 clusters of 10 around them, each vector = its cluster centre + noise, "
+        f"so a query's top-{r['k']} is mostly its family; float32, generated in chunks); approximate = "
+        f"{r['approx_desc']}; memory = peak RSS above the generated data, sampled every 10 ms; rows marked * are "
+        "extrapolated linearly in N from the measured N (over bench.knn_max_db_gb). Data 'real+noise': "
+        f"real global descriptors ({r.get('real_src', 'n/a')}) plus noise drawn from their own principal "
+        f"components x {r.get('real_noise', 1.0)} (bench.knn_real_noise), queries likewise: views of one photo overlap "
+        "those of others as real landmarks do. IVF k-means trains on knn.ivf_train_per_centroid points per list.",
+        "",
+        "| N | dim | data | method | build s | search s | peak RSS + data | recall@K |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in r["cells"]:
         if c.get("skipped"):
             L.append(f"| {c['n']:,} | {c['d']} | | (skipped: over bench.knn_max_db_gb) | | | | |")
@@ -259,10 +295,11 @@ def markdown(r: dict) -> list[str]:
         star = "" if c["measured"] else "*"
         for meth in ("exact", r["approx"], "numpy"):
             m = c[meth]
-            rec = (f"{c['recall']:.3f} (@10: {c['recall10']:.3f})" if meth == r["approx"] and c["measured"]
-                   else "")
-            L.append(f"| {c['n']:,}{star} | {c['d']} | {c.get('data', '')} | {meth} | {m['build_s']:.1f} | {m['search_total_s']:.1f} | "
-                     f"{gb(m['mem'])} + {gb(c['db_bytes'])} | {rec} |")
+            rec = f"{c['recall']:.3f} (@10: {c['recall10']:.3f})" if meth == r["approx"] and c["measured"] else ""
+            L.append(
+                f"| {c['n']:,}{star} | {c['d']} | {c.get('data', '')} | {meth} | {m['build_s']:.1f} | {m['search_total_s']:.1f} | "
+                f"{gb(m['mem'])} + {gb(c['db_bytes'])} | {rec} |"
+            )
     if r.get("stream"):
         from landmarks.bench import knn_stream
 
@@ -278,19 +315,23 @@ def summary(r: dict) -> str:
             continue
         star = "" if c["measured"] else "*"
         e, a, n = c["exact"], c[r["approx"]], c["numpy"]
-        rec = (f" r@{r['k']} {c['recall']:.3f} r@10 {c['recall10']:.3f}" if c.get("recall") is not None
-               else "")
+        rec = f" r@{r['k']} {c['recall']:.3f} r@10 {c['recall10']:.3f}" if c.get("recall") is not None else ""
         ratio = (a["build_s"] + a["search_total_s"]) / max(e["build_s"] + e["search_total_s"], 1e-9)
-        parts.append(f"N={c['n']:,}{star}/d{c['d']}{'/real' if c.get('data') == 'real+noise' else ''}: exact "
-                     f"{e['search_total_s']:.0f}s, {r['approx']} {a['build_s'] + a['search_total_s']:.0f}s "
-                     f"({ratio:.2f}x exact){rec}, numpy {n['search_total_s']:.0f}s")
+        parts.append(
+            f"N={c['n']:,}{star}/d{c['d']}{'/real' if c.get('data') == 'real+noise' else ''}: exact "
+            f"{e['search_total_s']:.0f}s, {r['approx']} {a['build_s'] + a['search_total_s']:.0f}s "
+            f"({ratio:.2f}x exact){rec}, numpy {n['search_total_s']:.0f}s"
+        )
     text = "; ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
     if r.get("stream"):
         from landmarks.bench import knn_stream
 
         b = knn_stream.best(r["stream"], r["queries"])
         n = r["stream"]["n"]
-        text += (f"; streamed N={n:,}: ivf-{b['kind']} nlist {b['nlist']} nprobe {b['nprobe']} build + search "
-                 f"{b['total_s']:.0f}s vs exact {b['exact_s']:.0f}s ({b['ratio']:.2f}x), r@{r['k']} {b['recall']:.3f}"
-                 if b else f"; streamed N={n:,}: no IVF setting reached recall 0.95")
+        text += (
+            f"; streamed N={n:,}: ivf-{b['kind']} nlist {b['nlist']} nprobe {b['nprobe']} build + search "
+            f"{b['total_s']:.0f}s vs exact {b['exact_s']:.0f}s ({b['ratio']:.2f}x), r@{r['k']} {b['recall']:.3f}"
+            if b
+            else f"; streamed N={n:,}: no IVF setting reached recall 0.95"
+        )
     return text
