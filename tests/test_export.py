@@ -116,11 +116,13 @@ def test_folded_and_unfolded_exports_agree(default_model, tmp_path):
     outs = [postprocess(load_delg(m)(img, [0.5, 1.0], 300, 0.0, [0, 1])) for m in (default_model, plain)]
     (ga, la), (gb, lb) = outs
     assert float(ga @ gb) > 1 - 1e-5
+
     def key(lf):
         return {
             (round(float(x), 1), round(float(y), 1), round(float(s), 3)): d
             for (x, y), s, d in zip(lf.keypoints, lf.scales, lf.descriptors)
         }
+
     ka, kb = key(la), key(lb)
     common = set(ka) & set(kb)
     assert len(common) >= 0.99 * len(ka)  # the same cells selected (a near-tie at the cap may swap)
