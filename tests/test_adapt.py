@@ -294,6 +294,42 @@ def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_
     assert plan(_cfg(), data)[1] != fp_before
 
 
+def test_a_train_split_that_grows_a_little_keeps_its_adapted_model(tmp_path, caplog):
+    """adapt.reuse_overlap: an export adapted with the same settings on most of today's images is
+    kept (no step, export untouched), so features extracted with it stay valid; below the share,
+    or at reuse_overlap=1, the stage adapts again."""
+    from landmarks.adapt import _adapt_images, adapt
+
+    data = _make_data(tmp_path / "data")
+    work, out = tmp_path / "work", tmp_path / "work" / "adapt" / "model"
+    loose = ["adapt.reuse_overlap=0.75"]
+    assert adapt(_cfg(extra=loose), data, work, out, replace_stale=True) == out
+    mtime = (out / "saved_model.pb").stat().st_mtime_ns
+    rows = pd.read_csv(data / "train.csv", dtype=str)
+    more = _make_data(tmp_path / "more", n=1, seed=5)
+    src = next((more / "train").rglob("*.jpg"))
+    dst = data / src.relative_to(more)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    pd.concat([rows, pd.read_csv(more / "train.csv", dtype=str)]).to_csv(data / "train.csv", index=False)
+    caplog.set_level("INFO", logger="landmarks.adapt")
+    assert adapt(_cfg(extra=loose), data, work, out, replace_stale=True) == out  # 4 of 5 images = 0.8 >= 0.75
+    assert "kept" in caplog.text and "80.0%" in caplog.text
+    assert (out / "saved_model.pb").stat().st_mtime_ns == mtime
+    assert adapt(_cfg(extra=["adapt.reuse_overlap=1.0"]), data, work, out, replace_stale=True) == out
+    assert (out / "saved_model.pb").stat().st_mtime_ns != mtime  # strict: adapted again
+
+    # the sample of a large split is chosen by id hash: appending rows keeps it, a shuffle would not
+    cfg = _cfg(extra=["adapt.max_images=3"])
+    before = set(_adapt_images(cfg.adapt, data)["id"])
+    assert len(before) == 3
+    rows = pd.read_csv(data / "train.csv", dtype=str)
+    outside = [i for i in rows["id"] if i not in before]
+    rows[rows["id"] != outside[0]].to_csv(data / "train.csv", index=False)  # drop an image outside the sample
+    assert set(_adapt_images(cfg.adapt, data)["id"]) == before
+    rows.to_csv(data / "train.csv", index=False)
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_predict_adapts_by_default_and_opts_out():
     """`make predict` runs the adapt stage and extracts with its export; MODEL=... or ADAPT=0 do not adapt."""

@@ -62,6 +62,7 @@ NOT_TRAINING = (
     "eval_features",
     "eval_tolerance",
     "eval_data",
+    "reuse_overlap",
 )
 REPO = Path(__file__).resolve().parents[2]
 
@@ -309,11 +310,8 @@ def train_fingerprint(cfg, data_fp: str) -> str:
     return text_digest(hashlib.sha1(json.dumps([d["model"], ad], sort_keys=True).encode()).hexdigest(), data_fp)
 
 
-def data_fingerprint(ids: list[str], paths: list[str] | None = None) -> str:
-    """Fingerprint of the train images an adaptation used: count + sorted ids, and with `paths`
-    each file's size and mtime (a regenerated image re-adapts, as it re-extracts its features)."""
-    if paths is None:
-        return text_digest(str(len(ids)), ",".join(sorted(map(str, ids))))
+def image_keys(ids: list[str], paths: list[str]) -> list[str]:
+    """id:size:mtime of each train image, sorted (the keys the features stage reuses by)."""
     keys = []
     for i, p in sorted(zip(map(str, ids), map(str, paths))):
         try:
@@ -321,7 +319,15 @@ def data_fingerprint(ids: list[str], paths: list[str] | None = None) -> str:
             keys.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
         except OSError:
             keys.append(f"{i}:-")
-    return text_digest(str(len(ids)), ",".join(keys))
+    return keys
+
+
+def data_fingerprint(ids: list[str], paths: list[str] | None = None) -> str:
+    """Fingerprint of the train images an adaptation used: count + sorted ids, and with `paths`
+    each file's size and mtime (a regenerated image re-adapts, as it re-extracts its features)."""
+    if paths is None:
+        return text_digest(str(len(ids)), ",".join(sorted(map(str, ids))))
+    return text_digest(str(len(ids)), ",".join(image_keys(ids, paths)))
 
 
 def plan(cfg, data_dir: str | Path):
@@ -330,6 +336,23 @@ def plan(cfg, data_dir: str | Path):
     df = _adapt_images(cfg.adapt, data_dir)
     data_fp = data_fingerprint(df["id"].astype(str).tolist(), df["path"].astype(str).tolist())
     return df, data_fp, train_fingerprint(cfg, data_fp)
+
+
+def reusable(cfg, out_dir: str | Path, df) -> float | None:
+    """Share of this adaptation's images that the export at `out_dir` was adapted on, when that
+    export has the same model and adapt settings and the share is at least adapt.reuse_overlap;
+    else None.  A train split that grows by a few images keeps its adapted model, so the features
+    extracted with it stay valid (incremental extraction), instead of re-adapting and re-extracting
+    everything for a change that cannot move the learned head."""
+    old = exported_fingerprint(out_dir)
+    if old is None or not old.get("image_keys") or cfg.adapt.reuse_overlap >= 1:
+        return None
+    same = (old.get("settings_fingerprint"), old.get("steps"), old.get("keypoint_score"))
+    if same != (train_fingerprint(cfg, ""), cfg.adapt.steps, cfg.adapt.score):
+        return None
+    keys = image_keys(df["id"].astype(str).tolist(), df["path"].astype(str).tolist())
+    share = len(set(keys) & set(old["image_keys"])) / max(1, len(keys))
+    return share if share >= cfg.adapt.reuse_overlap else None
 
 
 def exported_fingerprint(out_dir: str | Path) -> dict | None:
@@ -387,6 +410,17 @@ def adapt(
             time.time() - t_plan,
         )
         return Path(out_dir)
+    share = None if restart else reusable(cfg, out_dir, df)
+    if share is not None:
+        log.info(
+            "adapt: kept %s: adapted with the same settings on %.1f%% of today's %d train images "
+            "(adapt.reuse_overlap=%.2f; set it to 1 to re-adapt on any change)",
+            out_dir,
+            100 * share,
+            len(ids),
+            cfg.adapt.reuse_overlap,
+        )
+        return Path(out_dir)
 
     from landmarks.tfquiet import keras
     from landmarks.train import _Checkpointer
@@ -438,19 +472,26 @@ def adapt(
         "data_dir": str(data_dir),
         "train_images": len(ids),
         "steps": step,
+        "settings_fingerprint": train_fingerprint(cfg, ""),
+        "image_keys": image_keys(ids, df["path"].astype(str).tolist()),
     }
     return _export(cfg, net, out_dir, meta, history, timing)
 
 
 def _adapt_images(ac, data_dir):
-    """The train split's rows to adapt on: all, or a seeded sample of adapt.max_images."""
+    """The train split's rows to adapt on: all, or a sample of adapt.max_images chosen by a seeded
+    hash of each id, so appending images keeps most of the sample (not a fresh shuffle)."""
+    import hashlib
+
     from landmarks.data import load_split
 
     df = load_split(data_dir, "train")
     if df.empty:
         raise LandmarksError(f"{data_dir}: the train split is empty")
     if ac.max_images > 0 and len(df) > ac.max_images:
-        df = df.sample(n=ac.max_images, random_state=ac.seed).sort_index()
+        rank = [hashlib.sha1(f"{ac.seed}:{i}".encode()).hexdigest() for i in df["id"].astype(str)]
+        df = df.assign(_rank=rank).sort_values("_rank", kind="mergesort").head(ac.max_images)
+        df = df.drop(columns="_rank").sort_index()
     return df
 
 

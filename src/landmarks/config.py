@@ -239,6 +239,9 @@ class AdaptConfig:
     crop_size: int = 256  # side of each view fed to the frozen backbone
     max_side: int = 512  # train images are decoded once and cached at this long side
     max_images: int = 2000  # a seeded sample of at most this many train images, decoded in memory (0 = all)
+    reuse_overlap: float = (
+        0.95  # keep an adapted model whose images cover this share of today's (1 = re-adapt on any change)
+    )
     learning_rate: float = 0.001  # Adam
     temperature: float = 0.07  # InfoNCE temperature on cosine similarities
     neg_radius: float = 1.5  # B cells closer than this (in cells) to the true position are not negatives
