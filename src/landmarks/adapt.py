@@ -376,6 +376,49 @@ def is_up_to_date(cfg, out_dir: str | Path, fp: str) -> bool:
     )
 
 
+def _done_already(cfg, data_dir, out_dir, df, fp: str, t_plan: float) -> bool:
+    """True when OUT holds this adaptation, or one on nearly the same images (logged either way)."""
+    n = len(df)
+    if is_up_to_date(cfg, out_dir, fp):
+        log.info(
+            "adapt: up to date (%s: %d steps on %d train images of %s, fingerprint %s); skipped in %.2fs",
+            *(out_dir, cfg.adapt.steps, n, data_dir, fp, time.time() - t_plan),
+        )
+        return True
+    share = reusable(cfg, out_dir, df)
+    if share is not None:
+        log.info(
+            "adapt: kept %s: adapted with the same settings on %.1f%% of today's %d train images "
+            "(adapt.reuse_overlap=%.2f; set it to 1 to re-adapt on any change)",
+            *(out_dir, 100 * share, n, cfg.adapt.reuse_overlap),
+        )
+        return True
+    return False
+
+
+def _checkpointer(work_dir, fp: str, restart: bool, replace_stale: bool):
+    """The checkpoint folder WORK/adapt for this fingerprint, cleared on restart or, with
+    `replace_stale`, when it holds a run of other inputs."""
+    from landmarks.train import _Checkpointer
+
+    adapt_dir = Path(work_dir) / "adapt"
+    adapt_dir.mkdir(parents=True, exist_ok=True)
+    ck = _Checkpointer(adapt_dir, fp)
+    if not restart and replace_stale and ck.state_path.exists():
+        try:
+            restart = json.loads(ck.state_path.read_text()).get("fingerprint") != fp
+        except (OSError, ValueError):
+            restart = True
+        if restart:
+            log.info(
+                "adapt: the checkpoint in %s is of other inputs (train split or settings changed); adapting again",
+                adapt_dir,
+            )
+    if restart:
+        ck.clear()
+    return ck
+
+
 def adapt(
     cfg,
     data_dir: str | Path,
@@ -389,82 +432,44 @@ def adapt(
     """Adapt the local head on DATA's train images (labels unused), checkpoint in WORK/adapt, export to OUT.
 
     A cached stage: when OUT already holds this adaptation (same model and adapt settings, same
-    train images: :func:`train_fingerprint`) it returns at once, before TensorFlow is imported.
-    A checkpoint of other inputs stops the run (pass `restart`), or with `replace_stale` is
-    discarded and the adaptation starts over (what `make predict` does).  `stop_after` ends this
-    run after that many total steps without exporting (to test resuming); returns the export
-    path, or None when stopped early.
+    train images: :func:`train_fingerprint`), or one on nearly the same images (:func:`reusable`),
+    it returns at once, before TensorFlow is imported.  A checkpoint of other inputs stops the run
+    (pass `restart`), or with `replace_stale` is discarded and the adaptation starts over (what
+    `make predict` does).  `stop_after` ends this run after that many total steps without
+    exporting (to test resuming); returns the export path, or None when stopped early.
     """
     ac = cfg.adapt
     t_plan = time.time()
     df, data_fp, fp = plan(cfg, data_dir)
-    ids = df["id"].astype(str).tolist()
-    if not restart and is_up_to_date(cfg, out_dir, fp):
-        log.info(
-            "adapt: up to date (%s: %d steps on %d train images of %s, fingerprint %s); skipped in %.2fs",
-            out_dir,
-            ac.steps,
-            len(ids),
-            data_dir,
-            fp,
-            time.time() - t_plan,
-        )
+    if not restart and _done_already(cfg, data_dir, out_dir, df, fp, t_plan):
         return Path(out_dir)
-    share = None if restart else reusable(cfg, out_dir, df)
-    if share is not None:
-        log.info(
-            "adapt: kept %s: adapted with the same settings on %.1f%% of today's %d train images "
-            "(adapt.reuse_overlap=%.2f; set it to 1 to re-adapt on any change)",
-            out_dir,
-            100 * share,
-            len(ids),
-            cfg.adapt.reuse_overlap,
-        )
-        return Path(out_dir)
-
     from landmarks.tfquiet import keras
-    from landmarks.train import _Checkpointer
     from landmarks.utils import configure_tensorflow
 
     configure_tensorflow()
-
-    adapt_dir = Path(work_dir) / "adapt"
-    adapt_dir.mkdir(parents=True, exist_ok=True)
-    ck = _Checkpointer(adapt_dir, fp)
-    if not restart and replace_stale and ck.state_path.exists():
-        try:
-            stale = json.loads(ck.state_path.read_text()).get("fingerprint") != fp
-        except (OSError, ValueError):
-            stale = True
-        if stale:
-            log.info(
-                "adapt: the checkpoint in %s is of other inputs (train split or settings changed); adapting again",
-                adapt_dir,
-            )
-            restart = True
-    if restart:
-        ck.clear()
-    old = exported_fingerprint(out_dir)
+    ck = _checkpointer(work_dir, fp, restart, replace_stale)
     log.info(
         "adapt: %s (%s); fingerprint %s, %d train images of %s",
-        "no adapted model yet" if old is None else "the adapted model is out of date",
-        out_dir,
-        fp,
-        len(ids),
-        data_dir,
+        *(
+            "no adapted model yet" if exported_fingerprint(out_dir) is None else "the adapted model is out of date",
+            out_dir,
+            fp,
+            len(df),
+            data_dir,
+        ),
     )
-
     keras.utils.set_random_seed(ac.seed)
     net = _AdaptNet(cfg)
     step, history, resumed = ck.resume(net.head, net.optimizer)
     end = ac.steps if stop_after is None else min(ac.steps, int(stop_after))
+    paths = df["path"].astype(str).tolist()
     if step < end:
-        step = _run_steps(cfg, net, ck, df["path"].astype(str).tolist(), step, end, history, resumed, data_dir)
+        step = _run_steps(cfg, net, ck, paths, step, end, history, resumed, data_dir)
     if step < ac.steps:
         return None
-    timing = {}
-    if (adapt_dir / "timing.json").exists():
-        timing = json.loads((adapt_dir / "timing.json").read_text())
+    timing_path = ck.dir / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    ids = df["id"].astype(str).tolist()
     meta = {
         "kind": "adapted",
         "fingerprint": fp,
@@ -473,7 +478,7 @@ def adapt(
         "train_images": len(ids),
         "steps": step,
         "settings_fingerprint": train_fingerprint(cfg, ""),
-        "image_keys": image_keys(ids, df["path"].astype(str).tolist()),
+        "image_keys": image_keys(ids, paths),
     }
     return _export(cfg, net, out_dir, meta, history, timing)
 

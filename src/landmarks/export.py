@@ -63,6 +63,34 @@ def _serving_class():
             self.local_dim = int(local_dim)
             self.global_dim = int(global_dim)
 
+        def _features_at_scale(self, heads, img, s, h, w, thres, cap):
+            """One scale: resize, run the heads, keep the top `cap` cells scoring >= thres; their
+            boxes (receptive fields in original-image pixels), descriptors, scores and the global."""
+            nh = tf.maximum(tf.cast(tf.round(h * s), tf.int32), 1)
+            nw = tf.maximum(tf.cast(tf.round(w * s), tf.int32), 1)
+            x = tf.image.resize(img[None], tf.stack([nh, nw]), method="bilinear")
+            x = normalize_pixels(x, self.preprocess)
+            desc, sc, g = heads(x)
+            desc = tf.cast(desc[0], tf.float32)
+            sc = tf.cast(sc[0], tf.float32)
+            fh, fw = tf.shape(sc)[0], tf.shape(sc)[1]
+            ys, xs = tf.meshgrid(tf.range(fh), tf.range(fw), indexing="ij")
+            ys = tf.reshape(tf.cast(ys, tf.float32), [-1])
+            xs = tf.reshape(tf.cast(xs, tf.float32), [-1])
+            sc = tf.reshape(sc, [-1])
+            desc = tf.reshape(desc, [-1, self.local_dim])
+            keep = tf.where(sc >= thres)[:, 0]
+            sc, ys, xs, desc = (tf.gather(t, keep) for t in (sc, ys, xs, desc))
+            k = tf.minimum(cap, tf.shape(sc)[0])
+            top = tf.math.top_k(sc, k=k).indices
+            sc, ys, xs, desc = (tf.gather(t, top) for t in (sc, ys, xs, desc))
+            ry = tf.cast(nh, tf.float32) / h
+            rx = tf.cast(nw, tf.float32) / w
+            y0 = ys * self.rf_stride - self.rf_padding
+            x0 = xs * self.rf_stride - self.rf_padding
+            b = tf.stack([y0 / ry, x0 / rx, (y0 + self.rf_size - 1.0) / ry, (x0 + self.rf_size - 1.0) / rx], axis=1)
+            return b, desc, sc, g
+
         @tf.function(input_signature=serving_input_signature())
         def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind):
             heads = getattr(self.owner, self._heads_name)
@@ -87,29 +115,7 @@ def _serving_class():
                     ]
                 )
                 s = input_scales[i]
-                nh = tf.maximum(tf.cast(tf.round(h * s), tf.int32), 1)
-                nw = tf.maximum(tf.cast(tf.round(w * s), tf.int32), 1)
-                x = tf.image.resize(img[None], tf.stack([nh, nw]), method="bilinear")
-                x = normalize_pixels(x, self.preprocess)
-                desc, sc, g = heads(x)
-                desc = tf.cast(desc[0], tf.float32)
-                sc = tf.cast(sc[0], tf.float32)
-                fh, fw = tf.shape(sc)[0], tf.shape(sc)[1]
-                ys, xs = tf.meshgrid(tf.range(fh), tf.range(fw), indexing="ij")
-                ys = tf.reshape(tf.cast(ys, tf.float32), [-1])
-                xs = tf.reshape(tf.cast(xs, tf.float32), [-1])
-                sc = tf.reshape(sc, [-1])
-                desc = tf.reshape(desc, [-1, self.local_dim])
-                keep = tf.where(sc >= thres)[:, 0]
-                sc, ys, xs, desc = (tf.gather(t, keep) for t in (sc, ys, xs, desc))
-                k = tf.minimum(cap, tf.shape(sc)[0])
-                top = tf.math.top_k(sc, k=k).indices
-                sc, ys, xs, desc = (tf.gather(t, top) for t in (sc, ys, xs, desc))
-                ry = tf.cast(nh, tf.float32) / h
-                rx = tf.cast(nw, tf.float32) / w
-                y0 = ys * self.rf_stride - self.rf_padding
-                x0 = xs * self.rf_stride - self.rf_padding
-                b = tf.stack([y0 / ry, x0 / rx, (y0 + self.rf_size - 1.0) / ry, (x0 + self.rf_size - 1.0) / rx], axis=1)
+                b, desc, sc, g = self._features_at_scale(heads, img, s, h, w, thres, cap)
                 boxes = tf.concat([boxes, b], 0)
                 feats = tf.concat([feats, desc], 0)
                 scs = tf.concat([scs, tf.fill(tf.shape(sc), s)], 0)
