@@ -312,14 +312,10 @@ def train_fingerprint(cfg, data_fp: str) -> str:
 
 def image_keys(ids: list[str], paths: list[str]) -> list[str]:
     """id:size:mtime of each train image, sorted (the keys the features stage reuses by)."""
-    keys = []
-    for i, p in sorted(zip(map(str, ids), map(str, paths))):
-        try:
-            st = os.stat(p)
-            keys.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
-        except OSError:
-            keys.append(f"{i}:-")
-    return keys
+    from landmarks.utils import file_keys
+
+    pairs = sorted(zip(map(str, ids), map(str, paths)))
+    return file_keys([i for i, _ in pairs], [p for _, p in pairs])
 
 
 def data_fingerprint(ids: list[str], paths: list[str] | None = None) -> str:

@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
-from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, log, text_digest
+from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, file_keys, log, text_digest
 
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
 RESULT_FIELDS = (
@@ -91,18 +91,6 @@ def result_settings(cfg) -> dict:
 def base_fingerprint(cfg, model_dir: str | Path) -> str:
     """Model directory + result-affecting settings: shared by every shard of every split."""
     return text_digest(f"v{FORMAT_VERSION}", dir_digest(model_dir), json.dumps(result_settings(cfg), sort_keys=True))
-
-
-def file_keys(ids: Sequence[str], paths: Sequence[str]) -> list[str]:
-    """Id plus its file's size and mtime: a regenerated image gets a new key."""
-    parts = []
-    for i, p in zip(ids, paths):
-        try:
-            st = os.stat(p)
-            parts.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
-        except OSError:
-            parts.append(f"{i}:-")
-    return parts
 
 
 def _files_digest(ids: Sequence[str], paths: Sequence[str]) -> str:

@@ -178,3 +178,15 @@ def call_writing(path: str | Path, fn, *args, **kwargs):
     finally:
         sys.unraisablehook, sys.excepthook = hooks
     raise LandmarksError(message)
+
+
+def file_keys(ids, paths) -> list[str]:
+    """Id plus its file's size and mtime: a regenerated image gets a new key."""
+    parts = []
+    for i, p in zip(ids, paths):
+        try:
+            st = os.stat(p)
+            parts.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
+        except OSError:
+            parts.append(f"{i}:-")
+    return parts
