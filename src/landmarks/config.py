@@ -33,6 +33,7 @@ class ExtractConfig:
     shards: int = 4  # shards per split
     jobs: int = 2  # parallel worker processes (joblib)
     scheduler: str = ""  # dask scheduler address (tcp://host:8786); empty = local joblib
+    file_key: Literal["stat", "content"] = "stat"  # reuse key of an image file: size+mtime_ns+inode+ctime, or its bytes
     local_dtype: Literal["float16", "float32"] = "float16"  # storage dtype of local descriptors
     intra_op_threads: int = 0  # TF threads per worker (0 = cores / jobs)
     min_image_size: int = 16  # images whose short side is below this are refused ("too small")

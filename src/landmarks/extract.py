@@ -8,18 +8,20 @@ worker loads the model once and keeps it), or on a Dask cluster (``--scheduler t
 same task function through ``client.map``).  Inside a task a thread decodes the next images
 while the model runs on the current one.
 
-Resume: each shard stores a fingerprint of the model directory, the result-affecting extraction
-settings, the shard's ids (with their files' sizes and mtimes) and the local flag.  A rerun skips
-shards whose fingerprint matches; shards from another N, with another fingerprint, unreadable
+Resume (``landmarks.cache``): each shard stores the fingerprints of what its rows depend on (the
+global one: the model's global path and the global settings; with local features also the local
+one: the model's local path and the local settings), plus a digest of the shard's ids and their
+file keys.  A rerun skips shards whose fingerprint matches; shards from another N, unreadable
 (half-deleted) or left as temp files by a killed run are removed and redone.  Incremental: a
-redone shard keeps the rows (and failures) of its old file whose image key (id, size, mtime)
-and base fingerprint are unchanged, so appending or removing 1 % of the rows sends only the
-new images through the model (hloc-style skip by key, within a stable id-hash partition).
+redone shard keeps the rows (and failures) of its old file whose file key and row fingerprints
+are unchanged, so appending 1 % of the rows, re-adapting the local head or changing a local
+setting sends only the new images through the model for a global-only train split (hloc-style
+skip by key, within a stable id-hash partition).
 
 Train gets global descriptors only (``extract.train_local`` false), test gets global + local.
 ``ensure_local`` extracts global + local for given ids that lack local features and caches them
 as ``local-cache-<digest>-i-of-N.h5`` next to the shards (the predict stage calls it for the
-shortlisted train images).  Bad images never stop the stage: they go to the shard's failures
+shortlisted train images); a cached row whose image's file key changed is dropped and redone.  Bad images never stop the stage: they go to the shard's failures
 with a short reason (see ``landmarks.images``).
 """
 
@@ -37,8 +39,18 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
-from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, file_keys, log, text_digest
+from landmarks import cache
+from landmarks.store import (
+    CACHE_GLOB,
+    SHARD_GLOB,
+    FeatureStore,
+    drop_rows,
+    read_attrs,
+    read_keys,
+    shard_name,
+    write_shard,
+)
+from landmarks.utils import LandmarksError, available_cores, call_writing, log
 
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
 RESULT_FIELDS = (
@@ -51,7 +63,6 @@ RESULT_FIELDS = (
     "min_image_size",
     "local_dtype",
 )
-FORMAT_VERSION = 2
 PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
 WATCH_SECONDS = 0.25  # the dask driver checks which workers are alive this often
 
@@ -88,14 +99,25 @@ def result_settings(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(e, k)) for k in RESULT_FIELDS)}
 
 
-def base_fingerprint(cfg, model_dir: str | Path) -> str:
-    """Model directory + result-affecting settings: shared by every shard of every split."""
-    return text_digest(f"v{FORMAT_VERSION}", dir_digest(model_dir), json.dumps(result_settings(cfg), sort_keys=True))
+@dataclass(frozen=True)
+class RowKeys:
+    """What a stored row depends on besides its image (``cache.feature_fingerprints``)."""
 
+    global_fp: str
+    local_fp: str
 
-def _files_digest(ids: Sequence[str], paths: Sequence[str]) -> str:
-    """Ids plus each file's size and mtime: a regenerated image invalidates its shard."""
-    return text_digest(*file_keys(ids, paths))
+    @staticmethod
+    def of(cfg, model_dir) -> "RowKeys":
+        return RowKeys(*cache.feature_fingerprints(cfg, model_dir))
+
+    def attrs(self, local: bool) -> dict:
+        return {"global_fingerprint": self.global_fp, "local_fingerprint": self.local_fp if local else ""}
+
+    def matches(self, attrs: dict | None, local: bool) -> bool:
+        """True when rows stored with `attrs` may be kept by a task that wants local features or not."""
+        if attrs is None or attrs.get("global_fingerprint") != self.global_fp:
+            return False
+        return not local or (bool(attrs.get("has_local")) and attrs.get("local_fingerprint") == self.local_fp)
 
 
 def id_bucket(ids: Sequence[str], n: int) -> np.ndarray:
@@ -115,7 +137,7 @@ def _get_model(model_dir: str, threads: int):
     from landmarks.delg_io import load_delg
     from landmarks.utils import configure_tensorflow
 
-    key = (str(Path(model_dir).resolve()), dir_digest(model_dir))
+    key = (str(Path(model_dir).resolve()), cache.dir_fingerprint(model_dir))
     model = _MODELS.get(key)
     if model is None:
         configure_tensorflow(threads)
@@ -293,8 +315,8 @@ def _worker_name() -> str:
 
 def _reusable(task: ShardTask) -> dict:
     """Rows of the shard file already at `task.out` that this task may keep instead of extracting:
-    same model and result settings (base fingerprint), same local flag, same file key (id, size,
-    mtime).  id -> ("ok", global, local | None) or ("fail", reason)."""
+    same global fingerprint (and local one when the task stores local features: RowKeys), same
+    file key.  id -> ("ok", global, local | None) or ("fail", reason)."""
     if task.keys is None or not os.path.exists(task.out):
         return {}
     import h5py
@@ -305,13 +327,8 @@ def _reusable(task: ShardTask) -> dict:
     out: dict = {}
     try:
         with h5py.File(task.out, "r") as f:
-            a = f.attrs
-            if (
-                a.get("base_fingerprint") != task.attrs.get("base_fingerprint")
-                or bool(a.get("has_local")) != task.local
-                or "keys" not in f
-                or "keys" not in f["failures"]
-            ):
+            row_keys = RowKeys(task.attrs["global_fingerprint"], task.attrs["local_fingerprint"])
+            if not row_keys.matches(dict(f.attrs), task.local) or "keys" not in f or "keys" not in f["failures"]:
                 return {}
             ids, keys = _decode(f["ids"][:]), _decode(f["keys"][:])
             rows = [r for r, (i, key) in enumerate(zip(ids, keys)) if want.get(i) == key]
@@ -449,7 +466,7 @@ def _check_model(model_dir: str | Path) -> Path:
     return check_saved_model(Path(model_dir).resolve())
 
 
-def _clean_dir(out_dir: Path, keep: set[str], base_fp: str) -> int:
+def _clean_dir(out_dir: Path, keep: set[str], row_keys: RowKeys) -> int:
     """Remove temp files of killed runs, shards not in `keep`, caches from another model/config."""
     removed = 0
     for p in list(out_dir.glob(".shard-*.tmp")) + list(out_dir.glob(".local-cache-*.tmp")):
@@ -461,8 +478,7 @@ def _clean_dir(out_dir: Path, keep: set[str], base_fp: str) -> int:
             p.unlink(missing_ok=True)
             removed += 1
     for p in out_dir.glob(CACHE_GLOB):
-        a = read_attrs(p)
-        if a is None or a.get("base_fingerprint") != base_fp:
+        if not row_keys.matches(read_attrs(p), True):
             log.info("removing stale local cache %s", p.name)
             p.unlink(missing_ok=True)
             removed += 1
@@ -478,7 +494,7 @@ def _plan(
     local: bool,
     cfg,
     model_dir: Path,
-    base_fp: str,
+    row_keys: RowKeys,
     threads: int,
     out_dir: Path,
     kind: str,
@@ -488,12 +504,13 @@ def _plan(
 
     Contiguous row ranges, or (`by_hash`) id-hash buckets: an id's shard never depends on the
     other rows, and a changed shard keeps the rows of its old file whose file key is unchanged,
-    so appending or removing rows only sends the new images through the model."""
+    so appending or removing rows only sends the new images through the model.  Every row is
+    stored with its file key (``cache.file_keys``)."""
     settings = result_settings(cfg)
     all_paths, todo = [], []
+    keys_all = cache.file_keys(ids, paths, cfg.extract.file_key)
     if by_hash:
         bucket = id_bucket(ids, n_shards)
-        keys_all = file_keys(ids, paths)
         members = [np.flatnonzero(bucket == i) for i in range(n_shards)]
     else:
         bounds = np.linspace(0, len(ids), n_shards + 1).round().astype(int)
@@ -502,12 +519,10 @@ def _plan(
         rows = members[i].tolist()
         sid, spath = [ids[r] for r in rows], [paths[r] for r in rows]
         out = out_dir / name_fn(i, n_shards)
-        if by_hash:
-            skeys = [keys_all[r] for r in rows]
-            content = text_digest("hash", *(f"{r}:{k}" for r, k in zip(rows, skeys)))
-        else:
-            skeys, content = None, _files_digest(sid, spath)
-        fp = text_digest(base_fp, split, kind, f"{i}/{n_shards}", f"local={int(local)}", content)
+        skeys = [keys_all[r] for r in rows]
+        content = cache.digest("rows", *(f"{r}:{k}" for r, k in zip(rows, skeys)))
+        row_fps = row_keys.attrs(local)
+        fp = cache.digest(*row_fps.values(), split, kind, f"{i}/{n_shards}", f"local={int(local)}", content)
         all_paths.append(out)
         attrs = read_attrs(out) if out.exists() else None
         if attrs is not None and attrs.get("fingerprint") == fp:
@@ -526,7 +541,7 @@ def _plan(
                 prefetch=cfg.extract.prefetch,
                 attrs={
                     "fingerprint": fp,
-                    "base_fingerprint": base_fp,
+                    **row_fps,
                     "split": split,
                     "shard": i,
                     "num_shards": n_shards,
@@ -644,9 +659,9 @@ def _run_features(
     out_dir = features_dir(Path(work_dir).resolve(), split)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = _sticky_shards(out_dir, n_shards, _cap_shards(cfg, n_shards, len(df)), len(df), cfg)
-    base_fp = base_fingerprint(cfg, model_dir)
+    row_keys = RowKeys.of(cfg, model_dir)
     keep = {shard_name(i, n_shards) for i in range(n_shards)}
-    _clean_dir(out_dir, keep, base_fp)
+    _clean_dir(out_dir, keep, row_keys)
     ids, paths = df["id"].tolist(), df["path"].tolist()
     jobs, scheduler, threads = _resolve_jobs(cfg, jobs, scheduler, n_shards)
     all_paths, todo = _plan(
@@ -658,7 +673,7 @@ def _run_features(
         bool(local),
         cfg,
         model_dir,
-        base_fp,
+        row_keys,
         threads,
         out_dir,
         "shard",
@@ -689,57 +704,89 @@ def _cache_name(digest: str):
 
 
 def ensure_local(
-    cfg, data_dir, work_dir, model_dir, split: str, ids: Iterable[str], jobs: int | None = None, scheduler=None
+    cfg,
+    data_dir,
+    work_dir,
+    model_dir,
+    split: str,
+    ids: Iterable[str],
+    jobs: int | None = None,
+    scheduler=None,
+    local_only: bool = False,
 ) -> FeatureStore:
     """Make sure the given ids have local features in the split's store; return the store.
 
-    Ids already holding local features, or known to have failed, are left alone; the others are
-    extracted (global + local) and cached as local-cache-<digest>-i-of-N.h5 (resumable).
+    Cached rows of these ids whose image's file key changed since they were extracted are dropped
+    first (``store.drop_rows``); ids then holding local features, or known to have failed, are
+    left alone; the others are extracted (global + local) and cached as
+    local-cache-<digest>-i-of-N.h5 (resumable).  Holds the split directory's lock.  `local_only`:
+    the store returned is opened for local features only (its 1.58 M global ids are not read).
     """
+    from landmarks.data import load_split
+    from landmarks.locks import stage_lock
+    from landmarks.store import load_index
+
     model_dir = _check_model(model_dir)
     out_dir = features_dir(Path(work_dir).resolve(), split)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = FeatureStore(out_dir)
-    failed = store.failures()
     wanted = list(dict.fromkeys(str(i) for i in ids))
-    need = sorted(i for i in wanted if not store.has_local(i) and i not in failed)
-    if not need:
-        return store
-    store.close()
-    from landmarks.locks import stage_lock
-
     with stage_lock(out_dir, "features"):
-        return _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, scheduler)
+        df = load_split(Path(data_dir).resolve(), split)
+        path_of = dict(zip(df["id"].astype(str), df["path"].astype(str)))
+        row_keys = RowKeys.of(cfg, model_dir)
+        _clean_dir(out_dir, {p.name for p in out_dir.glob(SHARD_GLOB)}, row_keys)
+        known = [i for i in wanted if i in path_of]
+        keys = cache.file_keys(known, [path_of[i] for i in known], cfg.extract.file_key)
+        _drop_stale_rows(out_dir, dict(zip(known, keys)))
+        store = FeatureStore(out_dir, index=load_index(out_dir, local_only=True))  # 1.58 M global ids unread
+        need = [i for i in wanted if not store.has_local(i)]
+        if need:
+            failed = FeatureStore(out_dir).failures()
+            need = sorted(i for i in need if i not in failed)
+        if not need and local_only:
+            return store
+        store.close()
+        if not need:
+            return FeatureStore(out_dir)
+        unknown = [i for i in need if i not in path_of]
+        if unknown:
+            raise LandmarksError(
+                f"{len(unknown)} id(s) not in the {split} split of {data_dir} (first: {', '.join(unknown[:3])})"
+            )
+        _extract_local(cfg, model_dir, split, need, [path_of[i] for i in need], out_dir, row_keys, jobs, scheduler)
+    return FeatureStore(out_dir, index=load_index(out_dir, local_only=local_only))
 
 
-def _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, scheduler) -> FeatureStore:
+def _drop_stale_rows(out_dir: Path, key_of: dict[str, str]) -> None:
+    """Drop the local-cache rows (and failures) of ids whose file key is no longer `key_of[id]`: a
+    replaced image must not keep the features of the old picture.  Caches without keys go whole."""
+    for p in sorted(out_dir.glob(CACHE_GLOB)):
+        keys = read_keys(p)
+        if keys is None:
+            log.info("removing local cache %s (no file keys)", p.name)
+            p.unlink(missing_ok=True)
+            continue
+        stale = {i for i, k in keys.items() if i in key_of and key_of[i] != k}
+        if stale:
+            log.info("%s: %d cached image(s) changed on disk; their local features are redone", p.name, len(stale))
+            drop_rows(p, stale)
+
+
+def _extract_local(cfg, model_dir, split, need, paths, out_dir, row_keys: RowKeys, jobs, scheduler) -> None:
     """ensure_local's extraction of the `need` ids (called with the split's directory lock held)."""
-    from landmarks.data import load_split
-
-    df = load_split(Path(data_dir).resolve(), split)
-    path_of = dict(zip(df["id"], df["path"]))
-    unknown = [i for i in need if i not in path_of]
-    if unknown:
-        raise LandmarksError(
-            f"{len(unknown)} id(s) not in the {split} split of {data_dir} (first: {', '.join(unknown[:3])})"
-        )
-    base_fp = base_fingerprint(cfg, model_dir)
-    keep = {p.name for p in out_dir.glob(SHARD_GLOB)}
-    _clean_dir(out_dir, keep, base_fp)
-    digest = text_digest(base_fp, *need)
+    name = cache.digest(*row_keys.attrs(True).values(), *need)
     n_shards = _cap_shards(cfg, max(1, min(int(cfg.extract.shards), len(need))), len(need))
     jobs, scheduler, threads = _resolve_jobs(cfg, jobs, scheduler, n_shards)
     t0 = time.time()
     _, todo = _plan(
         need,
-        [path_of[i] for i in need],
+        paths,
         n_shards,
-        _cache_name(digest),
+        _cache_name(name),
         split,
         True,
         cfg,
         model_dir,
-        base_fp,
+        row_keys,
         threads,
         out_dir,
         "local-cache",
@@ -747,15 +794,12 @@ def _extract_local(cfg, data_dir, model_dir, split, need, out_dir, jobs, schedul
     if todo:
         results = _run_tasks(todo, jobs, scheduler, f"local {split}")
         log.info(_summary(f"{split} (local cache)", results, n_shards - len(todo), time.time() - t0))
-    return FeatureStore(out_dir)
 
 
 def shortlist(cfg, knn_path: str | Path) -> tuple[list[str], list[str]]:
     """(test ids, shortlisted train ids) of a knn output: the train images that verification
     compares, the top verify.num_to_rerank neighbours of each test image."""
-    from landmarks.store import load_npz
-
-    knn = load_npz(knn_path)
+    knn = cache.load_npz(knn_path, "`landmarks knn`")
     train_ids = knn["train_ids"]
     top = knn["idx"][:, : max(0, int(cfg.verify.num_to_rerank))]
     wanted = np.unique(top[top >= 0])
@@ -769,22 +813,18 @@ def run_local_features(
 
     Train extraction is global-only (1.58 M images); verification needs local features of the
     test images and of their shortlisted train neighbours only.  Those that lack them are
-    extracted and cached beside the shards (local-cache-*.h5); the rest is skipped.
-    Returns the two feature directories.
+    extracted and cached beside the shards (local-cache-*.h5); cached rows of images changed on
+    disk are redone; the rest is skipped.  Returns the two feature directories.
     """
-    from landmarks.store import load_index
-
     test_ids, train_ids = shortlist(cfg, knn_path)
     out = []
     for split, ids in (("test", test_ids), ("train", train_ids)):
         directory = features_dir(work_dir, split)
-        store = FeatureStore(directory, index=load_index(directory, local_only=True))
+        store = ensure_local(
+            cfg, data_dir, work_dir, model_dir, split, ids, jobs=jobs, scheduler=scheduler, local_only=True
+        )
         missing = [i for i in ids if not store.has_local(i)]
         store.close()
-        if missing:
-            store = ensure_local(cfg, data_dir, work_dir, model_dir, split, missing, jobs=jobs, scheduler=scheduler)
-            missing = [i for i in missing if not store.has_local(i)]
-            store.close()
         log.info(
             "local-features: %s: %d of %d images have local features%s",
             split,

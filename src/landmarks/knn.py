@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks import cache
 from landmarks.config import log_settings
-from landmarks.store import npz_fingerprint, save_npz, shards_digest
-from landmarks.utils import LandmarksError, l2_normalize, text_digest
+from landmarks.store import SHARD_GLOB
+from landmarks.utils import LandmarksError, l2_normalize
 
 log = logging.getLogger("landmarks.knn")
 
@@ -179,11 +180,8 @@ def alpha_qe(
 # -- stage -----------------------------------------------------------------------------------
 def knn_fingerprint(cfg, train_features: Path, test_features: Path) -> str:
     """Inputs of the knn stage: both splits' shards and the knn + whiten settings."""
-    from landmarks.layout import KNN_SECTIONS, settings_hash
-
-    return text_digest(
-        "knn-v2", shards_digest(train_features), shards_digest(test_features), settings_hash(cfg, *KNN_SECTIONS)
-    )
+    shards = [cache.dir_fingerprint(d, SHARD_GLOB) for d in (train_features, test_features)]
+    return cache.fingerprint("knn", cfg, shards)
 
 
 def neighbours(cfg, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +209,7 @@ def run_knn(
 
     train_features, test_features, out = Path(train_features), Path(test_features), Path(out)
     fp = knn_fingerprint(cfg, train_features, test_features)
-    if out.exists() and npz_fingerprint(out) == fp:
+    if cache.up_to_date(out, fp):
         log.info("knn: %s is up to date", out)
         return out
     train_ids, train = FeatureStore(train_features).global_matrix()
@@ -222,7 +220,7 @@ def run_knn(
     if w is not None:
         train, test = whiten.apply_global(w, train), whiten.apply_global(w, test)
     sims, idx = neighbours(cfg, train, test)
-    save_npz(
+    cache.save_npz(
         out, fp, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str), sims=sims, idx=idx
     )
     log.info("knn: %d test x %d train, k=%d -> %s", len(test_ids), len(train_ids), sims.shape[1], out)

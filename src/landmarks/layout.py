@@ -3,8 +3,9 @@
 Stage outputs that depend on settings are named after them (as hloc names ``feats-<conf>.h5``):
 ``knn-<hash>.npz`` from the knn and whiten sections, ``verified-<hash>.npz`` from those plus
 verify, ``whiten-<hash>.npz`` from whiten.  Variants sit side by side, so switching a setting and
-switching it back costs nothing.  The hash covers settings only; each file also stores the full
-fingerprint of its inputs, and a stage redoes its work when that no longer matches.
+switching it back costs nothing.  The hash covers settings only (``landmarks.cache.output_name``);
+each file also stores the full fingerprint of its inputs, and a stage redoes its work when that no
+longer matches (``landmarks.cache``).
 
     WORK_DIR/
       features/<split>/shard-*.h5, local-cache-*.h5, store-index.npz   landmarks features / local-features
@@ -17,24 +18,10 @@ fingerprint of its inputs, and a stage redoes its work when that no longer match
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# Settings that change how fast a stage runs, never what it writes: left out of output names.
-RUNTIME_ONLY = {"knn": ("chunk_size",), "verify": ("jobs",)}
-
-
-def settings_hash(cfg, *sections: str) -> str:
-    """Short stable hash of the named config sections, without their runtime-only keys."""
-    d = cfg.to_dict()
-    payload = {s: {k: v for k, v in d[s].items() if k not in RUNTIME_ONLY.get(s, ())} for s in sections}
-    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
-
-
-KNN_SECTIONS = ("knn", "whiten")
-VERIFY_SECTIONS = ("knn", "whiten", "verify")
+from landmarks.cache import output_name
 
 
 @dataclass(frozen=True)
@@ -56,13 +43,13 @@ class WorkLayout:
 
     # -- settings-named stage outputs ---------------------------------------------------------
     def whiten(self, cfg) -> Path:
-        return self.root / f"whiten-{settings_hash(cfg, 'whiten')}.npz"
+        return self.root / output_name("whiten", cfg)
 
     def knn(self, cfg) -> Path:
-        return self.root / f"knn-{settings_hash(cfg, *KNN_SECTIONS)}.npz"
+        return self.root / output_name("knn", cfg)
 
     def verified(self, cfg) -> Path:
-        return self.root / f"verified-{settings_hash(cfg, *VERIFY_SECTIONS)}.npz"
+        return self.root / output_name("verify", cfg, prefix="verified")
 
     # -- reports and tools --------------------------------------------------------------------
     @property

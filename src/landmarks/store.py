@@ -4,7 +4,7 @@ One shard file per extraction task, written atomically (temp name, then rename):
 
     ids                     str  [n]        image ids with features, in shard order
     order                   i64  [n]        each id's row in the split's CSV (id-hash shards)
-    keys                    str  [n]        id:size:mtime of each image file (reuse by key)
+    keys                    str  [n]        each image's file key (reuse by key: landmarks.cache.file_keys)
     global                  f32  [n, D]     L2-normalised global descriptors
     local/offsets           i64  [n + 1]    row range of image i in the arrays below
     local/keypoints         f32  [m, 2]     (x, y) box centres in original-image pixels
@@ -13,11 +13,13 @@ One shard file per extraction task, written atomically (temp name, then rename):
     local/scores            f32  [m]        attention (keypoint) score
     failures/ids, failures/reasons  str     images that produced no features, and why
     failures/keys           str             their file keys (id-hash shards)
-    attrs: fingerprint, split, shard, num_shards, has_local, n_requested, ...
+    attrs: fingerprint, global_fingerprint, local_fingerprint, split, shard, num_shards, has_local, ...
 
 Local features of shortlisted train images (stage ``landmarks local-features``) are cached in
-the same format as ``local-cache-*.h5`` next to the shards.  ``store-index.npz`` beside them persists the
-id -> (file, row) index, keyed by the files' names, sizes and mtimes (``load_index``).
+the same format as ``local-cache-*.h5`` next to the shards, with their file keys too.
+``store-index.npz`` beside them persists the id -> (file, row) index, keyed by the files' names,
+sizes and mtimes (``load_index``); a damaged one is rebuilt.  ``save_npz``/``load_npz``: the stamped
+npz outputs of later stages (``landmarks.cache``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from landmarks.cache import FORMATS, files_fingerprint, load_npz, load_stamped, save_npz
 from landmarks.utils import LandmarksError, atomic_path
+
+__all__ = ["load_npz", "save_npz"]  # re-exported: the stamped stage outputs (landmarks.cache)
 
 SHARD_GLOB = "shard-*.h5"
 CACHE_GLOB = "local-cache-*.h5"
@@ -127,19 +132,63 @@ def _decode(arr) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in arr]
 
 
+def read_keys(path: str | Path) -> dict[str, str] | None:
+    """id -> file key of every row and failure of a shard or local cache (None when the file holds
+    no keys or cannot be read)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "keys" not in f or "keys" not in f["failures"]:
+                return None
+            out = dict(zip(_decode(f["failures/ids"][:]), _decode(f["failures/keys"][:])))
+            out.update(zip(_decode(f["ids"][:]), _decode(f["keys"][:])))
+            return out
+    except (OSError, KeyError):
+        return None
+
+
+def drop_rows(path: str | Path, ids: set[str]) -> None:
+    """Rewrite a shard or local cache without the rows and failures of `ids` (atomically; removed
+    when nothing is left).  Its shard fingerprint is cleared: the file is never taken as done."""
+    import h5py
+
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        all_ids = _decode(f["ids"][:])
+        keep = [r for r, i in enumerate(all_ids) if i not in ids]
+        f_ids, f_reasons = _decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:])
+        f_keys = _decode(f["failures/keys"][:]) if "keys" in f["failures"] else None
+        f_keep = [r for r, i in enumerate(f_ids) if i not in ids]
+        glob = f["global"][:][keep] if "global" in f else None
+        local = None
+        if "local" in f:
+            g = f["local"]
+            offs = g["offsets"][:]
+            arrays = {k: g[k][:] for k in ("keypoints", "descriptors", "scales", "scores")}
+            local = [LocalFeatures(*(arrays[k][offs[r] : offs[r + 1]] for k in arrays)) for r in keep]
+            dtype = str(arrays["descriptors"].dtype)
+        extra = {k: [f[k][:][r] for r in keep] for k in ("order", "keys") if k in f}
+        attrs = {**dict(f.attrs), "fingerprint": ""}
+    if not keep and not f_keep:
+        path.unlink(missing_ok=True)
+        return
+    if "keys" in extra:
+        extra["keys"] = _decode(extra["keys"])
+    write_shard(
+        path,
+        [all_ids[r] for r in keep],
+        glob,
+        local,
+        [(f_ids[r], f_reasons[r]) for r in f_keep],
+        {k: v for k, v in attrs.items() if k not in ("has_local", "has_global")},
+        local_dtype=dtype if local is not None else "float16",
+        failure_keys=[f_keys[r] for r in f_keep] if f_keys is not None else None,
+        **extra,
+    )
+
+
 INDEX_NAME = "store-index.npz"
-INDEX_VERSION = 1
-
-
-def files_digest(files: Sequence[Path]) -> str:
-    """Names, sizes and mtimes of the shard files: an atomic rewrite of any shard changes it."""
-    import hashlib
-
-    h = hashlib.sha1(f"index-v{INDEX_VERSION}\n".encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def _store_files(directory: Path) -> list[Path]:
@@ -234,28 +283,19 @@ class StoreIndex:
     def load(path: Path, digest: str, local_only: bool = False) -> "StoreIndex | None":
         """The persisted index when it matches `digest`, else None.  `local_only`: skip the global
         ids and failures (1.58 M entries) for readers that only want local features."""
-        try:
-            with np.load(path, allow_pickle=False) as z:  # an npz reads only the members asked for
-                if str(z["digest"]) != digest:
-                    return None
-                if local_only:
-                    none, loc = np.zeros((0,), "S1"), np.zeros((0, 2), np.int64)
-                    g_ids, g_loc, f_ids, f_reasons = none, loc, none, none
-                else:
-                    g_ids, g_loc, f_ids, f_reasons = z["g_ids"], z["g_loc"], z["f_ids"], z["f_reasons"]
-                return StoreIndex(
-                    digest,
-                    [str(x) for x in z["files"]],
-                    g_ids,
-                    g_loc,
-                    z["l_ids"],
-                    z["l_loc"],
-                    f_ids,
-                    f_reasons,
-                    local_only,
-                )
-        except (OSError, KeyError, ValueError):
-            return None
+
+        def read(z):  # an npz reads only the members asked for
+            if str(z["digest"]) != digest:
+                return None
+            if local_only:
+                none, loc = np.zeros((0,), "S1"), np.zeros((0, 2), np.int64)
+                g_ids, g_loc, f_ids, f_reasons = none, loc, none, none
+            else:
+                g_ids, g_loc, f_ids, f_reasons = z["g_ids"], z["g_loc"], z["f_ids"], z["f_reasons"]
+            files = [str(x) for x in z["files"]]
+            return StoreIndex(digest, files, g_ids, g_loc, z["l_ids"], z["l_loc"], f_ids, f_reasons, local_only)
+
+        return load_stamped(path, read)  # damaged: logged in one line, None (rebuilt)
 
 
 def _encode(ids: Sequence[str]) -> np.ndarray:
@@ -270,7 +310,7 @@ def load_index(directory: str | Path, persist: bool = True, local_only: bool = F
     if not directory.is_dir():
         raise LandmarksError(f"no features in {directory}: run `make features` first")
     files = _store_files(directory)
-    digest = files_digest(files)
+    digest = files_fingerprint(files, salt=f"index-v{FORMATS['index']}\n")
     path = directory / INDEX_NAME
     idx = StoreIndex.load(path, digest, local_only)
     if idx is None:
@@ -398,39 +438,3 @@ class FeatureStore:
             self.close()
         except Exception:
             pass
-
-
-# -- stage output files (knn, verified, whiten) ------------------------------------------------------
-def shards_digest(directory: str | Path) -> str:
-    """Fingerprint of a split's feature shards (not of the local caches): names, sizes, mtimes."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for p in sorted(Path(directory).glob(SHARD_GLOB)):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def save_npz(path: str | Path, fingerprint: str, **arrays) -> Path:
-    """Write a stage's npz output atomically, with the fingerprint of the inputs it was made from."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, fingerprint=np.array(fingerprint), **arrays)
-    return path
-
-
-def load_npz(path: str | Path) -> dict:
-    """All arrays of a stage's npz output."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def npz_fingerprint(path: str | Path) -> str | None:
-    """The fingerprint stored in a stage's npz output (None when absent or unreadable)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return str(z["fingerprint"])
-    except (OSError, KeyError, ValueError):
-        return None

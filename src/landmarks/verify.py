@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks import cache
 from landmarks.config import log_settings
-from landmarks.store import load_npz, npz_fingerprint, save_npz
-from landmarks.utils import LandmarksError, text_digest
+from landmarks.utils import LandmarksError
 
 log = logging.getLogger("landmarks.verify")
 
@@ -203,9 +203,7 @@ def _verify_batch(
 
 def verify_fingerprint(cfg, knn_fp: str) -> str:
     """Inputs of the verify stage: the knn output's fingerprint and the verify + whiten settings."""
-    from landmarks.layout import VERIFY_SECTIONS, settings_hash
-
-    return text_digest("verify-v2", knn_fp, settings_hash(cfg, *VERIFY_SECTIONS))
+    return cache.fingerprint("verify", cfg, [knn_fp])
 
 
 def _open_stores(
@@ -289,9 +287,9 @@ def run_verify(
 
     t_start = time.perf_counter()
     test_features, train_features, out = Path(test_features), Path(train_features), Path(out)
-    knn = load_npz(knn_path)
+    knn = cache.load_npz(knn_path, "`landmarks knn`")
     fp = verify_fingerprint(cfg, str(knn["fingerprint"]))
-    if out.exists() and npz_fingerprint(out) == fp:
+    if cache.up_to_date(out, fp):
         log.info("verify: %s is up to date", out)
         return out
     vc = cfg.verify
@@ -308,7 +306,7 @@ def run_verify(
         _release_stores()
     if timing is not None:
         timing.update(setup_s=t_batches - t_start, batches_s=time.perf_counter() - t_batches)
-    save_npz(out, fp, test_ids=np.array(test_ids, dtype=str), inliers=inliers)
+    cache.save_npz(out, fp, test_ids=np.array(test_ids, dtype=str), inliers=inliers)
     log.info("verify: %d test images x %d candidates -> %s", len(test_ids), R, out)
     return out
 

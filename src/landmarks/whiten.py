@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks import cache
 from landmarks.config import log_settings
-from landmarks.store import load_npz, npz_fingerprint, save_npz, shards_digest
-from landmarks.utils import LandmarksError, l2_normalize, text_digest
+from landmarks.store import SHARD_GLOB
+from landmarks.utils import LandmarksError, l2_normalize
 
 log = logging.getLogger("landmarks.whiten")
 EPS_REL = 1e-3  # eigenvalue regulariser, relative to the largest eigenvalue
@@ -80,7 +81,8 @@ def is_on(cfg) -> bool:
 
 
 def whiten_fingerprint(cfg, train_features: Path) -> str:
-    return text_digest("whiten-v1", shards_digest(train_features), cfg.section_hash("whiten"))
+    """Inputs of the whiten stage: the train shards and the whiten settings."""
+    return cache.fingerprint("whiten", cfg, [cache.dir_fingerprint(train_features, SHARD_GLOB)])
 
 
 def _local_sample(store) -> np.ndarray:
@@ -110,7 +112,7 @@ def run_whiten(cfg, train_features: str | Path, out: str | Path) -> Path | None:
 
     train_features, out = Path(train_features), Path(out)
     fp = whiten_fingerprint(cfg, train_features)
-    if out.exists() and npz_fingerprint(out) == fp:
+    if cache.up_to_date(out, fp):
         log.info("whiten: %s is up to date", out)
         return out
     store = FeatureStore(train_features)
@@ -120,7 +122,7 @@ def run_whiten(cfg, train_features: str | Path, out: str | Path) -> Path | None:
         arrays.update(fit_global(x, cfg.whiten.global_pca_dim))
     if cfg.whiten.local_pca:
         arrays.update(fit_local(_local_sample(store), cfg.whiten.local_pca_dim))
-    save_npz(out, fp, **arrays)
+    cache.save_npz(out, fp, **arrays)
     log.info("whiten: fitted %s -> %s", ", ".join(sorted(arrays)), out)
     return out
 
@@ -132,9 +134,11 @@ def load_whiten(cfg, path: str | Path | None, train_features: str | Path, part: 
         return None
     if path is None or not Path(path).exists():
         raise LandmarksError(f"whiten.{part}_pca is on but {path} does not exist: run `landmarks whiten` (make whiten)")
-    if npz_fingerprint(path) != whiten_fingerprint(cfg, Path(train_features)):
-        raise LandmarksError(f"{path} was fitted on other train features or settings: rerun `landmarks whiten`")
-    return load_npz(path)
+    if not cache.up_to_date(path, whiten_fingerprint(cfg, Path(train_features))):
+        raise LandmarksError(
+            f"{path} is damaged or was fitted on other train features or settings: rerun `landmarks whiten`"
+        )
+    return cache.load_npz(path, "`landmarks whiten`")
 
 
 def register_cli(subparsers, common) -> None:
