@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from landmarks.cache import settings_hash
 from landmarks.config import Config, ConfigError, dump_config, load_config
 
 
@@ -38,8 +39,8 @@ def test_dump_roundtrip(tmp_path):
     p.write_text(dump_config(cfg))
     again = load_config(p)
     assert again == cfg
-    assert again.section_hash("knn") == cfg.section_hash("knn")
-    assert Config().section_hash("knn") != cfg.section_hash("knn")
+    assert settings_hash(again, "knn") == settings_hash(cfg, "knn")
+    assert settings_hash(Config(), "knn") != settings_hash(cfg, "knn")
 
 
 def test_cli_config_show_and_error():

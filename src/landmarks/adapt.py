@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks import cache
 from landmarks.train import Curves, plot_curves
-from landmarks.utils import LandmarksError, atomic_path, text_digest
+from landmarks.utils import LandmarksError, atomic_path
 
 log = logging.getLogger("landmarks.adapt")
 
@@ -63,6 +64,7 @@ NOT_TRAINING = (
     "eval_tolerance",
     "eval_data",
     "reuse_overlap",
+    "models_cache",
 )
 REPO = Path(__file__).resolve().parents[2]
 
@@ -303,34 +305,22 @@ def _check(ac) -> None:
 
 def train_fingerprint(cfg, data_fp: str) -> str:
     """What the learned head depends on: model + adapt settings except export/check-only keys + the images."""
-    import hashlib
-
-    d = cfg.to_dict()
-    ad = {k: v for k, v in d["adapt"].items() if k not in NOT_TRAINING}
-    return text_digest(hashlib.sha1(json.dumps([d["model"], ad], sort_keys=True).encode()).hexdigest(), data_fp)
+    return cache.fingerprint("adapt", cfg, [data_fp], sections=("model", "adapt"), drop={"adapt": NOT_TRAINING})
 
 
-def image_keys(ids: list[str], paths: list[str]) -> list[str]:
-    """id:size:mtime of each train image, sorted (the keys the features stage reuses by)."""
-    from landmarks.utils import file_keys
-
+def image_keys(ids: list[str], paths: list[str], mode: str = "stat") -> list[str]:
+    """The file key of each train image, sorted (the keys the features stage reuses by)."""
     pairs = sorted(zip(map(str, ids), map(str, paths)))
-    return file_keys([i for i, _ in pairs], [p for _, p in pairs])
-
-
-def data_fingerprint(ids: list[str], paths: list[str] | None = None) -> str:
-    """Fingerprint of the train images an adaptation used: count + sorted ids, and with `paths`
-    each file's size and mtime (a regenerated image re-adapts, as it re-extracts its features)."""
-    if paths is None:
-        return text_digest(str(len(ids)), ",".join(sorted(map(str, ids))))
-    return text_digest(str(len(ids)), ",".join(image_keys(ids, paths)))
+    return cache.file_keys([i for i, _ in pairs], [p for _, p in pairs], mode)
 
 
 def plan(cfg, data_dir: str | Path):
-    """The train rows an adaptation uses and its fingerprints, without TensorFlow: (df, data_fp, fp)."""
+    """The train rows an adaptation uses and its fingerprints, without TensorFlow: (df, data_fp, fp).
+    The data fingerprint covers each image's file key: a replaced image re-adapts, as it re-extracts."""
     _check(cfg.adapt)
     df = _adapt_images(cfg.adapt, data_dir)
-    data_fp = data_fingerprint(df["id"].astype(str).tolist(), df["path"].astype(str).tolist())
+    keys = image_keys(df["id"].astype(str).tolist(), df["path"].astype(str).tolist(), cfg.extract.file_key)
+    data_fp = cache.digest(str(len(keys)), ",".join(keys))
     return df, data_fp, train_fingerprint(cfg, data_fp)
 
 
@@ -340,18 +330,17 @@ def reusable(cfg, out_dir: str | Path, df) -> float | None:
     else None.  A train split that grows by a few images keeps its adapted model, so the features
     extracted with it stay valid (incremental extraction), instead of re-adapting and re-extracting
     everything for a change that cannot move the learned head."""
-    old = exported_fingerprint(out_dir)
-    if old is None or not old.get("image_keys") or cfg.adapt.reuse_overlap >= 1:
+    old = _export_meta(out_dir)
+    if old is None or not old.get("image_keys") or cfg.adapt.reuse_overlap >= 1 or not _same_export(cfg, old):
         return None
-    same = (old.get("settings_fingerprint"), old.get("steps"), old.get("keypoint_score"))
-    if same != (train_fingerprint(cfg, ""), cfg.adapt.steps, cfg.adapt.score):
+    if old.get("settings_fingerprint") != train_fingerprint(cfg, ""):
         return None
-    keys = image_keys(df["id"].astype(str).tolist(), df["path"].astype(str).tolist())
+    keys = image_keys(df["id"].astype(str).tolist(), df["path"].astype(str).tolist(), cfg.extract.file_key)
     share = len(set(keys) & set(old["image_keys"])) / max(1, len(keys))
     return share if share >= cfg.adapt.reuse_overlap else None
 
 
-def exported_fingerprint(out_dir: str | Path) -> dict | None:
+def _export_meta(out_dir: str | Path) -> dict | None:
     """The metadata of an adapted export at `out_dir` (None when there is none)."""
     from landmarks.delg_io import read_model_meta
 
@@ -361,21 +350,63 @@ def exported_fingerprint(out_dir: str | Path) -> dict | None:
         return None
 
 
-def is_up_to_date(cfg, out_dir: str | Path, fp: str) -> bool:
-    """True when `out_dir` holds the export of exactly this adaptation (same fingerprint, steps, score)."""
-    old = exported_fingerprint(out_dir)
+def _same_export(cfg, meta: dict, fp: str | None = None) -> bool:
+    """True when `meta` describes an export of this adaptation (fingerprint `fp` when given) with
+    today's steps, keypoint score and export format."""
     return (
-        old is not None
-        and old.get("fingerprint") == fp
-        and old.get("steps") == cfg.adapt.steps
-        and old.get("keypoint_score") == cfg.adapt.score
+        (fp is None or meta.get("fingerprint") == fp)
+        and meta.get("steps") == cfg.adapt.steps
+        and meta.get("keypoint_score") == cfg.adapt.score
+        and meta.get("format") == cache.FORMATS["model"]
     )
 
 
-def _done_already(cfg, data_dir, out_dir, df, fp: str, t_plan: float) -> bool:
-    """True when OUT holds this adaptation, or one on nearly the same images (logged either way)."""
+def models_cache_dir(cfg, models_cache: str | Path, fp: str) -> Path:
+    """Where the models cache keeps the export of adaptation `fp` with today's score and format."""
+    return Path(models_cache) / f"adapt-{cache.digest(fp, cfg.adapt.score, str(cache.FORMATS['model']))}"
+
+
+def _from_models_cache(cfg, models_cache, out_dir, fp: str) -> bool:
+    """Copy the export of this adaptation from the models cache to `out_dir` when it is there."""
+    if not models_cache:
+        return False
+    src = models_cache_dir(cfg, models_cache, fp)
+    meta = _export_meta(src)
+    if meta is None or not _same_export(cfg, meta, fp):
+        return False
+    _copy_model(src, out_dir)
+    log.info("adapt: taken from the models cache (%s -> %s): these train images were adapted on before", src, out_dir)
+    return True
+
+
+def _to_models_cache(cfg, models_cache, out_dir, fp: str) -> None:
+    """Keep a copy of a fresh export in the models cache (a failure to write it is only logged)."""
+    if not models_cache:
+        return
+    dst = models_cache_dir(cfg, models_cache, fp)
+    try:
+        _copy_model(out_dir, dst)
+        log.info("adapt: export kept in the models cache %s", dst)
+    except OSError as e:
+        log.warning("adapt: cannot keep the export in the models cache %s (%s)", dst, e)
+
+
+def _copy_model(src: Path, dst: str | Path) -> None:
+    """Copy a SavedModel folder onto `dst` atomically (readers never see half a model)."""
+    import shutil
+
+    from landmarks.utils import building_dir
+
+    with building_dir(dst, "copying") as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
+def _done_already(cfg, data_dir, out_dir, df, fp: str, t_plan: float, models_cache=None) -> bool:
+    """True when OUT holds this adaptation, or one on nearly the same images, or the models cache
+    holds it (copied to OUT); logged either way."""
     n = len(df)
-    if is_up_to_date(cfg, out_dir, fp):
+    old = _export_meta(out_dir)
+    if old is not None and _same_export(cfg, old, fp):
         log.info(
             "adapt: up to date (%s: %d steps on %d train images of %s, fingerprint %s); skipped in %.2fs",
             *(out_dir, cfg.adapt.steps, n, data_dir, fp, time.time() - t_plan),
@@ -389,7 +420,7 @@ def _done_already(cfg, data_dir, out_dir, df, fp: str, t_plan: float) -> bool:
             *(out_dir, 100 * share, n, cfg.adapt.reuse_overlap),
         )
         return True
-    return False
+    return _from_models_cache(cfg, models_cache, out_dir, fp)
 
 
 def _checkpointer(work_dir, fp: str, restart: bool, replace_stale: bool):
@@ -424,6 +455,7 @@ def adapt(
     restart: bool = False,
     replace_stale: bool = False,
     stop_after: int | None = None,
+    models_cache: str | Path | None = None,
 ) -> Path | None:
     """Adapt the local head on DATA's train images (labels unused), checkpoint in WORK/adapt, export to OUT.
 
@@ -433,11 +465,13 @@ def adapt(
     (pass `restart`), or with `replace_stale` is discarded and the adaptation starts over (what
     `make predict` does).  `stop_after` ends this run after that many total steps without
     exporting (to test resuming); returns the export path, or None when stopped early.
+    `models_cache`: a folder shared by WORK_DIRs (the CLI's default: adapt.models_cache) that keeps
+    every export by fingerprint, so the same train images and settings are never adapted twice.
     """
     ac = cfg.adapt
     t_plan = time.time()
     df, data_fp, fp = plan(cfg, data_dir)
-    if not restart and _done_already(cfg, data_dir, out_dir, df, fp, t_plan):
+    if not restart and _done_already(cfg, data_dir, out_dir, df, fp, t_plan, models_cache):
         return Path(out_dir)
     from landmarks.tfquiet import keras
     from landmarks.utils import configure_tensorflow
@@ -447,7 +481,7 @@ def adapt(
     log.info(
         "adapt: %s (%s); fingerprint %s, %d train images of %s",
         *(
-            "no adapted model yet" if exported_fingerprint(out_dir) is None else "the adapted model is out of date",
+            "no adapted model yet" if _export_meta(out_dir) is None else "the adapted model is out of date",
             out_dir,
             fp,
             len(df),
@@ -474,9 +508,11 @@ def adapt(
         "train_images": len(ids),
         "steps": step,
         "settings_fingerprint": train_fingerprint(cfg, ""),
-        "image_keys": image_keys(ids, paths),
+        "image_keys": image_keys(ids, paths, cfg.extract.file_key),
     }
-    return _export(cfg, net, out_dir, meta, history, timing)
+    out = _export(cfg, net, out_dir, meta, history, timing)
+    _to_models_cache(cfg, models_cache, out, fp)
+    return out
 
 
 def _adapt_images(ac, data_dir):
@@ -664,7 +700,7 @@ def _run_steps(
 
 def _export(cfg, net: _AdaptNet, out_dir, meta: dict, history: list, timing: dict) -> Path:
     """Save the adapted heads in the official DELG signature with their metadata."""
-    from landmarks.export import save_serving
+    from landmarks.export import export_backbone, local_graph, path_fingerprints, save_serving
     from landmarks.model import make_gem, output_layer_name, preprocess_mode
 
     ac, mc = cfg.adapt, cfg.model
@@ -681,7 +717,22 @@ def _export(cfg, net: _AdaptNet, out_dir, meta: dict, history: list, timing: dic
         "final": {k: round(v, 4) for k, v in last.items() if k != "step"},
         "timing": timing,
     }
-    heads = _heads_module(net.backbone, net.head, make_gem(mc.gem_p, False), ac.score)
+    served = export_backbone(net.backbone, mc)  # batch norms folded, as in every export
+    rf, layer = net.rf, output_layer_name(net.backbone, 0)
+    global_dim = int(net.backbone.outputs[1].shape[-1])
+    meta.update(
+        fold_batchnorm=bool(mc.fold_batchnorm),
+        format=cache.FORMATS["model"],
+        **path_fingerprints(
+            served,
+            [],
+            [net.head],
+            preprocess=preprocess_mode(mc.backbone, mc.init),
+            global_graph={"gem_p": mc.gem_p, "global_dim": global_dim},
+            local_graph=local_graph(rf, mc, ac.score, layer),
+        ),
+    )
+    heads = _heads_module(served, net.head, make_gem(mc.gem_p, False), ac.score)
     out = save_serving(
         heads,
         "heads",
@@ -689,7 +740,7 @@ def _export(cfg, net: _AdaptNet, out_dir, meta: dict, history: list, timing: dic
         preprocess_mode(mc.backbone, mc.init),
         out_dir,
         local_dim=mc.local_dim,
-        global_dim=int(net.backbone.outputs[1].shape[-1]),
+        global_dim=global_dim,
         default_thres=mc.default_abs_thres,
         meta=meta,
     )
@@ -811,7 +862,16 @@ def _cmd_adapt(args, cfg) -> int:
     if args.out is None:
         args.out = str(Path(args.work_dir) / "adapt" / "model")
     if not args.eval_only:
-        out = adapt(cfg, args.data_dir, args.work_dir, args.out, restart=args.restart, replace_stale=args.replace_stale)
+        models_cache = cfg.adapt.models_cache if args.models_cache is None else args.models_cache
+        out = adapt(
+            cfg,
+            args.data_dir,
+            args.work_dir,
+            args.out,
+            restart=args.restart,
+            replace_stale=args.replace_stale,
+            models_cache=models_cache or None,
+        )
         print(out)
     if args.no_eval:
         return 0
@@ -838,6 +898,12 @@ def register_cli(subparsers, common) -> None:
         help="exported SavedModel directory (default WORK_DIR/adapt/model, the default MODEL of `make predict`)",
     )
     p.add_argument("--steps", type=int, default=None, help="override adapt.steps")
+    p.add_argument(
+        "--models-cache",
+        default=None,
+        metavar="DIR",
+        help="exports kept by fingerprint across WORK_DIRs (default: adapt.models_cache; empty = none)",
+    )
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in WORK_DIR/adapt")
     p.add_argument(
         "--replace-stale",

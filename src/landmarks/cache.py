@@ -43,6 +43,7 @@ FORMATS = {
     "knn": 3,
     "verify": 3,
     "adapt": 1,
+    "train": 1,
     "model": 2,  # the serving graph of our exports (export.save_serving) and batch-norm folding
 }
 
@@ -101,11 +102,13 @@ def settings_hash(cfg, *sections: str) -> str:
     return hashlib.sha1(json.dumps(settings(cfg, *sections), sort_keys=True).encode()).hexdigest()[:HASH_LEN]
 
 
-def fingerprint(stage: str, cfg=None, inputs: Sequence[str] = (), sections: Sequence[str] | None = None) -> str:
+def fingerprint(
+    stage: str, cfg=None, inputs: Sequence[str] = (), sections: Sequence[str] | None = None, drop: dict | None = None
+) -> str:
     """The fingerprint of one run of `stage`: its format version, its settings (``SECTIONS`` or
-    `sections`, runtime keys left out) and its inputs' fingerprints."""
+    `sections`, runtime keys and `drop` left out) and its inputs' fingerprints."""
     secs = tuple(SECTIONS.get(stage, ()) if sections is None else sections)
-    conf = json.dumps(settings(cfg, *secs), sort_keys=True) if cfg is not None and secs else ""
+    conf = json.dumps(settings(cfg, *secs, drop=drop), sort_keys=True) if cfg is not None and secs else ""
     return digest(f"{stage}-v{FORMATS[stage]}", conf, *inputs)
 
 

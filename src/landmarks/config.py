@@ -10,8 +10,6 @@ the stages it affects.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -265,6 +263,7 @@ class AdaptConfig:
     eval_features: int = 500  # local features per view in the check
     eval_tolerance: float = 16.0  # a match is correct within this many pixels of its true position
     eval_data: str = ""  # check photos ("" = ../shared/data/wide_baseline_scenes if present, else DATA_DIR test)
+    models_cache: str = "models/cache"  # CLI: adapted exports kept here by fingerprint, shared by WORK_DIRs ("" = none)
 
 
 @dataclass
@@ -304,12 +303,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
-
-    def section_hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections (all when none given)."""
-        d = self.to_dict()
-        payload = {s: d[s] for s in (sections or sorted(d))}
-        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _to_plain(obj: Any) -> Any:

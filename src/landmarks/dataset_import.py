@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from landmarks.utils import LandmarksError, atomic_path, building_dir, file_digest, link_file, stamp_matches
+from landmarks.cache import stamp_matches
+from landmarks.utils import LandmarksError, atomic_path, building_dir, file_digest, link_file
 
 log = logging.getLogger("landmarks.import")
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.utils import LandmarksError, atomic_path, building_dir, stamp_matches
+from landmarks.cache import stamp_matches
+from landmarks.utils import LandmarksError, atomic_path, building_dir
 
 log = logging.getLogger("landmarks.demo")
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from landmarks.utils import LandmarksError, atomic_path, dir_digest, text_digest
+from landmarks import cache
+from landmarks.utils import LandmarksError, atomic_path
 
 log = logging.getLogger("landmarks.hard")
 
@@ -202,7 +203,8 @@ def probe_settings(cfg) -> dict:
 
 
 def probe_fingerprint(cfg, model_dir) -> str:
-    return text_digest(dir_digest(model_dir), json.dumps(probe_settings(cfg), sort_keys=True))[:12]
+    """Probe files are named by it: both paths of the model and the probe settings."""
+    return cache.digest(*cache.model_fingerprints(model_dir), json.dumps(probe_settings(cfg), sort_keys=True))[:12]
 
 
 def _probed_ids(path: Path) -> list[str]:
@@ -250,7 +252,7 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
                 list(b["id"]),
                 list(b["file"]),
                 settings,
-                str(out_dir / f"probe-{fp}-{text_digest(*b['id'])}.h5"),
+                str(out_dir / f"probe-{fp}-{cache.digest(*b['id'])}.h5"),
             )
             for b in todo
         )
@@ -466,7 +468,9 @@ class Scorer:
         if cfg.whiten.local_pca:
             desc = np.concatenate([self._lf(cfg, i).descriptors for i in split.train_ids])
             w_local = whiten.fit_local(desc, cfg.whiten.local_pca_dim)
-        vkey = json.dumps([_local_key(cfg), split.name if w_local is not None else "", cfg.section_hash("verify")])
+        vkey = json.dumps(
+            [_local_key(cfg), split.name if w_local is not None else "", cache.settings_hash(cfg, "verify")]
+        )
         inl = np.zeros((len(split.test_ids), R), np.int32)
         t0 = time.time()
         for r, qid in enumerate(split.test_ids):

@@ -33,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from landmarks.utils import LandmarksError, atomic_path, text_digest
+from landmarks import cache
+from landmarks.utils import LandmarksError, atomic_path
 
 log = logging.getLogger("landmarks.train")
 
@@ -271,7 +272,7 @@ def train(
     df, classes, labels = load_labelled_split(data_dir)
     train_dir = Path(work_dir) / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
-    fp = text_digest(cfg.section_hash("model", "train"), ",".join(classes), str(len(df)))
+    fp = cache.fingerprint("train", cfg, [",".join(classes), str(len(df))], sections=("model", "train"))
     ck = _Checkpointer(train_dir, fp)
     if restart:
         ck.clear()

@@ -54,22 +54,6 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def dir_digest(path: str | Path) -> str:
-    """Cheap fingerprint of a directory tree: relative names, sizes and mtimes of its files."""
-    path = Path(path)
-    h = hashlib.sha1()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(path)}:{st.st_size}:{int(st.st_mtime)}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def text_digest(*parts: str) -> str:
-    """First 16 hex digits of the sha1 of the parts joined by newlines."""
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
-
-
 def l2_normalize(x, axis: int = -1) -> np.ndarray:
     """`x` as float32 scaled to unit L2 norm along `axis`; all-zero rows stay zero."""
     x = np.asarray(x, np.float32)
@@ -126,17 +110,6 @@ def configure_tensorflow(threads: int = 0) -> None:
             pass  # already initialised in this process
 
 
-def stamp_matches(path: str | Path, key: str, value) -> bool:
-    """True when the JSON stamp file `path` exists and records `value` under `key`: the output it
-    describes was made with the same parameters, so a rerun can skip it."""
-    import json
-
-    try:
-        return json.loads(Path(path).read_text()).get(key) == value
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def error_text(e: BaseException) -> str:
     """One line for an error; OS errors (also h5py's, which come as RuntimeError text holding
     'errno = N') as '[Errno N] reason', with a hint when the disk is full."""
@@ -178,15 +151,3 @@ def call_writing(path: str | Path, fn, *args, **kwargs):
     finally:
         sys.unraisablehook, sys.excepthook = hooks
     raise LandmarksError(message)
-
-
-def file_keys(ids, paths) -> list[str]:
-    """Id plus its file's size and mtime: a regenerated image gets a new key."""
-    parts = []
-    for i, p in zip(ids, paths):
-        try:
-            st = os.stat(p)
-            parts.append(f"{i}:{st.st_size}:{int(st.st_mtime)}")
-        except OSError:
-            parts.append(f"{i}:-")
-    return parts

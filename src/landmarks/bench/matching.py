@@ -63,14 +63,15 @@ def _match_features(cfg, model_dir, items, cache: Path) -> tuple[list, dict]:
 
     Also returns the extraction timing of these real photos (one pass after one warm-up image, from the
     run that filled the cache): {"s": seconds, "n": images, "mpix": mean MP after max_image_size}."""
+    from landmarks.cache import digest, dir_fingerprint
     from landmarks.delg_io import load_delg, postprocess
     from landmarks.images import load_image
     from landmarks.store import LocalFeatures
-    from landmarks.utils import configure_tensorflow, dir_digest, text_digest
+    from landmarks.utils import configure_tensorflow
 
     e = cfg.extract
-    key = text_digest(
-        dir_digest(model_dir),
+    key = digest(
+        dir_fingerprint(model_dir),
         json.dumps([items, list(e.local_scales), cfg.bench.match_features, e.abs_thres, e.max_image_size]),
     )
     path = cache / f"match-{key}.npz"

@@ -103,12 +103,12 @@ def _extract_globals(cfg, model_dir, paths: list[str], cache: Path) -> None:
 def _real_globals(cfg, data_dir, work_dir, model_dir) -> tuple[np.ndarray | None, str]:
     """Real global descriptors to give row 3 realistic structure: the shared real photos (first
     bench.knn_real_images, one scale, cached), else the work dir's stored train features."""
-    from landmarks.utils import dir_digest, text_digest
+    from landmarks.cache import digest, dir_fingerprint
 
     if cfg.bench.knn_real_images > 0 and (Path(model_dir) / "saved_model.pb").exists():
         paths, sets = _shared_photo_paths(cfg)
         if sets:
-            key = text_digest(dir_digest(model_dir), json.dumps([paths, cfg.extract.max_image_size]))
+            key = digest(dir_fingerprint(model_dir), json.dumps([paths, cfg.extract.max_image_size]))
             cache = Path(work_dir).resolve() / "bench" / f"real-globals-{key}.npy"
             if not cache.exists():
                 _extract_globals(cfg, model_dir, paths, cache)

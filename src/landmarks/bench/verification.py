@@ -22,8 +22,8 @@ def _verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, see
     """A synthetic stage at N train ids: global-only train shards of `cap` ids (4-d globals:
     verification never reads them), local features for the shortlisted ids only (a local cache,
     as predict leaves it), test shard with local features, and knn.npz.  Built once per N."""
+    from landmarks.cache import digest
     from landmarks.store import LocalFeatures, save_npz, write_shard
-    from landmarks.utils import text_digest
 
     marker = d / "complete.json"
     want = {"n": n, "test": n_test, "R": R, "cap": cap, "feat": n_feat, "seed": seed, "v": 1}
@@ -72,7 +72,7 @@ def _verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, see
     )
     save_npz(
         d / "knn.npz",
-        text_digest("bench-knn", json.dumps(want)),
+        digest("bench-knn", json.dumps(want)),
         test_ids=np.array(test_ids, dtype=str),
         train_ids=np.array(train_ids, dtype=str),
         sims=np.ones((n_test, R), np.float32),
