@@ -29,7 +29,7 @@ COMMON = --data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --model $(MODEL) --submis
 INSTALLED := $(VENV)/.installed
 # Generated inputs are built only when the defaults are in use.
 DATA_DEPS  := $(if $(filter $(DEMO_DIR),$(DATA_DIR)),$(DEMO_DIR)/.complete)
-MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_model.pb) \
+MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model) \
               $(if $(filter $(ADAPTED_MODEL),$(MODEL)),adapted-model)
 ADAPT_ARGS  = --data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --model $(DEFAULT_MODEL) --out $(ADAPTED_MODEL) \
               --replace-stale $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
@@ -54,8 +54,9 @@ demo-data: $(DEMO_DIR)/.complete
 $(DEMO_DIR)/.complete: | $(INSTALLED)
 	$(LM) demo-data --out $(DEMO_DIR) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 
-model: $(DEFAULT_MODEL)/saved_model.pb
-$(DEFAULT_MODEL)/saved_model.pb: | $(INSTALLED)
+# Always run: `landmarks model build` returns in a second when the model's settings hash is today's,
+# and rebuilds a models/default built with other settings (never used silently).
+model: | $(INSTALLED)
 	$(LM) model build --out $(DEFAULT_MODEL) $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 
 train: $(INSTALLED) $(DATA_DEPS)
@@ -67,7 +68,7 @@ adapted-model: $(INSTALLED) $(DATA_DEPS)
 	$(LM) adapt $(ADAPT_ARGS) --no-eval
 
 # The same, then compared with the zero-training model under known warps -> WORK_DIR/adapt/eval.md.
-adapt: $(INSTALLED) $(DATA_DEPS) $(DEFAULT_MODEL)/saved_model.pb
+adapt: $(INSTALLED) $(DATA_DEPS) model
 	$(LM) adapt $(ADAPT_ARGS)
 
 features: $(INSTALLED) $(DATA_DEPS) $(MODEL_DEPS)
@@ -121,7 +122,7 @@ import-hard: $(INSTALLED)
 # It scores one fixed model on splits it builds itself: MODEL when given, else the zero-training model
 # (adapting on DATA_DIR, the demo by default, would not describe these splits).
 HARD_MODEL = $(if $(filter command line environment environment override,$(origin MODEL)),$(MODEL),$(DEFAULT_MODEL))
-validate-hard: $(INSTALLED) $(if $(filter $(DEFAULT_MODEL),$(HARD_MODEL)),$(DEFAULT_MODEL)/saved_model.pb)
+validate-hard: $(INSTALLED) $(if $(filter $(DEFAULT_MODEL),$(HARD_MODEL)),model)
 	$(LM) validate-hard --work-dir $(WORK_DIR) --model $(HARD_MODEL) --set hard.shared_data=$(SHARED_DATA) $(CONFIG_ARGS) \
 	    $(if $(VARIANT),--variant "$(VARIANT)")
 

@@ -164,9 +164,16 @@ def _truncate(path: Path) -> None:
 
 
 def _flip(path: Path) -> None:
-    """Damage a byte inside the arrays (the file still opens as a zip)."""
+    """Damage the last byte of the last array (the file still opens as a zip)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.infolist()[-1]
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    end = info.header_offset + 30 + name_len + extra_len + info.compress_size  # local header, then data
+    data[end - 1] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
@@ -182,6 +189,7 @@ def test_damaged_stage_outputs_are_reported_and_redone(tmp_path, caplog, damage)
     tr, te = work.features("train"), work.features("test")
 
     def run_all():
+        assert len(FeatureStore(tr).ids) == 20  # the id index every reader loads
         whiten.run_whiten(cfg, tr, work.whiten(cfg))
         knn.run_knn(cfg, tr, te, work.knn(cfg), work.whiten(cfg))
         return verify.run_verify(cfg, work.knn(cfg), te, tr, work.verified(cfg), work.whiten(cfg))
