@@ -74,6 +74,7 @@ LOCAL_FIELDS = (
     "local_dtype",
 )
 HASH_LEN = 10  # hex digits of the settings hash in output names
+MODEL_META = "landmarks_model.json"  # our exports' settings and fingerprints, beside saved_model.pb
 
 
 # -- digests ------------------------------------------------------------------------------------
@@ -186,12 +187,11 @@ def model_fingerprints(model_dir: str | Path) -> tuple[str, str]:
     weights each path uses (``landmarks_model.json``: global_fingerprint, local_fingerprint), so an
     adapted model, whose backbone and global head are the default model's, shares its global one.
     Any other model (Google's exports, ours from before) is fingerprinted whole, by its files."""
-    from landmarks.delg_io import read_model_meta
-
     try:
-        meta = read_model_meta(model_dir) or {}
+        meta = json.loads((Path(model_dir) / MODEL_META).read_text())
     except (OSError, ValueError):
         meta = {}
+    meta = meta if isinstance(meta, dict) else {}
     g, loc = meta.get("global_fingerprint"), meta.get("local_fingerprint")
     if g and loc:
         return str(g), str(loc)

@@ -18,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 
+from landmarks.cache import MODEL_META
 from landmarks.store import LocalFeatures
 from landmarks.utils import LandmarksError, l2_normalize
 
 INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind")
 OUTPUT_NAMES = ("boxes", "features", "scales", "scores", "global_descriptors")
-META_FILE = "landmarks_model.json"  # our exports' settings and fingerprints, beside saved_model.pb
+META_FILE = MODEL_META  # our exports' settings and fingerprints, beside saved_model.pb (landmarks.cache)
 
 
 def serving_input_signature() -> list:

@@ -726,17 +726,21 @@ def ensure_local(
     from landmarks.locks import stage_lock
     from landmarks.store import load_index
 
-    model_dir = _check_model(model_dir)
     out_dir = features_dir(Path(work_dir).resolve(), split)
     wanted = list(dict.fromkeys(str(i) for i in ids))
     with stage_lock(out_dir, "features"):
-        df = load_split(Path(data_dir).resolve(), split)
-        path_of = dict(zip(df["id"].astype(str), df["path"].astype(str)))
-        row_keys = RowKeys.of(cfg, model_dir)
-        _clean_dir(out_dir, {p.name for p in out_dir.glob(SHARD_GLOB)}, row_keys)
+        path_of = {}
+        if data_dir is not None:  # without data nothing can be keyed (nor extracted)
+            df = load_split(Path(data_dir).resolve(), split)
+            path_of = dict(zip(df["id"].astype(str), df["path"].astype(str)))
         known = [i for i in wanted if i in path_of]
         keys = cache.file_keys(known, [path_of[i] for i in known], cfg.extract.file_key)
         _drop_stale_rows(out_dir, dict(zip(known, keys)))
+        row_keys = None
+        if model_dir is not None and (Path(model_dir) / "saved_model.pb").exists():
+            model_dir = _check_model(model_dir)
+            row_keys = RowKeys.of(cfg, model_dir)
+            _clean_dir(out_dir, {p.name for p in out_dir.glob(SHARD_GLOB)}, row_keys)  # caches of another model
         store = FeatureStore(out_dir, index=load_index(out_dir, local_only=True))  # 1.58 M global ids unread
         need = [i for i in wanted if not store.has_local(i)]
         if need:
@@ -752,6 +756,10 @@ def ensure_local(
             raise LandmarksError(
                 f"{len(unknown)} id(s) not in the {split} split of {data_dir} (first: {', '.join(unknown[:3])})"
             )
+        if model_dir is None:
+            raise LandmarksError(f"{len(need)} {split} image(s) need local features and no model was given (--model)")
+        model_dir = _check_model(model_dir)
+        row_keys = RowKeys.of(cfg, model_dir)
         _extract_local(cfg, model_dir, split, need, [path_of[i] for i in need], out_dir, row_keys, jobs, scheduler)
     return FeatureStore(out_dir, index=load_index(out_dir, local_only=local_only))
 
