@@ -296,12 +296,12 @@ def test_shards_raised_to_bound_memory(dataset, tmp_path, fake_model):
 def test_keypoints_outside_the_image_are_dropped_and_mapped_to_original_pixels():
     """Feature-map cells past the border have box centres off the image: they are dropped, the
     rest are mapped from resized to original pixels (scale = resized / original)."""
-    from landmarks.extract import _inside_image
+    from landmarks.extract import inside_image
     from landmarks.store import LocalFeatures
 
     kp = np.array([[10, 10], [99, 49], [100, 20], [-1, 5], [50, 50], [30, 60]], np.float32)
     lf = LocalFeatures(kp, np.eye(6, 128, dtype=np.float32), np.ones(6, np.float32), np.arange(6, dtype=np.float32))
-    out = _inside_image(lf, (50, 100, 3), scale=0.5)  # resized image: 50 rows x 100 columns
+    out = inside_image(lf, (50, 100, 3), scale=0.5)  # resized image: 50 rows x 100 columns
     assert out.scores.tolist() == [0.0, 1.0]
     np.testing.assert_allclose(out.keypoints, [[20, 20], [198, 98]])
     assert out.descriptors.shape == (2, 128) and out.scales.shape == (2,)
@@ -312,13 +312,13 @@ def _counting_model(monkeypatch):
     import landmarks.extract as extract
 
     calls = []
-    real = extract._get_model
+    real = extract.get_model
 
     def get(model_dir, threads):
         m = real(model_dir, threads)
         return lambda image, *a: calls.append(image.shape) or m(image, *a)
 
-    monkeypatch.setattr(extract, "_get_model", get)
+    monkeypatch.setattr(extract, "get_model", get)
     return calls
 
 
@@ -377,3 +377,33 @@ def test_shard_count_raised_by_the_cap_sticks_while_rows_grow_a_little(tmp_path)
     assert _sticky_shards(d, 1, 4, 13, cfg) == 3  # 13 rows <= 1.25 x 4 x 3: keep 3 shards
     assert _sticky_shards(d, 1, 5, 17, cfg) == 5  # too many rows for 3 shards: re-bucket
     assert _sticky_shards(d, 4, 4, 13, cfg) == 4  # an explicit --shards is obeyed
+
+
+def test_progress_is_reported_per_image_and_cleaned_up(dataset, tmp_path, fake_model, monkeypatch):
+    """Workers report their done-image count per image (a file beside the shard that the driver's bar
+    reads, for joblib and Dask alike); nothing of it is left once the stage ends."""
+    from landmarks import extract
+
+    root, train, _ = dataset
+    monkeypatch.setattr(extract, "PROGRESS_REPORT_SECONDS", 0.0)
+    seen = []
+    real = extract.run_model
+
+    def spying(model, image, settings, local):
+        (progress,) = (tmp_path / "w" / "features" / "train").glob(".shard-*.progress")
+        seen.append(int(progress.read_text()))
+        return real(model, image, settings, local)
+
+    monkeypatch.setattr(extract, "run_model", spying)
+    run_features(_cfg(shards=1), root, tmp_path / "w", fake_model, "train", jobs=1)
+    assert seen == list(range(len(seen))) and len(seen) == len(train) - 5  # the five broken images never decode
+    assert not list((tmp_path / "w" / "features" / "train").glob(".*progress*"))
+    # the driver's watcher sums what running tasks report
+    task = extract.ShardTask.__new__(extract.ShardTask)
+    task.out = str(tmp_path / "shard-x.h5")
+    extract.progress_path(task.out).write_text("7")
+    bar = type("Bar", (), {"n": 0, "total": 100, "refresh": lambda self: None})()
+    watcher = extract._ProgressWatcher([task], bar)
+    assert watcher._running_count() == 7
+    watcher.finished({"n": 10, "path": task.out})
+    assert bar.n == 10 and watcher._running_count() == 0

@@ -118,11 +118,22 @@ def load_delg(model_dir: str | Path) -> DelgModel:
     )
 
 
+def pool_global(per_scale: np.ndarray) -> np.ndarray:
+    """Per-scale global descriptors [S, D] -> one unit vector [D]: the sum of the unit rows, normalised.
+
+    The one pooling rule: the features stage (through `postprocess`) and the hard protocol's probe,
+    which keeps every scale and pools a setting's subset later, both call it."""
+    g = np.asarray(per_scale, np.float32)
+    return l2_normalize(l2_normalize(g.reshape(-1, g.shape[-1])).sum(axis=0))
+
+
 def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatures]:
     """Raw DELG outputs -> (global [D] unit vector, LocalFeatures with (x, y) keypoints)."""
-    g = np.asarray(outputs["global_descriptors"], np.float32)
-    g = g.reshape(-1, g.shape[-1])
-    global_desc = l2_normalize(l2_normalize(g).sum(axis=0))
+    return pool_global(outputs["global_descriptors"]), local_features(outputs)
+
+
+def local_features(outputs: dict[str, np.ndarray]) -> LocalFeatures:
+    """The local part of raw DELG outputs: LocalFeatures with (x, y) keypoints and unit descriptors."""
     boxes = np.asarray(outputs["boxes"], np.float32).reshape(-1, 4)
     yx = (boxes[:, 0:2] + boxes[:, 2:4]) / 2.0
     keypoints = yx[:, ::-1].copy()  # (x, y)
@@ -132,10 +143,9 @@ def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatur
         if boxes.shape[0]
         else desc.reshape(0, desc.shape[-1] if desc.ndim == 2 else 128)
     )
-    local = LocalFeatures(
+    return LocalFeatures(
         keypoints=keypoints,
         descriptors=desc,
         scales=np.asarray(outputs["scales"], np.float32).reshape(-1),
         scores=np.asarray(outputs["scores"], np.float32).reshape(-1),
     )
-    return global_desc, local
