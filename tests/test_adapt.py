@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from landmarks.config import ConfigError
 from landmarks.utils import LandmarksError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,8 +178,8 @@ def test_adapt_refuses_bad_input(tmp_path):
 
     with pytest.raises(LandmarksError):
         adapt(_cfg(), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")
-    with pytest.raises(LandmarksError, match="adapt.score"):
-        adapt(_cfg(extra=["adapt.score=magic"]), _make_data(tmp_path / "d"), tmp_path / "w", tmp_path / "m")
+    with pytest.raises(ConfigError, match="adapt.score"):  # refused when the config loads, before any work
+        _cfg(extra=["adapt.score=magic"])
 
 
 def test_warp_check_identity_is_perfect(tmp_path):

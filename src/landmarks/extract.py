@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from landmarks.config import check_setting
 from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
 from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, file_keys, log, text_digest
 
@@ -559,9 +560,7 @@ def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> s
 
 def _resolve_jobs(cfg, jobs, scheduler, n_tasks: int) -> tuple[int, object, int]:
     """(jobs, scheduler, TF threads per worker): config defaults, the cores split between local jobs."""
-    jobs = int(cfg.extract.jobs if jobs is None else jobs)
-    if jobs < 1:
-        raise LandmarksError(f"jobs must be >= 1 (got {jobs})")
+    jobs = check_setting("extract.jobs", cfg.extract.jobs if jobs is None else jobs)  # --jobs, checked as at load
     scheduler = cfg.extract.scheduler if scheduler is None else scheduler
     if scheduler:
         threads = cfg.extract.intra_op_threads  # remote workers: 0 = TF default there
@@ -635,9 +634,7 @@ def _run_features(
 
     t0 = time.time()
     model_dir = _check_model(model_dir)
-    n_shards = int(cfg.extract.shards if shards is None else shards)
-    if n_shards < 1:
-        raise LandmarksError(f"shards must be >= 1 (got {n_shards})")
+    n_shards = check_setting("extract.shards", cfg.extract.shards if shards is None else shards)  # as at load
     if local is None:
         local = True if split == "test" else bool(cfg.extract.train_local)
     df = load_split(Path(data_dir).resolve(), split)
