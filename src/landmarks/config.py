@@ -425,6 +425,9 @@ def _allowed(typ: Any, meta: Any) -> str:
     return f"{'an' if typ is int else 'a'} {_NAMES[typ]}{where}"
 
 
+# Refused in text settings: control characters, line separators, and the surrogates that undecodable bytes
+# of a command line become (they cannot be written to a file, a log or a terminal).
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAMES = {int: "integer", float: "finite number", bool: "boolean (true/false)", str: "text without control characters"}
 
 
@@ -510,7 +513,7 @@ def _problem(value: Any, typ: Any, meta: Any) -> str | None:
     if typ is str:
         if not isinstance(value, str):
             return "is not text"
-        return "holds a control character" if re.search(r"[\x00-\x1f\x7f]", value) else None
+        return "holds a control character" if CONTROL.search(value) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and not isinstance(value, int)):
         return "has the wrong type"
     if not math.isfinite(value):
