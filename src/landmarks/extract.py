@@ -638,6 +638,9 @@ def _run_features(
     if local is None:
         local = True if split == "test" else bool(cfg.extract.train_local)
     df = load_split(Path(data_dir).resolve(), split)
+    if n_shards > max(1, len(df)):  # an empty shard is a file for nothing (--shards 100000 on 20 images)
+        log.info("features %s: %d images: %d shard(s) instead of %d", split, len(df), max(1, len(df)), n_shards)
+        n_shards = max(1, len(df))
     out_dir = features_dir(Path(work_dir).resolve(), split)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = _sticky_shards(out_dir, n_shards, _cap_shards(cfg, n_shards, len(df)), len(df), cfg)
@@ -664,6 +667,7 @@ def _run_features(
     skipped = n_shards - len(todo)
     if not todo:
         log.info("features %s: all %d shards up to date in %s", split, n_shards, out_dir)
+        _check_some_succeeded(split, all_paths, len(df), [])
         return all_paths
     where = f"dask {scheduler}" if scheduler else f"{min(jobs, len(todo))} job(s)"
     log.info(
@@ -677,7 +681,24 @@ def _run_features(
     )
     results = _run_tasks(todo, jobs, scheduler, f"features {split}")
     log.info(_summary(split, results, skipped, time.time() - t0))
+    _check_some_succeeded(split, all_paths, len(df), results)
     return all_paths
+
+
+def _check_some_succeeded(split: str, paths: list[Path], n_images: int, results: list[dict]) -> None:
+    """A split whose every image failed is a failed run (non-zero exit), not an empty success."""
+    import h5py
+
+    stored = 0
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            stored += int(f["ids"].shape[0]) if "global" in f else 0
+    if n_images and not stored:
+        fails: collections.Counter = collections.Counter()
+        for r in results:
+            fails.update(r["failures"])
+        why = ", ".join(f"{k}: {v}" for k, v in fails.most_common(3)) or "failures recorded by an earlier run"
+        raise LandmarksError(f"features {split}: all {n_images} images failed ({why}); nothing to match")
 
 
 def _cache_name(digest: str):
