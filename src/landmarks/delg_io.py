@@ -73,6 +73,13 @@ def check_saved_model(model_dir: str | Path) -> Path:
 
 def damage(model_dir: Path, e: BaseException) -> str:
     """What is wrong with a SavedModel that TensorFlow failed to load, in words, on one line."""
+    try:
+        return _damage(model_dir, e)
+    except OSError:  # the files changed or vanished while we looked
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _damage(model_dir: Path, e: BaseException) -> str:
     pb, var = model_dir / "saved_model.pb", model_dir / "variables"
     index, data = var / "variables.index", sorted(var.glob("variables.data-*"))
     msg = " ".join(str(e).split())
