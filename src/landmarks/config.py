@@ -5,6 +5,18 @@ YAML/TOML file (``--config``) and then overridden by ``section.key=value`` strin
 the command line (``--set verify.num_to_rerank=100``).  Each stage hashes the section(s)
 it depends on into the fingerprint of its outputs, so a changed setting redoes exactly
 the stages it affects.
+
+Every setting is checked when the config loads, before any stage's work (``check_config``):
+its type (a ``Literal`` lists the choices, ``tuple[float, ...]`` the item type), its range,
+declared next to the field with ``ranged(default, "[lo, hi]")`` (``(`` / ``)`` for open ends,
+``inf`` for no upper bound; floats must be finite), and the few RELATIONS between settings.
+A value that fails is one ConfigError line: the key, the value and what is allowed.  Command
+options that stand in for a setting (``--shards``, ``--jobs``) use ``check_setting``.
+
+Hand-written rather than pydantic: the checks are ~150 lines over the standard library, keep
+the plain dataclasses every stage already uses (``dataclasses.replace``, ``asdict`` hashing),
+need no new dependency, and the override syntax (``a.b=1,2``) and one-line messages would have
+to be written around a schema library anyway.
 """
 
 from __future__ import annotations
