@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from landmarks.config import check_setting
 from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
 from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, file_keys, log, text_digest
 
@@ -654,9 +655,7 @@ def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> s
 
 def _resolve_jobs(cfg, jobs, scheduler, n_tasks: int) -> tuple[int, object, int]:
     """(jobs, scheduler, TF threads per worker): config defaults, the cores split between local jobs."""
-    jobs = int(cfg.extract.jobs if jobs is None else jobs)
-    if jobs < 1:
-        raise LandmarksError(f"jobs must be >= 1 (got {jobs})")
+    jobs = check_setting("extract.jobs", cfg.extract.jobs if jobs is None else jobs)  # --jobs, checked as at load
     scheduler = cfg.extract.scheduler if scheduler is None else scheduler
     if scheduler:
         threads = cfg.extract.intra_op_threads  # remote workers: 0 = TF default there
@@ -730,12 +729,13 @@ def _run_features(
 
     t0 = time.time()
     model_dir = check_model(model_dir)
-    n_shards = int(cfg.extract.shards if shards is None else shards)
-    if n_shards < 1:
-        raise LandmarksError(f"shards must be >= 1 (got {n_shards})")
+    n_shards = check_setting("extract.shards", cfg.extract.shards if shards is None else shards)  # as at load
     if local is None:
         local = True if split == "test" else bool(cfg.extract.train_local)
     df = load_split(Path(data_dir).resolve(), split)
+    if n_shards > max(1, len(df)):  # an empty shard is a file for nothing (--shards 100000 on 20 images)
+        log.info("features %s: %d images: %d shard(s) instead of %d", split, len(df), max(1, len(df)), n_shards)
+        n_shards = max(1, len(df))
     out_dir = features_dir(Path(work_dir).resolve(), split)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = _sticky_shards(out_dir, n_shards, _cap_shards(cfg, n_shards, len(df)), len(df), cfg)
@@ -762,6 +762,7 @@ def _run_features(
     skipped = n_shards - len(todo)
     if not todo:
         log.info("features %s: all %d shards up to date in %s", split, n_shards, out_dir)
+        _check_some_succeeded(split, all_paths, len(df), [])
         return all_paths
     where = f"dask {scheduler}" if scheduler else f"{min(jobs, len(todo))} job(s)"
     log.info(
@@ -775,7 +776,24 @@ def _run_features(
     )
     results = _run_tasks(todo, jobs, scheduler, f"features {split}")
     log.info(_summary(split, results, skipped, time.time() - t0))
+    _check_some_succeeded(split, all_paths, len(df), results)
     return all_paths
+
+
+def _check_some_succeeded(split: str, paths: list[Path], n_images: int, results: list[dict]) -> None:
+    """A split whose every image failed is a failed run (non-zero exit), not an empty success."""
+    import h5py
+
+    stored = 0
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            stored += int(f["ids"].shape[0]) if "global" in f else 0
+    if n_images and not stored:
+        fails: collections.Counter = collections.Counter()
+        for r in results:
+            fails.update(r["failures"])
+        why = ", ".join(f"{k}: {v}" for k, v in fails.most_common(3)) or "failures recorded by an earlier run"
+        raise LandmarksError(f"features {split}: all {n_images} images failed ({why}); nothing to match")
 
 
 def _cache_name(digest: str):

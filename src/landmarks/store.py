@@ -345,6 +345,12 @@ class FeatureStore:
                     continue
                 ids.extend(_decode(f["ids"][:]))
                 blocks.append(f["global"][:].astype(dtype, copy=False))
+                bad = int(np.count_nonzero(~np.isfinite(blocks[-1]).all(axis=1)))
+                if bad:  # a damaged byte range decodes to NaN/inf: name the file, not a later knn error
+                    raise LandmarksError(
+                        f"{p}: {bad} global descriptor row(s) hold NaN or inf (a damaged shard): "
+                        "delete it and rerun `landmarks features` (make features)"
+                    )
                 orders.append(f["order"][:] if "order" in f else None)
         if not blocks:
             return [], np.zeros((0, 0), dtype)
