@@ -47,7 +47,6 @@ from landmarks.utils import LandmarksError, atomic_path
 
 log = logging.getLogger("landmarks.adapt")
 
-SCORES = ("reliability", "norm", "norm_x_reliability")
 ADAPT_CURVES = Curves(
     ("loss", "infonce", "reliability"),
     ("nn_correct", "rel_accuracy"),
@@ -291,18 +290,6 @@ def _heads_module(backbone, head, gem, score: str):
     return AdaptedHeads()
 
 
-def _check(ac) -> None:
-    """One-line errors for adapt settings that cannot train."""
-    if ac.steps <= 0 or ac.batch_size <= 0 or ac.crop_size < 64 or ac.max_side < ac.crop_size:
-        raise LandmarksError(
-            "adapt.steps and adapt.batch_size must be > 0, adapt.crop_size >= 64 and adapt.max_side >= adapt.crop_size"
-        )
-    if ac.score not in SCORES:
-        raise LandmarksError(f"unknown adapt.score {ac.score!r} (choose from {', '.join(SCORES)})")
-    if not 0 < ac.scale_min <= ac.scale_max or ac.temperature <= 0:
-        raise LandmarksError("adapt.scale_min <= adapt.scale_max must be > 0 and adapt.temperature > 0")
-
-
 def train_fingerprint(cfg, data_fp: str) -> str:
     """What the learned head depends on: model + adapt settings except export/check-only keys + the images."""
     return cache.fingerprint("adapt", cfg, [data_fp], sections=("model", "adapt"), drop={"adapt": NOT_TRAINING})
@@ -317,7 +304,6 @@ def image_keys(ids: list[str], paths: list[str], mode: str = "stat") -> list[str
 def plan(cfg, data_dir: str | Path):
     """The train rows an adaptation uses and its fingerprints, without TensorFlow: (df, data_fp, fp).
     The data fingerprint covers each image's file key: a replaced image re-adapts, as it re-extracts."""
-    _check(cfg.adapt)
     df = _adapt_images(cfg.adapt, data_dir)
     keys = image_keys(df["id"].astype(str).tolist(), df["path"].astype(str).tolist(), cfg.extract.file_key)
     data_fp = cache.digest(str(len(keys)), ",".join(keys))
