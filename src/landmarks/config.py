@@ -133,7 +133,9 @@ class VerifyConfig:
 class VoteConfig:
     """Turning neighbours (+ inliers) into one label and confidence per test image."""
 
-    method: Literal["sum_power", "host"] = "sum_power"
+    # calibrated: each candidate's P(same landmark | sim, evidence) from the calibrate stage's model;
+    # the best label's probability is the confidence (landmarks.calibrate)
+    method: Literal["sum_power", "host", "calibrated"] = "sum_power"
     neighbours: int = 20  # nearest train images that vote (= verify.num_to_rerank; host baseline: 10)
     top_k: int = 1  # neighbours per label that count (1 and 2 best on demo + shared holdout; host uses 5)
     power: float = 8.0  # similarity exponent for sum_power (8 > 3 on demo + shared holdout)
@@ -147,6 +149,24 @@ class VoteConfig:
     suppression_weight: float = 1.0
     suppression_quantile: float = 0.25  # 'test': test images whose best train sim is in this lowest quantile...
     suppression_max_sim: float = 0.0  # ...or below this similarity when > 0; they form the non-landmark pool
+    # calibrated: a label other than the global winner's (nearest neighbour) wins only when its best
+    # candidate's inliers are significant: -log10 NFA >= this (range -5..30; 0 = NFA <= 1; -5 = no guard)
+    guard_significance: float = 0.0
+    combine: Literal["max", "noisy_or"] = "max"  # calibrated: a label's probability from its top_k candidates
+
+
+@dataclass
+class CalibrateConfig:
+    """`landmarks calibrate`: P(same landmark | evidence) learned on the train split (landmarks.calibrate)."""
+
+    features: tuple = ("sim", "log_inliers", "log_matches", "ratio", "spread", "significance")  # of calibrate.FEATURES
+    l2: float = 1.0  # ridge penalty of the logistic fit on standardized features (range 0-100)
+    prior: float = 0.0  # positives weighted to this share (range 0-1; 0 = the pairs' own share)
+    neighbours: int = 10  # train neighbours verified per train anchor (range 1-100)
+    max_anchors: int = 300  # train images used as anchors, a seeded sample (range 10-100000)
+    min_positives: int = 30  # fewer same-label pairs than this: add known warps as positives (range 0-10000)
+    warps: int = 60  # train images warped for those positives, at most (range 0-1000)
+    seed: int = 0
 
 
 @dataclass
@@ -275,6 +295,9 @@ class HardConfig:
     extra_train: tuple = ("paris6k_subset", "multiview_scenes")  # extra train classes (always in train)
     distractors: str = "distractors_products"  # non-landmark test photos
     distractor_sample: int = 100  # seeded sample of distractors put in every split's test set
+    # protocol 2 ("mostly non-landmarks"): the landmarks alone in train (no extra classes) and this many
+    # product photos in test, ~90 % of the test images (0 = protocol 2 off; range 0-1006, the set's size)
+    nonlandmark_sample: int = 400
     shots: tuple = (1, 2)  # K train photos per landmark
     seeds: int = 5  # splits per K
     heldout_class_fraction: float = 0.2  # landmarks left out of train (unseen)
@@ -300,6 +323,7 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     hard: HardConfig = field(default_factory=HardConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
