@@ -13,7 +13,7 @@ one-shot answer.  Here the evidence is turned into a probability instead:
   matches is noise (NFA >> 1), 7 among 12 is not (NFA << 1).
 - a small logistic model of P(same landmark | sim, log inliers, log matches, inlier ratio,
   spread, significance), all evidence combined in log-odds; the weights of the evidence that
-  can only help (sim, inliers, spread, significance) are bounded at >= 0, so the model is
+  can only help (sim, inliers, inlier ratio, spread, significance) are bounded at >= 0, so it is
   monotone in them.  It is fitted on the train split itself, without test labels: train images
   are verified against their own global neighbours; same-label pairs are positives, the others
   negatives.  Where a split has too few positives (one photo per landmark), positives come
@@ -40,7 +40,7 @@ log = logging.getLogger("landmarks.calibrate")
 FORMAT = "calibration-v1"
 # Columns of features(); MONOTONE: the weights that must be >= 0 (more of this never means less likely).
 FEATURES = ("sim", "log_inliers", "log_matches", "ratio", "spread", "significance")
-MONOTONE = {"sim", "log_inliers", "spread", "significance"}
+MONOTONE = {"sim", "log_inliers", "ratio", "spread", "significance"}
 SIGNIFICANCE_CLIP = (-5.0, 30.0)  # -log10 NFA is clipped: beyond these the evidence is saturated
 
 
@@ -177,26 +177,42 @@ def candidate_probability(model: dict, sims: np.ndarray, evidence: np.ndarray, v
 
 # -- training pairs -----------------------------------------------------------------------------------
 def train_pairs(
-    train_sims: np.ndarray, train_idx: np.ndarray, anchors: np.ndarray, labels: np.ndarray, max_neighbours: int
+    train_sims: np.ndarray,
+    train_idx: np.ndarray,
+    anchors: np.ndarray,
+    labels: np.ndarray,
+    positives: int,
+    negatives: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (anchor, neighbour, sim, same) of train images and their own nearest train neighbours
-    (row r of train_sims / train_idx belongs to train image anchors[r]; self excluded): the
-    calibration's labelled pairs.  Indices are train rows."""
+    (row r of train_sims / train_idx belongs to train image anchors[r]; self excluded): per anchor
+    its `positives` nearest same-label and `negatives` nearest other-label neighbours (the hard
+    ones, as a test image's wrong candidates are).  Indices are train rows."""
+    labels = np.asarray(labels)
     a, b, s = [], [], []
     for r, me in enumerate(np.asarray(anchors, np.int64)):
-        taken = 0
+        n_pos = n_neg = 0
         for sim, j in zip(train_sims[r], train_idx[r]):
             if j < 0 or j == me:
                 continue
+            same = labels[j] == labels[me]
+            if (same and n_pos >= positives) or (not same and n_neg >= negatives):
+                continue
+            n_pos, n_neg = n_pos + int(same), n_neg + int(not same)
             a.append(int(me))
             b.append(int(j))
             s.append(float(sim))
-            taken += 1
-            if taken >= max_neighbours:
+            if n_pos >= positives and n_neg >= negatives:
                 break
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    labels = np.asarray(labels)
     return a, b, np.asarray(s, np.float64), labels[a] == labels[b] if len(a) else np.zeros(0, bool)
+
+
+def pick_anchors(ids: list[str], seed: int, n: int) -> np.ndarray:
+    """Rows of `n` train images chosen by a seeded hash of their ids: a split that shares images with
+    another picks the same ones (their verified pairs are reused)."""
+    keys = [text_digest(f"{int(seed)}:{i}") for i in ids]
+    return np.sort(np.argsort(keys, kind="stable")[: int(n)])
 
 
 def warp_image(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
@@ -342,11 +358,11 @@ def run_calibrate(
     with_local = np.array([store.has_local(i) for i in ids], bool)
     rng = np.random.default_rng(int(cc.seed))
     pool = np.flatnonzero(with_local & (labels >= 0))
-    anchors = np.sort(rng.permutation(pool)[: int(cc.max_anchors)])
-    m = min(len(ids), int(cc.neighbours) + 1 + 20)
+    anchors = pool[pick_anchors([ids[i] for i in pool], cc.seed, cc.max_anchors)]
+    m = min(len(ids), int(cc.search_depth))
     sims, idx = knn.search(cfg.knn, x[anchors], db, m) if len(anchors) else (np.zeros((0, 0)), np.zeros((0, 0), int))
     idx = np.where(np.isin(idx, pool), idx, -1)  # neighbours without local features are not compared
-    a, b, sim, same = train_pairs(sims, idx, anchors, labels, int(cc.neighbours))
+    a, b, sim, same = train_pairs(sims, idx, anchors, labels, int(cc.positives), int(cc.negatives))
     need = sorted({ids[i] for i in np.concatenate([a, b])})
     local = store.local(need)
     ev = np.zeros((len(a), len(verify.EVIDENCE)))
@@ -361,12 +377,12 @@ def run_calibrate(
         if len(pick):
             if w is not None:
                 wg = whiten.apply_global(w, wg)
-            ws, wi = knn.search(cfg.knn, wg, db, min(len(ids), int(cc.neighbours)))
+            ws, wi = knn.search(cfg.knn, wg, db, min(len(ids), int(cc.negatives) + 1))
             extra_local = store.local(sorted({ids[j] for j in wi.ravel() if j >= 0 and with_local[j]}))
             local.update(extra_local)
             for r, t in enumerate(pick):
                 row = [int(j) for j in wi[r] if j >= 0 and with_local[j] and j != t]
-                cand = [int(t)] + row[: int(cc.neighbours) - 1]
+                cand = [int(t)] + row[: int(cc.negatives)]
                 csim = [float(wl_s) for wl_s in (db[cand] @ wg[r])]
                 e = verify.verify_evidence(cfg.verify, wl[r], [local.get(ids[j]) for j in cand])
                 sim = np.concatenate([sim, csim])

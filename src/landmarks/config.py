@@ -162,8 +162,10 @@ class CalibrateConfig:
     features: tuple = ("sim", "log_inliers", "log_matches", "ratio", "spread", "significance")  # of calibrate.FEATURES
     l2: float = 1.0  # ridge penalty of the logistic fit on standardized features (range 0-100)
     prior: float = 0.0  # positives weighted to this share (range 0-1; 0 = the pairs' own share)
-    neighbours: int = 10  # train neighbours verified per train anchor (range 1-100)
-    max_anchors: int = 300  # train images used as anchors, a seeded sample (range 10-100000)
+    max_anchors: int = 150  # train images used as anchors, a seeded hash sample of ids (range 10-100000)
+    positives: int = 3  # per anchor: its nearest same-label train neighbours verified (range 0-50)
+    negatives: int = 6  # per anchor: its nearest other-label train neighbours verified (range 1-100)
+    search_depth: int = 100  # train neighbours searched per anchor to find those (range 10-10000)
     min_positives: int = 30  # fewer same-label pairs than this: add known warps as positives (range 0-10000)
     warps: int = 60  # train images warped for those positives, at most (range 0-1000)
     seed: int = 0

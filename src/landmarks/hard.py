@@ -547,16 +547,17 @@ class Scorer:
             ev[rows] = ev_rows[g, : len(rows)]
         n_warp = 0
         if int(same.sum()) < int(cc.min_positives) and int(cc.warps) > 0:
-            wid = [(t, warp_id(split.train_ids[t], int(cc.seed))) for t in rng.permutation(n)[: int(cc.warps)]]
+            pick = calibrate.pick_anchors(split.train_ids, cc.seed + 1, cc.warps)
+            wid = [(int(t), warp_id(split.train_ids[t], int(cc.seed))) for t in pick]
             wid = [(t, w) for t, w in wid if w in self.probe.globals_]
             if wid:
                 ws, wi = self._global(cfg, split, [w for _, w in wid])
                 wa, wb, wsim, wsame = [], [], [], []
                 qids, cands = [], []
                 for r, (t, w) in enumerate(wid):
-                    row = [int(j) for j in wi[r, :m] if j >= 0]
+                    row = [int(j) for j in wi[r, : int(cc.negatives) + 1] if j >= 0]
                     if t not in row:  # the original must be among the candidates: it is the positive
-                        row = [t] + row[: m - 1]
+                        row = [t] + row[: int(cc.negatives)]
                     qids.append(w)
                     cands.append([split.train_ids[j] for j in row])
                     sim_of = dict(zip(wi[r].tolist(), ws[r].tolist()))
@@ -705,9 +706,8 @@ def variant_configs(cfg, names=None) -> list[tuple[str, object]]:
     if unknown:
         raise LandmarksError(f"hard: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     out = [(DEFAULT_ROW, cfg)]
-    for name, overrides in VARIANTS.items():
-        if names and name not in names:
-            continue
+    for name in names or VARIANTS:  # in the order asked
+        overrides = VARIANTS[name]
         c = copy.deepcopy(cfg)
         _apply(c, parse_overrides(overrides))
         out.append((name, c))
