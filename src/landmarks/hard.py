@@ -529,12 +529,11 @@ class Scorer:
         if key in self._calib:
             return self._calib[key]
         n = len(split.train_ids)
-        rng = np.random.default_rng(int(cc.seed))
-        anchors = np.sort(rng.permutation(n)[: int(cc.max_anchors)])
-        m = min(n, int(cc.neighbours) + 1)
+        anchors = calibrate.pick_anchors(split.train_ids, cc.seed, cc.max_anchors)
+        m = min(n, int(cc.search_depth))
         sims, idx = self._global(cfg, split, [split.train_ids[a] for a in anchors])
         a, b, sim, same = calibrate.train_pairs(
-            sims[:, :m], idx[:, :m], anchors, split.train_labels, int(cc.neighbours)
+            sims[:, :m], idx[:, :m], anchors, split.train_labels, int(cc.positives), int(cc.negatives)
         )
         groups: dict[int, list[int]] = {}
         for r, ai in enumerate(a):
@@ -552,7 +551,7 @@ class Scorer:
             wid = [(t, w) for t, w in wid if w in self.probe.globals_]
             if wid:
                 ws, wi = self._global(cfg, split, [w for _, w in wid])
-                wa, wb, wsim, wsame = [], [], [], []
+                wsim, wsame = [], []
                 qids, cands = [], []
                 for r, (t, w) in enumerate(wid):
                     row = [int(j) for j in wi[r, : int(cc.negatives) + 1] if j >= 0]
@@ -562,8 +561,6 @@ class Scorer:
                     cands.append([split.train_ids[j] for j in row])
                     sim_of = dict(zip(wi[r].tolist(), ws[r].tolist()))
                     for j in row:
-                        wa.append(r)
-                        wb.append(j)
                         wsim.append(sim_of.get(j, float("nan")))
                         wsame.append(split.train_labels[j] == split.train_labels[t])
                 wev = self.pair_evidence(cfg, split, qids, cands)
@@ -759,6 +756,8 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
             _both(per, splits),
             "  ".join(f"{g}: {v:.4f}" for g, v in results[name]["guards"].items()),
         )
+        if len(results) < len(configs):  # a partial report survives a later failure
+            write_report(cfg, work_dir, pool, splits, results, model_dir, echo=False)
     return write_report(cfg, work_dir, pool, splits, results, model_dir)
 
 
@@ -953,7 +952,7 @@ def _separation_lines(results) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
+def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bool = True) -> Path:
     """WORK_DIR/report.md (GAP, per split, recall, separation) and results.json; prints the GAP table."""
     shots = list(cfg.hard.shots)
     gap_lines = _gap_lines(cfg, pool, splits, results, model_dir)
@@ -986,8 +985,9 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir) -> Path:
     }
     with atomic_path(work_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(js, indent=1), encoding="utf-8")
-    print("\n".join(gap_lines))
-    log.info("hard: report -> %s", out)
+    if echo:
+        print("\n".join(gap_lines))
+        log.info("hard: report -> %s", out)
     return out
 
 
