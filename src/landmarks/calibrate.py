@@ -39,8 +39,8 @@ log = logging.getLogger("landmarks.calibrate")
 
 FORMAT = "calibration-v1"
 # Columns of features(); MONOTONE: the weights that must be >= 0 (more of this never means less likely).
-FEATURES = ("sim", "log_inliers", "log_matches", "ratio", "spread", "significance")
-MONOTONE = {"sim", "log_inliers", "ratio", "spread", "significance"}
+FEATURES = ("sim", "log_inliers", "log_matches", "ratio", "spread", "significance", "sim8", "inliers70")
+MONOTONE = {"sim", "log_inliers", "ratio", "spread", "significance", "sim8", "inliers70"}
 SIGNIFICANCE_CLIP = (-5.0, 30.0)  # -log10 NFA is clipped: beyond these the evidence is saturated
 
 
@@ -94,6 +94,8 @@ def features(sims: np.ndarray, evidence: np.ndarray, verify_cfg) -> np.ndarray:
             k / np.maximum(n, 1.0),
             spread,
             significance(ev, verify_cfg) / 10.0,
+            np.clip(np.asarray(sims, np.float64), 0.0, None) ** 8,  # the host formula's two terms
+            np.minimum(k, 70.0) / 70.0,
         ],
         axis=-1,
     )

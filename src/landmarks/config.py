@@ -153,6 +153,12 @@ class VoteConfig:
     # candidate's inliers are significant: -log10 NFA >= this (range -5..30; 0 = NFA <= 1; -5 = no guard)
     guard_significance: float = 0.0
     combine: Literal["max", "noisy_or"] = "max"  # calibrated: a label's probability from its top_k candidates
+    # calibrated: the label is the sum_power score's winner (sim**power + inlier term: the best labels on the
+    # hard protocols) and its probability the confidence | the label with the highest probability wins
+    calibrated_label: Literal["score", "probability"] = "score"
+    # a-contrario gate (sum_power / host): a candidate's inliers count only when -log10 NFA of its inlier set
+    # reaches this (range -5..30; <= -5 = off: every inlier counts, the host formula)
+    significance_gate: float = -5.0
 
 
 @dataclass

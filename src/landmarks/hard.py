@@ -100,16 +100,20 @@ VARIANTS: dict[str, list[str]] = {
     "alpha-QE k=2": ["knn.qe_k=2"],
     # calibrated confidence (issue 23): P(same landmark | evidence) learned on each split's train pairs
     "calibrated": ["vote.method=calibrated"],
-    "calibrated, no guard": ["vote.method=calibrated", "vote.guard_significance=-5"],
-    "calibrated, guard -log10 NFA >= 3": ["vote.method=calibrated", "vote.guard_significance=3"],
-    "calibrated, noisy-OR of top 3": ["vote.method=calibrated", "vote.combine=noisy_or", "vote.top_k=3"],
-    "calibrated, no warps": ["vote.method=calibrated", "calibrate.warps=0"],
+    "calibrated, label by probability": ["vote.method=calibrated", "vote.calibrated_label=probability"],
+    "calibrated, label by probability, no guard": [
+        "vote.method=calibrated",
+        "vote.calibrated_label=probability",
+        "vote.guard_significance=-5",
+    ],
     "calibrated, sim + inliers (no NFA)": [
         "vote.method=calibrated",
         "calibrate.features=sim,log_inliers,log_matches,ratio,spread",
     ],
     "calibrated, sim + NFA": ["vote.method=calibrated", "calibrate.features=sim,significance"],
-    "calibrated, prior 0.5": ["vote.method=calibrated", "calibrate.prior=0.5"],
+    "calibrated, host terms (sim**8, inliers/70)": ["vote.method=calibrated", "calibrate.features=sim8,inliers70"],
+    "calibrated, no warps": ["vote.method=calibrated", "calibrate.warps=0"],
+    "a-contrario gate: inliers count when NFA <= 1": ["vote.significance_gate=0"],
 }
 DEFAULT_ROW = "current config (default)"
 
@@ -640,7 +644,7 @@ class Scorer:
     def score(self, cfg, split: Split) -> dict:
         """GAP, accuracy, recall@R and the inliers of correct and wrong candidates on one split."""
         from landmarks import metrics, validate
-        from landmarks.predict import NO_LABEL, calibrated_vote, vote
+        from landmarks.predict import NO_LABEL, calibrated_vote, gate_inliers, vote
 
         sims, idx = self._global(cfg, split)
         ev = self._evidence(cfg, split, idx) if cfg.verify.enabled else None
@@ -649,7 +653,7 @@ class Scorer:
         if model is not None:
             labels, conf = calibrated_vote(cfg, sims, idx, split.train_labels, ev, model)
         else:
-            labels, conf = vote(cfg.vote, sims, idx, split.train_labels, inl)
+            labels, conf = vote(cfg.vote, sims, idx, split.train_labels, gate_inliers(cfg, inl, ev))
         ok = labels != NO_LABEL
         preds = pd.DataFrame(
             {"id": np.asarray(split.test_ids)[ok], "label": labels[ok].astype(str), "confidence": conf[ok]}

@@ -58,6 +58,17 @@ def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.n
     return base
 
 
+def gate_inliers(cfg, inliers: np.ndarray | None, evidence: np.ndarray | None) -> np.ndarray | None:
+    """Inliers that count in the score: with vote.significance_gate > -5, a candidate whose inlier set
+    is not significant (-log10 NFA below the gate: chance inliers) counts 0 inliers."""
+    if inliers is None or evidence is None or cfg.vote.significance_gate <= -5:
+        return inliers
+    from landmarks import calibrate
+
+    sig = calibrate.significance(evidence[:, : inliers.shape[1]], cfg.verify)
+    return np.where(sig >= cfg.vote.significance_gate, inliers, 0).astype(inliers.dtype)
+
+
 def vote(
     cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarray, inliers: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +116,7 @@ def vote_calibrated(
     train_labels: np.ndarray,
     probs: np.ndarray,
     significance: np.ndarray | None = None,
+    fixed_labels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels and confidences from calibrated candidate probabilities `probs` [q, n] (first n
     neighbours of knn_idx): a label's probability is its best candidate's (combine=max) or the
@@ -112,11 +124,23 @@ def vote_calibrated(
 
     Guard: a label other than the nearest neighbour's wins only when its best candidate's
     `significance` (-log10 NFA, [q, n]) reaches cfg.guard_significance; otherwise the nearest
-    neighbour's label stays, with its own probability."""
+    neighbour's label stays, with its own probability.  `fixed_labels` [q] (NO_LABEL = none): the
+    labels are given; each gets its probability as the confidence."""
     q, n = probs.shape
     labels = np.full(q, NO_LABEL, np.int64)
     conf = np.zeros(q, np.float64)
     idx = knn_idx[:, :n]
+    if fixed_labels is not None:  # the label is decided elsewhere: its probability is the confidence
+        train_labels = np.asarray(train_labels, np.int64)
+        for r in range(q):
+            if fixed_labels[r] == NO_LABEL:
+                continue
+            ps = [float(probs[r, j]) for j in range(n) if idx[r, j] >= 0 and train_labels[idx[r, j]] == fixed_labels[r]]
+            if ps:
+                ps = sorted(ps, reverse=True)[: max(1, int(cfg.top_k))]
+                labels[r] = fixed_labels[r]
+                conf[r] = ps[0] if cfg.combine == "max" else 1.0 - float(np.prod([1.0 - p for p in ps]))
+        return labels, conf
     train_labels = np.asarray(train_labels, np.int64)
     top_k = max(1, int(cfg.top_k))
     for r in range(q):
@@ -156,7 +180,14 @@ def calibrated_vote(
     ev = evidence[:, :n]
     probs = calibrate.candidate_probability(model, knn_sims[:, :n], ev, cfg.verify)
     sig = calibrate.significance(ev, cfg.verify)
-    return vote_calibrated(cfg.vote, knn_idx[:, :n], train_labels, probs, sig)
+    fixed = None
+    if cfg.vote.calibrated_label == "score":
+        import copy
+
+        vc = copy.copy(cfg.vote)
+        vc.method = "sum_power"
+        fixed, _ = vote(vc, knn_sims, knn_idx, train_labels, evidence[..., 0].astype(np.int32))
+    return vote_calibrated(cfg.vote, knn_idx[:, :n], train_labels, probs, sig, fixed)
 
 
 # -- non-landmark suppression --------------------------------------------------------------------
@@ -390,6 +421,7 @@ def predict_arrays(
     if cfg.vote.method == "calibrated" and model is not None and ev is not None and inl is not None:
         labels, conf = calibrated_vote(cfg, knn["sims"], knn["idx"], inputs["train_labels"], ev, model)
     else:
+        inl = gate_inliers(cfg, inl, ev if inl is not None else None)
         labels, conf = vote(cfg.vote, knn["sims"], knn["idx"], inputs["train_labels"], inl)
     best = knn["sims"][:, 0] if knn["sims"].shape[1] else np.zeros(len(labels))
     penalty = suppression_penalty(cfg, features_root, inputs["test_ids"], best, whitening)
