@@ -967,10 +967,9 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bo
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     js = {
         name: {
-            "gap": {
-                f"{s0.protocol} K={k}": _values(r["splits"], splits, k, protocol=s0.protocol)
-                for s0 in splits
-                for k in shots
+            "gap": {str(k): _values(r["splits"], splits, k, protocol="extra") for k in shots},  # P1
+            "gap_by_protocol": {
+                pr: {str(k): _values(r["splits"], splits, k, protocol=pr) for k in shots} for pr in _protocols(splits)
             },
             "protocol_means": {pr: _mean(r["splits"], splits, protocol=pr) for pr in _protocols(splits)},
             "mean": _both(r["splits"], splits),
