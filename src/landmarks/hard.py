@@ -112,6 +112,7 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "calibrated, sim + NFA": ["vote.method=calibrated", "calibrate.features=sim,significance"],
     "calibrated, host terms (sim**8, inliers/70)": ["vote.method=calibrated", "calibrate.features=sim8,inliers70"],
+    "calibrated, ridge l2=10": ["vote.method=calibrated", "calibrate.l2=10"],
     "calibrated, no warps": ["vote.method=calibrated", "calibrate.warps=0"],
     "a-contrario gate: inliers count when NFA <= 1": ["vote.significance_gate=0"],
 }
