@@ -252,6 +252,11 @@ def warp_seed(image_id: str, seed: int) -> list[int]:
 
 
 # -- stage ------------------------------------------------------------------------------------------
+def uses_calibration(cfg) -> bool:
+    """True when predict votes with the calibrate stage's model (vote.method=calibrated, verified)."""
+    return bool(cfg.verify.enabled and cfg.vote.method == "calibrated")
+
+
 def calibration_fingerprint(cfg, knn_fp: str) -> str:
     from landmarks.layout import settings_hash
 
@@ -421,7 +426,6 @@ def register_cli(subparsers, common) -> None:
 def _cli(args, cfg) -> int:
     from landmarks.config import log_settings
     from landmarks.layout import WorkLayout
-    from landmarks.predict import uses_calibration
 
     work = WorkLayout(args.work_dir)
     if not uses_calibration(cfg):

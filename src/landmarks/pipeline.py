@@ -37,7 +37,7 @@ def run_after_features(cfg, data_dir, work_dir, model_dir, submission, jobs: int
             cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg)
         )
     calibration = None
-    if predict.uses_calibration(cfg):
+    if calibrate.uses_calibration(cfg):
         calibration = calibrate.run_calibrate(
             cfg, data_dir, knn_path, work.features("train"), work.calibration(cfg), model_dir, work.whiten(cfg)
         )

@@ -460,6 +460,7 @@ def run_predict(
 
 def stage_paths(cfg, work_dir) -> dict:
     """The inputs `run_predict` reads for this config, from the WORK_DIR layout."""
+    from landmarks.calibrate import uses_calibration
     from landmarks.layout import WorkLayout
 
     work = WorkLayout(work_dir)
@@ -470,11 +471,6 @@ def stage_paths(cfg, work_dir) -> dict:
         "whiten_path": work.whiten(cfg),
         "calibration_path": work.calibration(cfg) if uses_calibration(cfg) else None,
     }
-
-
-def uses_calibration(cfg) -> bool:
-    """True when predict votes with the calibrate stage's model (vote.method=calibrated, verified)."""
-    return bool(cfg.verify.enabled and cfg.vote.method == "calibrated")
 
 
 def register_cli(subparsers, common) -> None:
