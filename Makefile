@@ -34,7 +34,7 @@ MODEL_DEPS := $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(DEFAULT_MODEL)/saved_mo
 ADAPT_ARGS  = --data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --model $(DEFAULT_MODEL) --out $(ADAPTED_MODEL) \
               --replace-stale $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help install demo-data model train adapt adapted-model features whiten knn local-features verify predict validate validate-hard holdout import import-hard bench cluster-check notebooks docs test clean
+.PHONY: help install demo-data model train adapt adapted-model features whiten knn local-features verify calibrate predict validate validate-hard holdout import import-hard bench cluster-check notebooks docs test clean
 
 help:
 	@echo "make predict   - demo data + adapted default model + features, whiten, knn, local-features, verify, predict -> $(SUBMISSION)"
@@ -88,7 +88,11 @@ local-features: knn
 verify: local-features
 	$(LM) verify $(COMMON)
 
-predict: verify
+# P(same landmark | evidence) learned on the train split (used when vote.method=calibrated; else a no-op).
+calibrate: verify
+	$(LM) calibrate $(COMMON)
+
+predict: calibrate
 	$(LM) predict $(COMMON)
 
 validate: predict

@@ -30,6 +30,7 @@ STAGE_MODULES = [
     "whiten",
     "knn",
     "verify",
+    "calibrate",
     "predict",
     "validate",
     "hard",

@@ -11,6 +11,7 @@ fingerprint of its inputs, and a stage redoes its work when that no longer match
       whiten-<h>.npz                                                     landmarks whiten (when on)
       knn-<h>.npz                                                        landmarks knn
       verified-<h>.npz                                                   landmarks verify
+      calibration-<h>.npz                                                landmarks calibrate
       report.md, plots/                                                  landmarks validate
       hard/, adapt/, show/, bench/, notebooks/                           tools
 """
@@ -35,6 +36,7 @@ def settings_hash(cfg, *sections: str) -> str:
 
 KNN_SECTIONS = ("knn", "whiten")
 VERIFY_SECTIONS = ("knn", "whiten", "verify")
+CALIBRATE_SECTIONS = ("knn", "whiten", "verify", "calibrate")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class WorkLayout:
 
     def verified(self, cfg) -> Path:
         return self.root / f"verified-{settings_hash(cfg, *VERIFY_SECTIONS)}.npz"
+
+    def calibration(self, cfg) -> Path:
+        return self.root / f"calibration-{settings_hash(cfg, *CALIBRATE_SECTIONS)}.npz"
 
     # -- reports and tools --------------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ def run_all(cfg, data_dir, work_dir, model_dir, submission, jobs: int | None = N
 
 def run_after_features(cfg, data_dir, work_dir, model_dir, submission, jobs: int | None = None) -> Path:
     """whiten -> knn -> local-features -> verify -> predict, from the feature shards in WORK_DIR."""
-    from landmarks import extract, knn, predict, verify, whiten
+    from landmarks import calibrate, extract, knn, predict, verify, whiten
     from landmarks.layout import WorkLayout
 
     work = WorkLayout(work_dir)
@@ -36,4 +36,11 @@ def run_after_features(cfg, data_dir, work_dir, model_dir, submission, jobs: int
         verified = verify.run_verify(
             cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg)
         )
-    return predict.run_predict(cfg, data_dir, knn_path, verified, submission, work.features_root, work.whiten(cfg))
+    calibration = None
+    if calibrate.uses_calibration(cfg):
+        calibration = calibrate.run_calibrate(
+            cfg, data_dir, knn_path, work.features("train"), work.calibration(cfg), model_dir, work.whiten(cfg)
+        )
+    return predict.run_predict(
+        cfg, data_dir, knn_path, verified, submission, work.features_root, work.whiten(cfg), calibration
+    )
