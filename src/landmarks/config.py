@@ -174,6 +174,7 @@ class ImportConfig:
     link: Literal["hardlink", "copy", "symlink"] = "hardlink"
     train_per_class: int = 0  # k-shot splits: K train images per class, the rest to test (0 = use test_fraction)
     distractor_sample: int = 0  # use a seeded sample of this many distractors (0 = all)
+    max_per_class: int = 0  # use a seeded choice of at most this many images per class (0 = all)
 
 
 @dataclass
