@@ -238,6 +238,7 @@ def test_ctrl_c_says_what_is_kept_without_traceback(data, tmp_path, monkeypatch,
     monkeypatch.setattr(knn, "run_knn", interrupted)
     work = tmp_path / "w"
     (work / "features" / "train").mkdir(parents=True)
+    (work / "features" / "test").mkdir(parents=True)
     for i in range(2):
         (work / "features" / "train" / f"shard-{i:05d}-of-00004.h5").write_bytes(b"")
     rc = cli.main(["knn", "--data-dir", str(data), "--work-dir", str(work), "--model", str(fake_model)])

@@ -208,6 +208,10 @@ def _quiet_logging(verbose: bool) -> None:
     setup_logging(verbose)
     for h in logging.getLogger().handlers:
         h.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # joblib's resource tracker (a child process) warns about "leaked" semaphores after a Ctrl-C
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,12 +245,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _silence_stderr() -> None:
-    """After Ctrl-C: nothing more on the console (joblib's and TensorFlow's shutdown tracebacks)."""
-    try:
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
-    except OSError:  # pragma: no cover
-        pass
+    """After Ctrl-C: nothing more on the console at exit (joblib's and TensorFlow's shutdown
+    tracebacks); registered last, so it runs before their exit handlers."""
+    import atexit
+
+    def quiet():
+        try:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        except (OSError, ValueError):  # pragma: no cover
+            pass
+
+    atexit.register(quiet)
 
 
 def _one_line(e: BaseException) -> str:

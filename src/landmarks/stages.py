@@ -209,7 +209,18 @@ def _shards_kept(run: Run) -> str:
         if names:
             total = int(names[0].stem.rsplit("-of-", 1)[1])
             parts.append(f"{len(names)} of {total} {split} shards")
-    return (", ".join(parts) + " kept") if parts else "no shard finished"
+    return (", ".join(parts) + " kept") if parts else "no shard finished yet"
+
+
+def _adapt_kept(run: Run) -> str:
+    """'the checkpoint at step 120 kept' from WORK_DIR/adapt/state.json, if any."""
+    import json
+
+    try:
+        step = json.loads((run.work.tool("adapt") / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no adaptation checkpoint yet"
+    return f"the adaptation checkpoint at step {step} kept"
 
 
 @dataclass(frozen=True)
@@ -260,7 +271,7 @@ STAGES: list[Stage] = [
         lambda r: [r.adapted_model],
         "adapt the local head to DATA_DIR's unlabelled train images -> WORK_DIR/adapt/model",
         uses=("csv", "images"),
-        kept=lambda r: f"the adaptation checkpoint in {r.work.tool('adapt')} kept",
+        kept=_adapt_kept,
     ),
     Stage(
         "features",
@@ -313,7 +324,7 @@ STAGES: list[Stage] = [
         "local features of the test images and their shortlisted train neighbours (reads the knn output)",
         off="off (verify.enabled=false)",
         uses=("csv", "images", "model"),
-        kept=lambda r: f"the finished local-feature shards in {r.work.features_root} kept",
+        kept=lambda r: f"{len(list(r.work.features_root.glob('*/local-cache-*.h5')))} local-feature shard(s) kept",
     ),
     Stage(
         "verify",
@@ -547,10 +558,10 @@ def _run_stages(run: Run, stages: list[Stage], target: str, echo: bool, checks: 
         try:
             out = st.run(run)
         except KeyboardInterrupt:
-            kept = st.kept(run) if st.kept else ""
-            finished = f"finished: {', '.join(done)}; " if done else ""
+            kept = f"{st.kept(run)}; " if st.kept else ""
+            finished = f" ({', '.join(done)} done)" if done else ""
             raise Interrupted(
-                f"interrupted during {st.name}: {finished}{kept + '; ' if kept else ''}rerun the same command to resume"
+                f"interrupted during {st.name}{finished}: {kept}rerun the same command to resume"
             ) from None
         finally:
             root.removeHandler(cap)
