@@ -323,7 +323,7 @@ STAGES: list[Stage] = [
         lambda r: [r.work.features_root],
         "local features of the test images and their shortlisted train neighbours (reads the knn output)",
         off="off (verify.enabled=false)",
-        uses=("csv", "images", "model"),
+        uses=("csv",),  # images and model only for the ids that lack local features (checked by features)
         kept=lambda r: f"{len(list(r.work.features_root.glob('*/local-cache-*.h5')))} local-feature shard(s) kept",
     ),
     Stage(
@@ -437,7 +437,7 @@ def check_inputs(run: Run, stages: list[Stage]) -> None:
             "(demo data, `landmarks holdout` or `landmarks import`)"
         )
     if "images" in uses:
-        for split in ("train", "test"):
+        for split in [run.options["split"]] if run.options.get("split") else ("train", "test"):
             folder = run.data_dir / split
             if not folder.is_dir():
                 raise LandmarksError(f"{folder} not found: the {split} images go in DATA_DIR/{split}/a/b/c/<id>.jpg")
