@@ -217,6 +217,9 @@ def test_set_typo_and_make_variable_typo_fail_in_one_line(tmp_path):
     rc, _, err = lm("run", "predict", "--work-dir", tmp_path / "w", "--set", "verify.num_to_rerankk=3")
     assert rc == 1 and err.strip().count("\n") == 0 and "verify.num_to_rerankk" in err, err
     assert err.startswith("landmarks run: error:")
+    rc, _, err = make("predict", f"WORK_DIR={tmp_path / 'w'}", "SET=verify.num_to_rerankk=3")
+    lines = [x for x in err.strip().splitlines() if not x.startswith("make")]
+    assert rc != 0 and lines == [x for x in lines if x.startswith("landmarks run: error:")] and len(lines) == 1, err
     rc, out, err = make("predict", "DATADIR=x")
     assert rc != 0 and "DATADIR" in err and "did you mean DATA_DIR" in err and err.strip().count("\n") == 0, err
     rc, out, _ = make("help")

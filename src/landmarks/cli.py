@@ -5,7 +5,7 @@ predict, validate) are made here from the stage graph (`landmarks.stages.STAGES`
 generic adapter.  Tool modules (import, holdout, gap, model, adapt, train, validate-hard,
 bench, show, demo-data) expose ``register_cli(subparsers, common)``: ``common(*names)`` gives the
 parent parsers of the shared options that command uses (always --config/--set/-v; then any of
-data_dir, work_dir, model, submission), so each command's help lists only its own options.
+data_dir, work_dir, model, zero_model, submission), so each command's help lists only its own options.
 Stage modules import TensorFlow lazily, so light commands (``gap``, ``config show``) start fast.
 """
 
@@ -66,6 +66,9 @@ _OPTION_SPECS = {
             "DATA_DIR's train images; models/default with --no-adapt or verify.enabled=false)",
         ),
     ),
+    # tools whose model is the zero-training one unless given (adapt compares against it; the hard
+    # protocol builds its own splits, which an adaptation on DATA_DIR would not describe)
+    "zero_model": (("--model",), dict(default="models/default", help="DELG SavedModel directory")),
     "submission": (
         ("--submission",),
         dict(
@@ -198,6 +201,7 @@ def _fill_defaults(args, cfg) -> None:
     if hasattr(args, "submission") and args.submission is None:
         args.submission = str(default_submission(getattr(args, "work_dir", "work")))
     if hasattr(args, "model") and args.model is None and args.func not in (_cmd_run, _cmd_stage):
+        # show, bench: the model the run of DATA_DIR / WORK_DIR uses
         run = Run(cfg, getattr(args, "data_dir", "data/demo"), getattr(args, "work_dir", "work"))
         args.model = str(run.model_dir)
 

@@ -513,10 +513,18 @@ class Result:
         return self.outputs.get(self.target)
 
 
+def _console_shows_info() -> bool:
+    """A console handler shows INFO already (-v): the stage line is not printed twice."""
+    return any(
+        type(h) is logging.StreamHandler and h.level <= logging.INFO and getattr(h, "stream", None) is sys.stderr
+        for h in logging.getLogger().handlers
+    )
+
+
 def _say(result: Result, line: str, echo: bool) -> None:
     result.lines.append(line)
     log.info("%s", line)
-    if echo:
+    if echo and not _console_shows_info():
         print(line, file=sys.stderr, flush=True)
 
 
