@@ -406,8 +406,8 @@ def check_outputs(run: Run) -> None:
         raise LandmarksError(f"SUBMISSION {sub} is inside DATA_DIR {data}: it would overwrite the dataset")
     if run.model is not None and _inside(sub, run.model):
         raise LandmarksError(f"SUBMISSION {sub} is inside MODEL {run.model}: it would overwrite the model")
-    if _inside(work, data) or _inside(data, work):
-        raise LandmarksError(f"WORK_DIR {work} and DATA_DIR {data} overlap: give WORK_DIR a folder of its own")
+    if work.resolve() == data.resolve():
+        raise LandmarksError(f"WORK_DIR {work} is DATA_DIR: give WORK_DIR a folder of its own")
     if sub.is_dir():
         raise LandmarksError(f"SUBMISSION {sub} is a directory: give a CSV file path")
     for name, p in (("WORK_DIR", work), ("SUBMISSION", sub)):
@@ -587,7 +587,8 @@ def run_target(
 
     Checks come first: the output paths at once, the input CSVs, image folders and model before
     the first stage after demo-data.  `after`: take that stage and what it needs as done.
-    `only`: the target alone (the outputs it reads must exist).  `echo`: print one line per stage on stderr.  Messages and settings go to WORK_DIR/logs/run.log.
+    `only`: the target alone (the outputs it reads must exist).  `echo`: print one line per stage
+    on stderr.  Messages and settings go to WORK_DIR/logs/run.log.
     """
     stages = [stage(target)] if only else plan(target, after)
     if checks:
