@@ -415,6 +415,13 @@ def check_outputs(run: Run) -> None:
             raise LandmarksError(f"{name} {p} is not writable: give a writable path")
 
 
+def _csv_splits(st: Stage, run: Run) -> set[str]:
+    """The splits whose CSV a stage cannot do without (train.csv, sample_submission.csv)."""
+    if st.name == "features" and run.options.get("split"):
+        return {run.options["split"]}
+    return {"train"} if st.name == "adapt" else {"train", "test"}
+
+
 def check_inputs(run: Run, stages: list[Stage]) -> None:
     """The inputs the planned stages read: the input CSVs (train.csv, sample_submission.csv,
     solution.csv when present or needed), the image folders and the model."""
@@ -428,8 +435,10 @@ def check_inputs(run: Run, stages: list[Stage]) -> None:
             f"DATA_DIR {run.data_dir} not found: give a Kaggle-layout dataset "
             "(`landmarks demo-data`, `landmarks import` or `landmarks holdout` make one)"
         )
-    for split in ("train", "test"):
-        data.load_split(run.data_dir, split)
+    needed = set().union(*(_csv_splits(s, run) for s in stages if "csv" in s.uses))
+    for split, name in data.SPLITS.items():  # the needed ones, and any other that is present
+        if split in needed or (run.data_dir / name).exists():
+            data.load_split(run.data_dir, split)
     solution = data.load_solution(run.data_dir)
     if "solution" in uses and solution is None:
         raise LandmarksError(
