@@ -144,8 +144,8 @@ docs: predict
 	$(LM) show --docs $(TOOL_ARGS) --out docs/show_example.png
 
 test: $(INSTALLED)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests notebooks
+	$(BIN)/ruff format --check src tests notebooks
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,5 +1,7 @@
 """Shared fixtures. Test files take these as arguments and never import from each other.
 
+- `small_cfg(*overrides)`: a Config loaded (and checked) as `landmarks --set ...` does, with the
+  cheap SMALL settings (tiny images, tiny models, one job) and then `overrides` ('section.key=value').
 - `fake_model`: the tiny deterministic DELG-signature SavedModel of tests/fake_delg.py, built once.
 - `write_split(root, split, n, rng, bad=True)`: n small random JPEGs in the Kaggle layout, the last
   five broken in five ways (missing, empty, truncated, text, 5x5) unless `bad=False`; their ids.
@@ -19,7 +21,45 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fake_delg.py, whatever the import mode
 
+# Cheap settings for every test that runs a stage: tiny images and models, few steps, one job.
+SMALL = (
+    "extract.max_image_size=64",  # test images are 96 px: keypoints must be mapped back
+    "extract.max_feature_num=50",
+    "extract.intra_op_threads=1",
+    "extract.jobs=1",
+    "verify.jobs=1",
+    "model.backbone=tiny",
+    "model.init=random",
+    "train.batch_size=4",
+    "train.crop_size=64",
+    "train.checkpoint_every=2",
+    "train.steps=4",
+    "adapt.batch_size=2",
+    "adapt.crop_size=64",
+    "adapt.max_side=128",
+    "adapt.checkpoint_every=2",
+    "adapt.steps=4",
+    "adapt.hidden=16",
+    "demo.seed=3",
+    "demo.num_landmarks=6",
+    "demo.views_per_landmark=3",
+    "demo.test_views_per_landmark=2",
+    "demo.unseen_landmarks=1",
+    "demo.num_distractors=3",
+    "demo.image_size=96",
+    "demo.families=2",
+    "demo.jobs=1",
+)
+
 PLANTED_H = np.array([[0.9, 0.1, 20.0], [-0.05, 1.1, -10.0], [2e-4, 1e-4, 1.0]])
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    """small_cfg(*overrides) -> Config: SMALL, then `overrides`, loaded and checked by load_config."""
+    from landmarks.config import load_config
+
+    return lambda *overrides: load_config(None, [*SMALL, *overrides])
 
 
 @pytest.fixture(scope="session")

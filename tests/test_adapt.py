@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from landmarks.config import ConfigError
 from landmarks.utils import LandmarksError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,25 +102,6 @@ def _make_data(root: Path, n=4, seed=0) -> Path:
     return root
 
 
-def _cfg(steps=4, extra=()):
-    from landmarks.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.backbone=tiny",
-            "model.init=random",
-            "adapt.batch_size=2",
-            "adapt.crop_size=64",
-            "adapt.max_side=128",
-            "adapt.checkpoint_every=2",
-            f"adapt.steps={steps}",
-            "adapt.hidden=16",
-            *extra,
-        ],
-    )
-
-
 def _head_weights(work: Path) -> list[np.ndarray]:
     import h5py
 
@@ -130,16 +112,16 @@ def _head_weights(work: Path) -> list[np.ndarray]:
     return out
 
 
-def test_adapt_resumes_exactly_and_exports(tmp_path):
+def test_adapt_resumes_exactly_and_exports(tmp_path, small_cfg):
     from landmarks.adapt import adapt
     from landmarks.delg_io import load_delg
 
     data = _make_data(tmp_path / "data")
     work, out = tmp_path / "work", tmp_path / "model"
-    assert adapt(_cfg(), data, work, out, stop_after=2) is None  # "interrupted" after 2 steps
+    assert adapt(small_cfg(), data, work, out, stop_after=2) is None  # "interrupted" after 2 steps
     state = json.loads((work / "adapt" / "state.json").read_text())
     assert state["step"] == 2 and not out.exists()
-    assert adapt(_cfg(), data, work, out) == out  # rerun resumes at step 2
+    assert adapt(small_cfg(), data, work, out) == out  # rerun resumes at step 2
     state = json.loads((work / "adapt" / "state.json").read_text())
     assert state["step"] == 4 and state["resumed_from"] == [2]
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
@@ -148,7 +130,7 @@ def test_adapt_resumes_exactly_and_exports(tmp_path):
     resumed = _head_weights(work)
     # the same 4 steps without interruption give the same head
     work2 = tmp_path / "work2"
-    assert adapt(_cfg(), data, work2, tmp_path / "model2") == tmp_path / "model2"
+    assert adapt(small_cfg(), data, work2, tmp_path / "model2") == tmp_path / "model2"
     straight = _head_weights(work2)
     assert len(resumed) == len(straight) > 0
     assert all(np.allclose(r, s, rtol=1e-5, atol=1e-6) for r, s in zip(resumed, straight))
@@ -162,23 +144,23 @@ def test_adapt_resumes_exactly_and_exports(tmp_path):
     assert o["global_descriptors"].shape == (2, 32)
     assert np.all((o["scores"] > 0) & (o["scores"] < 1))  # reliability probabilities
     mtime = (out / "saved_model.pb").stat().st_mtime
-    assert adapt(_cfg(), data, work, out) == out  # up to date: nothing retrained or re-exported
+    assert adapt(small_cfg(), data, work, out) == out  # up to date: nothing retrained or re-exported
     assert (out / "saved_model.pb").stat().st_mtime == mtime
     # another exported score is a re-export of the same head, not a new adaptation
-    assert adapt(_cfg(extra=["adapt.score=norm"]), data, work, out) == out
+    assert adapt(small_cfg("adapt.score=norm"), data, work, out) == out
     assert json.loads((out / "landmarks_model.json").read_text())["keypoint_score"] == "norm"
     assert json.loads((work / "adapt" / "state.json").read_text())["resumed_from"] == [2]
     with pytest.raises(LandmarksError, match="--restart"):  # other settings never reuse the checkpoint
-        adapt(_cfg(steps=6), data, work, out)
+        adapt(small_cfg("adapt.steps=6"), data, work, out)
 
 
-def test_adapt_refuses_bad_input(tmp_path):
+def test_adapt_refuses_bad_input(tmp_path, small_cfg):
     from landmarks.adapt import adapt
 
     with pytest.raises(LandmarksError):
-        adapt(_cfg(), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")
-    with pytest.raises(LandmarksError, match="adapt.score"):
-        adapt(_cfg(extra=["adapt.score=magic"]), _make_data(tmp_path / "d"), tmp_path / "w", tmp_path / "m")
+        adapt(small_cfg(), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")
+    with pytest.raises(ConfigError, match="adapt.score"):  # refused when the config loads, before any work
+        small_cfg("adapt.score=magic")
 
 
 def test_warp_check_identity_is_perfect(tmp_path):
@@ -228,14 +210,14 @@ def test_eval_photos_reads_shared_set():
     assert "wide_baseline_scenes" in source
 
 
-def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_path, caplog):
+def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_path, caplog, small_cfg):
     """The cached stage of `make predict`: same inputs -> skipped before TensorFlow is even imported;
     another train split -> adapted again from step 0 (the stale checkpoint replaced, not resumed)."""
     from landmarks.adapt import adapt
 
     data = _make_data(tmp_path / "data")
     work, out = tmp_path / "work", tmp_path / "work" / "adapt" / "model"
-    assert adapt(_cfg(), data, work, out, replace_stale=True) == out
+    assert adapt(small_cfg(), data, work, out, replace_stale=True) == out
     state = json.loads((work / "adapt" / "state.json").read_text())
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4] and state["resumed_from"] == []
     meta = json.loads((out / "landmarks_model.json").read_text())
@@ -243,7 +225,7 @@ def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_
 
     caplog.set_level("INFO", logger="landmarks.adapt")
     t0 = time.perf_counter()
-    assert adapt(_cfg(), data, work, out, replace_stale=True) == out
+    assert adapt(small_cfg(), data, work, out, replace_stale=True) == out
     assert time.perf_counter() - t0 < 2.0
     assert "adapt: up to date" in caplog.text and "skipped" in caplog.text
     assert (out / "saved_model.pb").stat().st_mtime_ns == mtime
@@ -273,9 +255,9 @@ def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_
     shutil.copy(src, dst)
     pd.concat([rows, new]).to_csv(data / "train.csv", index=False)
     with pytest.raises(LandmarksError, match="--restart"):  # the strict CLI default keeps the old checkpoint
-        adapt(_cfg(), data, work, out)
+        adapt(small_cfg(), data, work, out)
     caplog.clear()
-    assert adapt(_cfg(), data, work, out, replace_stale=True) == out
+    assert adapt(small_cfg(), data, work, out, replace_stale=True) == out
     assert "of other inputs" in caplog.text
     state2 = json.loads((work / "adapt" / "state.json").read_text())
     assert state2["fingerprint"] != state["fingerprint"] and state2["resumed_from"] == []
@@ -283,18 +265,18 @@ def test_adapt_stage_skips_when_unchanged_and_readapts_on_a_new_train_split(tmp_
     meta2 = json.loads((out / "landmarks_model.json").read_text())
     assert meta2["train_images"] == 5 and meta2["data_fingerprint"] != meta["data_fingerprint"]
     # other adapt settings re-adapt too; a regenerated image (new size/mtime) changes the data fingerprint
-    assert adapt(_cfg(extra=["adapt.learning_rate=0.002"]), data, work, out, replace_stale=True) == out
+    assert adapt(small_cfg("adapt.learning_rate=0.002"), data, work, out, replace_stale=True) == out
     assert json.loads((out / "landmarks_model.json").read_text())["fingerprint"] != meta2["fingerprint"]
     from landmarks.adapt import plan
 
-    fp_before = plan(_cfg(), data)[1]
+    fp_before = plan(small_cfg(), data)[1]
     Image = pytest.importorskip("PIL.Image")
     Image.fromarray(np.zeros((120, 140, 3), np.uint8)).save(dst)
     os.utime(dst, (1, 1))
-    assert plan(_cfg(), data)[1] != fp_before
+    assert plan(small_cfg(), data)[1] != fp_before
 
 
-def test_a_train_split_that_grows_a_little_keeps_its_adapted_model(tmp_path, caplog):
+def test_a_train_split_that_grows_a_little_keeps_its_adapted_model(tmp_path, caplog, small_cfg):
     """adapt.reuse_overlap: an export adapted with the same settings on most of today's images is
     kept (no step, export untouched), so features extracted with it stay valid; below the share,
     or at reuse_overlap=1, the stage adapts again."""
@@ -303,7 +285,7 @@ def test_a_train_split_that_grows_a_little_keeps_its_adapted_model(tmp_path, cap
     data = _make_data(tmp_path / "data")
     work, out = tmp_path / "work", tmp_path / "work" / "adapt" / "model"
     loose = ["adapt.reuse_overlap=0.75"]
-    assert adapt(_cfg(extra=loose), data, work, out, replace_stale=True) == out
+    assert adapt(small_cfg(*loose), data, work, out, replace_stale=True) == out
     mtime = (out / "saved_model.pb").stat().st_mtime_ns
     rows = pd.read_csv(data / "train.csv", dtype=str)
     more = _make_data(tmp_path / "more", n=1, seed=5)
@@ -313,14 +295,14 @@ def test_a_train_split_that_grows_a_little_keeps_its_adapted_model(tmp_path, cap
     shutil.copy(src, dst)
     pd.concat([rows, pd.read_csv(more / "train.csv", dtype=str)]).to_csv(data / "train.csv", index=False)
     caplog.set_level("INFO", logger="landmarks.adapt")
-    assert adapt(_cfg(extra=loose), data, work, out, replace_stale=True) == out  # 4 of 5 images = 0.8 >= 0.75
+    assert adapt(small_cfg(*loose), data, work, out, replace_stale=True) == out  # 4 of 5 images = 0.8 >= 0.75
     assert "kept" in caplog.text and "80.0%" in caplog.text
     assert (out / "saved_model.pb").stat().st_mtime_ns == mtime
-    assert adapt(_cfg(extra=["adapt.reuse_overlap=1.0"]), data, work, out, replace_stale=True) == out
+    assert adapt(small_cfg("adapt.reuse_overlap=1.0"), data, work, out, replace_stale=True) == out
     assert (out / "saved_model.pb").stat().st_mtime_ns != mtime  # strict: adapted again
 
     # the sample of a large split is chosen by id hash: appending rows keeps it, a shuffle would not
-    cfg = _cfg(extra=["adapt.max_images=3"])
+    cfg = small_cfg("adapt.max_images=3")
     before = set(_adapt_images(cfg.adapt, data)["id"])
     assert len(before) == 3
     rows = pd.read_csv(data / "train.csv", dtype=str)

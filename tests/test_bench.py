@@ -59,16 +59,14 @@ def dataset(tmp_path_factory):
     return root
 
 
-def _cfg(tmp_path, *extra):
+def _bench_settings(tmp_path):
     # no shared photo sets: row 2 takes its pairs from the data dir, as on a user's machine
-    return load_config(
-        None, ["bench.quick=true", f"bench.shared_data={tmp_path / 'none'}", "verify.jobs=1", "extract.jobs=1", *extra]
-    )
+    return ["bench.quick=true", f"bench.shared_data={tmp_path / 'none'}"]
 
 
-def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys):
+def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys, small_cfg):
     work = tmp_path / "work"
-    out = bench.run_bench(_cfg(tmp_path), dataset, work, tiny_model)
+    out = bench.run_bench(small_cfg(*_bench_settings(tmp_path)), dataset, work, tiny_model)
     assert out == work / "bench.md"
     text = out.read_text()
     printed = capsys.readouterr().out
@@ -110,7 +108,7 @@ def test_quick_bench_writes_every_row(tmp_path, dataset, tiny_model, capsys):
     # rerun skips done work: the e2e features and the generated CSV are reused
     csv = work / "bench" / "csv" / "train.csv"
     mtime = csv.stat().st_mtime_ns
-    bench.run_bench(_cfg(tmp_path), dataset, work, tiny_model, rows="5")
+    bench.run_bench(small_cfg(*_bench_settings(tmp_path)), dataset, work, tiny_model, rows="5")
     assert csv.stat().st_mtime_ns == mtime
 
 
@@ -144,15 +142,15 @@ def test_rows_are_independent_and_selectable(tmp_path, dataset, tiny_model, monk
     assert "| 5 | Data layer: train.csv | 20,000 rows" in capsys.readouterr().out
 
 
-def test_parse_rows_and_bad_input(tmp_path):
+def test_parse_rows_and_bad_input(tmp_path, small_cfg):
     assert bench.parse_rows("3,1, 3") == [1, 3]
     assert bench.parse_rows((2, 5)) == [2, 5]
     for bad in ("8", "a,b", ""):
         with pytest.raises(LandmarksError, match="rows"):
             bench.parse_rows(bad)
     with pytest.raises(ConfigError, match="knn_approx"):  # an unknown choice fails when the config loads
-        _cfg(tmp_path, "bench.knn_approx=lsh")
-    cfg = _cfg(tmp_path)
+        small_cfg(*_bench_settings(tmp_path), "bench.knn_approx=lsh")
+    cfg = small_cfg(*_bench_settings(tmp_path))
     cfg.bench.knn_approx = "lsh"  # set in code, past the loader: the stage still refuses it
     with pytest.raises(LandmarksError, match="knn_approx"):
         bench.row_knn(cfg, None, tmp_path, tmp_path)

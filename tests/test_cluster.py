@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from landmarks.config import Config
 from landmarks.extract import features_dir, run_features
 
 HOST = "127.0.0.1"  # never any other address
@@ -137,28 +136,29 @@ def data(tmp_path, fake_model, write_split):
     return root, fake_model
 
 
-def _cfg():
-    cfg = Config()
-    cfg.extract.max_image_size = 64
-    cfg.extract.max_feature_num = 50
-    cfg.extract.intra_op_threads = 1
-    cfg.extract.train_local = True  # local features too: more work per image, a longer window to kill in
-    return cfg
-
-
 def _bytes(paths):
     return {Path(p).name: Path(p).read_bytes() for p in paths}
 
 
-def test_real_cluster_identical_shards_and_worker_killed_mid_run(cluster, data, tmp_path):
+def test_real_cluster_identical_shards_and_worker_killed_mid_run(cluster, data, tmp_path, small_cfg):
     from dask.distributed import Client
 
     root, model = data
-    local = run_features(_cfg(), root, tmp_path / "local", model, "train", shards=4, jobs=1)
+    local = run_features(
+        small_cfg("extract.train_local=true"), root, tmp_path / "local", model, "train", shards=4, jobs=1
+    )
     ref = _bytes(local)
 
     # 1. the cluster's shards are byte-identical to the local run's
-    out = run_features(_cfg(), root, tmp_path / "dask1", model, "train", shards=4, scheduler=cluster.address)
+    out = run_features(
+        small_cfg("extract.train_local=true"),
+        root,
+        tmp_path / "dask1",
+        model,
+        "train",
+        shards=4,
+        scheduler=cluster.address,
+    )
     assert _bytes(out) == ref
 
     # 2. a worker killed while it runs a shard: the driver (a CLI process, as users run it) still ends

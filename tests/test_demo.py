@@ -7,24 +7,7 @@ from PIL import Image
 
 from landmarks import data, demo, metrics
 from landmarks.cli import main
-from landmarks.config import DemoConfig
 from landmarks.utils import LandmarksError
-
-
-def _small(**kw):
-    d = dict(
-        seed=3,
-        num_landmarks=6,
-        views_per_landmark=3,
-        test_views_per_landmark=2,
-        unseen_landmarks=1,
-        num_distractors=3,
-        image_size=96,
-        families=2,
-        jobs=1,
-    )
-    d.update(kw)
-    return DemoConfig(**d)
 
 
 def _digests(root):
@@ -35,8 +18,8 @@ def _digests(root):
     }
 
 
-def test_demo_layout_and_truth(tmp_path):
-    out = demo.make_demo(_small(), tmp_path / "demo")
+def test_demo_layout_and_truth(tmp_path, small_cfg):
+    out = demo.make_demo(small_cfg().demo, tmp_path / "demo")
     assert (out / ".complete").exists()
     tr, te = data.load_split(out, "train"), data.load_split(out, "test")
     assert len(tr) == 18 and tr["landmark_id"].nunique() == 6
@@ -58,22 +41,22 @@ def test_demo_layout_and_truth(tmp_path):
     assert meta["counts"]["test_nonlandmark"] == 5 and len(meta["landmarks"]) == 7
 
 
-def test_demo_deterministic_and_skips(tmp_path, caplog):
-    a = demo.make_demo(_small(), tmp_path / "a")
-    b = demo.make_demo(_small(jobs=2), tmp_path / "b")
+def test_demo_deterministic_and_skips(tmp_path, caplog, small_cfg):
+    a = demo.make_demo(small_cfg().demo, tmp_path / "a")
+    b = demo.make_demo(small_cfg("demo.jobs=2").demo, tmp_path / "b")
     assert _digests(a) == _digests(b)
     stamp_time = (a / ".complete").stat().st_mtime_ns
     with caplog.at_level("INFO"):
-        demo.make_demo(_small(), a)
+        demo.make_demo(small_cfg().demo, a)
     assert (a / ".complete").stat().st_mtime_ns == stamp_time and "skipping" in caplog.text
-    c = demo.make_demo(_small(seed=4), a)  # changed config -> rebuilt in place
+    c = demo.make_demo(small_cfg("demo.seed=4").demo, a)  # changed config -> rebuilt in place
     assert _digests(c) != _digests(b)
 
 
-def test_demo_refuses_foreign_dir(tmp_path):
+def test_demo_refuses_foreign_dir(tmp_path, small_cfg):
     (tmp_path / "mine.txt").write_text("x")
     with pytest.raises(LandmarksError, match="not a demo dataset"):
-        demo.make_demo(_small(), tmp_path)
+        demo.make_demo(small_cfg().demo, tmp_path)
 
 
 def test_demo_cli(tmp_path):

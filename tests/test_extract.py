@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks.config import Config
 from landmarks.extract import ensure_local, features_dir, run_features
 from landmarks.store import FeatureStore
 from landmarks.utils import LandmarksError
@@ -33,16 +32,6 @@ def dataset(tmp_path, write_split):
     pd.DataFrame({"id": train, "landmark_id": np.arange(len(train)) % 3}).to_csv(root / "train.csv", index=False)
     pd.DataFrame({"id": test, "landmarks": ""}).to_csv(root / "sample_submission.csv", index=False)
     return root, train, test
-
-
-def _cfg(**kw):
-    cfg = Config()
-    cfg.extract.max_image_size = 64  # images are 96 px: keypoints must be mapped back
-    cfg.extract.max_feature_num = 50
-    cfg.extract.intra_op_threads = 1
-    for k, v in kw.items():
-        setattr(cfg.extract, k, v)
-    return cfg
 
 
 def _contents(paths):
@@ -70,10 +59,10 @@ def _assert_same(a, b):
             assert np.array_equal(np.asarray(x), np.asarray(y)), k
 
 
-def test_end_to_end_every_id_accounted_and_resume(dataset, tmp_path, fake_model):
+def test_end_to_end_every_id_accounted_and_resume(dataset, tmp_path, fake_model, small_cfg):
     root, train, test = dataset
     work = tmp_path / "work"
-    cfg = _cfg()
+    cfg = small_cfg()
     paths = run_features(cfg, root, work, fake_model, "train", shards=3, jobs=1)
     assert [p.name for p in paths] == [f"shard-{i:05d}-of-00003.h5" for i in range(3)]
     store = FeatureStore(features_dir(work, "train"))
@@ -108,36 +97,36 @@ def test_end_to_end_every_id_accounted_and_resume(dataset, tmp_path, fake_model)
     assert {p: p.stat().st_mtime_ns for p in paths + tpaths} == before
 
 
-def test_config_change_and_reshard_invalidate(dataset, tmp_path, fake_model):
+def test_config_change_and_reshard_invalidate(dataset, tmp_path, fake_model, small_cfg):
     root, train, _ = dataset
     work = tmp_path / "work"
-    paths = run_features(_cfg(), root, work, fake_model, "train", shards=2, jobs=1)
+    paths = run_features(small_cfg(), root, work, fake_model, "train", shards=2, jobs=1)
     fp = [h5py.File(p, "r").attrs["fingerprint"] for p in paths]
     # a setting that does not change results (jobs, prefetch) keeps the shards
     mtimes = [p.stat().st_mtime_ns for p in paths]
-    run_features(_cfg(prefetch=5), root, work, fake_model, "train", shards=2, jobs=2)
+    run_features(small_cfg("extract.prefetch=5"), root, work, fake_model, "train", shards=2, jobs=2)
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
     # a result-affecting setting redoes them
-    run_features(_cfg(max_image_size=48), root, work, fake_model, "train", shards=2, jobs=1)
+    run_features(small_cfg("extract.max_image_size=48"), root, work, fake_model, "train", shards=2, jobs=1)
     fp2 = [h5py.File(p, "r").attrs["fingerprint"] for p in paths]
     assert all(a != b for a, b in zip(fp, fp2))
     # another shard count removes the old files
-    new = run_features(_cfg(max_image_size=48), root, work, fake_model, "train", shards=3, jobs=1)
+    new = run_features(small_cfg("extract.max_image_size=48"), root, work, fake_model, "train", shards=3, jobs=1)
     assert sorted(p.name for p in features_dir(work, "train").glob("*.h5")) == [p.name for p in new]
     assert set(FeatureStore(features_dir(work, "train")).ids) == set(train[:-5])
     # a changed image file invalidates only its shard
     mt = [p.stat().st_mtime_ns for p in new]
     img = _path(root, "train", train[0])
     Image.fromarray(np.full((70, 90, 3), 77, np.uint8)).save(img)
-    run_features(_cfg(max_image_size=48), root, work, fake_model, "train", shards=3, jobs=1)
+    run_features(small_cfg("extract.max_image_size=48"), root, work, fake_model, "train", shards=3, jobs=1)
     after = [p.stat().st_mtime_ns for p in new]
     assert after[0] != mt[0] and after[1:] == mt[1:]
 
 
-def test_killed_and_damaged_shards_are_redone(dataset, tmp_path, fake_model):
+def test_killed_and_damaged_shards_are_redone(dataset, tmp_path, fake_model, small_cfg):
     root, _, _ = dataset
     work = tmp_path / "work"
-    cfg = _cfg()
+    cfg = small_cfg()
     paths = run_features(cfg, root, work, fake_model, "train", shards=3, jobs=1)
     ref = _contents(paths)
     d = features_dir(work, "train")
@@ -152,9 +141,9 @@ def test_killed_and_damaged_shards_are_redone(dataset, tmp_path, fake_model):
     _assert_same(_contents(paths), ref)
 
 
-def test_parallel_and_dask_give_identical_shards(dataset, tmp_path, fake_model):
+def test_parallel_and_dask_give_identical_shards(dataset, tmp_path, fake_model, small_cfg):
     root, _, _ = dataset
-    cfg = _cfg()
+    cfg = small_cfg()
     one = run_features(cfg, root, tmp_path / "w1", fake_model, "test", shards=3, jobs=1)
     two = run_features(cfg, root, tmp_path / "w2", fake_model, "test", shards=3, jobs=2)
     ref = _contents(one)
@@ -167,10 +156,10 @@ def test_parallel_and_dask_give_identical_shards(dataset, tmp_path, fake_model):
     _assert_same(_contents(dk), ref)
 
 
-def test_ensure_local_extracts_and_caches(dataset, tmp_path, fake_model):
+def test_ensure_local_extracts_and_caches(dataset, tmp_path, fake_model, small_cfg):
     root, train, _ = dataset
     work = tmp_path / "work"
-    cfg = _cfg()
+    cfg = small_cfg()
     run_features(cfg, root, work, fake_model, "train", shards=2, jobs=1)
     want = [train[0], train[3], train[-1]]  # the last one is a missing file: left alone
     store = ensure_local(cfg, root, work, fake_model, "train", want, jobs=1)
@@ -191,14 +180,14 @@ def test_ensure_local_extracts_and_caches(dataset, tmp_path, fake_model):
     with pytest.raises(LandmarksError, match="not in the train split"):
         ensure_local(cfg, root, work, fake_model, "train", ["ffffffffffffffff"], jobs=1)
     # a model/config change drops caches made with the old one
-    ensure_local(_cfg(max_feature_num=20), root, work, fake_model, "train", [train[1]], jobs=1)
+    ensure_local(small_cfg("extract.max_feature_num=20"), root, work, fake_model, "train", [train[1]], jobs=1)
     assert not set(caches) & set(features_dir(work, "train").glob("local-cache-*.h5"))
 
 
-def test_missing_model_is_a_clear_error(dataset, tmp_path):
+def test_missing_model_is_a_clear_error(dataset, tmp_path, small_cfg):
     root, _, _ = dataset
     with pytest.raises(LandmarksError, match="not a SavedModel"):
-        run_features(_cfg(), root, tmp_path / "w", tmp_path / "nomodel", "train")
+        run_features(small_cfg(), root, tmp_path / "w", tmp_path / "nomodel", "train")
 
 
 def test_cli_features(dataset, tmp_path, fake_model, capsys):
@@ -248,7 +237,7 @@ def test_cli_features(dataset, tmp_path, fake_model, capsys):
 
 
 @pytest.mark.skipif(not (SHARED / "paris6k_subset" / "LABELS.csv").exists(), reason="shared data absent")
-def test_real_photos_from_shared_data(tmp_path, fake_model):
+def test_real_photos_from_shared_data(tmp_path, fake_model, small_cfg):
     labels = pd.read_csv(SHARED / "paris6k_subset" / "LABELS.csv").head(4)
     root = tmp_path / "data"
     ids = [f"{k:016x}" for k in range(1000, 1000 + len(labels))]
@@ -260,7 +249,7 @@ def test_real_photos_from_shared_data(tmp_path, fake_model):
     pd.DataFrame({"id": ids[:1], "landmark_id": [0]}).to_csv(
         root / "train.csv", index=False
     )  # inputs are checked together
-    cfg = _cfg(max_image_size=256)
+    cfg = small_cfg("extract.max_image_size=256")
     run_features(cfg, root, tmp_path / "w", fake_model, "test", shards=1, jobs=1)
     store = FeatureStore(features_dir(tmp_path / "w", "test"))
     assert store.ids == ids and not store.failures()
@@ -269,7 +258,7 @@ def test_real_photos_from_shared_data(tmp_path, fake_model):
         assert lf.keypoints[:, 0].max() <= w and lf.keypoints[:, 0].max() > 256 * 0.8
 
 
-def test_model_loaded_once_per_process_and_empty_shards(dataset, tmp_path, fake_model, monkeypatch):
+def test_model_loaded_once_per_process_and_empty_shards(dataset, tmp_path, fake_model, monkeypatch, small_cfg):
     import landmarks.delg_io as delg_io
     import landmarks.extract as extract
 
@@ -278,17 +267,19 @@ def test_model_loaded_once_per_process_and_empty_shards(dataset, tmp_path, fake_
     monkeypatch.setattr(delg_io, "load_delg", lambda p: calls.append(p) or real(p))
     monkeypatch.setattr(extract, "_MODELS", {})
     root, _, test = dataset
-    paths = run_features(_cfg(), root, tmp_path / "w", fake_model, "test", shards=12, jobs=1)  # 9 rows
-    assert len(paths) == 12 and len(calls) == 1
+    paths = run_features(small_cfg(), root, tmp_path / "w", fake_model, "test", shards=12, jobs=1)  # 9 rows
+    assert len(paths) == 9 and len(calls) == 1  # at most one shard per image; some of them empty
     store = FeatureStore(features_dir(tmp_path / "w", "test"))
     assert set(store.ids) | set(store.failures()) == set(test)
     ids, g = store.global_matrix()
     assert g.shape == (4, 48) and ids == store.ids
 
 
-def test_shards_raised_to_bound_memory(dataset, tmp_path, fake_model):
+def test_shards_raised_to_bound_memory(dataset, tmp_path, fake_model, small_cfg):
     root, _, test = dataset
-    paths = run_features(_cfg(max_shard_images=4), root, tmp_path / "w", fake_model, "test", shards=1, jobs=1)
+    paths = run_features(
+        small_cfg("extract.max_shard_images=4"), root, tmp_path / "w", fake_model, "test", shards=1, jobs=1
+    )
     assert [p.name for p in paths] == [f"shard-{i:05d}-of-00003.h5" for i in range(3)]  # 9 rows / 4
     assert set(FeatureStore(paths[0].parent).ids) | set(FeatureStore(paths[0].parent).failures()) == set(test)
 
@@ -296,12 +287,12 @@ def test_shards_raised_to_bound_memory(dataset, tmp_path, fake_model):
 def test_keypoints_outside_the_image_are_dropped_and_mapped_to_original_pixels():
     """Feature-map cells past the border have box centres off the image: they are dropped, the
     rest are mapped from resized to original pixels (scale = resized / original)."""
-    from landmarks.extract import _inside_image
+    from landmarks.extract import inside_image
     from landmarks.store import LocalFeatures
 
     kp = np.array([[10, 10], [99, 49], [100, 20], [-1, 5], [50, 50], [30, 60]], np.float32)
     lf = LocalFeatures(kp, np.eye(6, 128, dtype=np.float32), np.ones(6, np.float32), np.arange(6, dtype=np.float32))
-    out = _inside_image(lf, (50, 100, 3), scale=0.5)  # resized image: 50 rows x 100 columns
+    out = inside_image(lf, (50, 100, 3), scale=0.5)  # resized image: 50 rows x 100 columns
     assert out.scores.tolist() == [0.0, 1.0]
     np.testing.assert_allclose(out.keypoints, [[20, 20], [198, 98]])
     assert out.descriptors.shape == (2, 128) and out.scales.shape == (2,)
@@ -312,17 +303,19 @@ def _counting_model(monkeypatch):
     import landmarks.extract as extract
 
     calls = []
-    real = extract._get_model
+    real = extract.get_model
 
     def get(model_dir, threads):
         m = real(model_dir, threads)
         return lambda image, *a: calls.append(image.shape) or m(image, *a)
 
-    monkeypatch.setattr(extract, "_get_model", get)
+    monkeypatch.setattr(extract, "get_model", get)
     return calls
 
 
-def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, fake_model, monkeypatch, write_split):
+def test_incremental_append_and_remove_only_new_images_hit_the_model(
+    tmp_path, fake_model, monkeypatch, write_split, small_cfg
+):
     rng = np.random.default_rng(7)
     root = tmp_path / "data"
     ids = write_split(root, "train", 100, rng, bad=False)
@@ -330,7 +323,7 @@ def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, f
     _path(root, "train", broken).write_bytes(b"")  # a stored failure is kept too, not retried
     csv = root / "train.csv"
     pd.DataFrame({"id": ids, "landmark_id": np.arange(100) % 5}).to_csv(csv, index=False)
-    cfg, work = _cfg(), tmp_path / "w"
+    cfg, work = small_cfg(), tmp_path / "w"
     calls = _counting_model(monkeypatch)
     paths = run_features(cfg, root, work, fake_model, "train", shards=4, jobs=1)
     assert len(calls) == 99  # the empty file fails before the model
@@ -360,16 +353,16 @@ def test_incremental_append_and_remove_only_new_images_hit_the_model(tmp_path, f
     assert FeatureStore(paths[0].parent).ids == [i for i in keep if i != broken]
     # another model or result setting keeps nothing
     calls.clear()
-    run_features(_cfg(max_image_size=48), root, work, fake_model, "train", shards=4, jobs=1)
+    run_features(small_cfg("extract.max_image_size=48"), root, work, fake_model, "train", shards=4, jobs=1)
     assert len(calls) == len(keep) - 1
 
 
-def test_shard_count_raised_by_the_cap_sticks_while_rows_grow_a_little(tmp_path):
+def test_shard_count_raised_by_the_cap_sticks_while_rows_grow_a_little(tmp_path, small_cfg):
     """Appending 1 % must not re-bucket every id: the count on disk stays within 1.25 x the cap."""
     from landmarks.extract import _sticky_shards
     from landmarks.store import write_shard
 
-    cfg = _cfg(max_shard_images=4)
+    cfg = small_cfg("extract.max_shard_images=4")
     d = tmp_path / "f"
     assert _sticky_shards(d, 1, 3, 9, cfg) == 3  # nothing on disk: the capped count
     for i in range(3):
@@ -377,3 +370,33 @@ def test_shard_count_raised_by_the_cap_sticks_while_rows_grow_a_little(tmp_path)
     assert _sticky_shards(d, 1, 4, 13, cfg) == 3  # 13 rows <= 1.25 x 4 x 3: keep 3 shards
     assert _sticky_shards(d, 1, 5, 17, cfg) == 5  # too many rows for 3 shards: re-bucket
     assert _sticky_shards(d, 4, 4, 13, cfg) == 4  # an explicit --shards is obeyed
+
+
+def test_progress_is_reported_per_image_and_cleaned_up(dataset, tmp_path, fake_model, monkeypatch, small_cfg):
+    """Workers report their done-image count per image (a file beside the shard that the driver's bar
+    reads, for joblib and Dask alike); nothing of it is left once the stage ends."""
+    from landmarks import extract
+
+    root, train, _ = dataset
+    monkeypatch.setattr(extract, "PROGRESS_REPORT_SECONDS", 0.0)
+    seen = []
+    real = extract.run_model
+
+    def spying(model, image, settings, local):
+        (progress,) = (tmp_path / "w" / "features" / "train").glob(".shard-*.progress")
+        seen.append(int(progress.read_text()))
+        return real(model, image, settings, local)
+
+    monkeypatch.setattr(extract, "run_model", spying)
+    run_features(small_cfg("extract.shards=1"), root, tmp_path / "w", fake_model, "train", jobs=1)
+    assert seen == list(range(len(seen))) and len(seen) == len(train) - 5  # the five broken images never decode
+    assert not list((tmp_path / "w" / "features" / "train").glob(".*progress*"))
+    # the driver's watcher sums what running tasks report
+    task = extract.ShardTask.__new__(extract.ShardTask)
+    task.out = str(tmp_path / "shard-x.h5")
+    extract.progress_path(task.out).write_text("7")
+    bar = type("Bar", (), {"n": 0, "total": 100, "refresh": lambda self: None})()
+    watcher = extract._ProgressWatcher([task], bar)
+    assert watcher._running_count() == 7
+    watcher.finished({"n": 10, "path": task.out})
+    assert bar.n == 10 and watcher._running_count() == 0

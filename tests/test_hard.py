@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from landmarks import extract, hard, validate
+from landmarks import extract, hard, store, validate
 from landmarks.config import Config, ImportConfig, load_config
 from landmarks.dataset_import import import_dataset, plan_split
 from landmarks.store import LocalFeatures
@@ -198,7 +198,7 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
     hard.run_validate_hard(_hard_cfg(root, **{"hard.distractor_sample": 5}), work, fake_model, variants=["global only"])
     now = sorted((work / "hard" / "probe").glob("probe-*.h5"))
     assert len(now) == 5 and [p.stat().st_mtime_ns for p in probes] == stamps
-    assert len(hard._probed_ids(next(p for p in now if p not in probes))) == 2
+    assert len(store.probe_ids(next(p for p in now if p not in probes))) == 2
 
 
 def test_validate_hard_errors(tmp_path, fake_model):
@@ -251,3 +251,49 @@ def test_vote_confidence_score_or_margin(confidence, expected):
 
     with pytest.raises(ConfigError, match="vote.confidence"):  # a bad choice stops at load, not in vote
         load_config(None, ["vote.confidence=odds"])
+
+
+def _write_split_dataset(split, pool: pd.DataFrame, out):
+    """One hard split as a Kaggle-layout dataset (images linked from the pool), as `landmarks import` writes it."""
+    import os
+
+    from landmarks.data import image_path
+
+    files = dict(zip(pool["id"], pool["file"]))
+    out.mkdir(parents=True)
+    for name, ids in (("train", split.train_ids), ("test", split.test_ids)):
+        for i in ids:
+            p = image_path(out, name, i)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            os.link(files[i], p)
+    pd.DataFrame({"id": split.train_ids, "landmark_id": split.train_labels}).to_csv(out / "train.csv", index=False)
+    pd.DataFrame({"id": split.test_ids, "landmarks": ""}).to_csv(out / "sample_submission.csv", index=False)
+    split.solution.to_csv(out / "solution.csv", index=False)
+    return out
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_probe_reproduces_the_pipeline(tmp_path, fake_model, verify):
+    """The hard protocol's probe scores a setting exactly as the real stages do on the same split:
+    same neighbours, same inliers, same submission, hence the same GAP."""
+    from landmarks import metrics, pipeline
+    from landmarks.data import read_submission
+
+    root = tmp_path / "shared"
+    _write_set(root, "hard", 4, 3, 0)
+    _write_set(root, "extra", 2, 2, 1)
+    _write_set(root, "dis", 1, 5, 2, labelled=False)
+    cfg = _hard_cfg(root, **{"verify.enabled": verify, "extract.local_scales": "0.5,1.0"})
+    pool = hard.pool_table(cfg.hard)
+    probe = hard.Probe.load(
+        hard.extract_probe(cfg, pool, fake_model, tmp_path / "hard"), cfg.hard.probe_scales, set(pool["id"])
+    )
+    split = hard.make_splits(cfg, pool, set(probe.globals_))[0]
+    probed = hard.Scorer(probe).score(cfg, split)
+
+    data_dir = _write_split_dataset(split, pool, tmp_path / "ds")
+    submission = pipeline.run_all(cfg, data_dir, tmp_path / "work", fake_model, tmp_path / "sub.csv", jobs=1)
+    staged = metrics.score(split.solution, read_submission(submission, split.test_ids))
+    assert 0 < probed["gap"] < 1  # a split where the ranking matters
+    assert staged["gap"] == pytest.approx(probed["gap"], abs=1e-9)
+    assert staged["accuracy"] == pytest.approx(probed["accuracy"], abs=1e-9)

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from landmarks import cli, pipeline, show, verify
-from landmarks.config import Config
 from landmarks.data import image_path
 from landmarks.store import LocalFeatures, write_shard
 from landmarks.utils import LandmarksError
@@ -26,7 +25,7 @@ def _lf(kp, desc, rng):
     )
 
 
-def make_case_data(tmp_path):
+def make_case_data(tmp_path, small_cfg):
     """2 classes x 2 train images, 2 test images (one of class A, one non-landmark).
 
     Test image t0 shares 60 planted features (related by H) with train a0, none with the others;
@@ -62,20 +61,15 @@ def make_case_data(tmp_path):
     te_g = _unit(np.stack([g[0] + 0.1 * g[1], g[2] + g[3]]))
     write_shard(work / "features/train/shard-00000-of-00001.h5", [t[0] for t in train], g, tr_local)
     write_shard(work / "features/test/shard-00000-of-00001.h5", [t[0] for t in test], te_g, te_local)
-    pipeline.run_after_features(_cfg(), data, work, None, tmp_path / "submission.csv")  # show reads the outputs
+    pipeline.run_after_features(
+        small_cfg("verify.mutual_min_sim=0.5"), data, work, None, tmp_path / "submission.csv"
+    )  # show reads the outputs
     return data, work
 
 
-def _cfg():
-    cfg = Config()
-    cfg.verify.jobs = 1
-    cfg.verify.mutual_min_sim = 0.5
-    return cfg
-
-
-def test_show_case_png_and_inliers(tmp_path):
-    data, work = make_case_data(tmp_path)
-    cfg = _cfg()
+def test_show_case_png_and_inliers(tmp_path, small_cfg):
+    data, work = make_case_data(tmp_path, small_cfg)
+    cfg = small_cfg("verify.mutual_min_sim=0.5")
     case = show.load_case(cfg, data, work, tmp_path / "no-model", "c0" * 8, top=3)
     assert [c.train_id for c in case.candidates][0] == "a0" * 8
     first = case.candidates[0]
@@ -104,8 +98,8 @@ def test_show_case_png_and_inliers(tmp_path):
     assert 700 < w < 2000 and 350 < h < 1500
 
 
-def test_cli_show_and_unknown_id(tmp_path, capsys):
-    data, work = make_case_data(tmp_path)
+def test_cli_show_and_unknown_id(tmp_path, capsys, small_cfg):
+    data, work = make_case_data(tmp_path, small_cfg)
     common = [
         "--data-dir",
         str(data),
@@ -132,23 +126,23 @@ def test_cli_show_and_unknown_id(tmp_path, capsys):
     # --docs picks the correct, verified example
     assert cli.main(["show", "--docs", *common, "--out", str(tmp_path / "docs" / "ex.png")]) == 0
     assert (tmp_path / "docs" / "ex.png").exists()
-    assert show.pick_docs_example(_cfg(), data, work, None) == "c0" * 8
+    assert show.pick_docs_example(small_cfg("verify.mutual_min_sim=0.5"), data, work, None) == "c0" * 8
 
 
-def test_test_id_without_features_is_explained(tmp_path):
-    data, work = make_case_data(tmp_path)
+def test_test_id_without_features_is_explained(tmp_path, small_cfg):
+    data, work = make_case_data(tmp_path, small_cfg)
     extra = "e0" * 8
     sub = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
     pd.concat([sub, pd.DataFrame({"id": [extra], "landmarks": [""]})]).to_csv(
         data / "sample_submission.csv", index=False
     )
     with pytest.raises(LandmarksError, match="has no features"):
-        show.load_case(_cfg(), data, work, None, extra)
+        show.load_case(small_cfg("verify.mutual_min_sim=0.5"), data, work, None, extra)
 
 
-def test_tables_and_data_plots(tmp_path):
-    data, work = make_case_data(tmp_path)
-    cfg = _cfg()
+def test_tables_and_data_plots(tmp_path, small_cfg):
+    data, work = make_case_data(tmp_path, small_cfg)
+    cfg = small_cfg("verify.mutual_min_sim=0.5")
     table = show.predictions_table(cfg, data, work, None)
     assert set(table["id"]) == {"c0" * 8, "d0" * 8}
     row = table.set_index("id").loc["c0" * 8]

@@ -11,6 +11,8 @@ import pytest
 
 from landmarks.utils import LandmarksError
 
+TRAIN = ("model.global_dim=32", "train.freeze_backbone=false")  # on top of SMALL
+
 
 def _make_data(root: Path, classes=3, views=3, seed=0) -> Path:
     from PIL import Image
@@ -31,36 +33,17 @@ def _make_data(root: Path, classes=3, views=3, seed=0) -> Path:
     return root
 
 
-def _cfg(steps=4):
-    from landmarks.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.backbone=tiny",
-            "model.init=random",
-            "model.global_dim=32",
-            "train.batch_size=4",
-            "train.crop_size=64",
-            "train.checkpoint_every=2",
-            f"train.steps={steps}",
-            "train.learning_rate=0.01",
-            "train.freeze_backbone=false",
-        ],
-    )
-
-
-def test_train_resume_and_export(tmp_path):
+def test_train_resume_and_export(tmp_path, small_cfg):
     from landmarks.delg_io import load_delg
     from landmarks.train import train
 
     data = _make_data(tmp_path / "data")
     work, out = tmp_path / "work", tmp_path / "model"
-    assert train(_cfg(), data, work, out, stop_after=2) is None  # "interrupted" after 2 steps
+    assert train(small_cfg(*TRAIN), data, work, out, stop_after=2) is None  # "interrupted" after 2 steps
     state = json.loads((work / "train" / "state.json").read_text())
     assert state["step"] == 2 and not out.exists()
     assert (work / "train" / state["weights"]).exists()
-    assert train(_cfg(), data, work, out) == out
+    assert train(small_cfg(*TRAIN), data, work, out) == out
     state = json.loads((work / "train" / "state.json").read_text())
     assert state["step"] == 4 and state["resumed_from"] == [2]
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
@@ -74,11 +57,11 @@ def test_train_resume_and_export(tmp_path):
     assert o["global_descriptors"].shape == (2, 32)
     assert np.all(o["scores"] >= 0)  # softplus attention
     mtime = (out / "saved_model.pb").stat().st_mtime
-    assert train(_cfg(), data, work, out) == out  # rerun: nothing to train, export up to date
+    assert train(small_cfg(*TRAIN), data, work, out) == out  # rerun: nothing to train, export up to date
     assert (out / "saved_model.pb").stat().st_mtime == mtime
     # a changed config does not silently reuse the old checkpoint
     with pytest.raises(LandmarksError, match="--restart"):
-        train(_cfg(steps=6), data, work, out)
+        train(small_cfg(*TRAIN, "train.steps=6"), data, work, out)
 
 
 def test_class_balanced_sampling():
@@ -92,16 +75,16 @@ def test_class_balanced_sampling():
     assert np.array_equal(sample_indices(labels, 50, 3, True), sample_indices(labels, 50, 3, True))
 
 
-def test_train_refuses_bad_input(tmp_path):
+def test_train_refuses_bad_input(tmp_path, small_cfg):
     from landmarks.train import train
 
     data = _make_data(tmp_path / "data", classes=2, views=2)
     victim = next((data / "train").rglob("*.jpg"))
     victim.unlink()
     with pytest.raises(LandmarksError, match="missing"):
-        train(_cfg(), data, tmp_path / "w", tmp_path / "m")
+        train(small_cfg(*TRAIN), data, tmp_path / "w", tmp_path / "m")
     with pytest.raises(LandmarksError):
-        train(_cfg(), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")
+        train(small_cfg(*TRAIN), tmp_path / "nothing", tmp_path / "w", tmp_path / "m")
 
 
 def test_train_and_extract_decode_exif_orientation_alike(tmp_path):

@@ -46,7 +46,6 @@ from landmarks.utils import LandmarksError, atomic_path, text_digest
 
 log = logging.getLogger("landmarks.adapt")
 
-SCORES = ("reliability", "norm", "norm_x_reliability")
 ADAPT_CURVES = Curves(
     ("loss", "infonce", "reliability"),
     ("nn_correct", "rel_accuracy"),
@@ -289,18 +288,6 @@ def _heads_module(backbone, head, gem, score: str):
     return AdaptedHeads()
 
 
-def _check(ac) -> None:
-    """One-line errors for adapt settings that cannot train."""
-    if ac.steps <= 0 or ac.batch_size <= 0 or ac.crop_size < 64 or ac.max_side < ac.crop_size:
-        raise LandmarksError(
-            "adapt.steps and adapt.batch_size must be > 0, adapt.crop_size >= 64 and adapt.max_side >= adapt.crop_size"
-        )
-    if ac.score not in SCORES:
-        raise LandmarksError(f"unknown adapt.score {ac.score!r} (choose from {', '.join(SCORES)})")
-    if not 0 < ac.scale_min <= ac.scale_max or ac.temperature <= 0:
-        raise LandmarksError("adapt.scale_min <= adapt.scale_max must be > 0 and adapt.temperature > 0")
-
-
 def train_fingerprint(cfg, data_fp: str) -> str:
     """What the learned head depends on: model + adapt settings except export/check-only keys + the images."""
     import hashlib
@@ -328,7 +315,6 @@ def data_fingerprint(ids: list[str], paths: list[str] | None = None) -> str:
 
 def plan(cfg, data_dir: str | Path):
     """The train rows an adaptation uses and its fingerprints, without TensorFlow: (df, data_fp, fp)."""
-    _check(cfg.adapt)
     df = _adapt_images(cfg.adapt, data_dir)
     data_fp = data_fingerprint(df["id"].astype(str).tolist(), df["path"].astype(str).tolist())
     return df, data_fp, train_fingerprint(cfg, data_fp)

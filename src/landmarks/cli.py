@@ -119,7 +119,12 @@ def _run_options(p: argparse.ArgumentParser, adapt: bool = True) -> None:
 
 
 def _make_run(args, cfg):
+    from landmarks.config import check_setting
     from landmarks.stages import Run
+
+    for key, value in (("extract.shards", args.shards), ("extract.jobs", args.jobs)):
+        if value is not None:
+            check_setting(key, value)  # options standing in for settings: checked as the config is
 
     options = {k: getattr(args, k) for k in getattr(args, "stage_options", ())}
     return Run(

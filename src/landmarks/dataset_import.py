@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from landmarks.config import check_section
 from landmarks.utils import LandmarksError, atomic_path, building_dir, file_digest, link_file, stamp_matches
 
 log = logging.getLogger("landmarks.import")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-LINK_MODES = ("hardlink", "copy", "symlink")
 
 
 def read_labels(src: str | Path, distractors: bool = False) -> pd.DataFrame:
@@ -267,14 +267,7 @@ def _import_settings(cfg, overrides: dict):
     for k, v in overrides.items():
         if v is not None:
             setattr(ic, k, v)
-    if not 0 <= ic.test_fraction < 1:
-        raise LandmarksError(f"import: test fraction must be in [0, 1), got {ic.test_fraction}")
-    if not 0 <= ic.heldout_class_fraction < 1:
-        raise LandmarksError(f"import: held-out class fraction must be in [0, 1), got {ic.heldout_class_fraction}")
-    if ic.train_per_class < 0 or ic.distractor_sample < 0 or ic.max_per_class < 0:
-        raise LandmarksError("import: train_per_class, distractor_sample and max_per_class must be >= 0")
-    if ic.link not in LINK_MODES:
-        raise LandmarksError(f"import: link mode {ic.link!r} unknown (expected {', '.join(LINK_MODES)})")
+    check_section("dataset_import", ic)  # the command's options, checked as the config is at load
     return ic
 
 
@@ -399,7 +392,7 @@ def register_cli(subparsers, common) -> None:
     )
     p.add_argument(
         "--link",
-        choices=LINK_MODES,
+        choices=["hardlink", "copy", "symlink"],
         default=None,
         help="how images are placed in OUT (config: hardlink; copy when the file system refuses links)",
     )

@@ -71,6 +71,35 @@ def check_saved_model(model_dir: str | Path) -> Path:
     return model_dir
 
 
+def damage(model_dir: Path, e: BaseException) -> str:
+    """What is wrong with a SavedModel that TensorFlow failed to load, in words, on one line."""
+    try:
+        return _damage(model_dir, e)
+    except OSError:  # the files changed or vanished while we looked
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _damage(model_dir: Path, e: BaseException) -> str:
+    pb, var = model_dir / "saved_model.pb", model_dir / "variables"
+    index, data = var / "variables.index", sorted(var.glob("variables.data-*"))
+    msg = " ".join(str(e).split())
+    first = msg.split(" [[")[0].split(". ")[0][:200] or type(e).__name__
+    if pb.stat().st_size == 0:
+        return "saved_model.pb is empty"
+    if not index.exists() or not data:
+        return f"{'variables/variables.index' if not index.exists() else 'variables/variables.data-*'} is missing"
+    empty = [p.name for p in data + [index] if p.stat().st_size == 0]
+    if empty:
+        return f"variables/{empty[0]} is empty"
+    if "Read less bytes" in msg or "truncated" in msg.lower():
+        return f"variables/{data[0].name if len(data) == 1 else 'variables.data-*'} is truncated ({first})"
+    if type(e).__name__ == "DecodeError" or ("saved_model.pb" in msg and "parse" in msg.lower()):
+        return f"saved_model.pb is damaged ({msg.rsplit(': ', 1)[-1][:120]})"
+    if "sstable" in msg or "checksum" in msg.lower() or "corrupt" in msg.lower():
+        return f"variables/variables.index is damaged ({first})"
+    return f"{type(e).__name__}: {first} (damaged or incomplete files? rebuild it: make model)"
+
+
 def read_model_meta(model_dir: str | Path) -> dict | None:
     """The metadata our exports write beside the SavedModel (META_FILE), or None when
     `model_dir` holds no complete export of ours (no saved_model.pb or no metadata file)."""
@@ -80,7 +109,13 @@ def read_model_meta(model_dir: str | Path) -> dict | None:
     meta = model_dir / META_FILE
     if not (model_dir / "saved_model.pb").exists() or not meta.exists():
         return None
-    return json.loads(meta.read_text())
+    try:
+        out = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise LandmarksError(f"model {model_dir}: {META_FILE} is damaged ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(out, dict):
+        raise LandmarksError(f"model {model_dir}: {META_FILE} is damaged (not a JSON object)")
+    return out
 
 
 def load_delg(model_dir: str | Path) -> DelgModel:
@@ -88,7 +123,10 @@ def load_delg(model_dir: str | Path) -> DelgModel:
     from landmarks.tfquiet import tf
 
     model_dir = check_saved_model(model_dir)
-    loaded = tf.saved_model.load(str(model_dir))
+    try:
+        loaded = tf.saved_model.load(str(model_dir))
+    except Exception as e:  # noqa: BLE001 - TF raises IndexError, OpError, DecodeError, ... for damaged files
+        raise LandmarksError(f"model {model_dir} cannot be loaded: {damage(model_dir, e)}") from None
     sig = getattr(loaded, "signatures", {}).get("serving_default")
     if sig is not None:
         _, kwargs = sig.structured_input_signature
@@ -118,11 +156,22 @@ def load_delg(model_dir: str | Path) -> DelgModel:
     )
 
 
+def pool_global(per_scale: np.ndarray) -> np.ndarray:
+    """Per-scale global descriptors [S, D] -> one unit vector [D]: the sum of the unit rows, normalised.
+
+    The one pooling rule: the features stage (through `postprocess`) and the hard protocol's probe,
+    which keeps every scale and pools a setting's subset later, both call it."""
+    g = np.asarray(per_scale, np.float32)
+    return l2_normalize(l2_normalize(g.reshape(-1, g.shape[-1])).sum(axis=0))
+
+
 def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatures]:
     """Raw DELG outputs -> (global [D] unit vector, LocalFeatures with (x, y) keypoints)."""
-    g = np.asarray(outputs["global_descriptors"], np.float32)
-    g = g.reshape(-1, g.shape[-1])
-    global_desc = l2_normalize(l2_normalize(g).sum(axis=0))
+    return pool_global(outputs["global_descriptors"]), local_features(outputs)
+
+
+def local_features(outputs: dict[str, np.ndarray]) -> LocalFeatures:
+    """The local part of raw DELG outputs: LocalFeatures with (x, y) keypoints and unit descriptors."""
     boxes = np.asarray(outputs["boxes"], np.float32).reshape(-1, 4)
     yx = (boxes[:, 0:2] + boxes[:, 2:4]) / 2.0
     keypoints = yx[:, ::-1].copy()  # (x, y)
@@ -132,10 +181,9 @@ def postprocess(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, LocalFeatur
         if boxes.shape[0]
         else desc.reshape(0, desc.shape[-1] if desc.ndim == 2 else 128)
     )
-    local = LocalFeatures(
+    return LocalFeatures(
         keypoints=keypoints,
         descriptors=desc,
         scales=np.asarray(outputs["scales"], np.float32).reshape(-1),
         scores=np.asarray(outputs["scores"], np.float32).reshape(-1),
     )
-    return global_desc, local

@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from landmarks.config import check_setting
 from landmarks.store import CACHE_GLOB, SHARD_GLOB, FeatureStore, read_attrs, shard_name, write_shard
 from landmarks.utils import LandmarksError, available_cores, call_writing, dir_digest, file_keys, log, text_digest
 
@@ -52,7 +53,7 @@ RESULT_FIELDS = (
     "local_dtype",
 )
 FORMAT_VERSION = 2
-PROGRESS_SECONDS = 60  # a long shard prints its progress this often (from the worker)
+PROGRESS_REPORT_SECONDS = 0.5  # a worker reports its done-image count this often (progress_path)
 WATCH_SECONDS = 0.25  # the dask driver checks which workers are alive this often
 
 _MODELS: dict[tuple[str, str], object] = {}  # per-process model cache: (path, digest) -> DelgModel
@@ -110,7 +111,7 @@ def id_bucket(ids: Sequence[str], n: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # worker side
 # --------------------------------------------------------------------------------------------
-def _get_model(model_dir: str, threads: int):
+def get_model(model_dir: str, threads: int):
     """Load the model once per process (cached by path and directory digest)."""
     from landmarks.delg_io import load_delg
     from landmarks.utils import configure_tensorflow
@@ -123,7 +124,7 @@ def _get_model(model_dir: str, threads: int):
     return model
 
 
-def _inside_image(lf, shape, scale: float):
+def inside_image(lf, shape, scale: float):
     """Map keypoints back to original pixels and drop those whose box centre lies outside the
     image: feature-map cells past the border (ceil(H/stride) rows) have centres off the image and
     match each other spuriously between unrelated images."""
@@ -172,15 +173,53 @@ def select_local(lf, local_scales, cap: int):
     return LocalFeatures(lf.keypoints[rows], lf.descriptors[rows], lf.scales[rows], lf.scores[rows])
 
 
+def read_image(path: str, settings: dict) -> tuple[np.ndarray, float]:
+    """The one decode rule of extraction: (upright RGB array resized to max_image_size, resize scale)."""
+    from landmarks.images import load_image
+
+    return load_image(path, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"])
+
+
+def describe_image(model, image: np.ndarray, scales, cap: int, abs_thres: float, global_rows):
+    """The features core: one model call -> (per-scale global descriptors [len(global_rows), D],
+    LocalFeatures of every scale in resized-image pixels, at most `cap` per scale).
+
+    The features stage pools the rows at once (`run_model`); the hard protocol's probe keeps them
+    all and pools each setting's subset later with the same `delg_io.pool_global`."""
+    from landmarks.delg_io import local_features
+
+    raw = model(image, list(scales), int(cap), abs_thres, list(global_rows))
+    per_scale = np.asarray(raw["global_descriptors"], np.float32)
+    return per_scale.reshape(-1, per_scale.shape[-1]), local_features(raw)
+
+
 def run_model(model, image: np.ndarray, settings: dict, local: bool):
     """One image through the DELG model -> (global unit vector, LocalFeatures at the local scales)."""
-    from landmarks.delg_io import postprocess
+    from landmarks.delg_io import pool_global
 
     scales, rows, cap = model_call(settings, local)
-    g, lf = postprocess(model(image, scales, cap, settings["abs_thres"], rows))
+    per_scale, lf = describe_image(model, image, scales, cap, settings["abs_thres"], rows)
     if local and cap == ALL_FEATURES:
         lf = select_local(lf, settings["local_scales"], int(settings["max_feature_num"]))
-    return g, lf
+    return pool_global(per_scale), lf
+
+
+def progress_path(shard: str | Path) -> Path:
+    """Where a running shard task reports how many of its images are done (`.<shard>.progress`)."""
+    shard = Path(shard)
+    return shard.with_name(f".{shard.name}.progress")
+
+
+def _report_progress(shard: str | Path, done: int) -> None:
+    """Write a task's done-image count for the driver's progress bar (joblib and Dask alike: the
+    driver reads the file; a shared filesystem is what the shards already need)."""
+    try:
+        path = progress_path(shard)
+        tmp = path.with_name(path.name + f".{os.getpid()}")
+        tmp.write_text(str(int(done)))
+        os.replace(tmp, path)
+    except OSError:  # progress is a courtesy: never fail a shard over it
+        pass
 
 
 def extract_shard(task: ShardTask) -> dict:
@@ -188,8 +227,9 @@ def extract_shard(task: ShardTask) -> dict:
     t0 = time.time()
     kept = _reusable(task)
     run = [k for k, i in enumerate(task.ids) if i not in kept]  # rows that go through the model
-    model = _get_model(task.model_dir, task.threads) if run else None  # all rows kept: no model load
-    results = {**_extract_rows(task, model, run, t0), **kept}
+    model = get_model(task.model_dir, task.threads) if run else None  # all rows kept: no model load
+    _report_progress(task.out, len(kept))
+    results = {**_extract_rows(task, model, run, t0, done_before=len(kept)), **kept}
     rows = [(k, i, results[i]) for k, i in enumerate(task.ids)]  # the task's (CSV) order
     ok = [(k, i, r) for k, i, r in rows if r[0] == "ok"]
     failed = [(k, i, r[1]) for k, i, r in rows if r[0] == "fail"]
@@ -206,15 +246,15 @@ def extract_shard(task: ShardTask) -> dict:
     }
 
 
-def _extract_rows(task: ShardTask, model, run: list[int], t0: float) -> dict:
+def _extract_rows(task: ShardTask, model, run: list[int], t0: float, done_before: int = 0) -> dict:
     """Decode and extract the task's rows `run` (a thread decodes the next images while the model
     runs).  id -> ("ok", global, local | None) or ("fail", reason); a bad image never stops it."""
-    from landmarks.images import describe_failure, load_image
+    from landmarks.images import describe_failure
 
     s = task.settings
 
     def load(path):
-        return load_image(path, s["max_image_size"], s["max_image_pixels"], s["min_image_size"])
+        return read_image(path, s)
 
     out: dict = {}
     run_ids, run_paths = [task.ids[k] for k in run], [task.paths[k] for k in run]
@@ -222,13 +262,11 @@ def _extract_rows(task: ShardTask, model, run: list[int], t0: float) -> dict:
     ahead = max(1, int(task.prefetch))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         pending = collections.deque(pool.submit(load, p) for p in run_paths[:ahead])
-        last = t0
+        reported = time.time()
         for k, image_id in enumerate(run_ids):
-            if time.time() - last > PROGRESS_SECONDS:  # workers cannot drive the driver's bar
-                last = time.time()
-                print(
-                    f"  {Path(task.out).name}: {k}/{n} images, {k / (last - t0):.2f} img/s", file=sys.stderr, flush=True
-                )
+            if time.time() - reported > PROGRESS_REPORT_SECONDS:  # the driver's bar reads it per image
+                reported = time.time()
+                _report_progress(task.out, done_before + k)
             fut = pending.popleft()
             if k + ahead < n:
                 pending.append(pool.submit(load, run_paths[k + ahead]))
@@ -243,7 +281,7 @@ def _extract_rows(task: ShardTask, model, run: list[int], t0: float) -> dict:
                     reason = "model error (non-finite output)"
                 out[image_id] = ("fail", reason)
                 continue
-            out[image_id] = ("ok", g, _inside_image(lf, image.shape, scale) if task.local else None)
+            out[image_id] = ("ok", g, inside_image(lf, image.shape, scale) if task.local else None)
     return out
 
 
@@ -350,10 +388,15 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
     total = sum(len(t.ids) for t in tasks)
     t0 = time.time()
     bar = tqdm(total=total, unit="img", desc=desc, disable=None, dynamic_ncols=True)
+    bar.set_postfix(shards=f"0/{len(tasks)}")
+    for t in tasks:  # counts left by a killed run
+        progress_path(t.out).unlink(missing_ok=True)
+    watcher = _ProgressWatcher(tasks, bar)
 
     def done(r):
         results.append(r)
-        bar.update(r["n"])
+        watcher.finished(r)
+        progress_path(r["path"]).unlink(missing_ok=True)
         bar.set_postfix(
             shards=f"{len(results)}/{len(tasks)}",
             rate=f"{sum(x['n'] for x in results) / max(time.time() - t0, 1e-9):.2f} img/s",
@@ -362,6 +405,7 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
     try:
         if not tasks:
             return results
+        watcher.start()
         if scheduler:
             from dask.distributed import Client
 
@@ -385,8 +429,60 @@ def _run_tasks(tasks: list[ShardTask], jobs: int, scheduler, desc: str) -> list[
             for r in par(delayed(extract_shard)(t) for t in tasks):
                 done(r)
     finally:
+        watcher.stop()
         bar.close()
+        for t in tasks:
+            progress_path(t.out).unlink(missing_ok=True)
     return results
+
+
+class _ProgressWatcher:
+    """Moves the driver's bar per image: every PROGRESS_REPORT_SECONDS it adds the done-image counts
+    that running tasks report (progress_path) to the images of the finished tasks."""
+
+    def __init__(self, tasks: list[ShardTask], bar):
+        import threading
+
+        self.tasks, self.bar = tasks, bar
+        self.finished_n, self.finished_paths = 0, set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def finished(self, result: dict) -> None:
+        with self.lock:
+            self.finished_n += int(result["n"])
+            self.finished_paths.add(str(result["path"]))
+            self._show(0)
+
+    def _running_count(self) -> int:
+        n = 0
+        for t in self.tasks:
+            if str(t.out) in self.finished_paths:
+                continue
+            try:
+                n += int(progress_path(t.out).read_text() or 0)
+            except (OSError, ValueError):
+                pass
+        return n
+
+    def _show(self, running: int) -> None:
+        self.bar.n = min(self.bar.total, self.finished_n + running)
+        self.bar.refresh()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(PROGRESS_REPORT_SECONDS):
+            running = self._running_count()
+            with self.lock:
+                self._show(running)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 def _run_dask(client, tasks: list[ShardTask], done) -> None:
@@ -441,7 +537,7 @@ def _run_dask(client, tasks: list[ShardTask], done) -> None:
             held.setdefault(w, set()).update(v)
 
 
-def _check_model(model_dir: str | Path) -> Path:
+def check_model(model_dir: str | Path) -> Path:
     """The model directory, checked to hold a SavedModel, made absolute (dask workers may run in
     another directory)."""
     from landmarks.delg_io import check_saved_model
@@ -559,9 +655,7 @@ def _summary(split: str, results: list[dict], skipped: int, seconds: float) -> s
 
 def _resolve_jobs(cfg, jobs, scheduler, n_tasks: int) -> tuple[int, object, int]:
     """(jobs, scheduler, TF threads per worker): config defaults, the cores split between local jobs."""
-    jobs = int(cfg.extract.jobs if jobs is None else jobs)
-    if jobs < 1:
-        raise LandmarksError(f"jobs must be >= 1 (got {jobs})")
+    jobs = check_setting("extract.jobs", cfg.extract.jobs if jobs is None else jobs)  # --jobs, checked as at load
     scheduler = cfg.extract.scheduler if scheduler is None else scheduler
     if scheduler:
         threads = cfg.extract.intra_op_threads  # remote workers: 0 = TF default there
@@ -634,13 +728,14 @@ def _run_features(
     from landmarks.data import load_split
 
     t0 = time.time()
-    model_dir = _check_model(model_dir)
-    n_shards = int(cfg.extract.shards if shards is None else shards)
-    if n_shards < 1:
-        raise LandmarksError(f"shards must be >= 1 (got {n_shards})")
+    model_dir = check_model(model_dir)
+    n_shards = check_setting("extract.shards", cfg.extract.shards if shards is None else shards)  # as at load
     if local is None:
         local = True if split == "test" else bool(cfg.extract.train_local)
     df = load_split(Path(data_dir).resolve(), split)
+    if n_shards > max(1, len(df)):  # an empty shard is a file for nothing (--shards 100000 on 20 images)
+        log.info("features %s: %d images: %d shard(s) instead of %d", split, len(df), max(1, len(df)), n_shards)
+        n_shards = max(1, len(df))
     out_dir = features_dir(Path(work_dir).resolve(), split)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = _sticky_shards(out_dir, n_shards, _cap_shards(cfg, n_shards, len(df)), len(df), cfg)
@@ -667,6 +762,7 @@ def _run_features(
     skipped = n_shards - len(todo)
     if not todo:
         log.info("features %s: all %d shards up to date in %s", split, n_shards, out_dir)
+        _check_some_succeeded(split, all_paths, len(df), [])
         return all_paths
     where = f"dask {scheduler}" if scheduler else f"{min(jobs, len(todo))} job(s)"
     log.info(
@@ -680,7 +776,24 @@ def _run_features(
     )
     results = _run_tasks(todo, jobs, scheduler, f"features {split}")
     log.info(_summary(split, results, skipped, time.time() - t0))
+    _check_some_succeeded(split, all_paths, len(df), results)
     return all_paths
+
+
+def _check_some_succeeded(split: str, paths: list[Path], n_images: int, results: list[dict]) -> None:
+    """A split whose every image failed is a failed run (non-zero exit), not an empty success."""
+    import h5py
+
+    stored = 0
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            stored += int(f["ids"].shape[0]) if "global" in f else 0
+    if n_images and not stored:
+        fails: collections.Counter = collections.Counter()
+        for r in results:
+            fails.update(r["failures"])
+        why = ", ".join(f"{k}: {v}" for k, v in fails.most_common(3)) or "failures recorded by an earlier run"
+        raise LandmarksError(f"features {split}: all {n_images} images failed ({why}); nothing to match")
 
 
 def _cache_name(digest: str):
@@ -696,7 +809,7 @@ def ensure_local(
     Ids already holding local features, or known to have failed, are left alone; the others are
     extracted (global + local) and cached as local-cache-<digest>-i-of-N.h5 (resumable).
     """
-    model_dir = _check_model(model_dir)
+    model_dir = check_model(model_dir)
     out_dir = features_dir(Path(work_dir).resolve(), split)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(out_dir)

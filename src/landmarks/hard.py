@@ -156,36 +156,26 @@ def demo_rows(hc) -> pd.DataFrame:
 
 # -- probe extraction -------------------------------------------------------------------------------
 def _probe_batch(model_dir: str, threads: int, ids: list[str], files: list[str], settings: dict, out: str) -> str:
-    """Worker: run the model at every probe scale, keep per-scale globals and top local features."""
-    import h5py
+    """Worker: every image through the features core at every probe scale -> one probe file (store)."""
+    from landmarks.extract import ALL_FEATURES, describe_image, get_model, read_image, select_local
+    from landmarks.images import describe_failure
+    from landmarks.store import ProbeRecord, write_probe
 
-    from landmarks.delg_io import postprocess
-    from landmarks.extract import ALL_FEATURES, _get_model, select_local
-    from landmarks.images import describe_failure, load_image
-
-    model = _get_model(model_dir, threads)
+    model = get_model(model_dir, threads)
     scales = [float(s) for s in settings["probe_scales"]]
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        for image_id, path in zip(ids, files):
-            g = f.create_group(image_id)
-            try:
-                image, scale = load_image(
-                    path, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"]
-                )
-                raw = model(image, scales, ALL_FEATURES, settings["abs_thres"], list(range(len(scales))))
-                _, lf = postprocess(raw)
-            except Exception as e:  # noqa: BLE001 - recorded, like the features stage does
-                g.attrs["failure"] = describe_failure(e)
-                continue
-            lf = select_local(lf, scales, int(settings["probe_features"]))
-            g.create_dataset("global", data=np.asarray(raw["global_descriptors"], np.float32))
-            g.create_dataset("keypoints", data=lf.keypoints)
-            g.create_dataset("descriptors", data=lf.descriptors.astype(np.float16))
-            g.create_dataset("scales", data=lf.scales)
-            g.create_dataset("scores", data=lf.scores)
-            g.attrs["shape"] = np.asarray(image.shape[:2], np.int64)
-            g.attrs["scale"] = float(scale)
-    return out
+    records = {}
+    for image_id, path in zip(ids, files):
+        try:
+            image, scale = read_image(path, settings)
+            per_scale, lf = describe_image(
+                model, image, scales, ALL_FEATURES, settings["abs_thres"], list(range(len(scales)))
+            )
+        except Exception as e:  # noqa: BLE001 - recorded, like the features stage does
+            records[image_id] = ProbeRecord(None, None, None, 0.0, describe_failure(e))
+            continue
+        lf = select_local(lf, scales, int(settings["probe_features"]))
+        records[image_id] = ProbeRecord(per_scale, lf, image.shape[:2], float(scale))
+    return str(write_probe(out, records))
 
 
 def probe_settings(cfg) -> dict:
@@ -205,31 +195,22 @@ def probe_fingerprint(cfg, model_dir) -> str:
     return text_digest(dir_digest(model_dir), json.dumps(probe_settings(cfg), sort_keys=True))[:12]
 
 
-def _probed_ids(path: Path) -> list[str]:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return list(f.keys())
-    except OSError:  # unreadable (a killed writer leaves none: files are renamed when complete)
-        return []
-
-
 def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir) -> list[Path]:
     """Probe the pool images that no stored probe file holds yet (skip by id, as a rerun or a larger
     pool needs); returns every probe file of this model and these settings."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from landmarks.extract import _check_model
+    from landmarks.extract import check_model
+    from landmarks.store import probe_ids
     from landmarks.utils import available_cores
 
-    model_dir = _check_model(model_dir)
+    model_dir = check_model(model_dir)
     settings = probe_settings(cfg)
     fp = probe_fingerprint(cfg, model_dir)
     out_dir = Path(work_dir) / "probe"
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = {i for p in out_dir.glob(f"probe-{fp}-*.h5") for i in _probed_ids(p)}
+    done = {i for p in out_dir.glob(f"probe-{fp}-*.h5") for i in probe_ids(p)}
     todo_rows = pool[~pool["id"].isin(done)]
     size = max(1, int(cfg.hard.probe_batch))
     todo = [todo_rows.iloc[a : a + size] for a in range(0, len(todo_rows), size)]
@@ -271,27 +252,16 @@ class Probe:
 
     @classmethod
     def load(cls, paths: list[Path], scales, wanted: set[str] | None = None) -> "Probe":
-        import h5py
-
-        from landmarks.store import LocalFeatures
+        from landmarks.store import read_probe
 
         g, loc, fail = {}, {}, {}
         for p in paths:
-            with h5py.File(p, "r") as f:
-                for image_id, grp in f.items():
-                    if wanted is not None and image_id not in wanted:
-                        continue
-                    if "failure" in grp.attrs:
-                        fail[image_id] = str(grp.attrs["failure"])
-                        continue
-                    g[image_id] = grp["global"][()]
-                    lf = LocalFeatures(
-                        grp["keypoints"][()],
-                        grp["descriptors"][()].astype(np.float32),
-                        grp["scales"][()],
-                        grp["scores"][()],
-                    )
-                    loc[image_id] = (lf, tuple(grp.attrs["shape"]), float(grp.attrs["scale"]))
+            for image_id, r in read_probe(p, wanted).items():
+                if r.failure:
+                    fail[image_id] = r.failure
+                    continue
+                g[image_id] = r.per_scale
+                loc[image_id] = (r.local, r.shape, r.scale)
         return cls(np.asarray(scales, np.float64), g, loc, fail)
 
     def _rows(self, wanted) -> list[int]:
@@ -306,21 +276,19 @@ class Probe:
         return rows
 
     def global_matrix(self, ids: list[str], scales) -> np.ndarray:
-        """Global descriptors pooled over `scales` exactly as delg_io.postprocess pools them."""
-        from landmarks.utils import l2_normalize
+        """Global descriptors pooled over `scales` by the features stage's rule (delg_io.pool_global)."""
+        from landmarks.delg_io import pool_global
 
         rows = self._rows(scales)
-        return np.stack([l2_normalize(l2_normalize(self.globals_[i][rows]).sum(axis=0)) for i in ids]).astype(
-            np.float32
-        )
+        return np.stack([pool_global(self.globals_[i][rows]) for i in ids]).astype(np.float32)
 
     def local(self, image_id: str, scales, cap: int):
         """Local features at `scales` with `cap`, as the features stage stores them."""
-        from landmarks.extract import _inside_image, select_local
+        from landmarks.extract import inside_image, select_local
 
         self._rows(scales)
         lf, shape, scale = self.raw_local[image_id]
-        return _inside_image(select_local(lf, scales, cap), shape, scale)
+        return inside_image(select_local(lf, scales, cap), shape, scale)
 
 
 # -- splits -----------------------------------------------------------------------------------------
@@ -440,6 +408,8 @@ class Scorer:
         return lf
 
     def _global(self, cfg, split: Split):
+        """The knn stage's core on the probe's descriptors: whitening fitted on the split's train
+        images when on, then `knn.neighbours` (DBA, search, QE) exactly as `landmarks knn` runs it."""
         from landmarks import knn, whiten
 
         db = self.probe.global_matrix(split.train_ids, cfg.extract.global_scales)
@@ -447,15 +417,7 @@ class Scorer:
         if cfg.whiten.global_pca:
             w = whiten.fit_global(db, cfg.whiten.global_pca_dim)
             db, q = whiten.apply_global(w, db), whiten.apply_global(w, q)
-        kc = copy.deepcopy(cfg.knn)
-        kc.index = "exact"
-        if kc.dba_k:
-            db = knn.dba(db, kc.dba_k, kc.dba_alpha, kc)
-        k = min(int(kc.k), db.shape[0])
-        sims, idx = knn.search(kc, q, db, k)
-        if kc.qe_k:
-            sims, idx = knn.search(kc, knn.alpha_qe(q, db, sims, idx, kc.qe_k, kc.qe_alpha), db, k)
-        return sims, idx
+        return knn.neighbours(cfg, db, q)
 
     def _inliers(self, cfg, split: Split, idx: np.ndarray) -> np.ndarray:
         from landmarks import whiten

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from landmarks.config import check_section
 from landmarks.utils import LandmarksError, atomic_path, building_dir, file_digest, link_file
 
 log = logging.getLogger("landmarks.holdout")
-
-LINK_MODES = ("symlink", "hardlink", "none")
 
 
 def split_train(train: pd.DataFrame, hc) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
@@ -146,18 +145,7 @@ def make_holdout(cfg, data_dir, out_dir, distractors=None, **overrides) -> Path:
 def _holdout_settings(cfg, overrides: dict):
     """The holdout config section with the given (non-None) overrides, checked."""
     hc = dataclasses.replace(cfg.holdout, **{k: v for k, v in overrides.items() if v is not None})
-    if hc.link not in LINK_MODES:
-        raise LandmarksError(f"holdout: link mode {hc.link!r} unknown (expected {', '.join(LINK_MODES)})")
-    if (
-        hc.test_images < 1
-        or not 0 <= hc.nonlandmark_share <= 1
-        or not 0 <= hc.heldout_class_fraction < 1
-        or hc.per_class_test < 1
-    ):
-        raise LandmarksError(
-            "holdout: need test_images >= 1, per_class_test >= 1, nonlandmark_share in [0, 1] "
-            "and heldout_class_fraction in [0, 1)"
-        )
+    check_section("holdout", hc)  # the command's options, checked as the config is at load
     return hc
 
 

@@ -15,15 +15,18 @@ stays at the reduced size), and the guard applies to the pixel count actually de
 whose short side is below ``min_size`` are refused as "too small (WxH)" rather than fed to the
 model (a few pixels carry no landmark and break strided backbones).
 
-Failures raise ``ImageError`` whose ``reason`` is one short phrase: "missing file",
-"empty file", "not an image", "truncated", "too large (WxH)", "too small (WxH)",
-"decode error".
+Failures raise ``ImageError`` whose ``reason`` is one short phrase: "missing file" (with a hint
+when X.JPG stands where X.jpg is expected), "broken symlink", "a directory / a FIFO / a device,
+not an image file", "empty file", "not an image", "truncated", "too large (WxH)",
+"too small (WxH)", "decode error".
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -124,17 +127,54 @@ def load_image(
 
 
 def _check_file(path: Path) -> None:
-    """ImageError unless `path` is a readable, non-empty regular file."""
+    """ImageError unless `path` is a readable, non-empty regular file (see file_problem)."""
+    why = file_problem(path)
+    if why:
+        raise ImageError(why, path)
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be an image file, in a short phrase, or None: "missing file" (with a hint
+    when the same name exists in another case, e.g. X.JPG for X.jpg), "broken symlink", "a
+    directory", "a FIFO", "a device", "a socket", "empty file", "unreadable (...)".  Only stat is
+    used, so a FIFO is never opened (opening one would block)."""
+    path = Path(path)
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ImageError("missing file", path) from None
+        if path.is_symlink():
+            return "broken symlink"
+        other = _other_case(path)
+        if other:
+            return f"missing file (found {other}: ids and the .jpg extension are case-sensitive; rename it {path.name})"
+        return "missing file"
     except OSError as e:
-        raise ImageError(f"unreadable ({e.strerror or e})", path) from None
-    if not path.is_file():
-        raise ImageError("missing file", path)
+        return f"unreadable ({e.strerror or e})"
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+    if kind:
+        return f"{kind}, not an image file"
     if st.st_size == 0:
-        raise ImageError("empty file", path)
+        return "empty file"
+    return None
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _other_case(path: Path) -> str | None:
+    """A file beside `path` whose name differs only in case or in .jpg/.jpeg spelling, or None."""
+    want = {path.name.lower(), (path.stem + ".jpeg").lower()} if path.suffix.lower() == ".jpg" else {path.name.lower()}
+    try:
+        with os.scandir(path.parent) as it:
+            return next((e.name for e in it if e.name.lower() in want and e.name != path.name), None)
+    except OSError:
+        return None
 
 
 def _plan_decode(img, path: Path, max_image_size: int, max_pixels: int, min_size: int) -> tuple[float, tuple[int, int]]:
@@ -194,4 +234,4 @@ def describe_failure(e: BaseException) -> str:
     return f"model error ({type(e).__name__})"
 
 
-__all__ = ["ImageError", "load_image", "image_size", "describe_failure"]
+__all__ = ["ImageError", "load_image", "image_size", "describe_failure", "file_problem"]

@@ -399,18 +399,20 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_outputs(run: Run) -> None:
-    """No output of the run may overwrite an input; every output place must be writable."""
+def check_outputs(run: Run, stages: list[Stage] | None = None) -> None:
+    """No output of the run may overwrite an input; every output place must be writable.  The
+    submission is checked when a planned stage writes it (predict; all stages when None)."""
     sub, work, data = run.submission, run.work_dir, run.data_dir
-    if _inside(sub, data):
+    writes_sub = stages is None or any(s.name == "predict" for s in stages)
+    if writes_sub and _inside(sub, data):
         raise LandmarksError(f"SUBMISSION {sub} is inside DATA_DIR {data}: it would overwrite the dataset")
-    if run.model is not None and _inside(sub, run.model):
+    if writes_sub and run.model is not None and _inside(sub, run.model):
         raise LandmarksError(f"SUBMISSION {sub} is inside MODEL {run.model}: it would overwrite the model")
     if work.resolve() == data.resolve():
         raise LandmarksError(f"WORK_DIR {work} is DATA_DIR: give WORK_DIR a folder of its own")
-    if sub.is_dir():
+    if writes_sub and sub.is_dir():
         raise LandmarksError(f"SUBMISSION {sub} is a directory: give a CSV file path")
-    for name, p in (("WORK_DIR", work), ("SUBMISSION", sub)):
+    for name, p in (("WORK_DIR", work), ("SUBMISSION", sub))[: 2 if writes_sub else 1]:
         if not _writable(p):
             raise LandmarksError(f"{name} {p} is not writable: give a writable path")
 
@@ -601,7 +603,7 @@ def run_target(
     """
     stages = [stage(target)] if only else plan(target, after)
     if checks:
-        check_outputs(run)
+        check_outputs(run, stages)
     fh = _log_file(run)
     root = logging.getLogger("landmarks")
     old_level = root.level

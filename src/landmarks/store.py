@@ -345,6 +345,12 @@ class FeatureStore:
                     continue
                 ids.extend(_decode(f["ids"][:]))
                 blocks.append(f["global"][:].astype(dtype, copy=False))
+                bad = int(np.count_nonzero(~np.isfinite(blocks[-1]).all(axis=1)))
+                if bad:  # a damaged byte range decodes to NaN/inf: name the file, not a later knn error
+                    raise LandmarksError(
+                        f"{p}: {bad} global descriptor row(s) hold NaN or inf (a damaged shard): "
+                        "delete it and rerun `landmarks features` (make features)"
+                    )
                 orders.append(f["order"][:] if "order" in f else None)
         if not blocks:
             return [], np.zeros((0, 0), dtype)
@@ -434,3 +440,73 @@ def npz_fingerprint(path: str | Path) -> str | None:
             return str(z["fingerprint"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+# -- per-scale probe files (the hard protocol) ------------------------------------------------------
+# One HDF5 group per image id, written atomically per batch file:
+#     <id>/global        f32 [S, D]   the global descriptor of every probe scale, unpooled
+#     <id>/keypoints     f32 [m, 2]   (x, y) in resized-image pixels (mapped back when read for a setting)
+#     <id>/descriptors   f16 [m, d]   local descriptors, the best `probe_features` of each scale
+#     <id>/scales, scores f32 [m]
+#     attrs: shape (resized image), scale (resize factor) | failure (why the image gave nothing)
+
+
+@dataclass
+class ProbeRecord:
+    """Everything one image gives at every probe scale (or why it gave nothing)."""
+
+    per_scale: np.ndarray | None  # [S, D]
+    local: LocalFeatures | None  # in resized-image pixels
+    shape: tuple[int, int] | None  # resized image (rows, columns)
+    scale: float  # resize factor of the original image
+    failure: str = ""
+
+
+def write_probe(path: str | Path, records: dict[str, ProbeRecord]) -> Path:
+    """Write one probe batch file atomically (a killed writer leaves no file)."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for image_id, r in records.items():
+            g = f.create_group(image_id)
+            if r.failure:
+                g.attrs["failure"] = r.failure
+                continue
+            g.create_dataset("global", data=np.asarray(r.per_scale, np.float32))
+            g.create_dataset("keypoints", data=r.local.keypoints)
+            g.create_dataset("descriptors", data=r.local.descriptors.astype(np.float16))
+            g.create_dataset("scales", data=r.local.scales)
+            g.create_dataset("scores", data=r.local.scores)
+            g.attrs["shape"] = np.asarray(r.shape[:2], np.int64)
+            g.attrs["scale"] = float(r.scale)
+    return Path(path)
+
+
+def probe_ids(path: str | Path) -> list[str]:
+    """Image ids a probe file holds ([] when it cannot be read)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return list(f.keys())
+    except OSError:  # unreadable (a killed writer leaves none: files are renamed when complete)
+        return []
+
+
+def read_probe(path: str | Path, wanted: set[str] | None = None) -> dict[str, ProbeRecord]:
+    """The records of one probe file (only `wanted` ids when given); descriptors as float32."""
+    import h5py
+
+    out: dict[str, ProbeRecord] = {}
+    with h5py.File(path, "r") as f:
+        for image_id, grp in f.items():
+            if wanted is not None and image_id not in wanted:
+                continue
+            if "failure" in grp.attrs:
+                out[image_id] = ProbeRecord(None, None, None, 0.0, str(grp.attrs["failure"]))
+                continue
+            lf = LocalFeatures(
+                grp["keypoints"][()], grp["descriptors"][()].astype(np.float32), grp["scales"][()], grp["scores"][()]
+            )
+            out[image_id] = ProbeRecord(grp["global"][()], lf, tuple(grp.attrs["shape"]), float(grp.attrs["scale"]))
+    return out

@@ -266,8 +266,6 @@ def train(
     from landmarks.export import export_trained
 
     tc = cfg.train
-    if tc.steps <= 0 or tc.batch_size <= 0 or tc.crop_size < 32:
-        raise LandmarksError("train.steps and train.batch_size must be > 0 and train.crop_size >= 32")
     df, classes, labels = load_labelled_split(data_dir)
     train_dir = Path(work_dir) / "train"
     train_dir.mkdir(parents=True, exist_ok=True)

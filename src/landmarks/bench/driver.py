@@ -118,8 +118,6 @@ def run_bench(cfg, data_dir, work_dir, model_dir, rows=None, out: str | Path | N
     if cfg.bench.quick:
         cfg = copy.deepcopy(cfg)
         cfg.bench = quick_config(cfg.bench)
-    if cfg.bench.repeats < 1:
-        raise LandmarksError(f"bench.repeats must be >= 1 (got {cfg.bench.repeats})")
     selected = parse_rows(rows if rows is not None else cfg.bench.rows)
     work_dir = Path(work_dir)
     out = Path(out) if out else work_dir / "bench.md"

@@ -206,7 +206,7 @@ def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline = _pipeline_timer(cfg, ids, paths, model_dir, out_dir, settings)
     pipeline(range(len(ids)), "all")  # loads the model (cached per process by extract), traces the graph
-    model = extract._get_model(str(model_dir), _cores())  # the very model object the pipeline used
+    model = extract.get_model(str(model_dir), _cores())  # the very model object the pipeline used
     images = [
         load_image(p, settings["max_image_size"], settings["max_image_pixels"], settings["min_image_size"])[0]
         for p in paths

@@ -38,7 +38,7 @@ def _counting_model_calls():
     from landmarks import extract
 
     counts = {"n": 0}
-    real = extract._get_model
+    real = extract.get_model
 
     def counting(model_dir_, threads):
         m = real(model_dir_, threads)
@@ -49,11 +49,11 @@ def _counting_model_calls():
 
         return call
 
-    extract._get_model = counting
+    extract.get_model = counting
     try:
         yield counts
     finally:
-        extract._get_model = real
+        extract.get_model = real
 
 
 def row_incremental(cfg, data_dir, work_dir, model_dir) -> dict:
