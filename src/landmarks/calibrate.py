@@ -412,39 +412,3 @@ def run_calibrate(
         out,
     )
     return out
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "calibrate",
-        parents=[common],
-        help="P(same landmark | evidence) learned on the train split -> WORK_DIR/calibration-<settings>.npz",
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.config import log_settings
-    from landmarks.layout import WorkLayout
-
-    work = WorkLayout(args.work_dir)
-    if not uses_calibration(cfg):
-        log.info(
-            "calibrate: not used (vote.method=%s, verify.enabled=%s); nothing to do",
-            cfg.vote.method,
-            cfg.verify.enabled,
-        )
-        return 0
-    log_settings(log, cfg, "calibrate")
-    print(
-        run_calibrate(
-            cfg,
-            args.data_dir,
-            work.knn(cfg),
-            work.features("train"),
-            work.calibration(cfg),
-            args.model,
-            work.whiten(cfg),
-        )
-    )
-    return 0

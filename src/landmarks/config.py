@@ -273,6 +273,7 @@ class ImportConfig:
         0, "[0, inf)"
     )  # k-shot splits: K train images per class, the rest to test (0 = use test_fraction)
     distractor_sample: int = ranged(0, "[0, inf)")  # use a seeded sample of this many distractors (0 = all)
+    max_per_class: int = ranged(0, "[0, inf)")  # use a seeded choice of at most this many images per class (0 = all)
 
 
 @dataclass

@@ -352,27 +352,34 @@ def export_trained(net, cfg, out_dir: str | Path, meta: dict | None = None) -> P
 # ------------------------------------------------------------------------------------- CLI
 
 
-def _cmd_model_build(args, cfg) -> int:
+def ensure_default_model(cfg, out: str | Path, force: bool = False) -> Path:
+    """The zero-training model at `out`, built unless it is there already with the same model
+    settings (the model stage of the graph and `landmarks model build`)."""
+    out = Path(out)
+    if (out / "saved_model.pb").exists() and not force:
+        meta = read_model_meta(out)
+        if meta is not None and meta.get("config_hash") == cfg.section_hash("model"):
+            log.info("model: %s is up to date (use --force to rebuild)", out)
+            return out
     from landmarks.utils import configure_tensorflow
 
     configure_tensorflow()
+    build_default_model(cfg, out)
+    log.info("model: built -> %s", out)
+    return out
+
+
+def _cmd_model_build(args, cfg) -> int:
     for key in ("backbone", "init", "local_projection"):
         v = getattr(args, key, None)
         if v:
             setattr(cfg.model, key, v)
-    out = Path(args.out)
-    if (out / "saved_model.pb").exists() and not args.force:
-        meta = read_model_meta(out)
-        if meta is not None and meta.get("config_hash") == cfg.section_hash("model"):
-            print(f"{out} is up to date (use --force to rebuild)")
-            return 0
-    build_default_model(cfg, out)
-    print(out)
+    print(ensure_default_model(cfg, args.out, force=args.force))
     return 0
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("model", parents=[common], help="build the zero-training DELG model (official signature)")
+    p = subparsers.add_parser("model", parents=common(), help="build the zero-training DELG model (official signature)")
     p.add_argument("action", choices=["build"])
     p.add_argument("--out", default="models/default", help="SavedModel output directory")
     p.add_argument(

@@ -961,7 +961,7 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bo
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser(
         "validate-hard",
-        parents=[common],
+        parents=common("work_dir", "zero_model"),
         help="hard protocol: k-shot splits of the wide-baseline photos -> WORK_DIR/hard/report.md",
     )
     p.add_argument(

@@ -471,18 +471,3 @@ def stage_paths(cfg, work_dir) -> dict:
         "whiten_path": work.whiten(cfg),
         "calibration_path": work.calibration(cfg) if uses_calibration(cfg) else None,
     }
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "predict", parents=[common], help="vote over the knn (+ verify) outputs -> submission CSV"
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.config import log_settings
-
-    log_settings(log, cfg, "vote")
-    print(run_predict(cfg, args.data_dir, submission=args.submission, **stage_paths(cfg, args.work_dir)))
-    return 0

@@ -382,20 +382,3 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     print("\n".join(table))
     log.info("validate: report -> %s", work.report)
     return work.report
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "validate",
-        parents=[common],
-        help="GAP of global-only / verified / host-baseline settings -> WORK_DIR/report.md",
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.config import log_settings
-
-    log_settings(log, cfg, "vote")
-    run_validate(cfg, args.data_dir, args.work_dir, args.model, args.submission)
-    return 0

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks.config import log_settings
 from landmarks.store import load_npz, npz_fingerprint, save_npz
 from landmarks.utils import LandmarksError, text_digest
 
@@ -353,29 +352,3 @@ def run_verify(
     )
     log.info("verify: %d test images x %d candidates -> %s", len(test_ids), R, out)
     return out
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "verify",
-        parents=[common],
-        help="geometric verification of the knn shortlist -> WORK_DIR/verified-<settings>.npz",
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.layout import WorkLayout
-
-    work = WorkLayout(args.work_dir)
-    if not cfg.verify.enabled:
-        log.info("verify: off (verify.enabled=false); nothing to do")
-        return 0
-    knn_path = work.knn(cfg)
-    if not knn_path.exists():
-        raise LandmarksError(f"verify: {knn_path} not found: run `landmarks knn` first (make knn)")
-    log_settings(log, cfg, "verify")
-    print(
-        run_verify(cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg))
-    )
-    return 0
