@@ -314,29 +314,33 @@ def test_a_train_split_that_grows_a_little_keeps_its_adapted_model(tmp_path, cap
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_predict_adapts_by_default_and_opts_out():
-    """`make predict` runs the adapt stage and extracts with its export; MODEL=... or ADAPT=0 do not adapt."""
+    """`make predict` runs the graph, which adapts by default and extracts with the export;
+    MODEL=... or ADAPT=0 do not adapt."""
+    from landmarks.config import Config
+    from landmarks.stages import DEFAULT_MODEL, Run, plan
 
     def dry(*args):
         r = subprocess.run(
             ["make", "-n", "-C", str(REPO), "predict", "WORK_DIR=/tmp/w", *args], capture_output=True, text=True
         )
         assert r.returncode == 0, r.stderr
-        return [line for line in r.stdout.splitlines() if "landmarks " in line]
+        (line,) = [line for line in r.stdout.splitlines() if "landmarks run" in line]
+        return line
 
-    lines = dry()
-    adapt_lines = [line for line in lines if "landmarks adapt" in line]
-    assert len(adapt_lines) == 1 and "--out /tmp/w/adapt/model" in adapt_lines[0]
-    assert "--replace-stale" in adapt_lines[0] and "--no-eval" in adapt_lines[0]
-    order = [line.split("landmarks ")[1].split()[0] for line in lines]
-    assert order.index("adapt") < order.index("features") < order.index("predict")
-    assert all("--model /tmp/w/adapt/model" in line for line in lines if "landmarks features" in line)
-    for opt_out in (["MODEL=models/default"], ["ADAPT=0"]):
-        lines = dry(*opt_out)
-        assert not any("landmarks adapt" in line for line in lines)
-        assert all("--model models/default" in line for line in lines if "landmarks features" in line)
-    lines = dry("MODEL=/somewhere/delg")
-    assert not any("landmarks adapt" in line for line in lines)
-    assert all("--model /somewhere/delg" in line for line in lines if "landmarks predict" in line)
+    def enabled(run):
+        return [s.name for s in plan("predict") if s.enabled(run)]
+
+    line = dry()
+    assert "run predict" in line and "--model" not in line and "--no-adapt" not in line
+    run = Run(Config(), "data/demo", "/tmp/w")
+    names = enabled(run)
+    assert names.index("adapt") < names.index("features") < names.index("predict") and "model" not in names
+    assert run.model_dir == Path("/tmp/w/adapt/model")
+    assert "--model models/default" in dry("MODEL=models/default") and "--no-adapt" in dry("ADAPT=0")
+    for run in (Run(Config(), "d", "/tmp/w", model="models/default"), Run(Config(), "d", "/tmp/w", adapt=False)):
+        assert "adapt" not in enabled(run) and run.model_dir == DEFAULT_MODEL
+    run = Run(Config(), "d", "/tmp/w", model="/somewhere/delg")
+    assert "adapt" not in enabled(run) and "model" not in enabled(run) and run.model_dir == Path("/somewhere/delg")
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")

@@ -364,7 +364,7 @@ def test_every_export_folds_batch_norms_and_a_stale_default_model_is_rebuilt(tmp
         f"rc = main({[*base[3:], *tiny]!r}); assert rc == 0 and 'tensorflow' not in sys.modules"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and "up to date" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and "up to date" in r.stdout + r.stderr, r.stderr[-2000:]
     other = [*tiny, "--set", "model.gem_p=4"]
     r = subprocess.run(base + other + ["--check"], capture_output=True, text=True)
     assert r.returncode != 0 and "other model settings" in r.stderr and "Traceback" not in r.stderr

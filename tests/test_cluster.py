@@ -188,6 +188,7 @@ def test_real_cluster_identical_shards_and_worker_killed_mid_run(cluster, data, 
             "extract.intra_op_threads=1",
             "--set",
             "extract.train_local=true",
+            "-v",  # the per-shard log lines (which worker ran what) on the console, not only in logs/run.log
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

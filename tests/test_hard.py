@@ -158,6 +158,7 @@ def _hard_cfg(root, **over):
         "verify.jobs=1",
         "verify.num_to_rerank=3",
         "hard.demo_dir=",
+        "hard.nonlandmark_sample=0",
     ]
     return load_config(None, overrides + [f"{k}={v}" for k, v in over.items()])
 
@@ -187,7 +188,7 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
     assert res["global only"]["separation"] is None and res[hard.DEFAULT_ROW]["separation"]["n_good"] > 0
     assert list(res["global only"]["guards"]) == ["easy import"]  # the extra-train set split as `make import` does
     assert 0 <= res["global only"]["guards"]["easy import"] <= 1 and "| easy import |" in text
-    assert "hard K=1" in capsys.readouterr().out
+    assert "P1 K=1" in capsys.readouterr().out
     # the probe is resumable: a rerun reads the stored batches and runs no image through the model
     probes = sorted((work / "hard" / "probe").glob("probe-*.h5"))
     assert len(probes) == 4  # 4x3 + 2x2 + 3 distractors = 19 images in batches of 5 (probe files are kept by id)
@@ -225,14 +226,19 @@ def test_real_hard_protocol_splits():
         pytest.skip("../shared/data is absent")
     pool = hard.pool_table(cfg.hard)
     splits = hard.make_splits(cfg, pool, set(pool["id"]))
-    assert len(splits) == len(cfg.hard.shots) * cfg.hard.seeds
+    assert len(splits) == 2 * len(cfg.hard.shots) * cfg.hard.seeds  # both protocols
     lm = pool[pool["role"] == "landmark"]
+    extra = set(pool.loc[pool["role"] == "extra", "id"])
+    assert int((pool["role"] == "distractor").sum()) == cfg.hard.distractor_sample
+    assert int(pool["role"].isin(["distractor", "nonlandmark"]).sum()) == cfg.hard.nonlandmark_sample
     for s in splits:
         n_lm = int((s.solution["landmarks"] != "").sum())
         assert 10 <= n_lm < len(lm)  # a few dozen landmark queries at most
-        assert int((pool["role"] == "distractor").sum()) == cfg.hard.distractor_sample
-        extra = set(pool.loc[pool["role"] == "extra", "id"])
-        assert extra <= set(s.train_ids) and not extra & set(s.test_ids)
+        if s.protocol == "extra":
+            assert extra <= set(s.train_ids) and not extra & set(s.test_ids)
+        else:  # protocol 2: no extra classes, about 90 % of the test images are non-landmarks
+            assert not extra & (set(s.train_ids) | set(s.test_ids))
+            assert (s.solution["landmarks"] == "").mean() > 0.85
 
 
 @pytest.mark.parametrize("confidence, expected", [("score", 0.9), ("margin", 0.9 - 0.8)])
@@ -297,3 +303,32 @@ def test_probe_reproduces_the_pipeline(tmp_path, fake_model, verify):
     assert 0 < probed["gap"] < 1  # a split where the ranking matters
     assert staged["gap"] == pytest.approx(probed["gap"], abs=1e-9)
     assert staged["accuracy"] == pytest.approx(probed["accuracy"], abs=1e-9)
+
+
+def test_validate_hard_second_protocol_and_calibrated_rows(tmp_path, fake_model):
+    """Protocol 2 (landmarks alone in train, more non-landmarks) is scored beside protocol 1; the
+    calibrated row learns its model on each split's train pairs, with known warps where a split
+    has one photo per landmark; the report ranks wrong predictions against correct ones."""
+    root = tmp_path / "shared"
+    _write_set(root, "hard", 4, 3, 0)
+    _write_set(root, "extra", 2, 2, 1)
+    _write_set(root, "dis", 1, 6, 2, labelled=False)
+    cfg = _hard_cfg(root, **{"hard.nonlandmark_sample": 5, "hard.seeds": 1, "calibrate.min_positives": 3})
+    work = tmp_path / "work"
+    pool = hard.pool_table(cfg.hard)
+    roles = pool["role"].value_counts()
+    assert roles["distractor"] == 3 and roles["nonlandmark"] == 2  # protocol 1's 3 are among protocol 2's 5
+    splits = hard.make_splits(cfg, pool, set(pool["id"]))
+    p2 = [s for s in splits if s.protocol == "nonlandmark"]
+    assert len(p2) == 2 and all(s.name.startswith("P2 ") for s in p2)
+    extra_ids = set(pool.loc[pool["role"] == "extra", "id"])
+    assert all(not (set(s.train_ids) & extra_ids) for s in p2)  # no extra train classes
+    assert all(sum(s.solution["landmarks"] == "") >= 5 for s in p2)
+    report = hard.run_validate_hard(cfg, work, fake_model, variants=["calibrated"])
+    text = report.read_text()
+    for needle in ("| P2 K=1 seed=0 |", "**mean**", "Ranking of wrong predictions", "| calibrated | P2 |"):
+        assert needle in text
+    res = json.loads((work / "hard" / "results.json").read_text())
+    assert set(res["calibrated"]["protocol_means"]) == {"extra", "nonlandmark"}
+    assert 0 <= res["calibrated"]["mean"] <= 1
+    assert list((work / "hard" / "probe").glob("probe-*-warp0-*.h5"))  # the known warps were probed

@@ -134,13 +134,19 @@ def test_import_cli(tmp_path, capsys):
                 "0.5",
                 "--heldout-class-fraction",
                 "0",
-                "--copy",
+                "--link",
+                "copy",
             ]
         )
         == 0
     )
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts["train_images"] == 6 and counts["test_images"] == 8 and counts["link"] == "copy"
+    # --max-per-class: a seeded choice of at most N images per class (distractors all kept)
+    args = ["import", str(csv), "--distractors", str(dis), "--test-fraction", "0.5", "--heldout-class-fraction", "0"]
+    assert main([*args, "--out", str(tmp_path / "m"), "--max-per-class", "2", "--link", "copy"]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert counts["train_images"] == 3 and counts["test_images"] == 3 + 2, counts
 
 
 @pytest.mark.skipif(not (SHARED / "paris6k_subset" / "LABELS.csv").exists(), reason="shared data absent")

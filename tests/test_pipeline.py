@@ -105,3 +105,22 @@ def test_rerun_skips_and_is_byte_identical(run):
     lm("verify", *run["common"])
     lm("predict", *run["common"])
     assert run["sub"].read_bytes() == before
+
+
+def test_calibrated_confidence_stage(run, tmp_path):
+    """`landmarks calibrate` learns P(same landmark | evidence) from the train split; predict then
+    reports it as the confidence (a probability), and validate shows the reliability section."""
+    sub = tmp_path / "calibrated.csv"
+    common = [a if a != run["sub"] else sub for a in run["common"]] + ["--set", "vote.method=calibrated"]
+    lm("calibrate", *common)
+    (cal,) = run["work"].glob("calibration-*.npz")
+    mtime = cal.stat().st_mtime_ns
+    lm("calibrate", *common)  # up to date: skipped
+    assert cal.stat().st_mtime_ns == mtime
+    lm("predict", *common)
+    got = pd.read_csv(sub, dtype=str, keep_default_na=False)
+    conf = [float(x.split()[1]) for x in got["landmarks"] if x]
+    assert conf and all(0.0 <= c <= 1.0 for c in conf)
+    lm("validate", *common)
+    report = (run["work"] / "report.md").read_text()
+    assert "Reliability" in report and (run["work"] / "plots" / "reliability.png").stat().st_size > 1000

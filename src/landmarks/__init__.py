@@ -1,8 +1,19 @@
 """landmarks: instance-level landmark recognition (Google Landmark Recognition task).
 
-Stages (one module each): data -> extract/store -> knn -> verify -> predict -> metrics/validate.
+Stages (declared in one table, ``landmarks.stages.STAGES``): demo-data / model / adapt ->
+features -> whiten -> knn -> local-features -> verify -> predict -> validate.
+``landmarks.run("predict", data_dir=..., work_dir=...)`` runs a target and what it needs.
 """
 
 __version__ = "0.1.0"
 
 # TensorFlow is imported through landmarks.tfquiet (no C++ start-up banners, warnings kept).
+
+
+def __getattr__(name):
+    """``landmarks.run`` without importing the stage graph on every ``import landmarks``."""
+    if name == "run":
+        from landmarks.stages import run
+
+        return run
+    raise AttributeError(f"module 'landmarks' has no attribute {name!r}")

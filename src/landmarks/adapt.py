@@ -876,7 +876,9 @@ def _cmd_adapt(args, cfg) -> int:
 
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser(
-        "adapt", parents=[common], help="learn the local head from DATA_DIR's unlabelled train images, export it"
+        "adapt",
+        parents=common("data_dir", "work_dir", "zero_model"),
+        help="learn the local head from DATA_DIR's unlabelled train images, export it",
     )
     p.add_argument(
         "--out",

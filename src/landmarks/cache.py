@@ -42,6 +42,7 @@ FORMATS = {
     "whiten": 2,
     "knn": 3,
     "verify": 3,
+    "calibrate": 1,
     "adapt": 1,
     "train": 1,
     "model": 2,  # the serving graph of our exports (export.save_serving) and batch-norm folding
@@ -52,6 +53,7 @@ SECTIONS = {
     "whiten": ("whiten",),
     "knn": ("knn", "whiten"),
     "verify": ("knn", "whiten", "verify"),
+    "calibrate": ("knn", "whiten", "verify", "calibrate"),
 }
 
 # Settings that change how fast a stage runs or where it runs, never what it writes.

@@ -1,9 +1,12 @@
-"""`landmarks` command line: one sub-command per pipeline stage.
+"""`landmarks` command line: `landmarks run TARGET`, one command per stage, and the tools.
 
-Each stage module exposes ``register_cli(subparsers, common)``; it adds its sub-command with
-``parents=[common]`` (shared --config/--set/--data-dir/--work-dir/--model/--submission
-options) and sets ``func`` to a handler ``func(args, cfg) -> int``.  Stage modules import
-TensorFlow lazily, so light commands (``gap``, ``config show``) start fast.
+The pipeline commands (`run` and one per stage: features, whiten, knn, local-features, verify,
+predict, validate) are made here from the stage graph (`landmarks.stages.STAGES`) by one
+generic adapter.  Tool modules (import, holdout, gap, model, adapt, train, validate-hard,
+bench, show, demo-data) expose ``register_cli(subparsers, common)``: ``common(*names)`` gives the
+parent parsers of the shared options that command uses (always --config/--set/-v; then any of
+data_dir, work_dir, model, zero_model, submission), so each command's help lists only its own options.
+Stage modules import TensorFlow lazily, so light commands (``gap``, ``config show``) start fast.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import logging
 import os
 import sys
 
+from landmarks import __version__
 from landmarks.config import ConfigError, dump_config, load_config
 from landmarks.utils import LandmarksError, error_text, setup_logging
 
-# Modules that contribute sub-commands (each has register_cli), in pipeline order for --help.
-STAGE_MODULES = [
+# Modules that contribute tool sub-commands (each has register_cli), in pipeline order for --help.
+TOOL_MODULES = [
     "demo",
     "dataset_import",
     "holdout",
@@ -26,21 +30,59 @@ STAGE_MODULES = [
     "export",
     "train",
     "adapt",
-    "extract",
-    "whiten",
-    "knn",
-    "verify",
-    "predict",
-    "validate",
     "hard",
     "bench",
     "show",
 ]
+# The per-stage commands made from the graph (demo-data, model and adapt are tool commands with
+# options of their own; `landmarks run demo-data|model|adapt` runs those stages).
+STAGE_COMMANDS = ["features", "whiten", "knn", "local-features", "verify", "calibrate", "predict", "validate"]
+RUN_OPTS = ("data_dir", "work_dir", "model", "submission")
 
 
-def common_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("common options")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' for options whose default means something (not flags, None or [])."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+_OPTION_SPECS = {
+    "data_dir": (("--data-dir",), dict(default="data/demo", help="Kaggle-layout dataset directory")),
+    "work_dir": (("--work-dir",), dict(default="work", help="features, indexes, reports and logs")),
+    "model": (
+        ("--model",),
+        dict(
+            default=None,
+            help="DELG SavedModel directory (default: the default model with its local head adapted to "
+            "DATA_DIR's train images; models/default with --no-adapt or verify.enabled=false)",
+        ),
+    ),
+    # tools whose model is the zero-training one unless given (adapt compares against it; the hard
+    # protocol builds its own splits, which an adaptation on DATA_DIR would not describe)
+    "zero_model": (("--model",), dict(default="models/default", help="DELG SavedModel directory")),
+    "submission": (
+        ("--submission",),
+        dict(
+            default=None,
+            help="submission CSV (default: submission/submission.csv for WORK_DIR work, else WORK_DIR/submission.csv)",
+        ),
+    ),
+}
+
+
+def common(*names: str) -> list[argparse.ArgumentParser]:
+    """Parent parsers for a command: --config, --set, -v, and the named shared options."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("common options")
     g.add_argument("--config", default=None, help="YAML/TOML config file (defaults: `landmarks config show`)")
     g.add_argument(
         "--set",
@@ -50,26 +92,135 @@ def common_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config value (repeatable), e.g. --set knn.k=50",
     )
-    g.add_argument("--data-dir", default="data/demo", help="Kaggle-layout dataset directory")
-    g.add_argument("--work-dir", default="work", help="features, indexes and reports")
-    g.add_argument("--model", default="models/default", help="DELG SavedModel directory")
-    g.add_argument("--submission", default="submission/submission.csv", help="submission CSV path")
-    g.add_argument("-v", "--verbose", action="store_true")
-    return common
+    g.add_argument("-v", "--verbose", action="store_true", help="log every message and the settings on the console")
+    for name in names:
+        flags, kw = _OPTION_SPECS[name]
+        g.add_argument(*flags, **kw)
+    return [p]
+
+
+def _run_options(p: argparse.ArgumentParser, adapt: bool = True) -> None:
+    g = p.add_argument_group("run options")
+    g.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: extract.jobs)")
+    g.add_argument("--shards", type=int, default=None, help="shards per split (default: extract.shards)")
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDR",
+        help="dask scheduler address, e.g. tcp://host:8786 (default: extract.scheduler; empty = local)",
+    )
+    if adapt:
+        g.add_argument(
+            "--no-adapt",
+            dest="adapt",
+            action="store_false",
+            help="use the zero-training models/default instead of adapting its local head",
+        )
+
+
+def _make_run(args, cfg):
+    from landmarks.config import check_setting
+    from landmarks.stages import Run
+
+    for key, value in (("extract.shards", args.shards), ("extract.jobs", args.jobs)):
+        if value is not None:
+            check_setting(key, value)  # options standing in for settings: checked as the config is
+
+    options = {k: getattr(args, k) for k in getattr(args, "stage_options", ())}
+    return Run(
+        cfg,
+        args.data_dir,
+        args.work_dir,
+        args.model,
+        args.submission,
+        adapt=getattr(args, "adapt", True),
+        jobs=args.jobs,
+        shards=args.shards,
+        scheduler=args.scheduler,
+        options=options,
+    )
+
+
+def _cmd_run(args, cfg) -> int:
+    from landmarks.stages import run_target
+
+    result = run_target(args.target, _make_run(args, cfg))
+    if result.output is not None:
+        print(result.output)
+    return 0
+
+
+def _cmd_stage(args, cfg) -> int:
+    from landmarks.stages import run_stage
+
+    result = run_stage(args.command, _make_run(args, cfg))
+    if result.output is not None:
+        print(result.output)
+    return 0
+
+
+def _add_stage_commands(sub) -> None:
+    from landmarks.stages import STAGES, TARGETS
+
+    p = sub.add_parser(
+        "run",
+        parents=common(*RUN_OPTS),
+        help="run a target and every stage it needs, in order, skipping what is up to date",
+        description="Run TARGET and the stages it needs (stage graph: src/landmarks/stages.py); "
+        "checks the inputs and output paths first; one console line per stage, the full log in "
+        "WORK_DIR/logs/run.log.",
+    )
+    p.add_argument("target", nargs="?", default="predict", choices=TARGETS, help="stage to bring up to date")
+    _run_options(p)
+    p.set_defaults(func=_cmd_run)
+    by_name = {s.name: s for s in STAGES}
+    for name in STAGE_COMMANDS:
+        st = by_name[name]
+        p = sub.add_parser(name, parents=common(*RUN_OPTS), help=st.help, description=st.help + " (this stage only)")
+        _run_options(p)
+        dests = []
+        for flags, kw in st.options:
+            dests.append(p.add_argument(*flags, **kw).dest)
+        p.set_defaults(func=_cmd_stage, stage_options=tuple(dests))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="landmarks", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    common = common_parser()
+    parser = Parser(prog="landmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"landmarks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    p = sub.add_parser("config", parents=[common], help="show the effective configuration")
+    p = sub.add_parser("config", parents=common(), help="show the effective configuration")
     p.add_argument("action", choices=["show"])
     p.set_defaults(func=lambda args, cfg: print(dump_config(cfg), end="") or 0)
 
-    for name in STAGE_MODULES:
+    _add_stage_commands(sub)
+    for name in TOOL_MODULES:
         importlib.import_module(f"landmarks.{name}").register_cli(sub, common)
     return parser
+
+
+def _fill_defaults(args, cfg) -> None:
+    """Paths a tool left to the graph: the run's model and the per-run submission path."""
+    from landmarks.stages import Run, default_submission
+
+    if hasattr(args, "submission") and args.submission is None:
+        args.submission = str(default_submission(getattr(args, "work_dir", "work")))
+    if hasattr(args, "model") and args.model is None and args.func not in (_cmd_run, _cmd_stage):
+        # show, bench: the model the run of DATA_DIR / WORK_DIR uses
+        run = Run(cfg, getattr(args, "data_dir", "data/demo"), getattr(args, "work_dir", "work"))
+        args.model = str(run.model_dir)
+
+
+def _quiet_logging(verbose: bool) -> None:
+    """Pipeline commands: warnings on the console (everything with -v); the stage graph prints one
+    line per stage and keeps the full log in WORK_DIR/logs/run.log."""
+    setup_logging(verbose)
+    for h in logging.getLogger().handlers:
+        h.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # joblib's resource tracker (a child process) warns about "leaked" semaphores after a Ctrl-C
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    setup_logging(getattr(args, "verbose", False))
+    if args.func in (_cmd_run, _cmd_stage):
+        _quiet_logging(args.verbose)
+    else:
+        setup_logging(getattr(args, "verbose", False))
     try:
         cfg = load_config(args.config, args.overrides)
+        _fill_defaults(args, cfg)
         rc = args.func(args, cfg)
         sys.stdout.flush()  # a closed pipe (`landmarks gap ... | head -1`) shows up here, not at exit
         return int(rc or 0)
@@ -92,9 +247,25 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("landmarks").debug("error", exc_info=True)
         print(f"landmarks {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) if str(e) else "interrupted: rerun the same command to resume", file=sys.stderr, flush=True)
+        _silence_stderr()
         return 130
+
+
+def _silence_stderr() -> None:
+    """After Ctrl-C: nothing more on the console at exit (joblib's and TensorFlow's shutdown
+    tracebacks); registered last, so it runs before their exit handlers."""
+    import atexit
+
+    def quiet():
+        try:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        except (OSError, ValueError):  # pragma: no cover
+            pass
+
+    atexit.register(quiet)
 
 
 def _one_line(e: BaseException) -> str:

@@ -188,7 +188,9 @@ class VerifyConfig:
 class VoteConfig:
     """Turning neighbours (+ inliers) into one label and confidence per test image."""
 
-    method: Literal["sum_power", "host"] = "sum_power"
+    # calibrated: each candidate's P(same landmark | sim, evidence) from the calibrate stage's model;
+    # the best label's probability is the confidence (landmarks.calibrate)
+    method: Literal["sum_power", "host", "calibrated"] = "sum_power"
     neighbours: int = ranged(20, "[1, 100000]")  # nearest train images that vote (= verify.num_to_rerank; host: 10)
     top_k: int = ranged(1, "[1, 100000]")  # neighbours per label that count (1 and 2 best on demo + holdout; host: 5)
     power: float = ranged(8.0, "[0, 64]")  # similarity exponent for sum_power (8 > 3 on demo + shared holdout)
@@ -206,6 +208,39 @@ class VoteConfig:
     suppression_max_sim: float = ranged(
         0.0, "[-1, 1]"
     )  # ...or below this similarity when > 0; they form the non-landmark pool
+    # calibrated: a label other than the global winner's (nearest neighbour) wins only when its best
+    # candidate's inliers are significant: -log10 NFA >= this (0 = NFA <= 1; -5 = no guard)
+    guard_significance: float = ranged(0.0, "[-5, 30]")
+    combine: Literal["max", "noisy_or"] = "max"  # calibrated: a label's probability from its top_k candidates
+    # calibrated: the label is the sum_power score's winner (sim**power + inlier term: the best labels on the
+    # hard protocols) and its probability the confidence | the label with the highest probability wins
+    calibrated_label: Literal["score", "probability"] = "score"
+    # a-contrario gate (sum_power / host): a candidate's inliers count only when -log10 NFA of its inlier set
+    # reaches this (<= -5 = off: every inlier counts, the host formula)
+    significance_gate: float = ranged(-5.0, "[-5, 30]")
+
+
+@dataclass
+class CalibrateConfig:
+    """`landmarks calibrate`: P(same landmark | evidence) learned on the train split (landmarks.calibrate)."""
+
+    features: tuple[str, ...] = (
+        "sim",
+        "log_inliers",
+        "log_matches",
+        "ratio",
+        "spread",
+        "significance",
+    )  # of calibrate.FEATURES
+    l2: float = ranged(1.0, "[0, 100]")  # ridge penalty of the logistic fit on standardized features
+    prior: float = ranged(0.0, "[0, 1]")  # positives weighted to this share (0 = the pairs' own share)
+    max_anchors: int = ranged(150, "[10, 100000]")  # train images used as anchors, a seeded hash sample of ids
+    positives: int = ranged(3, "[0, 50]")  # per anchor: its nearest same-label train neighbours verified
+    negatives: int = ranged(6, "[1, 100]")  # per anchor: its nearest other-label train neighbours verified
+    search_depth: int = ranged(100, "[10, 10000]")  # train neighbours searched per anchor to find those
+    min_positives: int = ranged(30, "[0, 10000]")  # fewer same-label pairs: add known warps as positives
+    warps: int = ranged(60, "[0, 1000]")  # train images warped for those positives, at most
+    seed: int = ranged(0, SEED)
 
 
 @dataclass
@@ -237,6 +272,7 @@ class ImportConfig:
         0, "[0, inf)"
     )  # k-shot splits: K train images per class, the rest to test (0 = use test_fraction)
     distractor_sample: int = ranged(0, "[0, inf)")  # use a seeded sample of this many distractors (0 = all)
+    max_per_class: int = ranged(0, "[0, inf)")  # use a seeded choice of at most this many images per class (0 = all)
 
 
 @dataclass
@@ -364,6 +400,9 @@ class HardConfig:
     extra_train: tuple[str, ...] = ("paris6k_subset", "multiview_scenes")  # extra train classes (always in train)
     distractors: str = "distractors_products"  # non-landmark test photos
     distractor_sample: int = ranged(100, "[0, inf)")  # seeded sample of distractors put in every split's test set
+    # protocol 2 ("mostly non-landmarks"): the landmarks alone in train (no extra classes) and this many
+    # product photos in test, ~90 % of the test images (0 = protocol 2 off; the set holds 1006)
+    nonlandmark_sample: int = ranged(400, "[0, inf)")
     shots: tuple[int, ...] = ranged((1, 2), "[1, 10000]")  # K train photos per landmark
     seeds: int = ranged(5, "[1, 10000]")  # splits per K
     heldout_class_fraction: float = ranged(0.2, "[0, 1)")  # landmarks left out of train (unseen)
@@ -393,6 +432,7 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     hard: HardConfig = field(default_factory=HardConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))

@@ -99,6 +99,20 @@ def sample_distractors(dis: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return dis.iloc[np.sort(pick)]
 
 
+def cap_per_class(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most n images per class (a seeded choice per class, independent of the other classes);
+    rows without a class (distractors) are kept.  n = 0: all."""
+    if n <= 0:
+        return rows
+    keep = np.ones(len(rows), bool)
+    for cls, idx in rows[rows["cls"] != ""].sort_values("id").groupby("cls").indices.items():
+        if len(idx) > n:
+            order = rows[rows["cls"] != ""].sort_values("id").index.to_numpy()[idx]
+            drop = order[_class_order(cls, seed, len(idx))[n:]]
+            keep[rows.index.get_indexer(drop)] = False
+    return rows[keep]
+
+
 def _class_order(cls: str, seed: int, n: int) -> np.ndarray:
     """Seeded permutation of a class's n images (its own generator: independent of the others)."""
     return np.random.default_rng([int(seed), int(hashlib.sha1(cls.encode()).hexdigest()[:8], 16)]).permutation(n)
@@ -179,12 +193,14 @@ def import_dataset(
     extra_train=(),
     train_per_class=None,
     distractor_sample=None,
+    max_per_class=None,
 ) -> Path:
     """Build a Kaggle-layout dataset in out_dir from labelled sets (+ distractors); returns out_dir.
 
     `cfg` is the Config (its `dataset_import` section gives defaults for the keyword arguments).
     `extra_train` sets only add train classes (all their images go to train; more classes to
-    confuse, as in GLDv2); `train_per_class` K > 0 makes a k-shot split (see `plan_split`).
+    confuse, as in GLDv2); `train_per_class` K > 0 makes a k-shot split (see `plan_split`);
+    `max_per_class` N > 0 uses a seeded choice of at most N images of each class.
     """
     ic = _import_settings(
         cfg,
@@ -195,6 +211,7 @@ def import_dataset(
             link=link,
             train_per_class=train_per_class,
             distractor_sample=distractor_sample,
+            max_per_class=max_per_class,
         ),
     )
     sources = [os.path.abspath(s) for s in label_csvs_or_dirs]
@@ -203,7 +220,7 @@ def import_dataset(
     if not sources:
         raise LandmarksError("import: give at least one LABELS.csv or class-folder tree")
     out_dir = Path(out_dir)
-    allrows = _read_sources(sources, extra_train, distractors)
+    allrows = cap_per_class(_read_sources(sources, extra_train, distractors), ic.max_per_class, ic.seed)
     params = {
         "sources": sources,
         "extra_train": extra_train,
@@ -211,6 +228,8 @@ def import_dataset(
         **dataclasses.asdict(ic),
         "inputs": hashlib.sha1("\n".join(sorted(allrows["id"] + allrows["cls"])).encode()).hexdigest()[:16],
     }
+    if not ic.max_per_class:
+        params.pop("max_per_class")  # imports made before the option existed stay up to date
     if split_up_to_date(out_dir, params, "import"):
         return out_dir
 
@@ -321,10 +340,11 @@ def _cmd_import(args, cfg) -> int:
         test_fraction=args.test_fraction,
         heldout_class_fraction=args.heldout_class_fraction,
         seed=args.seed,
-        link=args.link_mode,
+        link=args.link,
         extra_train=args.extra_train or [],
         train_per_class=args.train_per_class,
         distractor_sample=args.distractor_sample,
+        max_per_class=args.max_per_class,
     )
     counts = json.loads((out / "split.json").read_text())["counts"]
     print(json.dumps(counts))
@@ -332,7 +352,7 @@ def _cmd_import(args, cfg) -> int:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("import", parents=[common], help="import labelled photo sets as a Kaggle-layout holdout")
+    p = subparsers.add_parser("import", parents=common(), help="import labelled photo sets as a Kaggle-layout holdout")
     p.add_argument(
         "labels", nargs="+", metavar="LABELS.csv|DIR", help="landmark sets (id,landmark_id,path or class folders)"
     )
@@ -364,10 +384,17 @@ def register_cli(subparsers, common) -> None:
         metavar="N",
         help="use a seeded sample of N distractor images (config: 0 = all)",
     )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--link", dest="link_mode", action="store_const", const="hardlink", help="hard-link images (default)"
+    p.add_argument(
+        "--max-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use a seeded choice of at most N images of each class (config: 0 = all)",
     )
-    g.add_argument("--copy", dest="link_mode", action="store_const", const="copy", help="copy images")
-    g.add_argument("--symlink", dest="link_mode", action="store_const", const="symlink", help="symlink images")
-    p.set_defaults(func=_cmd_import, link_mode=None)
+    p.add_argument(
+        "--link",
+        choices=["hardlink", "copy", "symlink"],
+        default=None,
+        help="how images are placed in OUT (config: hardlink; copy when the file system refuses links)",
+    )
+    p.set_defaults(func=_cmd_import)

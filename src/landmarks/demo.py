@@ -511,6 +511,6 @@ def _cmd_demo(args, cfg) -> int:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("demo-data", parents=[common], help="generate the synthetic demo dataset")
+    p = subparsers.add_parser("demo-data", parents=common(), help="generate the synthetic demo dataset")
     p.add_argument("--out", default="data/demo", help="output directory (Kaggle layout)")
     p.set_defaults(func=_cmd_demo)

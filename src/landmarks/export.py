@@ -459,30 +459,38 @@ def stale_reason(cfg, out: str | Path) -> str | None:
     return None
 
 
-def _cmd_model_build(args, cfg) -> int:
+def ensure_default_model(cfg, out: str | Path, force: bool = False, check: bool = False) -> Path:
+    """The zero-training model at `out`, built unless it is there already with today's model
+    settings hash (the model stage of the graph and `landmarks model build`).  A model built
+    otherwise is rebuilt (logged), or with `check` refused in one line: never used silently."""
+    out = Path(out)
+    stale = stale_reason(cfg, out)
+    if stale is None and not force:
+        log.info("model: %s is up to date (use --force to rebuild)", out)
+        return out
+    if stale is not None and (out / "saved_model.pb").exists():
+        if check:
+            raise LandmarksError(f"{out} {stale}: rebuild it with `landmarks model build --out {out}` (make model)")
+        log.info("model: %s %s: rebuilding it", out, stale)
     from landmarks.utils import configure_tensorflow
 
+    configure_tensorflow()
+    build_default_model(cfg, out)
+    log.info("model: built -> %s", out)
+    return out
+
+
+def _cmd_model_build(args, cfg) -> int:
     for key in ("backbone", "init", "local_projection"):
         v = getattr(args, key, None)
         if v:
             setattr(cfg.model, key, v)
-    out = Path(args.out)
-    stale = stale_reason(cfg, out)
-    if stale is None and not args.force:
-        print(f"{out} is up to date (use --force to rebuild)")
-        return 0
-    if stale is not None and (out / "saved_model.pb").exists():
-        if args.check:
-            raise LandmarksError(f"{out} {stale}: rebuild it with `landmarks model build --out {out}` (make model)")
-        log.info("%s %s: rebuilding it", out, stale)
-    configure_tensorflow()
-    build_default_model(cfg, out)
-    print(out)
+    print(ensure_default_model(cfg, args.out, force=args.force, check=args.check))
     return 0
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("model", parents=[common], help="build the zero-training DELG model (official signature)")
+    p = subparsers.add_parser("model", parents=common(), help="build the zero-training DELG model (official signature)")
     p.add_argument("action", choices=["build"])
     p.add_argument("--out", default="models/default", help="SavedModel output directory")
     p.add_argument(

@@ -217,7 +217,9 @@ def _cmd_holdout(args, cfg) -> int:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("holdout", parents=[common], help="make an offline validation split from train.csv")
+    p = subparsers.add_parser(
+        "holdout", parents=common("data_dir"), help="make an offline validation split from train.csv"
+    )
     p.add_argument("--out", default="data/holdout", help="output dataset directory")
     p.add_argument("--test-images", type=int, default=None, help="test images from seen + held-out classes")
     p.add_argument("--nonlandmark-share", type=float, default=None, help="share of test images from held-out classes")
@@ -225,6 +227,8 @@ def register_cli(subparsers, common) -> None:
     p.add_argument("--per-class-test", type=int, default=None, help="test images per sampled seen class")
     p.add_argument("--distractors", default=None, metavar="CSV|DIR", help="non-landmark images added to test")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--link", choices=["symlink", "hardlink"], default=None, help="how images are linked (symlink)")
+    p.add_argument(
+        "--link", choices=["symlink", "hardlink"], default=None, help="how images are placed in OUT (config: symlink)"
+    )
     p.add_argument("--no-images", action="store_true", help="write the CSVs only, link no images")
     p.set_defaults(func=_cmd_holdout)

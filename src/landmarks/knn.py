@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from landmarks import cache
-from landmarks.config import log_settings
 from landmarks.store import SHARD_GLOB
 from landmarks.utils import LandmarksError, l2_normalize
 
@@ -223,19 +222,3 @@ def run_knn(
     )
     log.info("knn: %d test x %d train, k=%d -> %s", len(test_ids), len(train_ids), sims.shape[1], out)
     return out
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "knn", parents=[common], help="top-K train neighbours of each test image -> WORK_DIR/knn-<settings>.npz"
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.layout import WorkLayout
-
-    work = WorkLayout(args.work_dir)
-    log_settings(log, cfg, "knn", "whiten")
-    print(run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg)))
-    return 0

@@ -12,6 +12,7 @@ longer matches (``landmarks.cache``).
       whiten-<h>.npz                                                     landmarks whiten (when on)
       knn-<h>.npz                                                        landmarks knn
       verified-<h>.npz                                                   landmarks verify
+      calibration-<h>.npz                                                landmarks calibrate
       report.md, plots/                                                  landmarks validate
       hard/, adapt/, show/, bench/, notebooks/                           tools
 """
@@ -50,6 +51,9 @@ class WorkLayout:
 
     def verified(self, cfg) -> Path:
         return self.root / output_name("verify", cfg, prefix="verified")
+
+    def calibration(self, cfg) -> Path:
+        return self.root / output_name("calibrate", cfg, prefix="calibration")
 
     # -- reports and tools --------------------------------------------------------------------
     @property

@@ -112,6 +112,8 @@ def _cmd_gap(args, cfg) -> int:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("gap", parents=[common], help="score a submission (GAP) against a solution file")
+    p = subparsers.add_parser(
+        "gap", parents=common("submission"), help="score a submission (GAP) against a solution file"
+    )
     p.add_argument("--solution", required=True, help="solution CSV (id,landmarks[,Usage])")
     p.set_defaults(func=_cmd_gap)

@@ -123,44 +123,13 @@ def pipeline_context(ctx: Context) -> Context:
 
 
 def run_pipeline(run: Context) -> dict:
-    """Demo data (small demo only) -> features -> predict -> validate; returns paths and seconds
-    per stage.  Every stage skips work that is already done."""
-    from landmarks import extract, knn, predict, verify, whiten
-    from landmarks.demo import make_demo
-    from landmarks.layout import WorkLayout
-    from landmarks.validate import run_validate
+    """The stage graph's `validate` target (demo data first for the small demo); returns the
+    submission, the report and seconds per stage.  Every stage skips work that is already done."""
+    from landmarks.stages import Run, run_target
 
-    times = {}
-    t = time.time()
-    if run.small:
-        make_demo(run.cfg.demo, run.data_dir)
-        times["demo data"] = time.time() - t
-    for split in ("train", "test"):
-        t = time.time()
-        extract.run_features(run.cfg, run.data_dir, run.work_dir, run.model, split)
-        times[f"features {split}"] = time.time() - t
-    cfg, work = run.cfg, WorkLayout(run.work_dir)
-    t = time.time()
-    whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg))
-    knn_path = knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg))
-    times["whiten + knn"] = time.time() - t
-    verified = None
-    if cfg.verify.enabled:
-        t = time.time()
-        extract.run_local_features(cfg, run.data_dir, work.root, run.model, knn_path)
-        verified = verify.run_verify(
-            cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg)
-        )
-        times["local features + verify"] = time.time() - t
-    t = time.time()
-    sub = predict.run_predict(
-        cfg, run.data_dir, knn_path, verified, run.submission, work.features_root, work.whiten(cfg)
-    )
-    times["predict (vote)"] = time.time() - t
-    t = time.time()
-    report = run_validate(run.cfg, run.data_dir, run.work_dir, run.model, sub)
-    times["validate"] = time.time() - t
-    return {"submission": sub, "report": report, "seconds": times}
+    graph_run = Run(run.cfg, run.data_dir, run.work_dir, run.model, run.submission, adapt=False, demo=run.small)
+    result = run_target("validate", graph_run)
+    return {"submission": result.outputs["predict"], "report": result.output, "seconds": result.seconds}
 
 
 def last_validate_run(ctx: Context) -> Context:
@@ -303,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m landmarks.notebooks`: execute the notebooks into HTML (or `--strip` their outputs); exit status."""
     import nbformat
 
-    from landmarks.cli import common_parser
+    from landmarks.cli import common
     from landmarks.config import ConfigError
     from landmarks.utils import setup_logging
 
     parser = argparse.ArgumentParser(
         prog="python -m landmarks.notebooks",
-        parents=[common_parser()],
+        parents=common("data_dir", "work_dir", "model", "submission"),
         description="Execute notebooks/*.ipynb and write HTML into --out.",
     )
     parser.add_argument("--out", default=None, help="HTML output directory (default WORK_DIR/notebooks)")

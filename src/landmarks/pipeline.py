@@ -1,39 +1,24 @@
-"""The whole pipeline in order, for notebooks, tests and tools: what `make predict` runs.
+"""The whole pipeline in order, for notebooks, tests and tools: the stage graph's `predict` target.
 
-Each step is one stage's public function with the paths of the WORK_DIR layout; nothing here
-decides anything a stage does not.  From a shell, `make predict` runs the same steps as separate
-commands (features, whiten, knn, local-features, verify, predict).
+Both functions run the stages of :mod:`landmarks.stages` with a given model (no adaptation: the
+model is the caller's); ``landmarks.run`` / ``landmarks run`` / ``make predict`` are the same graph
+with the model chosen for you.  Nothing here wires stages: the graph does.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-log = logging.getLogger("landmarks.pipeline")
+from landmarks.stages import Run, run_target
 
 
 def run_all(cfg, data_dir, work_dir, model_dir, submission, jobs: int | None = None) -> Path:
     """features (train, test) -> whiten -> knn -> local-features -> verify -> predict -> SUBMISSION."""
-    from landmarks import extract
-
-    for split in ("train", "test"):
-        extract.run_features(cfg, data_dir, work_dir, model_dir, split, jobs=jobs)
-    return run_after_features(cfg, data_dir, work_dir, model_dir, submission, jobs)
+    run = Run(cfg, data_dir, work_dir, model_dir, submission, adapt=False, demo=False, jobs=jobs)
+    return run_target("predict", run, echo=False).output
 
 
 def run_after_features(cfg, data_dir, work_dir, model_dir, submission, jobs: int | None = None) -> Path:
     """whiten -> knn -> local-features -> verify -> predict, from the feature shards in WORK_DIR."""
-    from landmarks import extract, knn, predict, verify, whiten
-    from landmarks.layout import WorkLayout
-
-    work = WorkLayout(work_dir)
-    whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg))
-    knn_path = knn.run_knn(cfg, work.features("train"), work.features("test"), work.knn(cfg), work.whiten(cfg))
-    verified = None
-    if cfg.verify.enabled:
-        extract.run_local_features(cfg, data_dir, work.root, model_dir, knn_path, jobs=jobs)
-        verified = verify.run_verify(
-            cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg)
-        )
-    return predict.run_predict(cfg, data_dir, knn_path, verified, submission, work.features_root, work.whiten(cfg))
+    run = Run(cfg, data_dir, work_dir, model_dir, submission, adapt=False, demo=False, jobs=jobs)
+    return run_target("predict", run, after="features", echo=False).output

@@ -37,9 +37,15 @@ def _sum_power_scores(cfg, sims: np.ndarray) -> tuple[np.ndarray, float, int]:
     return np.clip(sims, 0.0, None) ** cfg.power, cfg.inlier_weight, max(0, int(cfg.inlier_floor))
 
 
+def _calibrated_fallback_scores(cfg, sims: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """'calibrated' without a calibration (global only): sim ** power, never an added inlier term."""
+    return np.clip(sims, 0.0, None) ** cfg.power, 0.0, 0
+
+
 # Voting methods: similarities -> (base scores, inlier weight, inlier floor).  Keys are the choices of
-# config.VoteConfig.method (a test keeps them equal).
-METHODS = {"host": _host_scores, "sum_power": _sum_power_scores}
+# config.VoteConfig.method (a test keeps them equal).  'calibrated' votes with vote_calibrated() when
+# a calibration and the verified evidence are at hand.
+METHODS = {"host": _host_scores, "sum_power": _sum_power_scores, "calibrated": _calibrated_fallback_scores}
 
 
 def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.ndarray:
@@ -50,6 +56,17 @@ def _neighbour_scores(cfg, sims: np.ndarray, inliers: np.ndarray | None) -> np.n
         cap = max(1, int(cfg.inlier_cap))
         base[:, :r] += weight * np.minimum(np.clip(inliers[:, :r] - floor, 0, None), cap) / cap
     return base
+
+
+def gate_inliers(cfg, inliers: np.ndarray | None, evidence: np.ndarray | None) -> np.ndarray | None:
+    """Inliers that count in the score: with vote.significance_gate > -5, a candidate whose inlier set
+    is not significant (-log10 NFA below the gate: chance inliers) counts 0 inliers."""
+    if inliers is None or evidence is None or cfg.vote.significance_gate <= -5:
+        return inliers
+    from landmarks import calibrate
+
+    sig = calibrate.significance(evidence[:, : inliers.shape[1]], cfg.verify)
+    return np.where(sig >= cfg.vote.significance_gate, inliers, 0).astype(inliers.dtype)
 
 
 def vote(
@@ -91,6 +108,86 @@ def vote(
                 second = max(second, total)
         labels[r], conf[r] = best_label, best - second if cfg.confidence == "margin" else best
     return labels, conf
+
+
+def vote_calibrated(
+    cfg,
+    knn_idx: np.ndarray,
+    train_labels: np.ndarray,
+    probs: np.ndarray,
+    significance: np.ndarray | None = None,
+    fixed_labels: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and confidences from calibrated candidate probabilities `probs` [q, n] (first n
+    neighbours of knn_idx): a label's probability is its best candidate's (combine=max) or the
+    noisy-OR of its top_k; the best label wins and its probability is the confidence.
+
+    Guard: a label other than the nearest neighbour's wins only when its best candidate's
+    `significance` (-log10 NFA, [q, n]) reaches cfg.guard_significance; otherwise the nearest
+    neighbour's label stays, with its own probability.  `fixed_labels` [q] (NO_LABEL = none): the
+    labels are given; each gets its probability as the confidence."""
+    q, n = probs.shape
+    labels = np.full(q, NO_LABEL, np.int64)
+    conf = np.zeros(q, np.float64)
+    idx = knn_idx[:, :n]
+    if fixed_labels is not None:  # the label is decided elsewhere: its probability is the confidence
+        train_labels = np.asarray(train_labels, np.int64)
+        for r in range(q):
+            if fixed_labels[r] == NO_LABEL:
+                continue
+            ps = [float(probs[r, j]) for j in range(n) if idx[r, j] >= 0 and train_labels[idx[r, j]] == fixed_labels[r]]
+            if ps:
+                ps = sorted(ps, reverse=True)[: max(1, int(cfg.top_k))]
+                labels[r] = fixed_labels[r]
+                conf[r] = ps[0] if cfg.combine == "max" else 1.0 - float(np.prod([1.0 - p for p in ps]))
+        return labels, conf
+    train_labels = np.asarray(train_labels, np.int64)
+    top_k = max(1, int(cfg.top_k))
+    for r in range(q):
+        per: dict[int, list[tuple[float, float]]] = {}
+        for j in range(n):
+            t = idx[r, j]
+            if t < 0:
+                continue
+            sig = np.inf if significance is None else float(significance[r, j])
+            per.setdefault(int(train_labels[t]), []).append((float(probs[r, j]), sig))
+        if not per:
+            continue
+        score, sig_of = {}, {}
+        for lab, items in per.items():
+            ps = sorted((p for p, _ in items), reverse=True)[:top_k]
+            score[lab] = ps[0] if cfg.combine == "max" else 1.0 - float(np.prod([1.0 - p for p in ps]))
+            sig_of[lab] = max(s for _, s in items)
+        best = min(score, key=lambda lab: (-score[lab], lab))
+        first = int(train_labels[idx[r, 0]]) if idx[r, 0] >= 0 else best
+        if best != first and first in score and sig_of[best] < cfg.guard_significance:
+            best = first
+        labels[r], conf[r] = best, score[best]
+    return labels, conf
+
+
+def calibrated_vote(
+    cfg, knn_sims: np.ndarray, knn_idx: np.ndarray, train_labels: np.ndarray, evidence: np.ndarray, model: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """vote.method=calibrated: P(same landmark) of the first min(neighbours, R) candidates from
+    their similarity and verified evidence [q, R, 4] (calibrate.candidate_probability), then
+    vote_calibrated()."""
+    from landmarks import calibrate
+
+    n = min(int(cfg.vote.neighbours), knn_sims.shape[1], evidence.shape[1])
+    if n <= 0:
+        return np.full(knn_sims.shape[0], NO_LABEL, np.int64), np.zeros(knn_sims.shape[0])
+    ev = evidence[:, :n]
+    probs = calibrate.candidate_probability(model, knn_sims[:, :n], ev, cfg.verify)
+    sig = calibrate.significance(ev, cfg.verify)
+    fixed = None
+    if cfg.vote.calibrated_label == "score":
+        import copy
+
+        vc = copy.copy(cfg.vote)
+        vc.method = "sum_power"
+        fixed, _ = vote(vc, knn_sims, knn_idx, train_labels, evidence[..., 0].astype(np.int32))
+    return vote_calibrated(cfg.vote, knn_idx[:, :n], train_labels, probs, sig, fixed)
 
 
 # -- non-landmark suppression --------------------------------------------------------------------
@@ -260,9 +357,12 @@ def _check_written(path: Path, expected: list[str]) -> None:
 
 
 # -- stage ---------------------------------------------------------------------------------------
-def load_inputs(cfg, data_dir, knn_path: str | Path, verified_path: str | Path | None) -> dict:
-    """The knn output, the verified inliers (None when `verified_path` is None: global only) and
-    the train labels aligned to the knn's train ids."""
+def load_inputs(
+    cfg, data_dir, knn_path: str | Path, verified_path: str | Path | None, calibration_path: str | Path | None = None
+) -> dict:
+    """The knn output, the verified inliers and evidence (None when `verified_path` is None: global
+    only), the calibration model (when `calibration_path` is given) and the train labels aligned to
+    the knn's train ids."""
     from landmarks import data
 
     train = data.load_split(data_dir, "train")  # input CSVs first: a broken file stops before the npz reads
@@ -276,7 +376,7 @@ def load_inputs(cfg, data_dir, knn_path: str | Path, verified_path: str | Path |
             f"{len(missing)} train feature ids are not in {data_dir}/train.csv (e.g. {missing[0]}): "
             "features belong to another dataset; use another WORK_DIR"
         )
-    inliers = None
+    inliers = evidence = calibration = None
     if verified_path is not None:
         from landmarks.verify import verify_fingerprint
 
@@ -286,9 +386,16 @@ def load_inputs(cfg, data_dir, knn_path: str | Path, verified_path: str | Path |
                 f"{verified_path} was made from another knn output or settings: rerun `landmarks verify` (make verify)"
             )
         inliers = ver["inliers"]
+        evidence = ver.get("evidence")
+        if calibration_path is not None:
+            from landmarks import calibrate
+
+            calibration = calibrate.load(calibration_path)
     return {
         "knn": knn,
         "inliers": inliers,
+        "evidence": evidence,
+        "calibration": calibration,
         "train_labels": np.array([lab[i] for i in train_ids], np.int64),
         "test_ids": [str(i) for i in knn["test_ids"]],
         "expected_ids": [str(i) for i in test["id"]],
@@ -310,7 +417,12 @@ def predict_arrays(
     """(labels, confidences after suppression, penalty) for the knn test ids."""
     knn = inputs["knn"]
     inl = inputs["inliers"] if isinstance(inliers, str) else inliers
-    labels, conf = vote(cfg.vote, knn["sims"], knn["idx"], inputs["train_labels"], inl)
+    ev, model = inputs.get("evidence"), inputs.get("calibration")
+    if cfg.vote.method == "calibrated" and model is not None and ev is not None and inl is not None:
+        labels, conf = calibrated_vote(cfg, knn["sims"], knn["idx"], inputs["train_labels"], ev, model)
+    else:
+        inl = gate_inliers(cfg, inl, ev if inl is not None else None)
+        labels, conf = vote(cfg.vote, knn["sims"], knn["idx"], inputs["train_labels"], inl)
     best = knn["sims"][:, 0] if knn["sims"].shape[1] else np.zeros(len(labels))
     penalty = suppression_penalty(cfg, features_root, inputs["test_ids"], best, whitening)
     return labels, conf - penalty, penalty
@@ -324,17 +436,20 @@ def run_predict(
     submission: str | Path,
     features_root: str | Path,
     whiten_path: str | Path | None = None,
+    calibration_path: str | Path | None = None,
 ) -> Path:
     """Stage: vote over the knn neighbours (+ verified inliers) -> SUBMISSION, every test id once.
 
     `verified_path` None = global only.  `features_root` and `whiten_path` are read only for
-    non-landmark suppression (vote.suppression) and whitening, when those are on."""
+    non-landmark suppression (vote.suppression) and whitening, when those are on.
+    `calibration_path` (vote.method=calibrated): the calibrate stage's model; the confidence is
+    then the calibrated probability."""
     from landmarks import data, whiten
 
     data.load_solution(data_dir)  # a broken solution.csv stops here, not in validate
     if cfg.vote.suppression == "distractors":
         _read_distractor_ids(cfg)
-    inputs = load_inputs(cfg, data_dir, knn_path, verified_path)
+    inputs = load_inputs(cfg, data_dir, knn_path, verified_path, calibration_path)
     w = whiten.load_whiten(cfg, whiten_path, Path(features_root) / "train", "global")
     labels, conf, _ = predict_arrays(cfg, inputs, features_root, w)
     path = write_submission(submission, inputs["test_ids"], labels, conf, inputs["expected_ids"])
@@ -345,6 +460,7 @@ def run_predict(
 
 def stage_paths(cfg, work_dir) -> dict:
     """The inputs `run_predict` reads for this config, from the WORK_DIR layout."""
+    from landmarks.calibrate import uses_calibration
     from landmarks.layout import WorkLayout
 
     work = WorkLayout(work_dir)
@@ -353,19 +469,5 @@ def stage_paths(cfg, work_dir) -> dict:
         "verified_path": work.verified(cfg) if cfg.verify.enabled else None,
         "features_root": work.features_root,
         "whiten_path": work.whiten(cfg),
+        "calibration_path": work.calibration(cfg) if uses_calibration(cfg) else None,
     }
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "predict", parents=[common], help="vote over the knn (+ verify) outputs -> submission CSV"
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.config import log_settings
-
-    log_settings(log, cfg, "vote")
-    print(run_predict(cfg, args.data_dir, submission=args.submission, **stage_paths(cfg, args.work_dir)))
-    return 0

@@ -686,7 +686,9 @@ def plot_test_gallery(data_dir, table, title: str, n: int = 6):
 # -- CLI -----------------------------------------------------------------------------------------
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser(
-        "show", parents=[common], help="PNG of one test image: top kNN candidates, inlier lines, keypoint scores"
+        "show",
+        parents=common("data_dir", "work_dir", "model"),
+        help="PNG of one test image: top kNN candidates, inlier lines, keypoint scores",
     )
     p.add_argument("test_id", nargs="?", default=None, help="test image id (from sample_submission.csv)")
     p.add_argument(

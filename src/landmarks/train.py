@@ -421,7 +421,9 @@ def _cmd_train(args, cfg) -> int:
 
 
 def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser("train", parents=[common], help="fine-tune DELG and export it (official signature)")
+    p = subparsers.add_parser(
+        "train", parents=common("data_dir", "work_dir"), help="fine-tune DELG and export it (official signature)"
+    )
     p.add_argument("--out", default="models/trained", help="exported SavedModel directory")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in WORK_DIR/train")

@@ -338,6 +338,7 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     from landmarks import data, whiten
     from landmarks.layout import WorkLayout
     from landmarks.predict import load_inputs, stage_paths
+    from landmarks.reliability import reliability_section
 
     work = WorkLayout(work_dir)
     solution = data.load_solution(data_dir)
@@ -347,7 +348,7 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
             "(demo data, `landmarks holdout` or `landmarks import`)"
         )
     paths = stage_paths(cfg, work.root)
-    inputs = load_inputs(cfg, data_dir, paths["knn_path"], paths["verified_path"])
+    inputs = load_inputs(cfg, data_dir, paths["knn_path"], paths["verified_path"], paths.get("calibration_path"))
     whitening = whiten.load_whiten(cfg, paths["whiten_path"], work.features("train"), "global")
     rows, frames = _score_variants(cfg, work, inputs, solution, whitening)
     default_name = _default_name(cfg, inputs)
@@ -374,26 +375,10 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     if sub_line:
         lines += [sub_line, ""]
     lines += diagnostics_section(cfg, solution, inputs)
+    lines += reliability_section(work.plots, solution, {n: frames[n] for n in dict.fromkeys([default_name, glob_name])})
     lines += ["## Plots", ""] + [f"![{key}](plots/{name})" for key, name in plots.items()] + [""]
     with atomic_path(work.report) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(table))
     log.info("validate: report -> %s", work.report)
     return work.report
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "validate",
-        parents=[common],
-        help="GAP of global-only / verified / host-baseline settings -> WORK_DIR/report.md",
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.config import log_settings
-
-    log_settings(log, cfg, "vote")
-    run_validate(cfg, args.data_dir, args.work_dir, args.model, args.submission)
-    return 0

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from landmarks import cache
-from landmarks.config import log_settings
 from landmarks.utils import LandmarksError
 
 log = logging.getLogger("landmarks.verify")
@@ -126,16 +125,49 @@ def count_inliers(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) 
     return int(ransac_inliers(cfg, kp_q, kp_t, matches)[1].sum())
 
 
-def verify_image(cfg, query, candidates: list) -> np.ndarray:
-    """Inlier counts of one test image's LocalFeatures against candidate LocalFeatures (None = absent)."""
-    out = np.zeros(len(candidates), np.int32)
+# Evidence of one verified pair, the columns of verify_evidence() and of the verify stage's `evidence`:
+# inliers; tentative matches; spread = sqrt(bbox area of the inliers / bbox area of all keypoints), the
+# smaller of the two images (inliers piled on one corner prove less than inliers over the building);
+# area = bbox area of the candidate's keypoints in pixels (the a-contrario error model's image area).
+EVIDENCE = ("inliers", "matches", "spread", "area")
+
+
+def _bbox_area(pts: np.ndarray) -> float:
+    if len(pts) < 2:
+        return 0.0
+    span = pts.max(axis=0) - pts.min(axis=0)
+    return float(span[0] * span[1])
+
+
+def pair_evidence(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) -> np.ndarray:
+    """EVIDENCE of one pair: [inliers, matches, spread, area] (float64)."""
+    m, mask = ransac_inliers(cfg, kp_q, kp_t, matches)
+    area_t = _bbox_area(np.asarray(kp_t, np.float64))
+    k = int(mask.sum())
+    spread = 0.0
+    if k >= 2:
+        area_q = _bbox_area(np.asarray(kp_q, np.float64))
+        s_q = _bbox_area(np.asarray(kp_q, np.float64)[m[mask, 0]]) / max(area_q, 1e-9)
+        s_t = _bbox_area(np.asarray(kp_t, np.float64)[m[mask, 1]]) / max(area_t, 1e-9)
+        spread = float(np.sqrt(np.clip(min(s_q, s_t), 0.0, 1.0)))
+    return np.array([k, len(m), spread, area_t], np.float64)
+
+
+def verify_evidence(cfg, query, candidates: list) -> np.ndarray:
+    """EVIDENCE rows [n, 4] of one test image's LocalFeatures against candidates (None = absent: zeros)."""
+    out = np.zeros((len(candidates), len(EVIDENCE)), np.float64)
     if query is None or len(query) == 0 or not candidates:
         return out
     present = [j for j, c in enumerate(candidates) if c is not None and len(c)]
     matches = MATCHERS[cfg.matcher](cfg, query.descriptors, [candidates[j].descriptors for j in present])
     for j, m in zip(present, matches):
-        out[j] = count_inliers(cfg, query.keypoints, candidates[j].keypoints, m)
+        out[j] = pair_evidence(cfg, query.keypoints, candidates[j].keypoints, m)
     return out
+
+
+def verify_image(cfg, query, candidates: list) -> np.ndarray:
+    """Inlier counts of one test image's LocalFeatures against candidate LocalFeatures (None = absent)."""
+    return verify_evidence(cfg, query, candidates)[:, 0].astype(np.int32)
 
 
 # -- stage -------------------------------------------------------------------------------------
@@ -183,7 +215,8 @@ def _verify_batch(
     w_local: dict | None,
     digests: tuple[str, str] | None = None,
 ) -> np.ndarray:
-    """One joblib task: read the batch's local features once, verify each test image.
+    """One joblib task: read the batch's local features once, verify each test image -> EVIDENCE
+    [b, R, 4] per candidate.
 
     `digests`: the (test, train) index digests of this stage; None = look the stores up afresh."""
     from landmarks.store import load_index
@@ -193,11 +226,11 @@ def _verify_batch(
     test_store, train_store = _store(str(test_dir), digests[0]), _store(str(train_dir), digests[1])
     q_local = test_store.local(test_ids)
     t_local = train_store.local(sorted({c for row in cand_ids for c in row}))
-    out = np.zeros((len(test_ids), max((len(r) for r in cand_ids), default=0)), np.int32)
+    out = np.zeros((len(test_ids), max((len(r) for r in cand_ids), default=0), len(EVIDENCE)), np.float64)
     for r, (tid, row) in enumerate(zip(test_ids, cand_ids)):
         q = _pca_local(q_local.get(tid), w_local)
         cands = [_pca_local(t_local.get(c), w_local) for c in row]
-        out[r, : len(row)] = verify_image(cfg_verify, q, cands)
+        out[r, : len(row)] = verify_evidence(cfg_verify, q, cands)
     return out
 
 
@@ -244,7 +277,7 @@ def _run_batches(
     digests: tuple[str, str],
     R: int,
 ) -> np.ndarray:
-    """Inliers [q, R]: batches of BATCH_IMAGES test images, in worker processes when verify.jobs > 1."""
+    """EVIDENCE [q, R, 4]: batches of BATCH_IMAGES test images, in worker processes when verify.jobs > 1."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
@@ -259,12 +292,12 @@ def _run_batches(
         if jobs > 1
         else (_verify_batch(*a) for a in args)
     )
-    inliers = np.zeros((len(test_ids), R), np.int32)
+    evidence = np.zeros((len(test_ids), R, len(EVIDENCE)), np.float64)
     with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img", disable=None) as bar:
         for b, res in zip(batches, results):
-            inliers[b, : res.shape[1]] = res
+            evidence[b, : res.shape[1]] = res
             bar.update(len(b))
-    return inliers
+    return evidence
 
 
 def run_verify(
@@ -281,7 +314,8 @@ def run_verify(
     Needs the local features of the test images and their shortlisted train images
     (`landmarks local-features`).  `timing` (optional dict) receives setup_s (knn output + id
     indexes, once per stage) and batches_s (the verification batches) for the benchmark.
-    Output npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), fingerprint.
+    Output npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), evidence [q, R, 4]
+    float32 (columns verify.EVIDENCE: inliers, tentative matches, spread, area), fingerprint.
     """
     from landmarks import whiten
 
@@ -301,37 +335,18 @@ def run_verify(
         digests = _open_stores(test_features, train_features, test_ids, cand)
         w_local = whiten.load_whiten(cfg, whiten_path, train_features, "local")
         t_batches = time.perf_counter()
-        inliers = _run_batches(vc, test_features, train_features, test_ids, cand, w_local, digests, R)
+        evidence = _run_batches(vc, test_features, train_features, test_ids, cand, w_local, digests, R)
     finally:
         _release_stores()
     if timing is not None:
         timing.update(setup_s=t_batches - t_start, batches_s=time.perf_counter() - t_batches)
-    cache.save_npz(out, fp, test_ids=np.array(test_ids, dtype=str), inliers=inliers)
+    cache.save_npz(
+        out,
+        fp,
+        test_ids=np.array(test_ids, dtype=str),
+        inliers=evidence[..., 0].astype(np.int32),
+        evidence=evidence.astype(np.float32),
+        evidence_columns=np.array(EVIDENCE),
+    )
     log.info("verify: %d test images x %d candidates -> %s", len(test_ids), R, out)
     return out
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "verify",
-        parents=[common],
-        help="geometric verification of the knn shortlist -> WORK_DIR/verified-<settings>.npz",
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.layout import WorkLayout
-
-    work = WorkLayout(args.work_dir)
-    if not cfg.verify.enabled:
-        log.info("verify: off (verify.enabled=false); nothing to do")
-        return 0
-    knn_path = work.knn(cfg)
-    if not knn_path.exists():
-        raise LandmarksError(f"verify: {knn_path} not found: run `landmarks knn` first (make knn)")
-    log_settings(log, cfg, "verify")
-    print(
-        run_verify(cfg, knn_path, work.features("test"), work.features("train"), work.verified(cfg), work.whiten(cfg))
-    )
-    return 0

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from landmarks import cache
-from landmarks.config import log_settings
 from landmarks.store import SHARD_GLOB
 from landmarks.utils import LandmarksError, l2_normalize
 
@@ -139,21 +138,3 @@ def load_whiten(cfg, path: str | Path | None, train_features: str | Path, part: 
             f"{path} is damaged or was fitted on other train features or settings: rerun `landmarks whiten`"
         )
     return cache.load_npz(path, "`landmarks whiten`")
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "whiten", parents=[common], help="fit PCA-whitening on the train features (when whiten.* is on)"
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args, cfg) -> int:
-    from landmarks.layout import WorkLayout
-
-    work = WorkLayout(args.work_dir)
-    log_settings(log, cfg, "whiten")
-    out = run_whiten(cfg, work.features("train"), work.whiten(cfg))
-    if out is not None:
-        print(out)
-    return 0

@@ -140,7 +140,9 @@ def run_bench(cfg, data_dir, work_dir, model_dir, rows=None, out: str | Path | N
 def register_cli(subparsers, common) -> None:
     """`landmarks bench [--quick] [--rows 1,3] [--out PATH]`."""
     p = subparsers.add_parser(
-        "bench", parents=[common], help="benchmark every stage against its baseline -> WORK_DIR/bench.md"
+        "bench",
+        parents=common("data_dir", "work_dir", "model"),
+        help="benchmark every stage against its baseline -> WORK_DIR/bench.md",
     )
     p.add_argument("--quick", action="store_true", default=None, help="tiny smoke run (bench.quick)")
     p.add_argument("--rows", default=None, help="rows to run, e.g. 1,3 (default: bench.rows)")
