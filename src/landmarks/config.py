@@ -98,7 +98,7 @@ class KnnConfig:
     k: int = 100
     # auto = exact up to auto_exact_max train rows, IVF-Flat above (test queries and DBA alike)
     index: Literal["auto", "exact", "ivf", "hnsw", "numpy"] = "auto"
-    auto_exact_max: int = 1_000_000  # >= 0; crossover measured in docs/performance-gldv2.md
+    auto_exact_max: int = 600_000  # >= 0; exact up to this many train rows (docs/performance-gldv2.md)
     max_in_memory_gb: float = 2.0  # > 0; a bigger train matrix stays in a float32 file read in blocks
     chunk_size: int = 4096  # queries per block
     ivf_nlist: int = 0  # 0 = sqrt(N) (1257 at 1.58 M: build + search 0.18-0.44x exact, recall@100 0.997)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -312,7 +313,11 @@ def dba(db, k: int, alpha: float = 3.0, cfg=None, out: str | Path | None = None)
     kk = min(k + 1, rows.n)
     index = Index(cfg, rows)
     writer = RowsWriter(rows.n, rows.d, out if rows.array is None else None)
+    t0 = time.perf_counter()
     for a in range(0, rows.n, DBA_BLOCK):
+        if a:  # progress of a long DBA (1.58 M rows: hours on a small machine)
+            rate = a / max(time.perf_counter() - t0, 1e-9)
+            log.info("knn: DBA %d / %d rows (%.0f rows/s, %.1f min left)", a, rows.n, rate, (rows.n - a) / rate / 60)
         blk = rows.block(a, a + DBA_BLOCK)
         s, i = index.search(blk, kk)
         own = np.arange(a, a + len(blk))[:, None]
