@@ -263,3 +263,24 @@ def test_store_writes_the_global_matrix_to_a_file_in_csv_order(tmp_path):
     ids2 = store.write_global_matrix(tmp_path / "m.f32", transform=lambda a: 2 * a[:, :4])
     assert ids2 == ids
     np.testing.assert_array_equal(np.fromfile(tmp_path / "m.f32", np.float32).reshape(50, 4), 2 * x[:, :4])
+
+
+def test_ivf_lists_sized_once_search_like_add(monkeypatch):
+    """The IVF index filled list by list (each list allocated at its final size) holds what
+    index.add would: same neighbours and similarities, also when the rows come in blocks."""
+    import faiss
+
+    rng = np.random.default_rng(6)
+    db, q = _unit(rng.normal(size=(3000, 16))), _unit(rng.normal(size=(40, 16)))
+    cfg = KnnConfig(index="ivf", ivf_nlist=20, ivf_nprobe=5)
+    monkeypatch.setattr(knn, "FILE_BLOCK", 700)
+    ours = knn.Index(cfg, knn.Rows(db))
+    assert ours.index.ntotal == 3000 and ours.index.invlists.compute_ntotal() == 3000
+    ref = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, 20, faiss.METRIC_INNER_PRODUCT)
+    ref.train(knn.ivf_sample(db, 20, cfg.ivf_train_per_centroid))
+    ref.add(db)
+    ref.nprobe = 5
+    s1, i1 = ours.raw_search(q, 30)
+    s2, i2 = ref.search(q, 30)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)

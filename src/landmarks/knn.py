@@ -203,6 +203,36 @@ def _faiss():
     return faiss
 
 
+def _fill_ivf(index, db: Rows) -> None:
+    """``index.add`` of every row, with each inverted list allocated once at its final size.
+
+    add() grows the lists block by block (vector doubling): 11.2 GB peak RSS for the 8.1 GB of
+    codes at 1.58 M x 1280.  Here a first pass assigns every row to its list, the lists are sized
+    from the counts, and a second pass copies each row into place: the same lists in the same
+    order (rows ascending) as add(), so the same search results, at the size of the codes."""
+    faiss = _faiss()
+    assign = np.empty(db.n, np.int64)
+    for a, blk in db.blocks():
+        assign[a : a + len(blk)] = index.quantizer.assign(blk, 1).ravel()
+    counts = np.bincount(assign, minlength=index.nlist)
+    inv = index.invlists
+    for lst in np.flatnonzero(counts):
+        inv.resize(int(lst), int(counts[lst]))
+    filled = np.zeros(index.nlist, np.int64)
+    for a, blk in db.blocks():
+        lab = assign[a : a + len(blk)]
+        order = np.argsort(lab, kind="stable")
+        lists, starts = np.unique(lab[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
+        for lst, s0, s1 in zip(lists.tolist(), starts.tolist(), ends.tolist()):
+            rows = order[s0:s1]
+            ids = np.ascontiguousarray(rows + a, np.int64)
+            codes = np.ascontiguousarray(blk[rows], np.float32).view(np.uint8)
+            inv.update_entries(lst, int(filled[lst]), len(rows), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            filled[lst] += len(rows)
+    index.ntotal = db.n
+
+
 class Index:
     """A searchable database: `kind` exact / numpy search the Rows themselves (no copy; blocks of
     a file-backed matrix), ivf / hnsw build a faiss index from its blocks."""
@@ -224,9 +254,10 @@ class Index:
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(ivf_sample(db, nlist, cfg.ivf_train_per_centroid))
             index.nprobe = min(cfg.ivf_nprobe, nlist)
-        else:
-            index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = max(40, int(cfg.hnsw_ef_construction))
+            _fill_ivf(index, db)
+            return index
+        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, int(cfg.hnsw_ef_construction))
         for _, blk in db.blocks():
             index.add(blk)
         return index
