@@ -434,7 +434,8 @@ def run_knn(
     if not store.global_shape()[0]:
         raise LandmarksError(f"knn: no train global descriptors in {train_features}")
     w = whiten.load_whiten(cfg, whiten_path, train_features, "global")
-    scratch = out.parent / f".{out.stem}.scratch"
+    scratch = out.parent / f".{out.stem}.scratch"  # file-backed matrices (GBs): removed after, and before
+    shutil.rmtree(scratch, ignore_errors=True)  # (a killed run's leftovers)
     try:
         train_ids, train = _train_rows(cfg, store, w, scratch)
         test_ids, test = FeatureStore(test_features).global_matrix()
