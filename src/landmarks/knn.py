@@ -17,6 +17,7 @@ expansion (alpha-QE, off), Radenovic et al. / Gordo et al.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,14 +67,23 @@ class Rows:
             yield a, self.block(a, a + step)
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        """Rows idx (any shape) -> [*idx.shape, d]; a short-lived map of the file for a file."""
+        """Rows idx (any shape) -> [*idx.shape, d].  A file is read row by row with pread: a
+        memory map would fault in the pages around each row too (1.2 GB more RSS for one DBA
+        block's 32 k neighbours at 1.58 M x 1280)."""
         if self.array is not None:
             return self.array[idx]
-        mm = np.memmap(self.path, np.float32, "r", shape=(self.n, self.d))
+        idx = np.asarray(idx, np.int64)
+        uniq, inv = np.unique(idx.ravel(), return_inverse=True)
+        out = np.empty((len(uniq), self.d), np.float32)
+        size = self.d * 4
+        fd = os.open(self.path, os.O_RDONLY)
         try:
-            return np.array(mm[idx])
+            for j, r in enumerate(uniq.tolist()):
+                if os.preadv(fd, [out[j]], r * size) != size:
+                    raise LandmarksError(f"knn: {self.path} is shorter than {self.n} rows")
         finally:
-            del mm  # unmapped: the touched pages leave this process's RSS
+            os.close(fd)
+        return out[inv].reshape(idx.shape + (self.d,))
 
     def materialize(self) -> np.ndarray:
         return self.array if self.array is not None else self.block(0, self.n)
