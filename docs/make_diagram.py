@@ -33,6 +33,7 @@ BOXES = {
     "knn": (8.95, 2.35, "knn", "knn-<h>.npz\ntop-100 train ids, sims", STAGE, False),
     "local": (11.45, 2.35, "local-features", "local-cache-*.h5\nshortlisted train images", STAGE, False),
     "verify": (13.95, 2.35, "verify", "verified-<h>.npz\nRANSAC inliers of top 20", STAGE, False),
+    "calibrate": (13.95, 4.1, "calibrate", "calibration-<h>.npz\n(vote.method=calibrated)", STAGE, True),
     "predict": (16.45, 2.35, "predict", "SUBMISSION\nid,landmarks (vote)", STAGE, False),
     "solution": (13.95, 0.55, "solution.csv", "DATA_DIR ground truth\n(optional)", DATA, False),
     "validate": (16.45, 0.55, "validate", "report.md + plots/\nGAP of every setting", TOOL, False),
@@ -51,6 +52,8 @@ ARROWS = [
     ("knn", "local", ""),
     ("local", "verify", ""),
     ("verify", "predict", ""),
+    ("verify", "calibrate", ""),
+    ("calibrate", "predict", ""),
     ("predict", "validate", ""),
     ("solution", "validate", ""),
 ]
@@ -106,7 +109,7 @@ def draw(out: Path) -> Path:
         0.1,
         5.55,
         "make predict runs the blue stages in order; each writes one file named after its settings and "
-        "skips itself when that file is up to date.  make validate adds the green one.",
+        "skips itself when that file is up to date.  make validate adds the green one; dashed ones are off by default.",
         fontsize=10,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
