@@ -141,7 +141,10 @@ notebooks: $(INSTALLED) demo-data $(if $(MODEL),,model)
 	    --out $(WORK_DIR)/notebooks
 
 docs: predict
+	@$(LM) run validate $(RUN_ARGS)
+	cp $(WORK_DIR)/plots/*.png docs/
 	$(LM) show --docs $(TOOL_ARGS) --out docs/show_example.png
+	$(BIN)/python docs/make_diagram.py --out docs/pipeline.png
 
 test: $(INSTALLED)
 	$(BIN)/ruff check src tests notebooks

@@ -1,6 +1,6 @@
 """A tiny, deterministic DELG-signature SavedModel for tests (no weights, builds in seconds).
 
-Same serving signature as the official DELG exports (CONVENTIONS.md): inputs ``input_image``
+Same serving signature as the official DELG exports (docs/design.md, "Model signature"): inputs ``input_image``
 uint8 [H,W,3], ``input_scales`` f32 [S], ``input_max_feature_num`` i32, ``input_abs_thres`` f32,
 ``input_global_scales_ind`` i32 [G]; outputs ``boxes`` [N,4] (y0,x0,y1,x1, original pixels),
 ``features`` [N,128], ``scales`` [N], ``scores`` [N,1], ``global_descriptors`` [G,48].

@@ -198,3 +198,19 @@ def test_streamed_knn_exact_matches_numpy_and_ivf_recall(tmp_path):
     cfg = load_config(None, [])
     rows = scale._knn_rows(cfg, {"stream": s, "k": 20})
     assert any(r[0].startswith("DBA (knn.dba_k=2") for r in rows) and any("ivf-" in r[0] for r in rows)
+
+
+def test_gldv2_store_writer_makes_a_feature_store_the_stages_read(tmp_path):
+    from landmarks.bench import gldv2
+    from landmarks.store import FeatureStore
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(30, 16)).astype(np.float32)
+    d = gldv2.write_store(tmp_path / "train", real, 120, seed=2, shard_rows=50)
+    assert len(list(d.glob("shard-*.h5"))) == 3
+    ids, x = FeatureStore(d).global_matrix()
+    assert ids == [f"tr{i:014x}" for i in range(120)] and x.shape == (120, 16)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    mtimes = sorted(p.stat().st_mtime_ns for p in d.glob("shard-*.h5"))
+    gldv2.write_store(tmp_path / "train", real, 120, seed=2, shard_rows=50)  # complete: kept
+    assert sorted(p.stat().st_mtime_ns for p in d.glob("shard-*.h5")) == mtimes

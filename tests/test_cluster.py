@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from landmarks.config import Config
 from landmarks.extract import features_dir, run_features
 
 HOST = "127.0.0.1"  # never any other address
@@ -218,3 +219,43 @@ def test_real_cluster_identical_shards_and_worker_killed_mid_run(cluster, data, 
     done_on = dict(re.findall(r"(shard-\d+-of-\d+\.h5) done on (\S+)", text))
     assert sorted(done_on) == sorted(ref) and lost_shards
     assert all(done_on[s] != victim for s in lost_shards)  # retried on the other worker
+
+
+def test_verify_on_the_cluster_matches_local_and_survives_a_killed_worker(cluster, tmp_path):
+    """`landmarks verify --scheduler` runs the test batches as cluster tasks: inliers identical
+    to a local run, also when a worker is killed while it holds batches."""
+    import threading
+
+    from dask.distributed import Client
+
+    from landmarks import verify
+    from landmarks.bench.verification import verify_set
+    from landmarks.store import load_npz
+
+    d = tmp_path / "vset"
+    verify_set(d, n=400, n_test=96, R=8, cap=200, n_feat=300)  # random features: RANSAC runs every iteration
+    cfg = Config()
+    cfg.verify.num_to_rerank = 8
+    args = (d / "knn.npz", d / "features" / "test", d / "features" / "train")
+    cfg.verify.jobs = 1
+    ref = load_npz(verify.run_verify(cfg, *args, tmp_path / "local.npz"))["inliers"]
+    assert ref.shape == (96, 8) and ref.any()
+
+    out1 = verify.run_verify(cfg, *args, tmp_path / "dask1.npz", scheduler=cluster.address)
+    np.testing.assert_array_equal(load_npz(out1)["inliers"], ref)
+
+    box = {}
+    driver = threading.Thread(
+        target=lambda: box.update(out=verify.run_verify(cfg, *args, tmp_path / "dask2.npz", scheduler=cluster.address))
+    )
+    driver.start()
+    with Client(cluster.address, timeout="10s") as c:
+        victim = cluster.worker_address(c, "w0")
+        t0 = time.time()
+        while not c.processing().get(victim):  # wait until w0 holds batch tasks
+            assert driver.is_alive() and time.time() - t0 < 120, "w0 never got a task"
+            time.sleep(0.02)
+        cluster.kill("worker0")
+    driver.join(300)
+    assert not driver.is_alive() and "out" in box
+    np.testing.assert_array_equal(load_npz(box["out"])["inliers"], ref)

@@ -180,3 +180,107 @@ def test_ivf_trains_on_a_sample_and_keeps_recall(monkeypatch):
     _, exact = knn.search(KnnConfig(), q, db, 20)
     assert seen == [640]
     assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(i, exact)]) > 0.9
+
+
+def test_auto_picks_exact_below_the_threshold_and_ivf_above():
+    kc = KnnConfig(auto_exact_max=100)
+    assert knn.choose_index(kc, 100) == "exact" and knn.choose_index(kc, 101) == "ivf"
+    assert knn.choose_index(KnnConfig(index="hnsw", auto_exact_max=100), 5) == "hnsw"
+    line = knn.describe_choice(kc, 10_000)
+    assert (
+        line.startswith("index ivf (auto: 10,000 train rows > knn.auto_exact_max 100") and "nlist 100 nprobe 64" in line
+    )
+    assert knn.describe_choice(kc, 50).startswith("index exact (auto: 50 train rows <= knn.auto_exact_max 100")
+
+
+def test_exact_search_reads_the_matrix_without_an_index_copy(monkeypatch):
+    import faiss
+
+    monkeypatch.setattr(faiss, "IndexFlatIP", lambda *a: (_ for _ in ()).throw(AssertionError("copied")))
+    rng = np.random.default_rng(3)
+    db, q = _unit(rng.normal(size=(200, 16))), _unit(rng.normal(size=(9, 16)))
+    _, i = knn.search(KnnConfig(index="exact"), q, db, 7)
+    np.testing.assert_array_equal(i, np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :7])
+    knn.dba(db, 2, 3.0, KnnConfig(index="auto"))  # auto below the threshold: exact, no copy either
+
+
+def test_file_backed_train_matrix_gives_the_in_memory_result(tmp_path, monkeypatch, caplog):
+    """A train matrix over knn.max_in_memory_gb goes through a float32 file in blocks (exact
+    search merged over blocks, DBA written to a second file): same neighbours as in memory."""
+    rng = np.random.default_rng(4)
+    tr = _unit(rng.normal(size=(300, 16)))
+    te = _unit(tr[:20] + 0.2 * rng.normal(size=(20, 16)))
+    order = rng.permutation(300)  # CSV order interleaved across two shards
+    for s, rows in enumerate((order[:140], order[140:])):
+        write_shard(
+            tmp_path / f"features/train/shard-{s:05d}-of-00002.h5",
+            [f"tr{i:03d}" for i in rows],
+            tr[rows],
+            None,
+            order=rows,
+        )
+    write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", [f"te{i:03d}" for i in range(20)], te, None)
+    cfg = Config()
+    cfg.knn.k, cfg.knn.dba_k, cfg.knn.qe_k = 10, 2, 1
+    z1 = load_npz(_run_knn_at(cfg, tmp_path, "a"))
+    monkeypatch.setattr(knn, "FILE_BLOCK", 64)
+    monkeypatch.setattr(knn, "DBA_BLOCK", 50)
+    cfg.knn.max_in_memory_gb = 1e-6
+    with caplog.at_level("INFO", logger="landmarks.knn"):
+        z2 = load_npz(_run_knn_at(cfg, tmp_path, "b"))
+    assert "train matrix in a float32 file" in caplog.text and "index exact (auto" in caplog.text
+    assert list(z1["train_ids"]) == list(z2["train_ids"]) == [f"tr{i:03d}" for i in range(300)]
+    np.testing.assert_array_equal(z1["idx"], z2["idx"])
+    np.testing.assert_allclose(z1["sims"], z2["sims"], atol=1e-6)
+    assert not list((tmp_path / "b").glob(".*scratch*"))  # the scratch files are gone
+    cfg.knn.auto_exact_max = 100  # above it: IVF, also file-backed
+    with caplog.at_level("INFO", logger="landmarks.knn"):
+        z3 = load_npz(_run_knn_at(cfg, tmp_path, "c"))
+    assert "index ivf (auto: 300 train rows > knn.auto_exact_max 100" in caplog.text
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(z1["idx"], z3["idx"])]) > 0.9
+
+
+def _run_knn_at(cfg, root, name):
+    work = WorkLayout(root)
+    return knn.run_knn(cfg, work.features("train"), work.features("test"), root / name / "knn.npz", None)
+
+
+def test_store_writes_the_global_matrix_to_a_file_in_csv_order(tmp_path):
+    from landmarks.store import FeatureStore
+
+    rng = np.random.default_rng(5)
+    x = _unit(rng.normal(size=(50, 8)))
+    order = rng.permutation(50)
+    write_shard(
+        tmp_path / "shard-00000-of-00002.h5", [f"i{j}" for j in order[:20]], x[order[:20]], None, order=order[:20]
+    )
+    write_shard(
+        tmp_path / "shard-00001-of-00002.h5", [f"i{j}" for j in order[20:]], x[order[20:]], None, order=order[20:]
+    )
+    store = FeatureStore(tmp_path)
+    ids, mat = store.global_matrix()
+    assert ids == [f"i{j}" for j in range(50)] and np.array_equal(mat, x) and store.global_shape() == (50, 8)
+    ids2 = store.write_global_matrix(tmp_path / "m.f32", transform=lambda a: 2 * a[:, :4])
+    assert ids2 == ids
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "m.f32", np.float32).reshape(50, 4), 2 * x[:, :4])
+
+
+def test_ivf_lists_sized_once_search_like_add(monkeypatch):
+    """The IVF index filled list by list (each list allocated at its final size) holds what
+    index.add would: same neighbours and similarities, also when the rows come in blocks."""
+    import faiss
+
+    rng = np.random.default_rng(6)
+    db, q = _unit(rng.normal(size=(3000, 16))), _unit(rng.normal(size=(40, 16)))
+    cfg = KnnConfig(index="ivf", ivf_nlist=20, ivf_nprobe=5)
+    monkeypatch.setattr(knn, "FILE_BLOCK", 700)
+    ours = knn.Index(cfg, knn.Rows(db))
+    assert ours.index.ntotal == 3000 and ours.index.invlists.compute_ntotal() == 3000
+    ref = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, 20, faiss.METRIC_INNER_PRODUCT)
+    ref.train(knn.ivf_sample(db, 20, cfg.ivf_train_per_centroid))
+    ref.add(db)
+    ref.nprobe = 5
+    s1, i1 = ours.raw_search(q, 30)
+    s2, i2 = ref.search(q, 30)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)

@@ -49,6 +49,29 @@ def test_sum_power_vote_and_ties():
     assert (lab == predict.NO_LABEL).all()
 
 
+@pytest.mark.parametrize(
+    "method,top_k,with_inliers", [("sum_power", 1, True), ("host", 3, True), ("sum_power", 2, False)]
+)
+def test_label_votes_explain_vote(method, top_k, with_inliers):
+    """label_votes (what `landmarks show` draws) gives, for every row, vote()'s label as its
+    largest total and vote()'s confidence as that total; each neighbour is counted once."""
+    rng = np.random.default_rng(3)
+    q, k, r = 40, 12, 6
+    sims = -np.sort(-rng.uniform(0.2, 0.95, (q, k)), axis=1)
+    idx = rng.integers(0, 30, (q, k))
+    idx[0, 5:] = -1  # fewer neighbours than k
+    labels = rng.integers(0, 5, 30)
+    inl = rng.integers(0, 90, (q, r)) if with_inliers else None
+    cfg = VoteConfig(method=method, neighbours=10, top_k=top_k)
+    lab, conf = predict.vote(cfg, sims, idx, labels, inl)
+    for row in range(q):
+        votes = predict.label_votes(cfg, sims[row], idx[row], labels, None if inl is None else inl[row])
+        best = max(votes, key=lambda a: (votes[a][0], -a))
+        assert best == lab[row] and votes[best][0] == pytest.approx(conf[row])
+        ranks = [rank for _, ranked in votes.values() for rank, _ in ranked]
+        assert sorted(ranks) == [j + 1 for j in range(10) if idx[row, j] >= 0]
+
+
 def test_nonlandmark_score_excludes_self_and_ranks_distractors_high():
     rng = np.random.default_rng(0)
     prod = rng.normal(size=(1, 16)) + 0.3 * rng.normal(size=(6, 16))  # a tight cluster of "products"

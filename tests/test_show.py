@@ -91,6 +91,11 @@ def test_show_case_png_and_inliers(tmp_path, small_cfg):
         atol=1.0,
     )
     assert case.prediction == 11 and len(case.keypoints) == 150
+    # the per-label votes: the prediction has the largest total, which is its confidence
+    assert case.votes[0].label == 11 and case.votes[0].total == pytest.approx(case.confidence)
+    assert case.votes[0].correct is True and all(v.correct is False for v in case.votes[1:])
+    assert case.votes[0].best_rank == 1 and case.votes[0].best_inliers == first.inliers
+    assert sum(v.neighbours for v in case.votes) == 4  # every train image votes once
 
     out = show.render_case(case, tmp_path / "case.png")
     with Image.open(out) as im:
@@ -164,3 +169,28 @@ def test_tables_and_data_plots(tmp_path, small_cfg):
     ):
         fig.savefig(tmp_path / "fig.png")
         assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_render_case_rows_without_gaps(tmp_path):
+    """Candidates of very different shapes: each row is as tall as its tallest image, so no white
+    band taller than a title line separates the rows."""
+    rng = np.random.default_rng(1)
+    paths = {}
+    for name, (h, w) in {"test": (180, 240), "wide": (120, 400), "tall": (400, 150), "square": (200, 200)}.items():
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[name])
+    cands = [
+        show.Candidate(k + 1, name, 7, 0.9 - 0.1 * k, k == 0, verified=True, inliers=5)
+        for k, name in enumerate(["wide", "tall", "square", "wide", "tall"])
+    ]
+    votes = [show.LabelVote(7, 1.5, 5, 1, 0.9, 5, True)]
+    case = show.Case(
+        "t" * 16, paths["test"], "7", 7, 1.5, cands, np.zeros((0, 2)), np.zeros(0), votes=votes, vote_rule="sum_power"
+    )
+    case.train_paths = {c.train_id: paths[c.train_id] for c in cands}
+    dpi = 60
+    out = show.render_case(case, tmp_path / "rows.png", dpi=dpi)
+    with Image.open(out) as im:
+        white = (np.asarray(im.convert("L")) > 245).all(axis=1)
+    longest = max(len(run) for run in "".join("1" if w else "0" for w in white).split("0"))
+    assert longest < 0.45 * dpi

@@ -29,7 +29,7 @@ def test_validate_global_only(tmp_path, capsys, make_dataset):
         validate.run_validate(cfg, data, work, tmp_path / "model", sub)
 
 
-def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_pair):
+def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_pair, monkeypatch):
     """Two look-alike classes: global kNN confuses them, planted local geometry tells them apart."""
     rng = np.random.default_rng(5)
     data, work = make_dataset(tmp_path, n_classes=2, per_class=1, n_distract=2)
@@ -55,6 +55,15 @@ def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_
     cfg.knn.qe_k = 1
     cfg.vote.suppression = "test"
     sub = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
+    drawn = {}
+    save = validate._save
+
+    def record(fig, path):  # the plots' legend texts and titles, read before the figure is closed
+        ax = fig.axes[0]
+        drawn[path.name] = (ax.get_legend_handles_labels()[1], ax.get_title())
+        return save(fig, path)
+
+    monkeypatch.setattr(validate, "_save", record)
     text = validate.run_validate(cfg, data, work, tmp_path / "model", sub).read_text()
 
     def row(name):
@@ -64,3 +73,14 @@ def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_
     assert float(row("global only (no verification)").split("|")[3]) == 0.0
     assert "knn.qe_k off" in text and "without suppression" in text
     assert (work / "plots" / "inliers_correct_vs_wrong.png").exists()
+    # the inlier plot counts the candidates of the report's separation table, and draws its floor
+    sep = next(ln for ln in text.splitlines() if ln.startswith("| ") and "/" in ln and "correct n" not in ln)
+    n_good, n_bad, floor = sep.split("|")[1].strip(), sep.split("|")[3].strip(), sep.split("|")[5].strip()
+    labels, title = drawn["inliers_correct_vs_wrong.png"]
+    assert f"correct-class candidates ({n_good})" in labels and f"wrong-class candidates ({n_bad})" in labels
+    assert f"random floor: {floor} inliers" in labels and "2 non-landmark queries left out" in title
+    # the score plot names the GAP of the default setting and its cutoff line
+    labels, title = drawn["score_distribution.png"]
+    assert title.startswith("GAP 1.0000") and any(lab.startswith("lowest correct") for lab in labels)
+    labels, _ = drawn["precision_vs_rank.png"]
+    assert "default: GAP 1.0000" in labels

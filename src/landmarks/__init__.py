@@ -1,8 +1,10 @@
 """landmarks: instance-level landmark recognition (Google Landmark Recognition task).
 
 Stages (declared in one table, ``landmarks.stages.STAGES``): demo-data / model / adapt ->
-features -> whiten -> knn -> local-features -> verify -> predict -> validate.
+features -> whiten -> knn -> local-features -> verify -> calibrate -> predict -> validate.
 ``landmarks.run("predict", data_dir=..., work_dir=...)`` runs a target and what it needs.
+README.md lists each stage's inputs and outputs; docs/design.md describes the files and
+fingerprints.
 """
 
 __version__ = "0.1.0"

@@ -147,7 +147,10 @@ class KnnConfig:
     """Global retrieval (`landmarks.knn`)."""
 
     k: int = ranged(100, "[1, 100000]")
-    index: Literal["exact", "ivf", "hnsw", "numpy"] = "exact"
+    # auto = exact up to auto_exact_max train rows, IVF-Flat above (test queries and DBA alike)
+    index: Literal["auto", "exact", "ivf", "hnsw", "numpy"] = "auto"
+    auto_exact_max: int = ranged(600_000, "[0, inf)")  # exact up to this many train rows (docs/performance-gldv2.md)
+    max_in_memory_gb: float = ranged(2.0, "(0, 1e6]")  # a bigger train matrix stays in a float32 file read in blocks
     chunk_size: int = ranged(4096, "[1, 16777216]")  # queries per block
     ivf_nlist: int = ranged(
         0, "[0, 16777216]"

@@ -1,4 +1,4 @@
-"""Reader of the Kaggle GLDv2 layout (CONVENTIONS.md), with the id and label rules.
+"""Reader of the Kaggle GLDv2 layout (README.md, "Data"; docs/design.md), with the id and label rules.
 
 DATA/train.csv (id, landmark_id[, url...]), DATA/sample_submission.csv (id, landmarks),
 optional DATA/solution.csv, images at DATA/<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg.

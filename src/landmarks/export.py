@@ -1,6 +1,6 @@
 """Export DELG models in the official SavedModel signature; build the zero-training default model.
 
-The exported ``serving_default`` signature matches Google's DELG exports (CONVENTIONS.md):
+The exported ``serving_default`` signature matches Google's DELG exports (docs/design.md, "Model signature"):
 inputs ``input_image`` uint8 [H,W,3], ``input_scales`` f32 [S], ``input_max_feature_num`` i32,
 ``input_abs_thres`` f32, ``input_global_scales_ind`` i32 [G]; outputs ``boxes`` [N,4]
 (y0,x0,y1,x1 original pixels), ``features`` [N,128], ``scales`` [N], ``scores`` [N,1],

@@ -20,8 +20,9 @@ skip by key, within a stable id-hash partition).
 
 Train gets global descriptors only (``extract.train_local`` false), test gets global + local.
 ``ensure_local`` extracts global + local for given ids that lack local features and caches them
-as ``local-cache-<digest>-i-of-N.h5`` next to the shards (the predict stage calls it for the
-shortlisted train images); a cached row whose image's file key changed is dropped and redone.  Bad images never stop the stage: they go to the shard's failures
+as ``local-cache-<digest>-i-of-N.h5`` next to the shards: the local-features stage
+(``run_local_features``, after knn) calls it for the test images and their shortlisted train
+images, and ``landmarks show`` for the pairs it draws; verify only reads them.  Bad images never stop the stage: they go to the shard's failures
 with a short reason (see ``landmarks.images``).
 """
 

@@ -1,18 +1,25 @@
 """Global retrieval: top-K train neighbours of every test image by cosine similarity.
 
-Descriptors are unit rows, so cosine similarity is an inner product.  faiss does the search
-(exact ``IndexFlatIP`` by default; IVF-Flat or HNSW for millions of train images); a numpy
-fallback gives the same neighbours on small data.  Queries go in chunks so memory stays
-bounded.  Rows of the result are ordered by similarity descending, ties by train index
-ascending, so the output does not depend on the search backend's tie order.
+Descriptors are unit rows, so cosine similarity is an inner product.  faiss does the search:
+``knn.index=auto`` (default) picks exact search up to ``knn.auto_exact_max`` train rows and
+IVF-Flat above it (measured crossover, docs/performance-gldv2.md), for the test queries and for
+DBA alike; ``exact``, ``ivf``, ``hnsw`` and ``numpy`` force one.  Exact search runs
+``faiss.knn`` on the train matrix itself (no index copy).  A train matrix bigger than
+``knn.max_in_memory_gb`` stays in a float32 file next to the output, read in blocks (DBA writes
+its result to a second one), so the process holds one copy at most (the IVF index).  Queries
+go in chunks so memory stays bounded.  Rows of the result are ordered by similarity descending,
+ties by train index ascending, so the output does not depend on the search backend's tie order.
 
-Optional retrieval tricks (off by default): database-side augmentation (DBA) and alpha query
-expansion (alpha-QE), Radenovic et al. / Gordo et al.
+Optional retrieval tricks: database-side augmentation (DBA, on by default) and alpha query
+expansion (alpha-QE, off), Radenovic et al. / Gordo et al.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +30,135 @@ from landmarks.utils import LandmarksError, l2_normalize
 
 log = logging.getLogger("landmarks.knn")
 
-INDEXES = ("exact", "ivf", "hnsw", "numpy")
+INDEXES = ("auto", "exact", "ivf", "hnsw", "numpy")
 NUMPY_BLOCK_FLOATS = 1 << 25  # similarity block budget of the numpy path (128 MiB of float32)
 TIE_MARGIN = 16  # extra neighbours asked from faiss so boundary ties resolve by index
+FILE_BLOCK = 65_536  # rows per read of a file-backed matrix (335 MB at dim 1280)
+DBA_BLOCK = 16_384  # DBA rows per step: their neighbours gathered at once (168 MB at k=2, dim 1280)
 
 
-def _check(queries: np.ndarray, database: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class Rows:
+    """The database matrix: a float32 array in memory, or a raw float32 file of [n, d] read in
+    blocks with plain reads (the page cache holds the file, this process holds one block)."""
+
+    def __init__(self, array: np.ndarray | None = None, path: str | Path | None = None, shape=None):
+        self.array = None if array is None else np.ascontiguousarray(array, np.float32)
+        self.path = None if path is None else Path(path)
+        if self.array is not None:
+            self.n, self.d = self.array.shape
+        else:
+            self.n, self.d = (int(shape[0]), int(shape[1]))
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.d * 4
+
+    def block(self, a: int, b: int) -> np.ndarray:
+        """Rows a..b (a view when in memory)."""
+        b = min(b, self.n)
+        if self.array is not None:
+            return self.array[a:b]
+        with open(self.path, "rb") as f:
+            f.seek(a * self.d * 4)
+            return np.fromfile(f, np.float32, (b - a) * self.d).reshape(b - a, self.d)
+
+    def blocks(self, step: int = FILE_BLOCK):
+        for a in range(0, self.n, step):
+            yield a, self.block(a, a + step)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows idx (any shape) -> [*idx.shape, d].  A file is read row by row with pread: a
+        memory map would fault in the pages around each row too (1.2 GB more RSS for one DBA
+        block's 32 k neighbours at 1.58 M x 1280)."""
+        if self.array is not None:
+            return self.array[idx]
+        idx = np.asarray(idx, np.int64)
+        uniq, inv = np.unique(idx.ravel(), return_inverse=True)
+        out = np.empty((len(uniq), self.d), np.float32)
+        size = self.d * 4
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, r in enumerate(uniq.tolist()):
+                if os.preadv(fd, [out[j]], r * size) != size:
+                    raise LandmarksError(f"knn: {self.path} is shorter than {self.n} rows")
+        finally:
+            os.close(fd)
+        return out[inv].reshape(idx.shape + (self.d,))
+
+    def materialize(self) -> np.ndarray:
+        return self.array if self.array is not None else self.block(0, self.n)
+
+
+class RowsWriter:
+    """Builds a Rows block by block: into an array, or appended to a float32 file."""
+
+    def __init__(self, n: int, d: int, path: str | Path | None = None):
+        self.n, self.d, self.path = n, d, None if path is None else Path(path)
+        self.array = np.empty((n, d), np.float32) if path is None else None
+        self._f = None if path is None else open(self.path, "wb")
+        self.filled = 0
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, np.float32)
+        if self._f is None:
+            self.array[self.filled : self.filled + len(block)] = block
+        else:
+            self._f.write(block.tobytes())
+        self.filled += len(block)
+
+    def close(self) -> Rows:
+        if self.filled != self.n:
+            raise LandmarksError(f"knn: wrote {self.filled} of {self.n} rows")
+        if self._f is None:
+            return Rows(self.array)
+        self._f.close()
+        return Rows(path=self.path, shape=(self.n, self.d))
+
+
+def as_rows(database) -> Rows:
+    return database if isinstance(database, Rows) else Rows(np.asarray(database, np.float32))
+
+
+def choose_index(cfg, n: int) -> str:
+    """The index `cfg.index` means for n database rows: auto = exact up to auto_exact_max, else ivf."""
+    if cfg.index not in INDEXES:
+        raise LandmarksError(f"knn.index must be one of {', '.join(INDEXES)} (got {cfg.index!r})")
+    if cfg.index != "auto":
+        return cfg.index
+    return "exact" if n <= int(cfg.auto_exact_max) else "ivf"
+
+
+def ivf_nlist(cfg, n: int) -> int:
+    nlist = cfg.ivf_nlist or max(1, int(np.sqrt(n)))  # sqrt(N): measured best at 1.58 M (README)
+    return max(1, min(nlist, n))
+
+
+def describe_choice(cfg, n: int) -> str:
+    """One line: which index the database of n rows gets, and why."""
+    kind = choose_index(cfg, n)
+    why = (
+        f"auto: {n:,} train rows {'<=' if kind == 'exact' else '>'} knn.auto_exact_max {int(cfg.auto_exact_max):,}"
+        if cfg.index == "auto"
+        else "set by knn.index"
+    )
+    extra = ""
+    if kind == "ivf":
+        nlist = ivf_nlist(cfg, n)
+        extra = f", IVF-Flat nlist {nlist} nprobe {min(cfg.ivf_nprobe, nlist)}"
+    elif kind == "hnsw":
+        extra = f", HNSW-Flat M {cfg.hnsw_m} efSearch >= {cfg.hnsw_ef_search}"
+    return f"index {kind} ({why}{extra})"
+
+
+def _check(queries: np.ndarray, db: Rows) -> np.ndarray:
     q = np.ascontiguousarray(queries, np.float32)
-    db = np.ascontiguousarray(database, np.float32)
-    if q.ndim != 2 or db.ndim != 2:
-        raise LandmarksError(f"knn: queries and database must be 2-D (got {q.shape}, {db.shape})")
-    if q.shape[0] and db.shape[0] and q.shape[1] != db.shape[1]:
-        raise LandmarksError(f"knn: descriptor sizes differ: queries {q.shape[1]}, database {db.shape[1]}")
-    if not (np.isfinite(q).all() and np.isfinite(db).all()):
+    if q.ndim != 2 or (db.array is not None and db.array.ndim != 2):
+        raise LandmarksError(f"knn: queries and database must be 2-D (got {q.shape}, {(db.n, db.d)})")
+    if q.shape[0] and db.n and q.shape[1] != db.d:
+        raise LandmarksError(f"knn: descriptor sizes differ: queries {q.shape[1]}, database {db.d}")
+    if not np.isfinite(q).all() or (db.array is not None and not np.isfinite(db.array).all()):
         raise LandmarksError("knn: descriptors contain NaN or inf")
-    return q, db
+    return q
 
 
 def _sort_rows(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +167,11 @@ def _sort_rows(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, n
     key_idx = np.where(idx < 0, np.iinfo(np.int64).max, idx)
     order = np.lexsort((key_idx, -s), axis=1)[:, :k]
     return np.take_along_axis(s, order, 1), np.take_along_axis(idx.astype(np.int64), order, 1)
+
+
+def sort_rows(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Public name of the result order (similarity desc, index asc, -1 last), for the bench."""
+    return _sort_rows(sims, idx, k)
 
 
 def _numpy_topk(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,111 +193,192 @@ def _numpy_topk(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return out_s, out_i
 
 
-def ivf_sample(db: np.ndarray, nlist: int, per_centroid: int, seed: int = 0) -> np.ndarray:
+def ivf_sample(db, nlist: int, per_centroid: int, seed: int = 0) -> np.ndarray:
     """The rows IVF's k-means trains on: a fixed random sample of per_centroid x nlist rows (faiss
-    recommends 30 to 256 per centroid; k-means on all 1.58 M rows cost more than exact search)."""
+    recommends 30 to 256 per centroid; k-means on all 1.58 M rows cost more than exact search).
+    `db`: an array (returned as it is when the sample would be all of it) or a Rows."""
+    rows = db if isinstance(db, Rows) else None
+    n = rows.n if rows is not None else db.shape[0]
     want = int(per_centroid) * int(nlist)
-    if per_centroid <= 0 or want >= db.shape[0]:
-        return db
-    rows = np.sort(np.random.default_rng(seed).choice(db.shape[0], want, replace=False))
-    return np.ascontiguousarray(db[rows])
+    if per_centroid <= 0 or want >= n:
+        return rows.materialize() if rows is not None else db
+    pick = np.sort(np.random.default_rng(seed).choice(n, want, replace=False))
+    return rows.take(pick) if rows is not None else np.ascontiguousarray(db[pick])
 
 
-def _faiss_index(cfg, db: np.ndarray):
+def _faiss():
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise at INFO
     import faiss
 
-    n, d = db.shape
-    if cfg.index == "exact":
-        index = faiss.IndexFlatIP(d)
-    elif cfg.index == "ivf":
-        nlist = cfg.ivf_nlist or max(1, int(np.sqrt(n)))  # sqrt(N): measured best at 1.58 M (README)
-        nlist = min(nlist, n)
-        quant = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(ivf_sample(db, nlist, cfg.ivf_train_per_centroid))
-        index.nprobe = min(cfg.ivf_nprobe, nlist)
-    elif cfg.index == "hnsw":
+    return faiss
+
+
+def _fill_ivf(index, db: Rows) -> None:
+    """``index.add`` of every row, with each inverted list allocated once at its final size.
+
+    add() grows the lists block by block (vector doubling): 11.2 GB peak RSS for the 8.1 GB of
+    codes at 1.58 M x 1280.  Here a first pass assigns every row to its list, the lists are sized
+    from the counts, and a second pass copies each row into place: the same lists in the same
+    order (rows ascending) as add(), so the same search results, at the size of the codes."""
+    faiss = _faiss()
+    assign = np.empty(db.n, np.int64)
+    for a, blk in db.blocks():
+        assign[a : a + len(blk)] = index.quantizer.assign(blk, 1).ravel()
+    counts = np.bincount(assign, minlength=index.nlist)
+    inv = index.invlists
+    for lst in np.flatnonzero(counts):
+        inv.resize(int(lst), int(counts[lst]))
+    filled = np.zeros(index.nlist, np.int64)
+    for a, blk in db.blocks():
+        lab = assign[a : a + len(blk)]
+        order = np.argsort(lab, kind="stable")
+        lists, starts = np.unique(lab[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
+        for lst, s0, s1 in zip(lists.tolist(), starts.tolist(), ends.tolist()):
+            rows = order[s0:s1]
+            ids = np.ascontiguousarray(rows + a, np.int64)
+            codes = np.ascontiguousarray(blk[rows], np.float32).view(np.uint8)
+            inv.update_entries(lst, int(filled[lst]), len(rows), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            filled[lst] += len(rows)
+    index.ntotal = db.n
+
+
+class Index:
+    """A searchable database: `kind` exact / numpy search the Rows themselves (no copy; blocks of
+    a file-backed matrix), ivf / hnsw build a faiss index from its blocks."""
+
+    def __init__(self, cfg, db: Rows, kind: str | None = None):
+        self.cfg, self.db = cfg, db
+        self.kind = kind or choose_index(cfg, db.n)
+        self.index = None
+        if self.kind in ("ivf", "hnsw"):
+            self.index = self._build()
+        elif self.kind not in ("exact", "numpy"):
+            raise LandmarksError(f"knn.index must be one of {', '.join(INDEXES)} (got {self.kind!r})")
+
+    def _build(self):
+        faiss, cfg, db = _faiss(), self.cfg, self.db
+        d = db.d
+        if self.kind == "ivf":
+            nlist = ivf_nlist(cfg, db.n)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(ivf_sample(db, nlist, cfg.ivf_train_per_centroid))
+            index.nprobe = min(cfg.ivf_nprobe, nlist)
+            _fill_ivf(index, db)
+            return index
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = max(40, int(cfg.hnsw_ef_construction))
-    else:
-        raise LandmarksError(f"knn.index must be one of {', '.join(INDEXES)} (got {cfg.index!r})")
-    index.add(db)
-    return index
+        for _, blk in db.blocks():
+            index.add(blk)
+        return index
+
+    def raw_search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to kk (sims, idx) per query, any order among equals."""
+        if self.index is not None:
+            if self.kind == "hnsw":  # faiss's default efSearch (16) caps recall far below k=100
+                self.index.hnsw.efSearch = max(int(self.cfg.hnsw_ef_search), 2 * kk)
+            return self.index.search(q, kk)
+        faiss = _faiss() if self.kind == "exact" else None
+
+        def one(block):
+            if faiss is None:
+                return _numpy_topk(q, block, min(kk, len(block)))
+            return faiss.knn(q, block, min(kk, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+
+        if self.db.array is not None:
+            return one(self.db.array)
+        best_s, best_i = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        for a, blk in self.db.blocks():  # merge the blocks' top-kk
+            s, i = one(blk)
+            best_s, best_i = _sort_rows(np.concatenate([best_s, s], 1), np.concatenate([best_i, i + a], 1), kk)
+        return best_s, best_i
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (sims, idx) per query, sorted by similarity desc, ties by index asc."""
+        n, nq = self.db.n, len(queries)
+        k = min(int(k), n)
+        sims, idx = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
+        if nq == 0 or k == 0:
+            return sims, idx
+        chunk = max(1, int(self.cfg.chunk_size))
+        if self.kind == "numpy":
+            chunk = max(1, min(chunk, NUMPY_BLOCK_FLOATS // max(1, min(n, FILE_BLOCK))))
+            kk = k
+        else:
+            kk = min(n, k + TIE_MARGIN)
+        for a in range(0, nq, chunk):
+            s, i = self.raw_search(queries[a : a + chunk], kk)
+            sims[a : a + chunk], idx[a : a + chunk] = _sort_rows(s, i, k)
+        return sims, idx
 
 
-def search(cfg, queries: np.ndarray, database: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(cfg, queries: np.ndarray, database, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k database rows for each query by inner product.
 
-    `cfg` is the KnnConfig.  Returns (sims [q, k] float32, idx [q, k] int64), k capped at the
-    database size; rows sorted by similarity descending, ties by index ascending.
+    `cfg` is the KnnConfig (its index: auto picks by database size); `database` an array or a
+    Rows.  Returns (sims [q, k] float32, idx [q, k] int64), k capped at the database size; rows
+    sorted by similarity descending, ties by index ascending.
     """
-    q, db = _check(queries, database)
+    db = as_rows(database)
+    q = _check(queries, db)
     k = int(cfg.k if k is None else k)
     if k <= 0:
         raise LandmarksError(f"knn: k must be positive (got {k})")
-    k = min(k, db.shape[0])
-    nq = q.shape[0]
-    if nq == 0 or k == 0:
-        return np.zeros((nq, k), np.float32), np.zeros((nq, k), np.int64)
-    chunk = max(1, int(cfg.chunk_size))
-    sims = np.empty((nq, k), np.float32)
-    idx = np.empty((nq, k), np.int64)
-    if cfg.index == "numpy":
-        chunk = max(1, min(chunk, NUMPY_BLOCK_FLOATS // max(1, db.shape[0])))
-        for a in range(0, nq, chunk):
-            sims[a : a + chunk], idx[a : a + chunk] = _numpy_topk(q[a : a + chunk], db, k)
-        return sims, idx
-    index = _faiss_index(cfg, db)
-    kk = min(db.shape[0], k + TIE_MARGIN)
-    if cfg.index == "hnsw":  # faiss's default efSearch (16) caps recall far below k=100
-        index.hnsw.efSearch = max(int(cfg.hnsw_ef_search), 2 * kk)
-    for a in range(0, nq, chunk):
-        s, i = index.search(q[a : a + chunk], kk)
-        sims[a : a + chunk], idx[a : a + chunk] = _sort_rows(s, i, k)
-    return sims, idx
+    kind = choose_index(cfg, db.n)
+    if q.shape[0] == 0 or db.n == 0:
+        kk = min(k, db.n)
+        return np.zeros((q.shape[0], kk), np.float32), np.zeros((q.shape[0], kk), np.int64)
+    return Index(cfg, db, kind).search(q, k)
 
 
-def _weighted_sum(base: np.ndarray, db: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
+def _weighted_sum(base: np.ndarray, db: Rows, sims: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
     w = np.clip(sims, 0.0, None) ** alpha  # [n, k]
     w = np.where(idx < 0, 0.0, w).astype(np.float32)
-    agg = np.einsum("nk,nkd->nd", w, db[np.clip(idx, 0, None)])
+    agg = np.einsum("nk,nkd->nd", w, db.take(np.clip(idx, 0, None)))
     return l2_normalize(base + agg)
 
 
-def dba(db: np.ndarray, k: int, alpha: float = 3.0, cfg=None) -> np.ndarray:
+def dba(db, k: int, alpha: float = 3.0, cfg=None, out: str | Path | None = None):
     """Database-side augmentation: each row becomes the sim**alpha-weighted sum of itself and
-    its k nearest other database rows, re-normalised (pulls views of one landmark together)."""
+    its k nearest other database rows, re-normalised (pulls views of one landmark together).
+
+    `db`: an array (an array is returned) or a Rows (a Rows is returned; a file-backed one writes
+    its result block by block to the float32 file `out`).  The neighbours come from `cfg`'s index (auto: by size)."""
     from landmarks.config import KnnConfig
 
-    db = np.ascontiguousarray(db, np.float32)
-    if k <= 0 or db.shape[0] < 2:
-        return db
+    rows_in = isinstance(db, Rows)
+    rows = as_rows(db)
+    if k <= 0 or rows.n < 2:
+        return db if rows_in else rows.array
     cfg = cfg or KnnConfig(index="exact")
-    kk = min(k + 1, db.shape[0])
-    out = np.empty_like(db)
-    step = 65536
-    for a in range(0, db.shape[0], step):
-        s, i = search(cfg, db[a : a + step], db, kk)
-        rows = np.arange(a, a + s.shape[0])[:, None]
+    kk = min(k + 1, rows.n)
+    index = Index(cfg, rows)
+    writer = RowsWriter(rows.n, rows.d, out if rows.array is None else None)
+    t0 = time.perf_counter()
+    for a in range(0, rows.n, DBA_BLOCK):
+        if a:  # progress of a long DBA (1.58 M rows: hours on a small machine)
+            rate = a / max(time.perf_counter() - t0, 1e-9)
+            log.info("knn: DBA %d / %d rows (%.0f rows/s, %.1f min left)", a, rows.n, rate, (rows.n - a) / rate / 60)
+        blk = rows.block(a, a + DBA_BLOCK)
+        s, i = index.search(blk, kk)
+        own = np.arange(a, a + len(blk))[:, None]
         # drop self (whichever column it sits in), keep k others
-        not_self = i != rows
-        order = np.argsort(~not_self, axis=1, kind="stable")[:, : kk - 1]
+        order = np.argsort(i == own, axis=1, kind="stable")[:, : kk - 1]
         s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-        out[a : a + s.shape[0]] = _weighted_sum(db[a : a + s.shape[0]], db, s, i, alpha)
-    return out
+        writer.write(_weighted_sum(blk, rows, s, i, alpha))
+    del index
+    res = writer.close()
+    return res if rows_in else res.array
 
 
-def alpha_qe(
-    queries: np.ndarray, db: np.ndarray, sims: np.ndarray, idx: np.ndarray, k: int, alpha: float = 3.0
-) -> np.ndarray:
+def alpha_qe(queries: np.ndarray, db, sims: np.ndarray, idx: np.ndarray, k: int, alpha: float = 3.0) -> np.ndarray:
     """alpha query expansion: query + sum of its top-k database neighbours weighted by sim**alpha,
     re-normalised.  Search again with the result."""
     q = np.ascontiguousarray(queries, np.float32)
     if k <= 0 or q.shape[0] == 0:
         return q
     k = min(k, idx.shape[1])
-    return _weighted_sum(q, np.ascontiguousarray(db, np.float32), sims[:, :k], idx[:, :k], alpha)
+    return _weighted_sum(q, as_rows(db), sims[:, :k], idx[:, :k], alpha)
 
 
 # -- stage -----------------------------------------------------------------------------------
@@ -181,15 +388,36 @@ def knn_fingerprint(cfg, train_features: Path, test_features: Path) -> str:
     return cache.fingerprint("knn", cfg, shards)
 
 
-def neighbours(cfg, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sims, idx) [q, k] of the test rows against the train rows, with DBA and alpha-QE when on."""
-    if cfg.knn.dba_k > 0:
-        train = dba(train, cfg.knn.dba_k, cfg.knn.dba_alpha, cfg.knn)
-    sims, idx = search(cfg.knn, test, train, cfg.knn.k)
-    if cfg.knn.qe_k > 0 and test.shape[0]:
-        test = alpha_qe(test, train, sims, idx, cfg.knn.qe_k, cfg.knn.qe_alpha)
-        sims, idx = search(cfg.knn, test, train, cfg.knn.k)
+def neighbours(cfg, train, test: np.ndarray, scratch: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, idx) [q, k] of the test rows against the train rows (an array or a Rows), with DBA
+    and alpha-QE when on.  `scratch`: where DBA writes a file-backed train matrix's result."""
+    kc = cfg.knn
+    if kc.dba_k > 0:
+        out = Path(scratch) / "dba.f32" if scratch is not None else None
+        train = dba(train, kc.dba_k, kc.dba_alpha, kc, out=out)
+    sims, idx = search(kc, test, train, kc.k)
+    if kc.qe_k > 0 and test.shape[0]:
+        test = alpha_qe(test, train, sims, idx, kc.qe_k, kc.qe_alpha)
+        sims, idx = search(kc, test, train, kc.k)
     return sims, idx
+
+
+def _train_rows(cfg, store, w, scratch: Path) -> tuple[list[str], Rows]:
+    """The train matrix (whitened when on): in memory up to knn.max_in_memory_gb, else a float32
+    file in `scratch` written shard by shard (never the whole matrix in this process)."""
+    from landmarks import whiten
+
+    n, d = store.global_shape()
+    out_d = d if w is None else int(w["g_proj"].shape[1])
+    if n * out_d * 4 <= float(cfg.knn.max_in_memory_gb) * 1e9:
+        ids, train = store.global_matrix()
+        if w is not None:
+            train = whiten.apply_global(w, train)
+        return ids, Rows(train)
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / "train.f32"
+    ids = store.write_global_matrix(path, None if w is None else (lambda x: whiten.apply_global(w, x)))
+    return ids, Rows(path=path, shape=(len(ids), out_d))
 
 
 def run_knn(
@@ -199,7 +427,7 @@ def run_knn(
 
     Reads the global descriptors of both feature directories (and the fitted whitening when
     whiten.global_pca is on).  Output npz: test_ids [q], train_ids [n], sims [q, K] f32,
-    idx [q, K] i64 (row of train_ids; -1 = none), fingerprint.
+    idx [q, K] i64 (row of train_ids; -1 = none), fingerprint.  Logs the index it chose.
     """
     from landmarks import whiten
     from landmarks.store import FeatureStore
@@ -209,14 +437,23 @@ def run_knn(
     if cache.up_to_date(out, fp):
         log.info("knn: %s is up to date", out)
         return out
-    train_ids, train = FeatureStore(train_features).global_matrix()
-    test_ids, test = FeatureStore(test_features).global_matrix()
-    if not train_ids:
+    store = FeatureStore(train_features)
+    if not store.global_shape()[0]:
         raise LandmarksError(f"knn: no train global descriptors in {train_features}")
     w = whiten.load_whiten(cfg, whiten_path, train_features, "global")
-    if w is not None:
-        train, test = whiten.apply_global(w, train), whiten.apply_global(w, test)
-    sims, idx = neighbours(cfg, train, test)
+    scratch = out.parent / f".{out.stem}.scratch"  # file-backed matrices (GBs): removed after, and before
+    shutil.rmtree(scratch, ignore_errors=True)  # (a killed run's leftovers)
+    try:
+        train_ids, train = _train_rows(cfg, store, w, scratch)
+        test_ids, test = FeatureStore(test_features).global_matrix()
+        if w is not None:
+            test = whiten.apply_global(w, test)
+        where = "in memory" if train.array is not None else f"in a float32 file ({train.nbytes / 1e9:.2f} GB)"
+        dba_note = f"DBA k={cfg.knn.dba_k} and the test queries" if cfg.knn.dba_k > 0 else "the test queries"
+        log.info("knn: %s for %s; train matrix %s", describe_choice(cfg.knn, train.n), dba_note, where)
+        sims, idx = neighbours(cfg, train, test, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     cache.save_npz(
         out, fp, test_ids=np.array(test_ids, dtype=str), train_ids=np.array(train_ids, dtype=str), sims=sims, idx=idx
     )

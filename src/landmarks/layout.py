@@ -2,19 +2,22 @@
 
 Stage outputs that depend on settings are named after them (as hloc names ``feats-<conf>.h5``):
 ``knn-<hash>.npz`` from the knn and whiten sections, ``verified-<hash>.npz`` from those plus
-verify, ``whiten-<hash>.npz`` from whiten.  Variants sit side by side, so switching a setting and
-switching it back costs nothing.  The hash covers settings only (``landmarks.cache.output_name``);
-each file also stores the full fingerprint of its inputs, and a stage redoes its work when that no
-longer matches (``landmarks.cache``).
+verify, ``whiten-<hash>.npz`` from whiten.  These variants sit side by side, so switching a knn,
+whiten or verify setting and switching it back costs nothing.  Feature shards are not named after
+settings: there is one set per split, and their rows are keyed by what determines them.  The hash
+covers settings only (``landmarks.cache.output_name``); each file also stores the full fingerprint
+of its inputs, and a stage redoes its work when that no longer matches (``landmarks.cache``,
+docs/cache.md).  docs/design.md has the file formats.
 
     WORK_DIR/
+      adapt/model/                                                       landmarks adapt (the default MODEL)
       features/<split>/shard-*.h5, local-cache-*.h5, store-index.npz   landmarks features / local-features
       whiten-<h>.npz                                                     landmarks whiten (when on)
       knn-<h>.npz                                                        landmarks knn
       verified-<h>.npz                                                   landmarks verify
       calibration-<h>.npz                                                landmarks calibrate
       report.md, plots/                                                  landmarks validate
-      hard/, adapt/, show/, bench/, notebooks/                           tools
+      bench.md, hard/, adapt/, train/, show/, bench/, notebooks/         tools
 """
 
 from __future__ import annotations

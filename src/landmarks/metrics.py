@@ -1,4 +1,4 @@
-"""GAP (Global Average Precision) and friends, exactly as in CONVENTIONS.md.
+"""GAP (Global Average Precision) and friends, as Kaggle defines it (docs/design.md, "GAP").
 
 One prediction (label, confidence) per test image at most.  Predictions are sorted by
 confidence, descending (ties broken by id, ascending, so the score is deterministic);

@@ -190,6 +190,29 @@ def calibrated_vote(
     return vote_calibrated(cfg.vote, knn_idx[:, :n], train_labels, probs, sig, fixed)
 
 
+def label_votes(
+    cfg, sims: np.ndarray, idx: np.ndarray, train_labels: np.ndarray, inliers: np.ndarray | None = None
+) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+    """One test row's votes, for diagnostics (``landmarks show``): label -> (its total, the
+    (rank, score) of each of its neighbours, best first).  The total is what `vote` compares: the
+    sum of the best ``top_k`` scores; the largest total wins (ties: the smaller label)."""
+    n = min(int(cfg.neighbours), len(sims))
+    if n <= 0:
+        return {}
+    inl = None if inliers is None else np.asarray(inliers)[None, :n]
+    scores = _neighbour_scores(cfg, np.asarray(sims)[None, :n], inl)[0]
+    per: dict[int, list[tuple[int, float]]] = {}
+    for rank, (s, j) in enumerate(zip(scores, np.asarray(idx)[:n]), start=1):
+        if j >= 0:
+            per.setdefault(int(train_labels[j]), []).append((rank, float(s)))
+    top_k = max(1, int(cfg.top_k))
+    out = {}
+    for lab in sorted(per):
+        ranked = sorted(per[lab], key=lambda t: -t[1])
+        out[lab] = (float(np.sum(sorted((s for _, s in ranked), reverse=True)[:top_k])), ranked)
+    return out
+
+
 # -- non-landmark suppression --------------------------------------------------------------------
 def nonlandmark_score(
     cfg_vote, cfg_knn, queries: np.ndarray, query_ids: list[str], pool: np.ndarray, pool_ids: list[str]

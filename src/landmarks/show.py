@@ -45,6 +45,19 @@ class Candidate:
 
 
 @dataclass
+class LabelVote:
+    """One label's share of the vote for the test image (``predict.label_votes``)."""
+
+    label: int
+    total: float  # what the voting compares: the sum of the label's best top_k neighbour scores
+    neighbours: int  # voting neighbours with this label
+    best_rank: int
+    best_sim: float
+    best_inliers: int | None  # None: not verified (beyond num_to_rerank, or global only)
+    correct: bool | None
+
+
+@dataclass
 class Case:
     """Everything drawn for one test image (coordinates in original-image pixels)."""
 
@@ -58,6 +71,8 @@ class Case:
     scores: np.ndarray
     notes: list[str] = field(default_factory=list)
     train_paths: dict = field(default_factory=dict)
+    votes: list[LabelVote] = field(default_factory=list)  # largest total first
+    vote_rule: str = ""  # how the votes were counted, for the panel's title
 
 
 # -- geometry ------------------------------------------------------------------------------------
@@ -156,6 +171,7 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
         notes.append(f"{work.verified(cfg).name} missing or stale: inliers recomputed for the drawn pairs only")
     row_inl = None if inliers is None else inliers[r : r + 1]
     lab, conf = vote(cfg.vote, knn["sims"][r : r + 1], knn["idx"][r : r + 1], labels, row_inl)
+    votes = _votes(cfg.vote, knn["sims"][r], knn["idx"][r], labels, None if row_inl is None else row_inl[0], truth)
     if cfg.vote.suppression != "none":
         notes.append(f"confidence before {cfg.vote.suppression} suppression")
 
@@ -182,7 +198,25 @@ def load_case(cfg, data_dir, work_dir, model_dir, test_id: str, top: int = 5) ->
         scores=np.zeros((0,), np.float32) if q is None else q.scores,
         notes=notes,
         train_paths={c.train_id: Path(path_of[c.train_id]) for c in cands},
+        votes=votes,
+        vote_rule=(
+            f"{cfg.vote.method}: best {max(1, int(cfg.vote.top_k))} of each label's neighbours, "
+            f"{min(int(cfg.vote.neighbours), knn['sims'].shape[1])} voting"
+            + (", inliers counted" if row_inl is not None else ", global only")
+        ),
     )
+
+
+def _votes(vcfg, sims, idx, labels, inliers, truth: str | None) -> list[LabelVote]:
+    """The per-label vote of one test row, largest total first (``predict.label_votes``)."""
+    from landmarks.predict import label_votes
+
+    out = []
+    for lab, (total, ranked) in label_votes(vcfg, sims, idx, labels, inliers).items():
+        rank = ranked[0][0]
+        inl = None if inliers is None or rank > len(inliers) else int(inliers[rank - 1])
+        out.append(LabelVote(lab, total, len(ranked), rank, float(sims[rank - 1]), inl, _is_correct(lab, truth)))
+    return sorted(out, key=lambda v: (-v.total, v.label))
 
 
 def _train_rows(data_dir: Path, work_dir: Path, knn: dict) -> tuple[list[str], np.ndarray, dict]:
@@ -328,9 +362,10 @@ def _draw_keypoints(fig, ax, test_img: np.ndarray, test_s: float, case: Case) ->
         order = np.argsort(case.scores)  # strongest drawn last (on top)
         kp = case.keypoints[order] * test_s
         sc = ax.scatter(kp[:, 0], kp[:, 1], c=case.scores[order], cmap="inferno", s=14, alpha=0.9, linewidths=0)
-        cax = ax.inset_axes([0.1, -0.07, 0.8, 0.03])
+        cax = ax.inset_axes([0.1, -0.06, 0.8, 0.035])
         cb = fig.colorbar(sc, cax=cax, orientation="horizontal")
         cb.ax.tick_params(labelsize=8, length=2)
+        cb.set_label("keypoint score (the model's; higher = kept first)", fontsize=9)
         ax.set_xlim(0, test_img.shape[1])
         ax.set_ylim(test_img.shape[0], 0)
     ax.set_title(f"keypoint scores ({len(case.keypoints)} local features)", fontsize=11)
@@ -351,33 +386,86 @@ def _headline(case: Case) -> tuple[str, str]:
     return f"test {case.test_id}: {pred}; {truth}", color
 
 
+def _draw_votes(ax, case: Case, top: int = 6) -> None:
+    """Horizontal bars: each label's vote total (the prediction is the longest), coloured by
+    correctness, with its neighbour count and its best neighbour's similarity and inliers."""
+    votes = case.votes[:top]
+    if not votes:
+        ax.text(0.5, 0.5, "no votes (no neighbours)", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    y = np.arange(len(votes))[::-1]
+    colors = [_mark(v.correct)[1] if v.correct is not None else "#5b6b7a" for v in votes]
+    ax.barh(y, [v.total for v in votes], color=colors, height=0.65)
+    right = max(v.total for v in votes)
+    for yy, v in zip(y, votes):
+        inl = "not verified" if v.best_inliers is None else f"{v.best_inliers} inliers"
+        n = f"{v.neighbours} neighbour{'s' if v.neighbours != 1 else ''}"
+        ax.text(
+            v.total + 0.02 * right,
+            yy,
+            f"{v.total:.3f}  ({n}; best #{v.best_rank}: sim {v.best_sim:.3f}, {inl})",
+            va="center",
+            fontsize=9,
+        )
+    ax.set_yticks(
+        y, [f"label {v.label}" + (f" {_mark(v.correct)[0][0]}" if v.correct is not None else "") for v in votes]
+    )
+    for tick, color in zip(ax.get_yticklabels(), colors):
+        tick.set_color(color)
+    ax.set_xlim(0, right * 2.1)
+    ax.set_xlabel("vote total (the largest is the prediction)", fontsize=9)
+    ax.tick_params(labelsize=9)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    more = f"; {len(case.votes) - len(votes)} more labels" if len(case.votes) > len(votes) else ""
+    ax.set_title(f"votes per label ({case.vote_rule}{more})", fontsize=10)
+
+
 def render_case(case: Case, out: str | Path, dpi: int = 90, colors: int = 0) -> Path:
     """Draw a Case into one PNG (written atomically) and return its path.
 
+    Row 0: the test image, its keypoint scores and the per-label votes; then the candidate pairs,
+    two per row.  Each row is as tall as its tallest image, so rows follow each other without gaps.
     `colors` > 0 quantizes the PNG to that many colours (a several times smaller file, for docs)."""
     test_img, test_s, err = _load_display(case.test_path)
     shown = {c.train_id: _load_display(case.train_paths[c.train_id]) for c in case.candidates}
-    n_cells = 1 + len(case.candidates)
-    rows = max(1, (n_cells + 1) // 2)
-    width = 15.0
-    # each pair is drawn at one height: size the rows for the narrowest pair (it fills its height)
-    aspects = [(test_img.shape[1] + 12 + im.shape[1]) / test_img.shape[0] for im, _, _ in shown.values()]
-    row_h = min(width / 2 / max(min(aspects, default=2.0), 1.0), 5.0) + 0.8  # image + two title lines
-    height = row_h * rows + 0.9
+    width, pad, title_h, head_h, max_h = 15.0, 0.15, 0.5, 0.4, 5.0
+    cbar_h = 0.6 if len(case.keypoints) else 0.1  # room for the keypoint colour bar and its label
+    half = (width - pad) / 2
+    quarter = (half - pad) / 2
+
+    def shown_h(w_in: float, img_w: int, img_h: int) -> float:
+        return min(w_in * img_h / max(img_w, 1), max_h)
+
+    pair_w = {c.train_id: test_img.shape[1] + 12 + shown[c.train_id][0].shape[1] for c in case.candidates}
+    row0_h = min(max(shown_h(quarter, test_img.shape[1], test_img.shape[0]), 2.5), max_h)
+    pair_rows = [case.candidates[i : i + 2] for i in range(0, len(case.candidates), 2)]
+    rows_h = [max(shown_h(half, pair_w[c.train_id], test_img.shape[0]) for c in row) for row in pair_rows]
+    height = head_h + row0_h + title_h + cbar_h + sum(h + title_h for h in rows_h) + (0.3 if case.notes else 0.05)
     fig = _figure(figsize=(width, height))
-    gs = fig.add_gridspec(
-        rows, 4, hspace=0.3, wspace=0.06, left=0.01, right=0.99, top=1 - 0.75 / height, bottom=0.3 / height
-    )
-    ax = fig.add_subplot(gs[0, 0])
+
+    def add(x: float, top: float, w: float, h: float):  # inches from the top-left corner
+        ax = fig.add_axes((x / width, 1 - (top + h) / height, w / width, h / height))
+        ax.set_anchor("N")  # images hang from the row's top: titles in line, no gap above a short one
+        return ax
+
+    top = head_h + title_h
+    ax = add(0, top, quarter, row0_h)
     ax.imshow(test_img)
     ax.set_title("test image" + (f" [{err}]" if err else ""), fontsize=11)
     ax.set_axis_off()
-    _draw_keypoints(fig, fig.add_subplot(gs[0, 1]), test_img, test_s, case)
-    for k, cand in enumerate(case.candidates, start=1):
-        r, c = divmod(k, 2)
-        _draw_pair(fig.add_subplot(gs[r, 2 * c : 2 * c + 2]), test_img, test_s, cand, shown[cand.train_id])
+    _draw_keypoints(fig, add(quarter + pad, top, quarter, row0_h), test_img, test_s, case)
+    _draw_votes(add(half + pad + 1.1, top + 0.1, half - 1.2, row0_h - 0.5), case)
+    top += row0_h + cbar_h
+    for row, h in zip(pair_rows, rows_h):
+        top += title_h
+        x0 = 0.0 if len(row) == 2 else (width - half) / 2  # a lone last pair is centred
+        for k, cand in enumerate(row):
+            _draw_pair(add(x0 + k * (half + pad), top, half, h), test_img, test_s, cand, shown[cand.train_id])
+        top += h
     title, color = _headline(case)
-    fig.suptitle(title, fontsize=14, color=color, y=0.998)
+    fig.suptitle(title, fontsize=14, color=color, y=1 - 0.1 / height)
     if case.notes:
         fig.text(0.5, 0.002, "; ".join(dict.fromkeys(case.notes)), ha="center", fontsize=8, color="#555555")
     out = Path(out)

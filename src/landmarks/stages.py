@@ -179,7 +179,17 @@ def _verify(run: Run) -> str:
     from landmarks.verify import run_verify
 
     w, cfg = run.work, run.cfg
-    return str(run_verify(cfg, w.knn(cfg), w.features("test"), w.features("train"), w.verified(cfg), w.whiten(cfg)))
+    return str(
+        run_verify(
+            cfg,
+            w.knn(cfg),
+            w.features("test"),
+            w.features("train"),
+            w.verified(cfg),
+            w.whiten(cfg),
+            scheduler=run.scheduler,
+        )
+    )
 
 
 def _calibrate(run: Run) -> str:

@@ -323,6 +323,16 @@ def load_index(directory: str | Path, persist: bool = True, local_only: bool = F
     return idx
 
 
+def _check_finite(path: Path, block: np.ndarray) -> None:
+    """A damaged byte range decodes to NaN/inf: name the shard here, not in a later knn error."""
+    bad = int(np.count_nonzero(~np.isfinite(block).all(axis=1)))
+    if bad:
+        raise LandmarksError(
+            f"{path}: {bad} global descriptor row(s) hold NaN or inf (a damaged shard): "
+            "delete it and rerun `landmarks features` (make features)"
+        )
+
+
 class FeatureStore:
     """Read access to all shards of one split directory (e.g. WORK_DIR/features/train).
 
@@ -371,12 +381,12 @@ class FeatureStore:
         self._full()
         return {i.decode(): r.decode() for i, r in zip(self.index.f_ids.tolist(), self.index.f_reasons.tolist())}
 
-    def global_matrix(self, dtype=np.float32) -> tuple[list[str], np.ndarray]:
-        """All global descriptors of the shards as one [n, D] array with their ids, in CSV order
-        (the shards' ``order`` rows; shard order for shards written without one)."""
+    def _global_layout(self) -> tuple[list[str], list[tuple[Path, np.ndarray]], int]:
+        """Ids in CSV order (the shards' ``order`` rows; shard order for shards written without
+        one), each shard with its rows' positions in that order, and the descriptor size."""
         import h5py
 
-        ids, blocks, orders = [], [], []
+        ids, files, orders, dim = [], [], [], 0
         for p in self.files:
             if p.name.startswith("local-cache"):
                 continue
@@ -384,22 +394,67 @@ class FeatureStore:
                 if "global" not in f:
                     continue
                 ids.extend(_decode(f["ids"][:]))
-                blocks.append(f["global"][:].astype(dtype, copy=False))
-                bad = int(np.count_nonzero(~np.isfinite(blocks[-1]).all(axis=1)))
-                if bad:  # a damaged byte range decodes to NaN/inf: name the file, not a later knn error
-                    raise LandmarksError(
-                        f"{p}: {bad} global descriptor row(s) hold NaN or inf (a damaged shard): "
-                        "delete it and rerun `landmarks features` (make features)"
-                    )
+                files.append((p, int(f["global"].shape[0])))
+                dim = dim or int(f["global"].shape[1])
                 orders.append(f["order"][:] if "order" in f else None)
-        if not blocks:
-            return [], np.zeros((0, 0), dtype)
-        mat = np.concatenate(blocks)
-        if all(o is not None for o in orders):
+        pos = np.arange(len(ids))
+        if orders and all(o is not None for o in orders):
             perm = np.argsort(np.concatenate(orders).astype(np.int64), kind="stable")
             if np.any(perm != np.arange(len(perm))):
-                ids, mat = [ids[k] for k in perm], mat[perm]
+                ids = [ids[k] for k in perm]
+                pos = np.empty(len(perm), np.int64)
+                pos[perm] = np.arange(len(perm))
+        out, a = [], 0
+        for p, m in files:
+            out.append((p, pos[a : a + m]))
+            a += m
+        return ids, out, dim
+
+    def global_shape(self) -> tuple[int, int]:
+        """(rows, descriptor size) of global_matrix, without reading the descriptors."""
+        ids, _, dim = self._global_layout()
+        return len(ids), dim
+
+    def global_matrix(self, dtype=np.float32) -> tuple[list[str], np.ndarray]:
+        """All global descriptors of the shards as one [n, D] array with their ids, in CSV order
+        (the shards' ``order`` rows; shard order for shards written without one)."""
+        import h5py
+
+        ids, files, dim = self._global_layout()
+        if not files:
+            return [], np.zeros((0, 0), dtype)
+        mat = np.empty((len(ids), dim), dtype)
+        for p, pos in files:
+            with h5py.File(p, "r") as f:
+                block = f["global"][:].astype(dtype, copy=False)
+            _check_finite(p, block)
+            mat[pos] = block
         return ids, mat
+
+    def write_global_matrix(self, path: str | Path, transform=None) -> list[str]:
+        """global_matrix written to a raw float32 file [n, D'] one shard at a time (rows through
+        `transform`, e.g. whitening), for matrices too big to hold twice; returns the ids."""
+        import h5py
+
+        ids, files, _ = self._global_layout()
+        path = Path(path)
+        d_out = None
+        with atomic_path(path) as tmp:
+            Path(tmp).touch()
+            for p, pos in files:
+                with h5py.File(p, "r") as f:
+                    x = f["global"][:].astype(np.float32, copy=False)
+                _check_finite(p, x)
+                x = x if transform is None else np.asarray(transform(x), np.float32)
+                if d_out is None:
+                    d_out = x.shape[1]
+                    with open(tmp, "r+b") as fh:
+                        fh.truncate(len(ids) * d_out * 4)
+                out = np.memmap(tmp, np.float32, "r+", shape=(len(ids), d_out))
+                out[pos] = x
+                out.flush()
+                del out  # unmapped: written pages leave this process's RSS
+        return ids
 
     # -- local ------------------------------------------------------------------------
     def has_local(self, image_id: str) -> bool:

@@ -68,15 +68,21 @@ def separation(good: np.ndarray, bad: np.ndarray) -> dict:
     }
 
 
-def diagnostics_section(cfg, solution, inputs) -> list[str]:
-    """Report lines: shortlist recall@R of the global kNN and the inlier separation of verification."""
+def _candidate_labels(solution, inputs) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(label of every kNN candidate as text, truth, knn rows) of the test images in solution.csv."""
     truth_of = dict(zip(solution["id"].astype(str), solution["landmarks"].fillna("").astype(str)))
     rows = [r for r, t in enumerate(inputs["test_ids"]) if t in truth_of]
     truth = np.array([truth_of[inputs["test_ids"][r]] for r in rows], dtype=str)
     idx = np.asarray(inputs["knn"]["idx"])[rows]
     labels = np.asarray(inputs["train_labels"])
     cand = np.where(idx >= 0, labels[np.clip(idx, 0, None)], -1).astype(str)
-    at = [r for r in cfg.hard.recall_at if r <= idx.shape[1]] or [idx.shape[1]]
+    return cand, truth, rows
+
+
+def diagnostics_section(cfg, solution, inputs) -> list[str]:
+    """Report lines: shortlist recall@R of the global kNN and the inlier separation of verification."""
+    cand, truth, rows = _candidate_labels(solution, inputs)
+    at = [r for r in cfg.hard.recall_at if r <= cand.shape[1]] or [cand.shape[1]]
     rec = shortlist_recall(cand, truth, at)
     out = [
         "## Shortlist recall@R (global kNN)",
@@ -174,96 +180,137 @@ def _knn_ablations(cfg, work, inputs) -> list[tuple[str, object, dict]]:
     return out
 
 
-def _plots(plot_dir: Path, solution, inputs, default, glob) -> dict[str, str]:
-    """The report's three PNGs: precision vs rank, inliers of correct vs wrong candidates, scores."""
+def _plots(plot_dir: Path, solution, inputs, default, glob, gaps: dict | None = None) -> dict[str, str]:
+    """The report's PNGs: precision vs rank, inliers of correct vs wrong candidates, scores.
+
+    `gaps` ({"default": GAP, "global only": GAP}) goes into the legends and titles when given."""
     import matplotlib
 
     matplotlib.use("Agg")
     plot_dir.mkdir(parents=True, exist_ok=True)
+    gaps = gaps or {}
     truth = {str(i): set(str(t).split()) for i, t in zip(solution["id"], solution["landmarks"].fillna(""))}
-    files = {"precision": _plot_precision(plot_dir, truth, default, glob)}
+    files = {"precision": _plot_precision(plot_dir, truth, default, glob, gaps)}
     if inputs["inliers"] is not None:
-        files["inliers"] = _plot_inliers(plot_dir, truth, inputs)
-    files["scores"] = _plot_scores(plot_dir, truth, default)
+        files["inliers"] = _plot_inliers(plot_dir, solution, inputs)
+    files["scores"] = _plot_scores(plot_dir, truth, default, gaps.get("default"))
     return files
 
 
-def _plot_precision(plot_dir: Path, truth: dict, default, glob) -> str:
+def _plot_precision(plot_dir: Path, truth: dict, default, glob, gaps: dict) -> str:
+    """Precision among the first i predictions (sorted by confidence) of the default and global-only runs."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, df in (("default", default), ("global only", glob)):
+    n_landmark = sum(1 for t in truth.values() if t)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, df, color in (("default", default, "tab:blue"), ("global only", glob, "tab:gray")):
         d = df.dropna(subset=["confidence"]).sort_values(
             ["confidence", "id"], ascending=[False, True], kind="mergesort"
         )
         corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])], float)
+        label = name + (f": GAP {gaps[name]:.4f}" if name in gaps else "")
         if len(corr):
-            ax.plot(np.arange(1, len(corr) + 1), np.cumsum(corr) / np.arange(1, len(corr) + 1), label=name)
-    ax.set_xlabel("rank (predictions sorted by confidence)")
-    ax.set_ylabel("precision")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    ax.set_title("Precision vs rank")
+            ax.plot(
+                np.arange(1, len(corr) + 1), np.cumsum(corr) / np.arange(1, len(corr) + 1), label=label, color=color
+            )
+    if n_landmark:
+        ax.axvline(n_landmark, color="black", ls=":", lw=1)
+        ax.text(n_landmark, 0.03, f" {n_landmark} landmark\n test images", fontsize=8, va="bottom")
+    ax.set_xlabel("rank (predictions sorted by confidence, most confident first)")
+    ax.set_ylabel("precision of the first i predictions")
+    ax.set_ylim(0, 1.04)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title("Precision vs rank: a perfect run stays at 1.0 up to the dotted line", fontsize=10)
     return _save(fig, plot_dir / "precision_vs_rank.png")
 
 
-def _plot_inliers(plot_dir: Path, truth: dict, inputs) -> str:
+def _plot_inliers(plot_dir: Path, solution, inputs) -> str:
+    """Inliers of correct-class vs wrong candidates: the same candidates and random floor as the
+    report's inlier-separation table (landmark test images only)."""
     import matplotlib.pyplot as plt
 
-    knn, inl = inputs["knn"], inputs["inliers"]
-    R = inl.shape[1]
-    lab = inputs["train_labels"][np.clip(knn["idx"][:, :R], 0, None)]
-    good, bad = [], []
-    for r, tid in enumerate(inputs["test_ids"]):
-        t = truth.get(tid)
-        if t is None:
-            continue
-        for j in range(R):
-            if knn["idx"][r, j] >= 0:
-                (good if str(lab[r, j]) in t else bad).append(inl[r, j])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    top = max([1, *good, *bad])
-    bins = np.unique(np.concatenate([[0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 40, 60, 80, 120, 200, 400, 1000], [top + 1]]))
-    bins = bins[bins <= top + 1]
-    ax.hist(
-        [good, bad],
-        bins=bins,
-        label=[f"correct candidates ({len(good)})", f"wrong candidates ({len(bad)})"],
-        color=["tab:green", "tab:red"],
-        alpha=0.8,
-    )
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_yscale("log")
+    cand, truth, rows = _candidate_labels(solution, inputs)
+    inl = np.asarray(inputs["inliers"])[rows]
+    good, bad = split_inliers(cand[:, : inl.shape[1]], truth, inl)
+    sep = separation(good, bad)
+    n_lm, n_non = int((truth != "").sum()), int((truth == "").sum())
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    top = int(max([1, *good, *bad]))
+    width = max(1, int(np.ceil((top + 1) / 60)))
+    bins = np.arange(0, top + width + 1, width)
+    for vals, name, color in (
+        (bad, f"wrong-class candidates ({len(bad)})", "tab:red"),
+        (good, f"correct-class candidates ({len(good)})", "tab:green"),
+    ):
+        if len(vals):
+            share = np.full(len(vals), 1.0 / len(vals))
+            ax.hist(vals, bins=bins, weights=share, histtype="step", lw=2, color=color, label=name)
+    if sep["floor"] == sep["floor"]:
+        ax.axvline(sep["floor"], color="black", ls="--", lw=1.2, label=f"random floor: {sep['floor']:.0f} inliers")
     ax.set_xlabel("RANSAC inliers")
-    ax.set_ylabel("candidates")
+    ax.set_ylabel("share of the group's candidates")
+    ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Inliers: correct vs wrong top candidates")
+    note = f"; {n_non} non-landmark queries left out" if n_non else ""
+    ax.set_title(
+        f"Inliers of the top {inl.shape[1]} candidates of {n_lm} landmark queries{note}\n"
+        f"ROC AUC {sep['auc']:.3f}; correct at or below the floor: {sep['good_at_floor']:.3f}",
+        fontsize=10,
+    )
     return _save(fig, plot_dir / "inliers_correct_vs_wrong.png")
 
 
-def _plot_scores(plot_dir: Path, truth: dict, default) -> str:
+def _plot_scores(plot_dir: Path, truth: dict, default, gap: float | None = None) -> str:
+    """Stacked histogram of the default setting's confidences: correct, wrong-label and non-landmark
+    predictions, with the lowest correct confidence (a wrong prediction above it costs GAP)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     d = default.dropna(subset=["confidence"])
-    is_lm = np.array([bool(truth[i]) for i in d["id"]])
-    corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])])
-    conf = d["confidence"].to_numpy()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    is_lm = np.array([bool(truth[i]) for i in d["id"]], bool)
+    corr = np.array([lab in truth[i] for i, lab in zip(d["id"], d["label"])], bool)
+    conf = d["confidence"].to_numpy(float)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
     groups = [
-        (conf[is_lm & corr], "landmark, correct", "tab:green"),
-        (conf[is_lm & ~corr], "landmark, wrong", "tab:orange"),
-        (conf[~is_lm], "non-landmark", "tab:red"),
+        (conf[~is_lm], "non-landmark (any prediction is wrong)", "#7f8c9a"),
+        (conf[is_lm & ~corr], "landmark, wrong label", "#d62728"),
+        (conf[is_lm & corr], "landmark, correct", "#2ca02c"),
     ]
     allc = conf if len(conf) else np.zeros(1)
     bins = np.linspace(allc.min(), allc.max() + 1e-9, 40)
-    for vals, name, color in groups:
-        if len(vals):
-            ax.hist(vals, bins=bins, alpha=0.6, label=f"{name} ({len(vals)})", color=color)
-    ax.set_yscale("log")
+    kept = [(v, f"{n} ({len(v)})", c) for v, n, c in groups if len(v)]
+    if kept:
+        ax.hist(
+            [v for v, _, _ in kept],
+            bins=bins,
+            stacked=True,
+            label=[n for _, n, _ in kept],
+            color=[c for _, _, c in kept],
+            edgecolor="white",
+            linewidth=0.4,
+        )
+    if corr.any():
+        low = float(conf[corr].min())
+        non, lab = int(np.sum(~is_lm & (conf > low))), int(np.sum(is_lm & ~corr & (conf > low)))
+        ax.axvline(
+            low,
+            color="black",
+            ls="--",
+            lw=1.2,
+            label=f"lowest correct {low:.2f}: above it {non} non-landmark, {lab} wrong label",
+        )
     ax.set_xlabel("confidence (default setting)")
     ax.set_ylabel("test images")
-    ax.legend()
-    ax.set_title("Scores: landmark vs non-landmark test images")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.6)  # headroom: the legend never covers a bar
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, loc="upper left")
+    head = f"GAP {gap:.4f}: " if gap is not None else ""
+    ax.set_title(
+        f"{head}{int(corr.sum())} of {int(is_lm.sum())} landmark images correct, {int((~is_lm).sum())} non-landmarks",
+        fontsize=10,
+    )
     return _save(fig, plot_dir / "score_distribution.png")
 
 
@@ -354,7 +401,8 @@ def run_validate(cfg, data_dir, work_dir, model_dir, submission) -> Path:
     default_name = _default_name(cfg, inputs)
     default_score = dict(rows)[default_name]
     glob_name = next(n for n, _ in rows if n.startswith("global only"))
-    plots = _plots(work.plots, solution, inputs, frames[default_name], frames[glob_name])
+    gaps = {"default": default_score["gap"], "global only": dict(rows)[glob_name]["gap"]}
+    plots = _plots(work.plots, solution, inputs, frames[default_name], frames[glob_name], gaps)
     table = _gap_table(rows, default_name)
     lines = [
         "# Validation report",

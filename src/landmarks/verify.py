@@ -12,6 +12,7 @@ Determinism: matches are put in a canonical order and pydegensac gets a fixed se
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -181,23 +182,26 @@ def _pca_local(lf, w):
 
 
 _STORES: dict[str, tuple[str, object]] = {}  # per process: directory -> (index digest, FeatureStore)
+_STORES_LOCK = threading.Lock()  # a dask worker runs its tasks in threads of one process
 
 
 def _store(directory: str, digest: str):
     """The FeatureStore of `directory` whose index has `digest`, opened once per process: the
-    driver builds the index once per stage and persists it; a worker loads that file on its first
-    batch and keeps the store (and its open shard handles) for the next ones."""
+    driver builds the index once per stage and persists it; a worker (joblib process or dask
+    worker) loads that file on its first batch and keeps the store (and its open shard handles)
+    for the next ones."""
     from landmarks.store import INDEX_NAME, FeatureStore, StoreIndex, load_index
 
-    have = _STORES.get(directory)
-    if have is not None and have[0] == digest:
-        return have[1]
-    if have is not None:
-        have[1].close()
-    index = StoreIndex.load(Path(directory) / INDEX_NAME, digest, local_only=True) or load_index(directory)
-    store = FeatureStore(directory, index=index)
-    _STORES[directory] = (digest, store)
-    return store
+    with _STORES_LOCK:
+        have = _STORES.get(directory)
+        if have is not None and have[0] == digest:
+            return have[1]
+        if have is not None:
+            have[1].close()
+        index = StoreIndex.load(Path(directory) / INDEX_NAME, digest, local_only=True) or load_index(directory)
+        store = FeatureStore(directory, index=index)
+        _STORES[directory] = (digest, store)
+        return store
 
 
 def _release_stores() -> None:
@@ -276,28 +280,77 @@ def _run_batches(
     w_local: dict | None,
     digests: tuple[str, str],
     R: int,
+    scheduler=None,
 ) -> np.ndarray:
-    """EVIDENCE [q, R, 4]: batches of BATCH_IMAGES test images, in worker processes when verify.jobs > 1."""
-    from joblib import Parallel, delayed
+    """EVIDENCE [q, R, 4]: batches of BATCH_IMAGES test images, in worker processes when verify.jobs > 1,
+    or as tasks on a Dask cluster when `scheduler` (an address or a Client) is given."""
     from tqdm import tqdm
 
     batches = [list(range(a, min(a + BATCH_IMAGES, len(test_ids)))) for a in range(0, len(test_ids), BATCH_IMAGES)]
     args = [
-        (vc, str(test_features), str(train_features), [test_ids[r] for r in b], [cand[r] for r in b], w_local, digests)
+        (
+            vc,
+            str(Path(test_features).resolve()),  # absolute: dask workers may run in another directory
+            str(Path(train_features).resolve()),
+            [test_ids[r] for r in b],
+            [cand[r] for r in b],
+            w_local,
+            digests,
+        )
         for b in batches
     ]
-    jobs = max(1, int(vc.jobs))
-    results = (
-        Parallel(n_jobs=jobs, return_as="generator")(delayed(_verify_batch)(*a) for a in args)
-        if jobs > 1
-        else (_verify_batch(*a) for a in args)
-    )
     evidence = np.zeros((len(test_ids), R, len(EVIDENCE)), np.float64)
     with tqdm(total=len(test_ids), desc=f"verify ({vc.matcher})", unit="img", disable=None) as bar:
-        for b, res in zip(batches, results):
+        for k, res in _batch_results(args, int(vc.jobs), scheduler):
+            b = batches[k]
             evidence[b, : res.shape[1]] = res
             bar.update(len(b))
     return evidence
+
+
+def _batch_results(args: list[tuple], jobs: int, scheduler):
+    """(batch number, evidence) of every batch: in this process, on joblib workers, or on Dask."""
+    if scheduler:
+        yield from _dask_results(args, scheduler)
+        return
+    jobs = max(1, jobs)
+    if jobs > 1:
+        from joblib import Parallel, delayed
+
+        yield from enumerate(Parallel(n_jobs=jobs, return_as="generator")(delayed(_verify_batch)(*a) for a in args))
+        return
+    for k, a in enumerate(args):
+        yield k, _verify_batch(*a)
+
+
+def _dask_results(args: list[tuple], scheduler):
+    """The batches as tasks on a Dask cluster (each worker opens the stores' persisted id index
+    once, ``_store``).  A worker that dies mid-run loses nothing: the scheduler reruns its tasks
+    on the others, and a batch's result depends only on its inputs, so the output equals a local
+    run's."""
+    from dask.distributed import Client, as_completed
+
+    own = isinstance(scheduler, str)
+    try:
+        client = Client(scheduler, timeout="30s") if own else scheduler
+    except (OSError, TimeoutError) as e:
+        raise LandmarksError(f"cannot reach dask scheduler {scheduler}: {e}") from None
+    try:
+        workers = len(client.scheduler_info().get("workers", {}))
+        log.info(
+            "verify: %d batches of <= %d test images on dask %s (%d workers)",
+            len(args),
+            BATCH_IMAGES,
+            client.scheduler.address,
+            workers,
+        )
+        futures = [client.submit(_verify_batch, *a, pure=False) for a in args]
+        number = {f.key: k for k, f in enumerate(futures)}
+        for fut in as_completed(futures):
+            yield number[fut.key], fut.result()  # a batch that failed on every try raises here
+    finally:
+        if own:
+            client.close()
 
 
 def run_verify(
@@ -308,12 +361,15 @@ def run_verify(
     out: str | Path,
     whiten_path: str | Path | None = None,
     timing: dict | None = None,
+    scheduler=None,
 ) -> Path:
     """Stage: inliers of the top verify.num_to_rerank candidates of a knn output -> `out`.
 
     Needs the local features of the test images and their shortlisted train images
     (`landmarks local-features`).  `timing` (optional dict) receives setup_s (knn output + id
     indexes, once per stage) and batches_s (the verification batches) for the benchmark.
+    `scheduler`: a dask address (tcp://host:8786) or Client to run the batches on (default:
+    extract.scheduler, the features' cluster; empty = local joblib workers, verify.jobs).
     Output npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), evidence [q, R, 4]
     float32 (columns verify.EVIDENCE: inliers, tentative matches, spread, area), fingerprint.
     """
@@ -335,7 +391,8 @@ def run_verify(
         digests = _open_stores(test_features, train_features, test_ids, cand)
         w_local = whiten.load_whiten(cfg, whiten_path, train_features, "local")
         t_batches = time.perf_counter()
-        evidence = _run_batches(vc, test_features, train_features, test_ids, cand, w_local, digests, R)
+        scheduler = cfg.extract.scheduler if scheduler is None else scheduler
+        evidence = _run_batches(vc, test_features, train_features, test_ids, cand, w_local, digests, R, scheduler)
     finally:
         _release_stores()
     if timing is not None:

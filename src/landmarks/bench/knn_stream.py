@@ -66,8 +66,8 @@ def exact_chunked(path: Path, n: int, d: int, queries: np.ndarray, k: int) -> tu
         xb = read_rows(path, a, min(n, a + STEP), d)
         read += time.perf_counter() - t1
         s, i = faiss.knn(queries, xb, min(kk, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
-        best_s, best_i = knn._sort_rows(np.concatenate([best_s, s], 1), np.concatenate([best_i, i + a], 1), kk)
-    return knn._sort_rows(best_s, best_i, k)[1], time.perf_counter() - t, read
+        best_s, best_i = knn.sort_rows(np.concatenate([best_s, s], 1), np.concatenate([best_i, i + a], 1), kk)
+    return knn.sort_rows(best_s, best_i, k)[1], time.perf_counter() - t, read
 
 
 def _ivf(kind: str, d: int, nlist: int):
@@ -121,7 +121,7 @@ def ivf_streamed(
         for nprobe in nprobes:
             index.nprobe = min(int(nprobe), nlist)
             t = time.perf_counter()
-            _, i = knn._sort_rows(*index.search(queries, kk), k)
+            _, i = knn.sort_rows(*index.search(queries, kk), k)
             out["searches"].append(
                 {
                     "nprobe": int(nprobe),

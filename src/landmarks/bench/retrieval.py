@@ -161,18 +161,11 @@ def knn_child(
         with PeakRss() as mem:
             t = time.perf_counter()
             build = 0.0
-            if method == "numpy":
-                s, i = knn.search(c, queries, db, k)
-            else:  # knn.search, with index build and search timed apart
-                index = knn._faiss_index(c, db)
-                build = time.perf_counter() - t
-                kk = min(n, k + knn.TIE_MARGIN)
-                s = np.empty((q, k), np.float32)
-                i = np.empty((q, k), np.int64)
-                for a in range(0, q, c.chunk_size):
-                    s0, i0 = index.search(queries[a : a + c.chunk_size], kk)
-                    s[a : a + c.chunk_size], i[a : a + c.chunk_size] = knn._sort_rows(s0, i0, k)
-                del index
+            # knn.search, with index build (ivf, hnsw; none for exact and numpy) and search timed apart
+            index = knn.Index(c, knn.Rows(db), method)
+            build = time.perf_counter() - t
+            s, i = index.search(queries, k)
+            del index
             total = time.perf_counter() - t
         results[method] = i
         out[method] = {"build_s": build, "search_s": total - build, "mem": mem.delta}

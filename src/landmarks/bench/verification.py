@@ -18,7 +18,7 @@ from landmarks.bench.common import median
 TITLE = "Verification vs train size N"
 
 
-def _verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, seed: int = 0) -> None:
+def verify_set(d: Path, n: int, n_test: int, R: int, cap: int, n_feat: int, seed: int = 0) -> None:
     """A synthetic stage at N train ids: global-only train shards of `cap` ids (4-d globals:
     verification never reads them), local features for the shortlisted ids only (a local cache,
     as predict leaves it), test shard with local features, and knn.npz.  Built once per N."""
@@ -94,7 +94,7 @@ def row_verify(cfg, data_dir, work_dir, model_dir) -> dict:
     for n in bc.verify_sizes:
         d = dirs[n] = Path(work_dir).resolve() / "bench" / f"verify-{n}"
         t = time.perf_counter()
-        _verify_set(d, int(n), T, R, cap, min(int(cfg.extract.max_feature_num), 1000))
+        verify_set(d, int(n), T, R, cap, min(int(cfg.extract.max_feature_num), 1000))
         gen[n] = time.perf_counter() - t
     runs: dict = {n: [] for n in dirs}
     cold: dict = {}
