@@ -137,7 +137,7 @@ cluster-check: $(INSTALLED)
 	$(BIN)/python -m pytest -q tests/test_cluster.py
 
 notebooks: $(INSTALLED) demo-data $(if $(MODEL),,model)
-	$(BIN)/python -m landmarks.notebooks $(TOOL_ARGS) $(if $(MODEL),,--model $(DEFAULT_MODEL)) --submission $(SUBMISSION) \
+	$(BIN)/python -m landmarks.tools.notebooks $(TOOL_ARGS) $(if $(MODEL),,--model $(DEFAULT_MODEL)) --submission $(SUBMISSION) \
 	    --out $(WORK_DIR)/notebooks
 
 docs: predict
@@ -149,6 +149,7 @@ docs: predict
 test: $(INSTALLED)
 	$(BIN)/ruff check src tests notebooks
 	$(BIN)/ruff format --check src tests notebooks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -73,7 +73,7 @@ def fake_model(tmp_path_factory):
 def _write_split(root, split, n, rng, bad=True):
     from PIL import Image
 
-    from landmarks.data import image_path
+    from landmarks.datasets.data import image_path
 
     ids = [f"{rng.integers(0, 2**63):016x}" for _ in range(n)]
     for k, i in enumerate(ids):

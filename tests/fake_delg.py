@@ -26,8 +26,8 @@ def build_fake_delg(out_dir: str | Path) -> Path:
     """Write the fake DELG SavedModel to `out_dir` and return the path."""
     import numpy as np
 
-    from landmarks.delg_io import serving_input_signature
-    from landmarks.tfquiet import tf
+    from landmarks.delg.delg_io import serving_input_signature
+    from landmarks.utils.tfquiet import tf
 
     proj = tf.constant(np.random.default_rng(0).standard_normal((CELL * CELL * 3, 128)).astype(np.float32))
 

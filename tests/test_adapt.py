@@ -60,7 +60,7 @@ def test_pair_correspondences_are_exact():
 def test_pair_warps_vary_and_cell_targets_follow_h():
     from landmarks.adapt import apply_h, cell_targets, make_pair
     from landmarks.config import Config
-    from landmarks.model import ReceptiveField
+    from landmarks.delg.model import ReceptiveField
 
     ac = Config().adapt
     rf = ReceptiveField(size=339, stride=16, padding=154.0)
@@ -114,7 +114,7 @@ def _head_weights(work: Path) -> list[np.ndarray]:
 
 def test_adapt_resumes_exactly_and_exports(tmp_path, small_cfg):
     from landmarks.adapt import adapt
-    from landmarks.delg_io import load_delg
+    from landmarks.delg.delg_io import load_delg
 
     data = _make_data(tmp_path / "data")
     work, out = tmp_path / "work", tmp_path / "model"
@@ -167,7 +167,7 @@ def test_warp_check_identity_is_perfect(tmp_path):
     """The match-precision check itself: with no warp and no photometric change, matches are correct."""
     from landmarks.adapt import evaluate
     from landmarks.config import load_config
-    from landmarks.export import build_default_model
+    from landmarks.delg.export import build_default_model
 
     cfg = load_config(
         None,

@@ -6,15 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from landmarks import bench
-from landmarks.bench import retrieval
 from landmarks.config import ConfigError, load_config
+from landmarks.tools import bench
+from landmarks.tools.bench import retrieval
 from landmarks.utils import LandmarksError
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from landmarks.export import build_default_model
+    from landmarks.delg.export import build_default_model
 
     cfg = load_config(None, ["model.backbone=tiny", "model.init=random", "model.local_projection=random_orthogonal"])
     return build_default_model(cfg, tmp_path_factory.mktemp("m") / "tiny")
@@ -175,7 +175,7 @@ def test_peak_rss_sees_an_allocation_and_csv_is_gldv2_like(tmp_path):
 
 def test_streamed_knn_exact_matches_numpy_and_ivf_recall(tmp_path):
     """Row 3 streamed: the chunked exact search is the exact top-K; IVF variants report recall and cost."""
-    from landmarks.bench import knn_stream, scale
+    from landmarks.tools.bench import knn_stream, scale
 
     real = np.random.default_rng(0).standard_normal((40, 24)).astype(np.float32)
     real /= np.linalg.norm(real, axis=1, keepdims=True)
@@ -201,8 +201,8 @@ def test_streamed_knn_exact_matches_numpy_and_ivf_recall(tmp_path):
 
 
 def test_gldv2_store_writer_makes_a_feature_store_the_stages_read(tmp_path):
-    from landmarks.bench import gldv2
     from landmarks.store import FeatureStore
+    from landmarks.tools.bench import gldv2
 
     rng = np.random.default_rng(0)
     real = rng.normal(size=(30, 16)).astype(np.float32)

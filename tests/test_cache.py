@@ -1,4 +1,4 @@
-"""landmarks.cache: rows keyed by their image's file key, damaged stage outputs redone, one hasher."""
+"""landmarks.utils.cache: rows keyed by their image's file key, damaged stage outputs redone, one hasher."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks import cache, extract, knn, verify, whiten
+from landmarks import features, knn, verify, whiten
 from landmarks.config import Config
-from landmarks.extract import ensure_local, run_features
-from landmarks.layout import WorkLayout
+from landmarks.features import run_features
+from landmarks.local_features import ensure_local
 from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, load_index, write_shard
-from landmarks.utils import LandmarksError
+from landmarks.utils import LandmarksError, cache
+from landmarks.utils.layout import WorkLayout
 
 
 def _path(root, split, i):
@@ -122,8 +123,8 @@ def test_content_file_keys_mode(dataset, tmp_path, fake_model, monkeypatch):
     cfg, work = _cfg(file_key="content"), tmp_path / "work"
     run_features(cfg, root, work, fake_model, "train", shards=1, jobs=1)
     done = []
-    real = extract.extract_shard
-    monkeypatch.setattr(extract, "extract_shard", lambda t: done.append(r := real(t)) or r)
+    real = features.extract_shard
+    monkeypatch.setattr(features, "extract_shard", lambda t: done.append(r := real(t)) or r)
     os.utime(_path(root, "train", train[0]), ns=(1, 10**18))  # another mtime, same bytes
     run_features(cfg, root, work, fake_model, "train", shards=1, jobs=1)
     assert sum(r["extracted"] for r in done) == 0
@@ -283,17 +284,17 @@ def test_readapting_keeps_every_train_global_row_and_default_shares_the_global_f
     """22 train images, adapted model: appending 2 rows re-adapts (below adapt.reuse_overlap) and
     re-extracts only the 2 new images; a changed adapt.* setting re-adapts and re-extracts none."""
     from landmarks.adapt import adapt
-    from landmarks.delg_io import load_delg, postprocess
-    from landmarks.export import build_default_model
-    from landmarks.tfquiet import keras
+    from landmarks.delg.delg_io import load_delg, postprocess
+    from landmarks.delg.export import build_default_model
+    from landmarks.utils.tfquiet import keras
 
     data, work = tmp_path / "data", tmp_path / "work"
     df = _photos(data, 24, 1)
     df.head(22).to_csv(data / "train.csv", index=False)
     model = work / "adapt" / "model"
     done = []
-    real = extract.extract_shard
-    monkeypatch.setattr(extract, "extract_shard", lambda t: done.append(r := real(t)) or r)
+    real = features.extract_shard
+    monkeypatch.setattr(features, "extract_shard", lambda t: done.append(r := real(t)) or r)
 
     def rerun(cfg):
         done.clear()

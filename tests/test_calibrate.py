@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from landmarks import calibrate, hard, predict, verify
+from landmarks import calibrate, predict, verify
 from landmarks.config import Config, VerifyConfig, VoteConfig
+from landmarks.evaluation import hard
 
 
 def test_nfa_tells_noise_from_a_few_consistent_matches():

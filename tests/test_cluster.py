@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from landmarks.config import Config
-from landmarks.extract import features_dir, run_features
+from landmarks.features import features_dir, run_features
 
 HOST = "127.0.0.1"  # never any other address
 BIN = Path(sys.executable).parent
@@ -229,8 +229,8 @@ def test_verify_on_the_cluster_matches_local_and_survives_a_killed_worker(cluste
     from dask.distributed import Client
 
     from landmarks import verify
-    from landmarks.bench.verification import verify_set
     from landmarks.store import load_npz
+    from landmarks.tools.bench.verification import verify_set
 
     d = tmp_path / "vset"
     verify_set(d, n=400, n_test=96, R=8, cap=200, n_feat=300)  # random features: RANSAC runs every iteration

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from landmarks.cache import settings_hash
 from landmarks.config import Config, ConfigError, check_config, dump_config, load_config
+from landmarks.utils.cache import settings_hash
 
 
 def test_overrides_are_typed():

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from landmarks.data import image_path
-from landmarks.extract import features_dir, run_features
-from landmarks.images import ImageError, load_image
+from landmarks.datasets.data import image_path
+from landmarks.datasets.images import ImageError, load_image
+from landmarks.features import features_dir, run_features
 from landmarks.store import FeatureStore
 from landmarks.utils import LandmarksError
 

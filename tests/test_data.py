@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from landmarks import data
+from landmarks.datasets import data
 from landmarks.utils import LandmarksError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

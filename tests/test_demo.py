@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from landmarks import data, demo, metrics
 from landmarks.cli import main
+from landmarks.datasets import data, demo
+from landmarks.evaluation import metrics
 from landmarks.utils import LandmarksError
 
 

@@ -16,7 +16,7 @@ from landmarks.utils import LandmarksError
 @pytest.fixture(scope="module")
 def default_model(tmp_path_factory):
     from landmarks.config import Config
-    from landmarks.export import build_default_model
+    from landmarks.delg.export import build_default_model
 
     return build_default_model(Config(), tmp_path_factory.mktemp("m") / "default")
 
@@ -24,7 +24,7 @@ def default_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from landmarks.config import load_config
-    from landmarks.export import build_default_model
+    from landmarks.delg.export import build_default_model
 
     cfg = load_config(None, ["model.backbone=tiny", "model.init=random", "model.local_projection=random_orthogonal"])
     return build_default_model(cfg, tmp_path_factory.mktemp("m") / "tiny")
@@ -32,7 +32,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(default_model):
-    from landmarks.delg_io import load_delg
+    from landmarks.delg.delg_io import load_delg
 
     return load_delg(default_model)
 
@@ -47,7 +47,7 @@ def test_exported_model_loads_in_a_fresh_process(tiny_model):
     """Fresh interpreter (nothing from this process cached); the small tiny-backbone export keeps it fast."""
     code = (
         "import json, sys, numpy as np\n"
-        "from landmarks.delg_io import load_delg\n"
+        "from landmarks.delg.delg_io import load_delg\n"
         "m = load_delg(sys.argv[1])\n"
         "img = (np.arange(150*200*3) % 251).astype(np.uint8).reshape(150, 200, 3)\n"
         "o = m(img, [0.5, 1.0], 50, 0.0, [1])\n"
@@ -83,7 +83,7 @@ def test_fold_batchnorm_is_the_same_function_without_bn(name):
     ones) and keeps outputs, their layer names and the receptive field; floats move ~1e-6 relative."""
     import tensorflow as tf
 
-    from landmarks.model import LITE0_LOCAL, build_backbone, fold_batchnorm, output_layer_name, receptive_field
+    from landmarks.delg.model import LITE0_LOCAL, build_backbone, fold_batchnorm, output_layer_name, receptive_field
 
     net = build_backbone(name, "random", **({"local_layer": LITE0_LOCAL} if name != "resnet50" else {}))
     rng = np.random.default_rng(0)
@@ -107,8 +107,8 @@ def test_fold_batchnorm_is_the_same_function_without_bn(name):
 def test_folded_and_unfolded_exports_agree(default_model, tmp_path):
     """model.fold_batchnorm=false exports the BN layers as they are; both give the same features."""
     from landmarks.config import load_config
-    from landmarks.delg_io import load_delg, postprocess
-    from landmarks.export import build_default_model
+    from landmarks.delg.delg_io import load_delg, postprocess
+    from landmarks.delg.export import build_default_model
 
     plain = build_default_model(load_config(None, ["model.fold_batchnorm=false"]), tmp_path / "plain")
     assert json.loads((plain / "landmarks_model.json").read_text())["fold_batchnorm"] is False
@@ -130,7 +130,7 @@ def test_folded_and_unfolded_exports_agree(default_model, tmp_path):
 
 
 def test_signature_names_and_dtypes(default_model):
-    from landmarks.tfquiet import tf
+    from landmarks.utils.tfquiet import tf
 
     sig = tf.saved_model.load(str(default_model)).signatures["serving_default"]
     _, kw = sig.structured_input_signature
@@ -165,7 +165,7 @@ def test_cap_threshold_and_scales(loaded):
 def test_keypoints_scale_with_the_image(loaded):
     from skimage import data
 
-    from landmarks.delg_io import postprocess
+    from landmarks.delg.delg_io import postprocess
 
     big = _resize(data.astronaut(), 384, 384)
     small = _resize(big, 192, 192)
@@ -183,7 +183,7 @@ def test_keypoints_scale_with_the_image(loaded):
 def test_global_descriptor_crop_closer_than_other_image(loaded):
     from skimage import data
 
-    from landmarks.delg_io import postprocess
+    from landmarks.delg.delg_io import postprocess
 
     def g(img):
         return postprocess(loaded(img, [0.7071, 1.0], 10, 0.0, [0, 1]))[0]
@@ -216,7 +216,7 @@ def test_cli_model_build_tiny(tmp_path):
     mtime = (out / "saved_model.pb").stat().st_mtime
     assert main(args) == 0  # rerun skips
     assert (out / "saved_model.pb").stat().st_mtime == mtime
-    from landmarks.delg_io import load_delg
+    from landmarks.delg.delg_io import load_delg
 
     o = load_delg(out)(np.full((64, 80, 3), 100, np.uint8), [1.0], 100, 0.0, [0])
     assert o["features"].shape[1] == 128 and o["global_descriptors"].shape == (1, 32)
@@ -224,8 +224,8 @@ def test_cli_model_build_tiny(tmp_path):
 
 
 def test_load_delg_tf1_prune_path(tmp_path):
-    from landmarks.delg_io import load_delg
-    from landmarks.tfquiet import tf
+    from landmarks.delg.delg_io import load_delg
+    from landmarks.utils.tfquiet import tf
 
     export_dir = str(tmp_path / "tf1")
     g = tf.Graph()
@@ -259,7 +259,7 @@ def test_load_delg_tf1_prune_path(tmp_path):
 
 
 def test_load_delg_rejects_non_models(tmp_path):
-    from landmarks.delg_io import load_delg
+    from landmarks.delg.delg_io import load_delg
 
     with pytest.raises(LandmarksError):
         load_delg(tmp_path)

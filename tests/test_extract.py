@@ -1,4 +1,4 @@
-"""landmarks.extract: sharded, resumable extraction with a fake DELG model on a tiny dataset."""
+"""landmarks.features: sharded, resumable extraction with a fake DELG model on a tiny dataset."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks.extract import ensure_local, features_dir, run_features
+from landmarks.features import features_dir, run_features
+from landmarks.local_features import ensure_local
 from landmarks.store import FeatureStore
 from landmarks.utils import LandmarksError
 
@@ -259,13 +260,13 @@ def test_real_photos_from_shared_data(tmp_path, fake_model, small_cfg):
 
 
 def test_model_loaded_once_per_process_and_empty_shards(dataset, tmp_path, fake_model, monkeypatch, small_cfg):
-    import landmarks.delg_io as delg_io
-    import landmarks.extract as extract
+    import landmarks.delg.delg_io as delg_io
+    from landmarks import features
 
     calls = []
     real = delg_io.load_delg
-    monkeypatch.setattr(delg_io, "load_delg", lambda p: calls.append(p) or real(p))
-    monkeypatch.setattr(extract, "_MODELS", {})
+    monkeypatch.setattr(features, "load_delg", lambda p: calls.append(p) or real(p))  # where get_model calls it
+    monkeypatch.setattr(features, "_MODELS", {})
     root, _, test = dataset
     paths = run_features(small_cfg(), root, tmp_path / "w", fake_model, "test", shards=12, jobs=1)  # 9 rows
     assert len(paths) == 9 and len(calls) == 1  # at most one shard per image; some of them empty
@@ -287,7 +288,7 @@ def test_shards_raised_to_bound_memory(dataset, tmp_path, fake_model, small_cfg)
 def test_keypoints_outside_the_image_are_dropped_and_mapped_to_original_pixels():
     """Feature-map cells past the border have box centres off the image: they are dropped, the
     rest are mapped from resized to original pixels (scale = resized / original)."""
-    from landmarks.extract import inside_image
+    from landmarks.features import inside_image
     from landmarks.store import LocalFeatures
 
     kp = np.array([[10, 10], [99, 49], [100, 20], [-1, 5], [50, 50], [30, 60]], np.float32)
@@ -300,16 +301,16 @@ def test_keypoints_outside_the_image_are_dropped_and_mapped_to_original_pixels()
 
 def _counting_model(monkeypatch):
     """Wrap the per-process model so every image sent through it is recorded."""
-    import landmarks.extract as extract
+    from landmarks import features
 
     calls = []
-    real = extract.get_model
+    real = features.get_model
 
     def get(model_dir, threads):
         m = real(model_dir, threads)
         return lambda image, *a: calls.append(image.shape) or m(image, *a)
 
-    monkeypatch.setattr(extract, "get_model", get)
+    monkeypatch.setattr(features, "get_model", get)
     return calls
 
 
@@ -359,44 +360,44 @@ def test_incremental_append_and_remove_only_new_images_hit_the_model(
 
 def test_shard_count_raised_by_the_cap_sticks_while_rows_grow_a_little(tmp_path, small_cfg):
     """Appending 1 % must not re-bucket every id: the count on disk stays within 1.25 x the cap."""
-    from landmarks.extract import _sticky_shards
+    from landmarks.features import sticky_shards
     from landmarks.store import write_shard
 
     cfg = small_cfg("extract.max_shard_images=4")
     d = tmp_path / "f"
-    assert _sticky_shards(d, 1, 3, 9, cfg) == 3  # nothing on disk: the capped count
+    assert sticky_shards(d, 1, 3, 9, cfg) == 3  # nothing on disk: the capped count
     for i in range(3):
         write_shard(d / f"shard-{i:05d}-of-00003.h5", [], None, None, attrs={"num_shards": 3})
-    assert _sticky_shards(d, 1, 4, 13, cfg) == 3  # 13 rows <= 1.25 x 4 x 3: keep 3 shards
-    assert _sticky_shards(d, 1, 5, 17, cfg) == 5  # too many rows for 3 shards: re-bucket
-    assert _sticky_shards(d, 4, 4, 13, cfg) == 4  # an explicit --shards is obeyed
+    assert sticky_shards(d, 1, 4, 13, cfg) == 3  # 13 rows <= 1.25 x 4 x 3: keep 3 shards
+    assert sticky_shards(d, 1, 5, 17, cfg) == 5  # too many rows for 3 shards: re-bucket
+    assert sticky_shards(d, 4, 4, 13, cfg) == 4  # an explicit --shards is obeyed
 
 
 def test_progress_is_reported_per_image_and_cleaned_up(dataset, tmp_path, fake_model, monkeypatch, small_cfg):
     """Workers report their done-image count per image (a file beside the shard that the driver's bar
     reads, for joblib and Dask alike); nothing of it is left once the stage ends."""
-    from landmarks import extract
+    from landmarks import features, shards
 
     root, train, _ = dataset
-    monkeypatch.setattr(extract, "PROGRESS_REPORT_SECONDS", 0.0)
+    monkeypatch.setattr(features, "PROGRESS_REPORT_SECONDS", 0.0)
     seen = []
-    real = extract.run_model
+    real = features.run_model
 
     def spying(model, image, settings, local):
         (progress,) = (tmp_path / "w" / "features" / "train").glob(".shard-*.progress")
         seen.append(int(progress.read_text()))
         return real(model, image, settings, local)
 
-    monkeypatch.setattr(extract, "run_model", spying)
+    monkeypatch.setattr(features, "run_model", spying)
     run_features(small_cfg("extract.shards=1"), root, tmp_path / "w", fake_model, "train", jobs=1)
     assert seen == list(range(len(seen))) and len(seen) == len(train) - 5  # the five broken images never decode
     assert not list((tmp_path / "w" / "features" / "train").glob(".*progress*"))
     # the driver's watcher sums what running tasks report
-    task = extract.ShardTask.__new__(extract.ShardTask)
+    task = features.ShardTask.__new__(features.ShardTask)
     task.out = str(tmp_path / "shard-x.h5")
-    extract.progress_path(task.out).write_text("7")
+    shards.progress_path(task.out).write_text("7")
     bar = type("Bar", (), {"n": 0, "total": 100, "refresh": lambda self: None})()
-    watcher = extract._ProgressWatcher([task], bar)
+    watcher = shards.ProgressWatcher([task], bar)
     assert watcher._running_count() == 7
     watcher.finished({"n": 10, "path": task.out})
     assert bar.n == 10 and watcher._running_count() == 0

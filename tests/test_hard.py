@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from landmarks import extract, hard, store, validate
+from landmarks import features, store
 from landmarks.config import Config, ImportConfig, load_config
-from landmarks.dataset_import import import_dataset, plan_split
+from landmarks.datasets.dataset_import import import_dataset, plan_split
+from landmarks.evaluation import hard, validate
 from landmarks.store import LocalFeatures
 from landmarks.utils import LandmarksError
 
@@ -91,14 +92,14 @@ def test_import_k_shot_with_extra_train(tmp_path):
 
 
 def test_select_local_equals_a_call_at_the_local_scales_alone(fake_model):
-    from landmarks.delg_io import load_delg, postprocess
+    from landmarks.delg.delg_io import load_delg, postprocess
 
     model = load_delg(fake_model)
     img = np.random.default_rng(0).integers(0, 256, (70, 90, 3)).astype(np.uint8)
     settings = {"global_scales": [0.5, 0.7071], "local_scales": [1.0, 0.7071], "max_feature_num": 40, "abs_thres": 0.0}
-    scales, rows, cap = extract.model_call(settings, local=True)
-    assert scales == [0.5, 0.7071, 1.0] and rows == [0, 1] and cap == extract.ALL_FEATURES
-    g, lf = extract.run_model(model, img, settings, local=True)
+    scales, rows, cap = features.model_call(settings, local=True)
+    assert scales == [0.5, 0.7071, 1.0] and rows == [0, 1] and cap == features.ALL_FEATURES
+    g, lf = features.run_model(model, img, settings, local=True)
     g_ref, _ = postprocess(model(img, [0.5, 0.7071], 40, 0.0, [0, 1]))
     _, lf_ref = postprocess(model(img, [0.7071, 1.0], 40, 0.0, [0]))
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
@@ -110,9 +111,9 @@ def test_select_local_equals_a_call_at_the_local_scales_alone(fake_model):
     assert key(lf) == key(lf_ref)
     assert set(np.round(lf.scales, 4)) <= {0.7071, 1.0}
     # global-only extraction runs the global scales alone; equal sets need no selection
-    assert extract.model_call(settings, local=False) == ([0.5, 0.7071], [0, 1], 40)
+    assert features.model_call(settings, local=False) == ([0.5, 0.7071], [0, 1], 40)
     same = dict(settings, local_scales=[0.5, 0.7071])
-    assert extract.model_call(same, local=True) == ([0.5, 0.7071], [0, 1], 40)
+    assert features.model_call(same, local=True) == ([0.5, 0.7071], [0, 1], 40)
 
 
 def test_select_local_caps_per_scale_then_overall():
@@ -122,7 +123,7 @@ def test_select_local_caps_per_scale_then_overall():
         np.array([1, 1, 1, 2, 2, 0.5], np.float32),
         np.array([5, 4, 3, 9, 1, 10], np.float32),
     )
-    out = extract.select_local(lf, [1.0, 2.0], 2)
+    out = features.select_local(lf, [1.0, 2.0], 2)
     assert out.scores.tolist() == [9, 5] and out.scales.tolist() == [2, 1]
 
 
@@ -263,7 +264,7 @@ def _write_split_dataset(split, pool: pd.DataFrame, out):
     """One hard split as a Kaggle-layout dataset (images linked from the pool), as `landmarks import` writes it."""
     import os
 
-    from landmarks.data import image_path
+    from landmarks.datasets.data import image_path
 
     files = dict(zip(pool["id"], pool["file"]))
     out.mkdir(parents=True)
@@ -282,8 +283,9 @@ def _write_split_dataset(split, pool: pd.DataFrame, out):
 def test_probe_reproduces_the_pipeline(tmp_path, fake_model, verify):
     """The hard protocol's probe scores a setting exactly as the real stages do on the same split:
     same neighbours, same inliers, same submission, hence the same GAP."""
-    from landmarks import metrics, pipeline
-    from landmarks.data import read_submission
+    from landmarks import pipeline
+    from landmarks.datasets.data import read_submission
+    from landmarks.evaluation import metrics
 
     root = tmp_path / "shared"
     _write_set(root, "hard", 4, 3, 0)

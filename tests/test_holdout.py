@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks import data, metrics
 from landmarks.cli import main
 from landmarks.config import Config
-from landmarks.holdout import make_holdout
+from landmarks.datasets import data
+from landmarks.datasets.holdout import make_holdout
+from landmarks.evaluation import metrics
 from landmarks.utils import LandmarksError
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from landmarks import data, metrics, pipeline, predict
+from landmarks import pipeline, predict
 from landmarks.cli import main
 from landmarks.config import Config, ConfigError, load_config
+from landmarks.datasets import data
+from landmarks.evaluation import metrics
 from landmarks.utils import LandmarksError
 
 IDS = ["0123456789abcdef", "fedcba9876543210", "00112233aabbccdd"]
@@ -244,8 +246,8 @@ def test_broken_pipe_is_quiet(tmp_path):
 def test_second_features_run_waits_and_leaves_the_first_runs_temp_file(tmp_path, fake_model, caplog):
     from PIL import Image
 
-    from landmarks.extract import features_dir, run_features
-    from landmarks.locks import stage_lock
+    from landmarks.features import features_dir, run_features
+    from landmarks.utils.locks import stage_lock
 
     d = _ds(tmp_path / "d", [(IDS[0], "1")], test_ids=["aaaabbbbccccdddd"])
     p = data.image_path(d, "test", "aaaabbbbccccdddd")
@@ -264,7 +266,7 @@ def test_second_features_run_waits_and_leaves_the_first_runs_temp_file(tmp_path,
                 waiting.set()
 
     handler = Seen()
-    logging.getLogger("landmarks.locks").addHandler(handler)
+    logging.getLogger("landmarks.utils.locks").addHandler(handler)
     result = {}
     try:
         with stage_lock(out, "features"):  # the first run, writing its shard
@@ -284,14 +286,14 @@ def test_second_features_run_waits_and_leaves_the_first_runs_temp_file(tmp_path,
             tmp.unlink()  # the first run renames its temp file into place and ends
         t.join(300)
     finally:
-        logging.getLogger("landmarks.locks").removeHandler(handler)
+        logging.getLogger("landmarks.utils.locks").removeHandler(handler)
     assert "error" not in result, result.get("error")
     assert [q.name for q in result["paths"]] == ["shard-00000-of-00001.h5"]
 
 
 # -- 7. late checks -------------------------------------------------------------------------------
 def test_broken_sample_submission_stops_before_train_extraction(tmp_path, fake_model):
-    from landmarks.extract import features_dir, run_features
+    from landmarks.features import features_dir, run_features
 
     d = _ds(tmp_path / "d", [(IDS[0], "1")], test_ids=["aaaabbbbccccdddd", "aaaabbbbccccdddd"])
     with pytest.raises(LandmarksError, match="sample_submission.csv: line 3: duplicate id"):

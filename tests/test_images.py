@@ -1,4 +1,4 @@
-"""landmarks.images.load_image: every bad or unusual input is its own test, with generated files."""
+"""landmarks.datasets.images.load_image: every bad or unusual input is its own test, with generated files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from landmarks.images import ImageError, image_size, load_image
+from landmarks.datasets.images import ImageError, image_size, load_image
 
 
 def _noise(h, w, seed=0):

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks import data, metrics
 from landmarks.cli import main
 from landmarks.config import Config
-from landmarks.dataset_import import import_dataset
+from landmarks.datasets import data
+from landmarks.datasets.dataset_import import import_dataset
+from landmarks.evaluation import metrics
 from landmarks.utils import LandmarksError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,5 +1,5 @@
 """The package's import graph (module-level and function-local imports of landmarks.* modules,
-read with ast from src/landmarks/*.py) has no cycle: every strongly connected component is a
+read with ast from every file under src/landmarks/, sub-packages included) has no cycle: every strongly connected component is a
 single module."""
 
 from __future__ import annotations
@@ -10,27 +10,49 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "src" / "landmarks"
 
 
+def module_names(pkg: Path = PKG) -> dict[str, Path]:
+    """Dotted name (below `landmarks`) -> file, for every module of the package, sub-packages included."""
+    out = {}
+    for p in sorted(pkg.rglob("*.py")):
+        parts = list(p.relative_to(pkg).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            out[".".join(parts)] = p
+    return out
+
+
 def import_graph(pkg: Path = PKG) -> dict[str, set[str]]:
     """module name -> the landmarks modules it imports anywhere in its source (module level or
-    inside functions; `from landmarks import x` counts as importing landmarks.x when x is a module)."""
-    modules = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for m in modules:
-        tree = ast.parse((pkg / f"{m}.py").read_text(), filename=f"{m}.py")
+    inside functions; `from landmarks.x import y` counts as importing landmarks.x.y when y is a module)."""
+    files = module_names(pkg)
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for m, path in files.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        package = m if path.name == "__init__.py" else m.rpartition(".")[0]
         for node in ast.walk(tree):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:  # relative: from .x import y / from . import x
-                    base = "landmarks" + (f".{node.module}" if node.module else "")
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+                    base = ".".join(["landmarks", *[u for u in up if u]] + ([node.module] if node.module else []))
                 else:
                     base = node.module or ""
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+                # `from pkg import sub` depends on the module pkg.sub; `from pkg import name` on pkg itself
+                targets = [f"{base}.{a.name}" for a in node.names]
+                if not any(t.removeprefix("landmarks.") in files for t in targets):
+                    targets.append(base)
             for t in targets:
                 parts = t.split(".")
-                if parts[0] == "landmarks" and len(parts) > 1 and parts[1] in modules and parts[1] != m:
-                    graph[m].add(parts[1])
+                if parts[0] != "landmarks":
+                    continue
+                name = ".".join(parts[1:])
+                while name and name not in files:
+                    name = name.rpartition(".")[0]
+                if name and name != m:
+                    graph[m].add(name)
     return graph
 
 

@@ -7,9 +7,9 @@ import pytest
 
 from landmarks import knn, whiten
 from landmarks.config import Config, KnnConfig
-from landmarks.layout import WorkLayout
 from landmarks.store import load_npz, write_shard
 from landmarks.utils import LandmarksError
+from landmarks.utils.layout import WorkLayout
 
 
 def _unit(x):

@@ -3,8 +3,8 @@ import math
 import pandas as pd
 import pytest
 
-from landmarks import metrics
 from landmarks.cli import main
+from landmarks.evaluation import metrics
 from landmarks.utils import LandmarksError
 
 TRUTH = {

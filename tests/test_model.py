@@ -10,13 +10,13 @@ from landmarks.utils import LandmarksError
 
 @pytest.fixture(scope="module")
 def lite0_classifier():
-    from landmarks.model import build_lite0_classifier
+    from landmarks.delg.model import build_lite0_classifier
 
     return build_lite0_classifier("imagenet")
 
 
 def _top5(model, img):
-    from landmarks.tfquiet import tf
+    from landmarks.utils.tfquiet import tf
 
     x = tf.image.resize(tf.cast(img, tf.float32)[None], (224, 224))
     logits = np.asarray(model((x - 127.0) / 128.0, training=False))[0]
@@ -24,7 +24,7 @@ def _top5(model, img):
 
 
 def test_read_pth_matches_the_documented_file():
-    from landmarks.pth_weights import lite0_weights_path, read_pth
+    from landmarks.delg.pth_weights import lite0_weights_path, read_pth
 
     sd = read_pth(lite0_weights_path())
     assert len(sd) == 296
@@ -38,7 +38,7 @@ def test_read_pth_matches_the_documented_file():
 
 
 def test_read_pth_rejects_other_files(tmp_path):
-    from landmarks.pth_weights import read_pth
+    from landmarks.delg.pth_weights import read_pth
 
     p = tmp_path / "x.pth"
     p.write_bytes(b"PK\x03\x04zipdata")
@@ -59,7 +59,7 @@ def test_lite0_conversion_classifies_imagenet_photos(lite0_classifier):
 
 
 def _positive_tiny():
-    from landmarks.model import build_backbone
+    from landmarks.delg.model import build_backbone
 
     m = build_backbone("tiny", "random")
     for layer in m.layers:
@@ -71,7 +71,7 @@ def _positive_tiny():
 
 def test_receptive_field_matches_brute_force_on_tiny():
     """Spike one input pixel per batch item; the local units that change are those whose RF holds it."""
-    from landmarks.model import receptive_field
+    from landmarks.delg.model import receptive_field
 
     m = _positive_tiny()
     rf = receptive_field(m, "t_local")
@@ -96,7 +96,7 @@ def test_receptive_field_matches_brute_force_on_tiny():
 
 
 def test_receptive_fields_of_real_backbones():
-    from landmarks.model import LITE0_LOCAL_EXPANDED, build_backbone, output_layer_name, receptive_field
+    from landmarks.delg.model import LITE0_LOCAL_EXPANDED, build_backbone, output_layer_name, receptive_field
 
     r50 = build_backbone("resnet50", "random")
     rf = receptive_field(r50, output_layer_name(r50, 0))
@@ -115,7 +115,7 @@ def test_resnet_imagenet_offline_fails_clearly(monkeypatch):
 
     from keras.src.applications import resnet
 
-    from landmarks.model import build_backbone
+    from landmarks.delg.model import build_backbone
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
@@ -129,8 +129,8 @@ def test_resnet_imagenet_offline_fails_clearly(monkeypatch):
 
 def test_delg_heads_shapes_and_arcface_margin():
     from landmarks.config import ModelConfig
-    from landmarks.model import build_delg
-    from landmarks.tfquiet import tf
+    from landmarks.delg.model import build_delg
+    from landmarks.utils.tfquiet import tf
 
     mc = ModelConfig(backbone="tiny", init="random", global_dim=16, local_dim=8)
     net = build_delg(mc, num_classes=5)
@@ -158,8 +158,8 @@ def test_delg_heads_shapes_and_arcface_margin():
 
 def test_whitening_starts_from_identity_when_sizes_match():
     from landmarks.config import ModelConfig
-    from landmarks.model import build_delg
-    from landmarks.tfquiet import tf
+    from landmarks.delg.model import build_delg
+    from landmarks.utils.tfquiet import tf
 
     net = build_delg(ModelConfig(backbone="tiny", init="random", global_dim=32), num_classes=3)
     x = tf.random.uniform([1, 64, 64, 3], -1, 1)

@@ -14,7 +14,7 @@ pytest.importorskip("ipykernel")
 
 import nbformat  # noqa: E402
 
-from landmarks import notebooks as nbk  # noqa: E402
+from landmarks.tools import notebooks as nbk  # noqa: E402
 from landmarks.utils import LandmarksError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

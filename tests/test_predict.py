@@ -7,9 +7,9 @@ import pytest
 
 from landmarks import pipeline, predict
 from landmarks.config import Config, VoteConfig
-from landmarks.layout import WorkLayout
 from landmarks.store import write_shard
 from landmarks.utils import LandmarksError
+from landmarks.utils.layout import WorkLayout
 
 
 def test_host_vote_formula():
@@ -87,7 +87,7 @@ def test_nonlandmark_score_excludes_self_and_ranks_distractors_high():
 
 
 def test_write_submission(tmp_path):
-    from landmarks.metrics import read_submission
+    from landmarks.evaluation.metrics import read_submission
 
     expected = ["aaa", "bbb", "ccc", "ddd"]
     out = predict.write_submission(

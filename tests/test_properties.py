@@ -17,7 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from landmarks import data, metrics, predict
+from landmarks import predict
+from landmarks.datasets import data
+from landmarks.evaluation import metrics
 from landmarks.utils import LandmarksError
 
 SETTINGS = settings(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from landmarks import knn, predict
 from landmarks.adapt import apply_h, homography_from_points, random_homography
 from landmarks.config import AdaptConfig, KnnConfig, VoteConfig
-from landmarks.extract import id_bucket
+from landmarks.shards import id_bucket
 
 SETTINGS = settings(
     max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]

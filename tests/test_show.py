@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks import cli, pipeline, show, verify
-from landmarks.data import image_path
+from landmarks import cli, pipeline, verify
+from landmarks.datasets.data import image_path
 from landmarks.store import LocalFeatures, write_shard
+from landmarks.tools import show
 from landmarks.utils import LandmarksError
 
 H = np.array([[0.9, 0.05, 15.0], [-0.05, 0.95, 10.0], [1e-4, 0.0, 1.0]])

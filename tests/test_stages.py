@@ -158,15 +158,15 @@ def test_run_cli_python_and_make_give_the_same_submission(data, tmp_path, fake_m
 def test_verify_off_extracts_no_local_features_and_adapts_nothing(data, tmp_path, monkeypatch):
     """Through `landmarks run` (what `make predict SET=verify.enabled=false` calls), without a model
     given: the graph picks models/default (no adaptation), and no local features are made."""
-    from landmarks import adapt, cli, export, extract
+    from landmarks import cli, local_features
     from landmarks.store import FeatureStore
 
     calls = []
-    monkeypatch.setattr(adapt, "adapt", lambda *a, **k: calls.append("adapt"))
-    monkeypatch.setattr(export, "ensure_default_model", lambda cfg, out, force=False: calls.append("model") or out)
-    monkeypatch.setattr(extract, "ensure_local", lambda *a, **k: calls.append("local"))
+    monkeypatch.setattr(stages, "adapt", lambda *a, **k: calls.append("adapt"))
+    monkeypatch.setattr(stages, "ensure_default_model", lambda cfg, out, force=False: calls.append("model") or out)
+    monkeypatch.setattr(local_features, "ensure_local", lambda *a, **k: calls.append("local"))
     monkeypatch.setattr(
-        extract, "run_features", lambda cfg, d, w, m, split, **k: calls.append((split, str(m), k["local"])) or []
+        stages, "run_features", lambda cfg, d, w, m, split, **k: calls.append((split, str(m), k["local"])) or []
     )
     monkeypatch.setattr(stages, "check_inputs", lambda run, planned: None)  # no model at models/default here
     monkeypatch.chdir(tmp_path)
@@ -246,12 +246,12 @@ def test_output_may_not_overwrite_an_input(data, tmp_path):
 
 
 def test_ctrl_c_says_what_is_kept_without_traceback(data, tmp_path, monkeypatch, capsys, fake_model):
-    from landmarks import cli, knn
+    from landmarks import cli
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(knn, "run_knn", interrupted)
+    monkeypatch.setattr(stages, "run_knn", interrupted)
     work = tmp_path / "w"
     (work / "features" / "train").mkdir(parents=True)
     (work / "features" / "test").mkdir(parents=True)

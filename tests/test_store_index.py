@@ -8,8 +8,8 @@ import numpy as np
 
 from landmarks import knn, store, verify
 from landmarks.config import Config
-from landmarks.layout import WorkLayout
 from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, load_index, load_npz, write_shard
+from landmarks.utils.layout import WorkLayout
 
 
 def _unit(x):

@@ -1,4 +1,4 @@
-"""The private Keras / TF APIs behind landmarks.tfcompat still answer as the model code expects."""
+"""The private Keras / TF APIs behind landmarks.delg.tfcompat still answer as the model code expects."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _model():
 
 
 def test_layer_graph_walk():
-    from landmarks.tfcompat import inbound_layer_names, producing_layer_name
+    from landmarks.delg.tfcompat import inbound_layer_names, producing_layer_name
 
     net = _model()
     parents = {layer.name: inbound_layer_names(layer) for layer in net.layers}
@@ -34,7 +34,7 @@ def test_layer_graph_walk():
 def test_freeze_function_keeps_the_output():
     import tensorflow as tf
 
-    from landmarks.tfcompat import freeze_function
+    from landmarks.delg.tfcompat import freeze_function
 
     net = _model()
     fn = tf.function(lambda x: net(x, training=False)[0])

@@ -1,4 +1,4 @@
-"""landmarks.tfquiet: TensorFlow's C++ start-up banners (absl, oneDNN, CUDA) are dropped in every
+"""landmarks.utils.tfquiet: TensorFlow's C++ start-up banners (absl, oneDNN, CUDA) are dropped in every
 process that imports it (the CLI and its joblib workers included); real warnings still show."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_filter_drops_banners_and_replays_everything_else(tmp_path, driver):
     fake.mkdir()
     (fake / "__init__.py").write_text(STAND_IN.replace("DRIVER and", "False and" if driver else "True and"))
     code = (
-        "import sys, os; from landmarks.tfquiet import import_tensorflow; tf = import_tensorflow(); "
+        "import sys, os; from landmarks.utils.tfquiet import import_tensorflow; tf = import_tensorflow(); "
         "assert tf is import_tensorflow(); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
     )
     r = subprocess.run(
@@ -65,7 +65,7 @@ def test_filter_drops_banners_and_replays_everything_else(tmp_path, driver):
 
 def test_real_tensorflow_import_is_quiet_and_warnings_still_show():
     code = (
-        "import warnings; from landmarks.tfquiet import tf; tf.constant(1.0) + 1.0; "
+        "import warnings; from landmarks.utils.tfquiet import tf; tf.constant(1.0) + 1.0; "
         "warnings.warn('kept after the import', UserWarning)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())

@@ -34,8 +34,8 @@ def _make_data(root: Path, classes=3, views=3, seed=0) -> Path:
 
 
 def test_train_resume_and_export(tmp_path, small_cfg):
-    from landmarks.delg_io import load_delg
-    from landmarks.train import train
+    from landmarks.delg.delg_io import load_delg
+    from landmarks.delg.train import train
 
     data = _make_data(tmp_path / "data")
     work, out = tmp_path / "work", tmp_path / "model"
@@ -65,7 +65,7 @@ def test_train_resume_and_export(tmp_path, small_cfg):
 
 
 def test_class_balanced_sampling():
-    from landmarks.train import sample_indices
+    from landmarks.delg.train import sample_indices
 
     labels = np.array([0] * 90 + [1] * 10)
     bal = labels[sample_indices(labels, 4000, 0, True)]
@@ -76,7 +76,7 @@ def test_class_balanced_sampling():
 
 
 def test_train_refuses_bad_input(tmp_path, small_cfg):
-    from landmarks.train import train
+    from landmarks.delg.train import train
 
     data = _make_data(tmp_path / "data", classes=2, views=2)
     victim = next((data / "train").rglob("*.jpg"))
@@ -93,8 +93,8 @@ def test_train_and_extract_decode_exif_orientation_alike(tmp_path):
     import tensorflow as tf
     from PIL import Image
 
-    from landmarks.images import load_image
-    from landmarks.train import read_train_image
+    from landmarks.datasets.images import load_image
+    from landmarks.delg.train import read_train_image
 
     rng = np.random.default_rng(0)
     stored = np.repeat(np.repeat(rng.integers(0, 255, (6, 10, 3), dtype=np.uint8), 8, 0), 8, 1)  # 80x48 (w x h)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landmarks import pipeline, validate
+from landmarks import pipeline
 from landmarks.config import Config
+from landmarks.evaluation import validate
 from landmarks.store import write_shard
 from landmarks.utils import LandmarksError
 

@@ -7,9 +7,9 @@ import pytest
 
 from landmarks import knn, verify, whiten
 from landmarks.config import Config, VerifyConfig
-from landmarks.layout import WorkLayout
 from landmarks.store import load_npz, write_shard
 from landmarks.utils import LandmarksError
+from landmarks.utils.layout import WorkLayout
 
 
 def _unit(x):

@@ -1,3 +1,5 @@
+from landmarks.stages import run
+
 """landmarks: instance-level landmark recognition (Google Landmark Recognition task).
 
 Stages (declared in one table, ``landmarks.stages.STAGES``): demo-data / model / adapt ->
@@ -9,13 +11,11 @@ fingerprints.
 
 __version__ = "0.1.0"
 
-# TensorFlow is imported through landmarks.tfquiet (no C++ start-up banners, warnings kept).
+# TensorFlow is imported through landmarks.utils.tfquiet (no C++ start-up banners, warnings kept).
 
 
 def __getattr__(name):
     """``landmarks.run`` without importing the stage graph on every ``import landmarks``."""
     if name == "run":
-        from landmarks.stages import run
-
         return run
     raise AttributeError(f"module 'landmarks' has no attribute {name!r}")

@@ -20,7 +20,7 @@ the same local block is trained without labels, from pairs of views of each trai
   Exported score ``adapt.score``: reliability (default), the L2 norm, or their product.
 
 The labelled DELG losses stay with ``make train`` (ArcFace + attention + reconstruction).
-Export uses :func:`landmarks.export.save_serving` (official DELG signature; the global descriptor
+Export uses :func:`landmarks.delg.export.save_serving` (official DELG signature; the global descriptor
 is the default model's GeM, unchanged) and records the adaptation settings and a fingerprint of
 the train images in ``landmarks_model.json``.  Checkpoints (head + Adam state + history) go to
 ``WORK_DIR/adapt/`` with exact resume: the pairs of step k are a seeded function of k.
@@ -41,11 +41,24 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks import cache
-from landmarks.train import Curves, plot_curves
-from landmarks.utils import LandmarksError, atomic_path
+from landmarks import verify
+from landmarks.datasets.data import load_split
+from landmarks.datasets.images import ImageError, load_image
+from landmarks.delg.delg_io import load_delg, postprocess, read_model_meta
+from landmarks.delg.export import export_backbone, local_graph, path_fingerprints, save_serving
+from landmarks.delg.model import (
+    LITE0_LOCAL,
+    build_backbone,
+    make_gem,
+    normalize_pixels,
+    output_layer_name,
+    preprocess_mode,
+    receptive_field,
+)
+from landmarks.delg.train import Checkpointer, Curves, plot_curves
+from landmarks.utils import LandmarksError, atomic_path, building_dir, cache, configure_tensorflow
 
-log = logging.getLogger("landmarks.adapt")
+log = logging.getLogger(__name__)
 
 ADAPT_CURVES = Curves(
     ("loss", "infonce", "reliability"),
@@ -192,8 +205,6 @@ def load_images(paths: list[str], max_side: int, min_side: int) -> tuple[list[np
     """Decode once at long side <= max_side, upscaled so the short side >= min_side; skip bad files."""
     from PIL import Image
 
-    from landmarks.images import ImageError, load_image
-
     out, bad = [], []
     for p in paths:
         try:
@@ -244,7 +255,7 @@ def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
     descriptor = x @ eye(C, local_dim) + b + MLP(x); the MLP's first layer sees `context` x `context`
     cells (1 = the cell alone), its last layer starts at zero, so step 0 reproduces the default model.
     """
-    from landmarks.tfquiet import keras
+    from landmarks.utils.tfquiet import keras
 
     L = keras.layers
     inp = keras.Input((None, None, channels), name="local_block")
@@ -261,7 +272,6 @@ def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
 
 def _backbone(mc):
     """The backbone of model.backbone / model.init with the local block as its first output (Lite0: block 10)."""
-    from landmarks.model import LITE0_LOCAL, build_backbone
 
     layer = LITE0_LOCAL if mc.backbone == "efficientnet_lite0" else None
     return build_backbone(mc.backbone, mc.init, local_layer=layer)
@@ -269,7 +279,7 @@ def _backbone(mc):
 
 def _heads_module(backbone, head, gem, score: str):
     """tf.Module for export.save_serving: frozen backbone -> adapted local heads + GeM global."""
-    from landmarks.tfquiet import tf
+    from landmarks.utils.tfquiet import tf
 
     class AdaptedHeads(tf.Module):
         """Frozen backbone -> (adapted descriptor, keypoint score, GeM of the last map)."""
@@ -328,7 +338,6 @@ def reusable(cfg, out_dir: str | Path, df) -> float | None:
 
 def _export_meta(out_dir: str | Path) -> dict | None:
     """The metadata of an adapted export at `out_dir` (None when there is none)."""
-    from landmarks.delg_io import read_model_meta
 
     try:
         return read_model_meta(out_dir)
@@ -381,8 +390,6 @@ def _copy_model(src: Path, dst: str | Path) -> None:
     """Copy a SavedModel folder onto `dst` atomically (readers never see half a model)."""
     import shutil
 
-    from landmarks.utils import building_dir
-
     with building_dir(dst, "copying") as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
 
@@ -412,11 +419,10 @@ def _done_already(cfg, data_dir, out_dir, df, fp: str, t_plan: float, models_cac
 def _checkpointer(work_dir, fp: str, restart: bool, replace_stale: bool):
     """The checkpoint folder WORK/adapt for this fingerprint, cleared on restart or, with
     `replace_stale`, when it holds a run of other inputs."""
-    from landmarks.train import _Checkpointer
 
     adapt_dir = Path(work_dir) / "adapt"
     adapt_dir.mkdir(parents=True, exist_ok=True)
-    ck = _Checkpointer(adapt_dir, fp)
+    ck = Checkpointer(adapt_dir, fp)
     if not restart and replace_stale and ck.state_path.exists():
         try:
             restart = json.loads(ck.state_path.read_text()).get("fingerprint") != fp
@@ -459,8 +465,7 @@ def adapt(
     df, data_fp, fp = plan(cfg, data_dir)
     if not restart and _done_already(cfg, data_dir, out_dir, df, fp, t_plan, models_cache):
         return Path(out_dir)
-    from landmarks.tfquiet import keras
-    from landmarks.utils import configure_tensorflow
+    from landmarks.utils.tfquiet import keras
 
     configure_tensorflow()
     ck = _checkpointer(work_dir, fp, restart, replace_stale)
@@ -506,8 +511,6 @@ def _adapt_images(ac, data_dir):
     hash of each id, so appending images keeps most of the sample (not a fresh shuffle)."""
     import hashlib
 
-    from landmarks.data import load_split
-
     df = load_split(data_dir, "train")
     if df.empty:
         raise LandmarksError(f"{data_dir}: the train split is empty")
@@ -523,8 +526,7 @@ class _AdaptNet:
     feature-map grid at adapt.crop_size, the head being trained and its Adam optimizer."""
 
     def __init__(self, cfg):
-        from landmarks.model import output_layer_name, receptive_field
-        from landmarks.tfquiet import keras, tf
+        from landmarks.utils.tfquiet import keras, tf
 
         ac, mc = cfg.adapt, cfg.model
         self.backbone = _backbone(mc)
@@ -546,7 +548,7 @@ class _AdaptNet:
 
 def bilinear_sample(f, u, rows: int, cols: int):
     """Bilinear sample of f [b, rows, cols, D] at u [b, n, 2] (x, y) grid coordinates -> [b, n, D]."""
-    from landmarks.tfquiet import tf
+    from landmarks.utils.tfquiet import tf
 
     x, y = u[..., 0], u[..., 1]
     x0 = tf.clip_by_value(tf.floor(x), 0.0, cols - 1.0)
@@ -564,8 +566,7 @@ def bilinear_sample(f, u, rows: int, cols: int):
 def _make_train_step(cfg, net: _AdaptNet):
     """The compiled step: InfoNCE of each visible A cell against its true B position (negatives:
     B cells beyond adapt.neg_radius) + weighted reliability BCE; one Adam update of the head."""
-    from landmarks.model import normalize_pixels, preprocess_mode
-    from landmarks.tfquiet import tf
+    from landmarks.utils.tfquiet import tf
 
     ac = cfg.adapt
     mode = preprocess_mode(cfg.model.backbone, cfg.model.init)
@@ -624,7 +625,7 @@ def _run_steps(
     writes timing.json.  Returns `end`."""
     from tqdm import tqdm
 
-    from landmarks.tfquiet import tf
+    from landmarks.utils.tfquiet import tf
 
     ac = cfg.adapt
     train_step = _make_train_step(cfg, net)
@@ -686,8 +687,6 @@ def _run_steps(
 
 def _export(cfg, net: _AdaptNet, out_dir, meta: dict, history: list, timing: dict) -> Path:
     """Save the adapted heads in the official DELG signature with their metadata."""
-    from landmarks.export import export_backbone, local_graph, path_fingerprints, save_serving
-    from landmarks.model import make_gem, output_layer_name, preprocess_mode
 
     ac, mc = cfg.adapt, cfg.model
     last = history[-1] if history else {}
@@ -748,8 +747,6 @@ def eval_photos(cfg, data_dir) -> tuple[list[str], str]:
         paths = sorted(str(labels.parent / p) for p in d["path"])
         source = f"{labels.parent}"
     else:
-        from landmarks.data import load_split
-
         paths = sorted(load_split(data_dir, "test")["path"].astype(str))
         source = f"{data_dir} test split"
     rng = np.random.default_rng(cfg.adapt.seed + 7)
@@ -767,8 +764,6 @@ def evaluate(cfg, models: dict[str, str | Path], photos: list[str]) -> dict[str,
     Also pydegensac inliers of each true pair against those of a wrong pair (view A of this photo,
     view B of the next photo).
     """
-    from landmarks import verify
-    from landmarks.delg_io import load_delg, postprocess
 
     ac, e = cfg.adapt, cfg.extract
     images, bad = load_images(photos, max(ac.eval_crop, 640), ac.eval_crop)
@@ -840,7 +835,6 @@ def format_eval(res: dict[str, dict], source: str, cfg) -> str:
 
 
 def _cmd_adapt(args, cfg) -> int:
-    from landmarks.utils import configure_tensorflow
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.steps is not None:

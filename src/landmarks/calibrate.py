@@ -33,10 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks import cache
-from landmarks.utils import LandmarksError
+from landmarks import knn, verify, whiten
+from landmarks.datasets import data
+from landmarks.datasets.images import load_image
+from landmarks.delg.delg_io import load_delg
+from landmarks.features import run_model
+from landmarks.store import FeatureStore, LocalFeatures, load_npz, save_npz
+from landmarks.utils import LandmarksError, cache, configure_tensorflow
+from landmarks.verify import GEOMETRIES
 
-log = logging.getLogger("landmarks.calibrate")
+log = logging.getLogger(__name__)
 
 FORMAT = "calibration-v1"
 # Columns of features(); MONOTONE: the weights that must be >= 0 (more of this never means less likely).
@@ -75,7 +81,6 @@ def log10_nfa(inliers, matches, area, threshold: float, min_sample: int = 4) -> 
 
 def significance(evidence: np.ndarray, verify_cfg) -> np.ndarray:
     """-log10 NFA of each candidate's inlier set (evidence [..., 4] as verify.EVIDENCE), clipped."""
-    from landmarks.verify import GEOMETRIES
 
     ev = np.asarray(evidence, np.float64)
     s = GEOMETRIES[verify_cfg.geometry][0]
@@ -263,7 +268,6 @@ def calibration_fingerprint(cfg, knn_fp: str) -> str:
 
 
 def save(path: str | Path, fingerprint: str, model: dict) -> Path:
-    from landmarks.store import save_npz
 
     return save_npz(
         path,
@@ -280,7 +284,6 @@ def save(path: str | Path, fingerprint: str, model: dict) -> Path:
 
 
 def load(path: str | Path) -> dict:
-    from landmarks.store import load_npz
 
     if not Path(path).exists():
         raise LandmarksError(f"{path} not found: run `landmarks calibrate` first (make calibrate)")
@@ -292,11 +295,6 @@ def load(path: str | Path) -> dict:
 
 def _warp_features(cfg, model_dir, paths: list[str], ids: list[str]) -> tuple[list[int], np.ndarray, list]:
     """Global descriptors and LocalFeatures of the known warp of each image (extract's settings)."""
-    from landmarks.delg_io import load_delg
-    from landmarks.extract import run_model
-    from landmarks.images import load_image
-    from landmarks.store import LocalFeatures
-    from landmarks.utils import configure_tensorflow
 
     e = cfg.extract
     settings = {
@@ -341,8 +339,6 @@ def run_calibrate(
     database, DBA included): same landmark_id = positive.  With fewer positives than
     calibrate.min_positives, up to calibrate.warps train images are warped and extracted with
     `model_dir` (known positives).  Skipped when `out` holds this fingerprint."""
-    from landmarks import data, knn, verify, whiten
-    from landmarks.store import FeatureStore, load_npz
 
     out, train_features = Path(out), Path(train_features)
     knn_out = load_npz(knn_path)

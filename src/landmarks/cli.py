@@ -18,85 +18,28 @@ import os
 import sys
 
 from landmarks import __version__
-from landmarks.config import ConfigError, dump_config, load_config
+from landmarks.config import ConfigError, check_setting, dump_config, load_config
+from landmarks.stages import STAGES, TARGETS, Run, default_submission, run_stage, run_target
 from landmarks.utils import LandmarksError, error_text, setup_logging
+from landmarks.utils.options import Parser, common
 
 # Modules that contribute tool sub-commands (each has register_cli), in pipeline order for --help.
 TOOL_MODULES = [
-    "demo",
-    "dataset_import",
-    "holdout",
-    "metrics",
-    "export",
-    "train",
+    "datasets.demo",
+    "datasets.dataset_import",
+    "datasets.holdout",
+    "evaluation.metrics",
+    "delg.export",
+    "delg.train",
     "adapt",
-    "hard",
-    "bench",
-    "show",
+    "evaluation.hard",
+    "tools.bench",
+    "tools.show",
 ]
 # The per-stage commands made from the graph (demo-data, model and adapt are tool commands with
 # options of their own; `landmarks run demo-data|model|adapt` runs those stages).
 STAGE_COMMANDS = ["features", "whiten", "knn", "local-features", "verify", "calibrate", "predict", "validate"]
 RUN_OPTS = ("data_dir", "work_dir", "model", "submission")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: X)' for options whose default means something (not flags, None or [])."""
-
-    def _get_help_string(self, action):
-        if action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-
-_OPTION_SPECS = {
-    "data_dir": (("--data-dir",), dict(default="data/demo", help="Kaggle-layout dataset directory")),
-    "work_dir": (("--work-dir",), dict(default="work", help="features, indexes, reports and logs")),
-    "model": (
-        ("--model",),
-        dict(
-            default=None,
-            help="DELG SavedModel directory (default: the default model with its local head adapted to "
-            "DATA_DIR's train images; models/default with --no-adapt or verify.enabled=false)",
-        ),
-    ),
-    # tools whose model is the zero-training one unless given (adapt compares against it; the hard
-    # protocol builds its own splits, which an adaptation on DATA_DIR would not describe)
-    "zero_model": (("--model",), dict(default="models/default", help="DELG SavedModel directory")),
-    "submission": (
-        ("--submission",),
-        dict(
-            default=None,
-            help="submission CSV (default: submission/submission.csv for WORK_DIR work, else WORK_DIR/submission.csv)",
-        ),
-    ),
-}
-
-
-def common(*names: str) -> list[argparse.ArgumentParser]:
-    """Parent parsers for a command: --config, --set, -v, and the named shared options."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("common options")
-    g.add_argument("--config", default=None, help="YAML/TOML config file (defaults: `landmarks config show`)")
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set knn.k=50",
-    )
-    g.add_argument("-v", "--verbose", action="store_true", help="log every message and the settings on the console")
-    for name in names:
-        flags, kw = _OPTION_SPECS[name]
-        g.add_argument(*flags, **kw)
-    return [p]
 
 
 def _run_options(p: argparse.ArgumentParser, adapt: bool = True) -> None:
@@ -119,8 +62,6 @@ def _run_options(p: argparse.ArgumentParser, adapt: bool = True) -> None:
 
 
 def _make_run(args, cfg):
-    from landmarks.config import check_setting
-    from landmarks.stages import Run
 
     for key, value in (("extract.shards", args.shards), ("extract.jobs", args.jobs)):
         if value is not None:
@@ -142,7 +83,6 @@ def _make_run(args, cfg):
 
 
 def _cmd_run(args, cfg) -> int:
-    from landmarks.stages import run_target
 
     result = run_target(args.target, _make_run(args, cfg))
     if result.output is not None:
@@ -151,7 +91,6 @@ def _cmd_run(args, cfg) -> int:
 
 
 def _cmd_stage(args, cfg) -> int:
-    from landmarks.stages import run_stage
 
     result = run_stage(args.command, _make_run(args, cfg))
     if result.output is not None:
@@ -160,7 +99,6 @@ def _cmd_stage(args, cfg) -> int:
 
 
 def _add_stage_commands(sub) -> None:
-    from landmarks.stages import STAGES, TARGETS
 
     p = sub.add_parser(
         "run",
@@ -201,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fill_defaults(args, cfg) -> None:
     """Paths a tool left to the graph: the run's model and the per-run submission path."""
-    from landmarks.stages import Run, default_submission
 
     if hasattr(args, "submission") and args.submission is None:
         args.submission = str(default_submission(getattr(args, "work_dir", "work")))

@@ -295,7 +295,7 @@ class HoldoutConfig:
 
 @dataclass
 class BenchConfig:
-    """`make bench`: sizes of each benchmark row (see landmarks.bench); `quick` shrinks them all."""
+    """`make bench`: sizes of each benchmark row (see landmarks.tools.bench); `quick` shrinks them all."""
 
     quick: bool = False  # tiny smoke run (CI): few images, small N, 1 repeat
     rows: str = "1,2,3,4,5,6,7"  # rows to run
@@ -627,7 +627,7 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+def apply_updates(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = get_type_hints(type(obj))
     by_name = {f.name: f for f in fields(obj)}
     for key, value in updates.items():
@@ -640,7 +640,7 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
                 continue  # an empty section in a file
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {full!r} is a section; give {full}.<key>=value")
-            _apply(current, value, prefix=f"{full}.")
+            apply_updates(current, value, prefix=f"{full}.")
         else:
             if isinstance(value, dict):
                 raise ConfigError(f"config key {full!r} is a value, not a section")
@@ -714,10 +714,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path:
         try:
-            _apply(cfg, read_config_file(path))
+            apply_updates(cfg, read_config_file(path))
         except ConfigError as e:
             raise ConfigError(f"{e} (in {path})" if str(path) not in str(e) else str(e)) from None
-    _apply(cfg, parse_overrides(overrides))
+    apply_updates(cfg, parse_overrides(overrides))
     return check_config(cfg)
 
 

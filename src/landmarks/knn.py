@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks import cache
-from landmarks.store import SHARD_GLOB
-from landmarks.utils import LandmarksError, l2_normalize
+from landmarks import whiten
+from landmarks.config import KnnConfig
+from landmarks.store import SHARD_GLOB, FeatureStore
+from landmarks.utils import LandmarksError, cache, l2_normalize
 
-log = logging.getLogger("landmarks.knn")
+log = logging.getLogger(__name__)
 
 INDEXES = ("auto", "exact", "ivf", "hnsw", "numpy")
 NUMPY_BLOCK_FLOATS = 1 << 25  # similarity block budget of the numpy path (128 MiB of float32)
@@ -344,7 +345,6 @@ def dba(db, k: int, alpha: float = 3.0, cfg=None, out: str | Path | None = None)
 
     `db`: an array (an array is returned) or a Rows (a Rows is returned; a file-backed one writes
     its result block by block to the float32 file `out`).  The neighbours come from `cfg`'s index (auto: by size)."""
-    from landmarks.config import KnnConfig
 
     rows_in = isinstance(db, Rows)
     rows = as_rows(db)
@@ -405,7 +405,6 @@ def neighbours(cfg, train, test: np.ndarray, scratch: str | Path | None = None) 
 def _train_rows(cfg, store, w, scratch: Path) -> tuple[list[str], Rows]:
     """The train matrix (whitened when on): in memory up to knn.max_in_memory_gb, else a float32
     file in `scratch` written shard by shard (never the whole matrix in this process)."""
-    from landmarks import whiten
 
     n, d = store.global_shape()
     out_d = d if w is None else int(w["g_proj"].shape[1])
@@ -429,8 +428,6 @@ def run_knn(
     whiten.global_pca is on).  Output npz: test_ids [q], train_ids [n], sims [q, K] f32,
     idx [q, K] i64 (row of train_ids; -1 = none), fingerprint.  Logs the index it chose.
     """
-    from landmarks import whiten
-    from landmarks.store import FeatureStore
 
     train_features, test_features, out = Path(train_features), Path(test_features), Path(out)
     fp = knn_fingerprint(cfg, train_features, test_features)

@@ -22,9 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from landmarks import calibrate, whiten
+from landmarks.calibrate import uses_calibration
+from landmarks.datasets import data
+from landmarks.datasets.data import check_label, id_problem, read_submission
+from landmarks.knn import search
+from landmarks.store import FeatureStore, load_npz
 from landmarks.utils import LandmarksError, atomic_path
+from landmarks.utils.layout import WorkLayout
+from landmarks.verify import verify_fingerprint
 
-log = logging.getLogger("landmarks.predict")
+log = logging.getLogger(__name__)
 
 NO_LABEL = -1  # "no prediction" in vote()'s int64 output; never a label: labels are >= 0 (data.py rule, checked here)
 
@@ -63,7 +71,6 @@ def gate_inliers(cfg, inliers: np.ndarray | None, evidence: np.ndarray | None) -
     is not significant (-log10 NFA below the gate: chance inliers) counts 0 inliers."""
     if inliers is None or evidence is None or cfg.vote.significance_gate <= -5:
         return inliers
-    from landmarks import calibrate
 
     sig = calibrate.significance(evidence[:, : inliers.shape[1]], cfg.verify)
     return np.where(sig >= cfg.vote.significance_gate, inliers, 0).astype(inliers.dtype)
@@ -172,7 +179,6 @@ def calibrated_vote(
     """vote.method=calibrated: P(same landmark) of the first min(neighbours, R) candidates from
     their similarity and verified evidence [q, R, 4] (calibrate.candidate_probability), then
     vote_calibrated()."""
-    from landmarks import calibrate
 
     n = min(int(cfg.vote.neighbours), knn_sims.shape[1], evidence.shape[1])
     if n <= 0:
@@ -218,7 +224,6 @@ def nonlandmark_score(
     cfg_vote, cfg_knn, queries: np.ndarray, query_ids: list[str], pool: np.ndarray, pool_ids: list[str]
 ) -> np.ndarray:
     """Per query: the vote score the non-landmark pool gets as one label (self matches excluded)."""
-    from landmarks.knn import search
 
     q = queries.shape[0]
     if q == 0 or pool.shape[0] == 0:
@@ -238,8 +243,6 @@ def nonlandmark_score(
 
 def _global_matrix(cfg, directory: Path, whitening: dict | None) -> tuple[list[str], np.ndarray]:
     """Global descriptors of one feature directory, PCA-whitened when whiten.global_pca is on."""
-    from landmarks import whiten
-    from landmarks.store import FeatureStore
 
     ids, x = FeatureStore(directory).global_matrix()
     if whitening is not None and len(ids):
@@ -280,7 +283,6 @@ def suppression_penalty(
 
 def _read_distractor_ids(cfg) -> tuple[Path, list[str]]:
     """(path, ids) of cfg.vote.distractors_csv, ids checked by the id rule."""
-    from landmarks import data
 
     path = Path(cfg.vote.distractors_csv)
     if not cfg.vote.distractors_csv or not path.exists():
@@ -318,7 +320,6 @@ def _distractor_pool(cfg, features_root: Path, whitening: dict | None) -> tuple[
 def _label_str(label) -> str:
     """Submission text of one predicted label: '' for none (None, '' or NO_LABEL from vote), else
     the label checked by the label rule (a non-negative integer, written exactly)."""
-    from landmarks.data import check_label
 
     if label is None or (isinstance(label, str) and not label.strip()):
         return ""
@@ -330,7 +331,6 @@ def _label_str(label) -> str:
 def write_submission(path: str | Path, test_ids, labels, confidences, expected_ids) -> Path:
     """Write `id,landmarks` with one row per expected id in that order; ids without a prediction
     (no features, NO_LABEL) get an empty value.  Checked against `expected_ids` before writing."""
-    from landmarks.data import id_problem
 
     expected = [str(i) for i in expected_ids]
     if len(set(expected)) != len(expected):
@@ -374,7 +374,6 @@ def write_submission(path: str | Path, test_ids, labels, confidences, expected_i
 
 def _check_written(path: Path, expected: list[str]) -> None:
     """Re-read the written file with the scorer's reader before it is renamed in place."""
-    from landmarks.data import read_submission
 
     read_submission(path, expected)
 
@@ -386,7 +385,6 @@ def load_inputs(
     """The knn output, the verified inliers and evidence (None when `verified_path` is None: global
     only), the calibration model (when `calibration_path` is given) and the train labels aligned to
     the knn's train ids."""
-    from landmarks import data
 
     train = data.load_split(data_dir, "train")  # input CSVs first: a broken file stops before the npz reads
     test = data.load_split(data_dir, "test")
@@ -401,8 +399,6 @@ def load_inputs(
         )
     inliers = evidence = calibration = None
     if verified_path is not None:
-        from landmarks.verify import verify_fingerprint
-
         ver = _read_output(verified_path, "verify")
         if str(ver["fingerprint"]) != verify_fingerprint(cfg, str(knn["fingerprint"])):
             raise LandmarksError(
@@ -411,8 +407,6 @@ def load_inputs(
         inliers = ver["inliers"]
         evidence = ver.get("evidence")
         if calibration_path is not None:
-            from landmarks import calibrate
-
             calibration = calibrate.load(calibration_path)
     return {
         "knn": knn,
@@ -427,7 +421,6 @@ def load_inputs(
 
 def _read_output(path: str | Path, stage: str) -> dict:
     """A previous stage's npz output, or an error that names the stage to run."""
-    from landmarks.store import load_npz
 
     if not Path(path).exists():
         raise LandmarksError(f"{path} not found: run `landmarks {stage}` first (make {stage})")
@@ -467,7 +460,6 @@ def run_predict(
     non-landmark suppression (vote.suppression) and whitening, when those are on.
     `calibration_path` (vote.method=calibrated): the calibrate stage's model; the confidence is
     then the calibrated probability."""
-    from landmarks import data, whiten
 
     data.load_solution(data_dir)  # a broken solution.csv stops here, not in validate
     if cfg.vote.suppression == "distractors":
@@ -483,8 +475,6 @@ def run_predict(
 
 def stage_paths(cfg, work_dir) -> dict:
     """The inputs `run_predict` reads for this config, from the WORK_DIR layout."""
-    from landmarks.calibrate import uses_calibration
-    from landmarks.layout import WorkLayout
 
     work = WorkLayout(work_dir)
     return {

@@ -1,7 +1,7 @@
 """The stage graph: the one place that says which stage follows which, and when one is off.
 
 ``STAGES`` lists every stage of the pipeline in order.  Each ``Stage`` is a thin shell around
-today's explicit-path stage function (``extract.run_features``, ``whiten.run_whiten``,
+today's explicit-path stage function (``features.run_features``, ``whiten.run_whiten``,
 ``knn.run_knn``, ...) that takes its paths from ``layout.WorkLayout``.  The CLI (``landmarks run
 TARGET`` and the per-stage commands), ``make``, ``pipeline``, the notebooks and the Python API
 (``landmarks.run``) all run stages through :func:`run_target`, so a stage that is off (for
@@ -28,8 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from landmarks.layout import WorkLayout
+from landmarks.adapt import adapt
+from landmarks.calibrate import run_calibrate, uses_calibration
+from landmarks.config import load_config, log_settings
+from landmarks.datasets import data
+from landmarks.datasets.demo import make_demo
+from landmarks.delg.delg_io import check_saved_model
+from landmarks.delg.export import ensure_default_model
+from landmarks.evaluation.validate import run_validate
+from landmarks.features import run_features
+from landmarks.knn import run_knn
+from landmarks.local_features import run_local_features
+from landmarks.predict import run_predict, stage_paths
 from landmarks.utils import LandmarksError
+from landmarks.utils.layout import WorkLayout
+from landmarks.verify import run_verify
+from landmarks.whiten import run_whiten
 
 log = logging.getLogger(__name__)
 
@@ -112,26 +126,22 @@ def _rel(text: str) -> str:
 
 # -- stage shells: today's stage functions with the WORK_DIR layout's paths ----------------------------
 def _demo(run: Run) -> str:
-    from landmarks.demo import make_demo
 
     return str(make_demo(run.cfg.demo, run.data_dir))
 
 
 def _model(run: Run) -> str:
-    from landmarks.export import ensure_default_model
 
     return str(ensure_default_model(run.cfg, DEFAULT_MODEL))
 
 
 def _adapt(run: Run) -> str:
-    from landmarks.adapt import adapt
 
-    models = run.cfg.adapt.models_cache or None  # adapted exports shared by WORK_DIRs (landmarks.cache)
+    models = run.cfg.adapt.models_cache or None  # adapted exports shared by WORK_DIRs (landmarks.utils.cache)
     return str(adapt(run.cfg, run.data_dir, run.work_dir, run.adapted_model, replace_stale=True, models_cache=models))
 
 
 def _features(run: Run) -> str:
-    from landmarks.extract import run_features
 
     splits = [run.options["split"]] if run.options.get("split") else ["train", "test"]
     local = run.options.get("local")
@@ -153,20 +163,17 @@ def _features(run: Run) -> str:
 
 
 def _whiten(run: Run) -> str:
-    from landmarks.whiten import run_whiten
 
     return str(run_whiten(run.cfg, run.work.features("train"), run.work.whiten(run.cfg)))
 
 
 def _knn(run: Run) -> str:
-    from landmarks.knn import run_knn
 
     w = run.work
     return str(run_knn(run.cfg, w.features("train"), w.features("test"), w.knn(run.cfg), w.whiten(run.cfg)))
 
 
 def _local_features(run: Run) -> str:
-    from landmarks.extract import run_local_features
 
     w = run.work
     run_local_features(
@@ -176,7 +183,6 @@ def _local_features(run: Run) -> str:
 
 
 def _verify(run: Run) -> str:
-    from landmarks.verify import run_verify
 
     w, cfg = run.work, run.cfg
     return str(
@@ -193,7 +199,6 @@ def _verify(run: Run) -> str:
 
 
 def _calibrate(run: Run) -> str:
-    from landmarks.calibrate import run_calibrate
 
     w, cfg = run.work, run.cfg
     return str(
@@ -204,19 +209,16 @@ def _calibrate(run: Run) -> str:
 
 
 def _calibrate_on(run: Run) -> bool:
-    from landmarks.calibrate import uses_calibration
 
     return uses_calibration(run.cfg)
 
 
 def _predict(run: Run) -> str:
-    from landmarks.predict import run_predict, stage_paths
 
     return str(run_predict(run.cfg, run.data_dir, submission=run.submission, **stage_paths(run.cfg, run.work_dir)))
 
 
 def _validate(run: Run) -> str:
-    from landmarks.validate import run_validate
 
     return str(run_validate(run.cfg, run.data_dir, run.work_dir, run.model_dir, run.submission))
 
@@ -466,7 +468,6 @@ def _csv_splits(st: Stage, run: Run) -> set[str]:
 def check_inputs(run: Run, stages: list[Stage]) -> None:
     """The inputs the planned stages read: the input CSVs (train.csv, sample_submission.csv,
     solution.csv when present or needed), the image folders and the model."""
-    from landmarks import data
 
     uses = {u for s in stages for u in s.uses}
     if not uses:
@@ -493,8 +494,6 @@ def check_inputs(run: Run, stages: list[Stage]) -> None:
                 raise LandmarksError(f"{folder} not found: the {split} images go in DATA_DIR/{split}/a/b/c/<id>.jpg")
     model_built = {"model", "adapt"} & {s.name for s in stages}
     if "model" in uses and not model_built:
-        from landmarks.delg_io import check_saved_model
-
         if run.uses_adapted and not (run.model_dir / "saved_model.pb").exists():
             raise LandmarksError(
                 f"no adapted model in {run.model_dir} yet: run `landmarks run adapt` first, "
@@ -592,7 +591,6 @@ def _log_file(run: Run) -> logging.Handler | None:
 
 
 def _run_stages(run: Run, stages: list[Stage], target: str, echo: bool, checks: bool, only: bool) -> Result:
-    from landmarks.config import log_settings
 
     result = Result(target)
     root = logging.getLogger("landmarks")
@@ -700,7 +698,6 @@ def run(
     as `--config` / `--set`, or a ready Config as `cfg`.  Returns the target's output path
     (predict: the submission; validate: the report), None when the target is off.
     """
-    from landmarks.config import load_config
 
     if cfg is None:
         cfg = load_config(config, list(overrides))

@@ -4,7 +4,7 @@ One shard file per extraction task, written atomically (temp name, then rename):
 
     ids                     str  [n]        image ids with features, in shard order
     order                   i64  [n]        each id's row in the split's CSV (id-hash shards)
-    keys                    str  [n]        each image's file key (reuse by key: landmarks.cache.file_keys)
+    keys                    str  [n]        each image's file key (reuse by key: landmarks.utils.cache.file_keys)
     global                  f32  [n, D]     L2-normalised global descriptors
     local/offsets           i64  [n + 1]    row range of image i in the arrays below
     local/keypoints         f32  [m, 2]     (x, y) box centres in original-image pixels
@@ -19,7 +19,7 @@ Local features of shortlisted train images (stage ``landmarks local-features``) 
 the same format as ``local-cache-*.h5`` next to the shards, with their file keys too.
 ``store-index.npz`` beside them persists the id -> (file, row) index, keyed by the files' names,
 sizes and mtimes (``load_index``); a damaged one is rebuilt.  ``save_npz``/``load_npz``: the stamped
-npz outputs of later stages (``landmarks.cache``).
+npz outputs of later stages (``landmarks.utils.cache``).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from landmarks.cache import FORMATS, files_fingerprint, load_npz, load_stamped, save_npz
 from landmarks.utils import LandmarksError, atomic_path
+from landmarks.utils.cache import FORMATS, files_fingerprint, load_npz, load_stamped, save_npz
 
-__all__ = ["load_npz", "save_npz"]  # re-exported: the stamped stage outputs (landmarks.cache)
+__all__ = ["load_npz", "save_npz"]  # re-exported: the stamped stage outputs (landmarks.utils.cache)
 
 SHARD_GLOB = "shard-*.h5"
 CACHE_GLOB = "local-cache-*.h5"
@@ -128,7 +128,7 @@ def read_attrs(path: str | Path) -> dict | None:
         return None
 
 
-def _decode(arr) -> list[str]:
+def decode_ids(arr) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in arr]
 
 
@@ -141,8 +141,8 @@ def read_keys(path: str | Path) -> dict[str, str] | None:
         with h5py.File(path, "r") as f:
             if "keys" not in f or "keys" not in f["failures"]:
                 return None
-            out = dict(zip(_decode(f["failures/ids"][:]), _decode(f["failures/keys"][:])))
-            out.update(zip(_decode(f["ids"][:]), _decode(f["keys"][:])))
+            out = dict(zip(decode_ids(f["failures/ids"][:]), decode_ids(f["failures/keys"][:])))
+            out.update(zip(decode_ids(f["ids"][:]), decode_ids(f["keys"][:])))
             return out
     except (OSError, KeyError):
         return None
@@ -155,10 +155,10 @@ def drop_rows(path: str | Path, ids: set[str]) -> None:
 
     path = Path(path)
     with h5py.File(path, "r") as f:
-        all_ids = _decode(f["ids"][:])
+        all_ids = decode_ids(f["ids"][:])
         keep = [r for r, i in enumerate(all_ids) if i not in ids]
-        f_ids, f_reasons = _decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:])
-        f_keys = _decode(f["failures/keys"][:]) if "keys" in f["failures"] else None
+        f_ids, f_reasons = decode_ids(f["failures/ids"][:]), decode_ids(f["failures/reasons"][:])
+        f_keys = decode_ids(f["failures/keys"][:]) if "keys" in f["failures"] else None
         f_keep = [r for r, i in enumerate(f_ids) if i not in ids]
         glob = f["global"][:][keep] if "global" in f else None
         local = None
@@ -174,7 +174,7 @@ def drop_rows(path: str | Path, ids: set[str]) -> None:
         path.unlink(missing_ok=True)
         return
     if "keys" in extra:
-        extra["keys"] = _decode(extra["keys"])
+        extra["keys"] = decode_ids(extra["keys"])
     write_shard(
         path,
         [all_ids[r] for r in keep],
@@ -224,7 +224,7 @@ class StoreIndex:
         for fi, p in enumerate(files):
             with h5py.File(p, "r") as f:
                 raw = f["ids"][:]
-                ids = _decode(raw)
+                ids = decode_ids(raw)
                 is_cache = p.name.startswith("local-cache")
                 order = f["order"][:] if ("order" in f and not is_cache) else None
                 if "global" in f:
@@ -245,7 +245,7 @@ class StoreIndex:
                             seen_l.add(i)
                             l_ids.append(i)
                             l_loc.append((fi, row))
-                for i, r in zip(_decode(f["failures/ids"][:]), _decode(f["failures/reasons"][:])):
+                for i, r in zip(decode_ids(f["failures/ids"][:]), decode_ids(f["failures/reasons"][:])):
                     fails.setdefault(i, r)
         g_loc_a = np.asarray(g_loc, np.int64).reshape(-1, 2)
         g_ids_a = _encode(g_ids)
@@ -393,7 +393,7 @@ class FeatureStore:
             with h5py.File(p, "r") as f:
                 if "global" not in f:
                     continue
-                ids.extend(_decode(f["ids"][:]))
+                ids.extend(decode_ids(f["ids"][:]))
                 files.append((p, int(f["global"].shape[0])))
                 dim = dim or int(f["global"].shape[1])
                 orders.append(f["order"][:] if "order" in f else None)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks import cache
-from landmarks.utils import LandmarksError
+from landmarks import whiten
+from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, StoreIndex, load_index
+from landmarks.utils import LandmarksError, cache
+from landmarks.whiten import apply_local
 
-log = logging.getLogger("landmarks.verify")
+log = logging.getLogger(__name__)
 
 # Geometric models: minimal sample size (that many matches prove nothing) and the pydegensac fit.
 # Keys are the choices of config.VerifyConfig.geometry (a test keeps them equal).
@@ -172,9 +174,7 @@ def verify_image(cfg, query, candidates: list) -> np.ndarray:
 
 
 # -- stage -------------------------------------------------------------------------------------
-def _pca_local(lf, w):
-    from landmarks.store import LocalFeatures
-    from landmarks.whiten import apply_local
+def pca_local(lf, w):
 
     if lf is None or w is None:
         return lf
@@ -190,7 +190,6 @@ def _store(directory: str, digest: str):
     driver builds the index once per stage and persists it; a worker (joblib process or dask
     worker) loads that file on its first batch and keeps the store (and its open shard handles)
     for the next ones."""
-    from landmarks.store import INDEX_NAME, FeatureStore, StoreIndex, load_index
 
     with _STORES_LOCK:
         have = _STORES.get(directory)
@@ -223,7 +222,6 @@ def _verify_batch(
     [b, R, 4] per candidate.
 
     `digests`: the (test, train) index digests of this stage; None = look the stores up afresh."""
-    from landmarks.store import load_index
 
     if digests is None:
         digests = (load_index(test_dir).digest, load_index(train_dir).digest)
@@ -232,8 +230,8 @@ def _verify_batch(
     t_local = train_store.local(sorted({c for row in cand_ids for c in row}))
     out = np.zeros((len(test_ids), max((len(r) for r in cand_ids), default=0), len(EVIDENCE)), np.float64)
     for r, (tid, row) in enumerate(zip(test_ids, cand_ids)):
-        q = _pca_local(q_local.get(tid), w_local)
-        cands = [_pca_local(t_local.get(c), w_local) for c in row]
+        q = pca_local(q_local.get(tid), w_local)
+        cands = [pca_local(t_local.get(c), w_local) for c in row]
         out[r, : len(row)] = verify_evidence(cfg_verify, q, cands)
     return out
 
@@ -248,7 +246,6 @@ def _open_stores(
 ) -> tuple[str, str]:
     """Open both stores once for the stage (the persisted id index), check that every image to
     compare has its local features, and return the index digests the batches use."""
-    from landmarks.store import FeatureStore, load_index
 
     digests = []
     for split, directory, wanted in (
@@ -373,7 +370,6 @@ def run_verify(
     Output npz: test_ids [q], inliers [q, R] int32 (column j = knn column j), evidence [q, R, 4]
     float32 (columns verify.EVIDENCE: inliers, tentative matches, spread, area), fingerprint.
     """
-    from landmarks import whiten
 
     t_start = time.perf_counter()
     test_features, train_features, out = Path(test_features), Path(train_features), Path(out)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from landmarks import cache
-from landmarks.store import SHARD_GLOB
-from landmarks.utils import LandmarksError, l2_normalize
+from landmarks.store import SHARD_GLOB, FeatureStore
+from landmarks.utils import LandmarksError, cache, l2_normalize
 
-log = logging.getLogger("landmarks.whiten")
+log = logging.getLogger(__name__)
 EPS_REL = 1e-3  # eigenvalue regulariser, relative to the largest eigenvalue
 LOCAL_SAMPLE = 200_000  # local descriptors used to fit the local PCA
 
@@ -107,7 +106,6 @@ def run_whiten(cfg, train_features: str | Path, out: str | Path) -> Path | None:
     if not is_on(cfg):
         log.info("whiten: off (whiten.global_pca and whiten.local_pca are false); nothing to do")
         return None
-    from landmarks.store import FeatureStore
 
     train_features, out = Path(train_features), Path(out)
     fp = whiten_fingerprint(cfg, train_features)

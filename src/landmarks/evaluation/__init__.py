@@ -1,0 +1,1 @@
+"""Evaluation: GAP and the other metrics, `landmarks validate` and the hard protocol (`landmarks validate-hard`)."""

@@ -1,0 +1,171 @@
+"""GLDv2-size inputs for the stages after extraction, and their measurement in a fresh process.
+
+``write_store`` writes N real-like global descriptors (``common.realistic_descriptors``: real descriptors
+plus noise drawn from their own principal components) as global-only feature shards, the way
+extraction leaves a train split, so the real stage functions (``knn.run_knn`` ...) read them.
+``measure_stage`` runs one stage function in a fresh process and reports its wall seconds and
+peak RSS (``ru_maxrss`` of that process: every byte it held, data included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from landmarks import knn
+from landmarks.config import KnnConfig, load_config
+from landmarks.store import FeatureStore, shard_name, write_shard
+from landmarks.tools.bench.common import in_child, realistic_descriptors
+from landmarks.utils.layout import WorkLayout
+
+
+def write_store(
+    directory: str | Path, real: np.ndarray, n: int, seed: int, noise: float = 1.0, shard_rows: int = 5000, prefix="tr"
+) -> Path:
+    """N real-like unit descriptors as shards of `shard_rows` global-only rows (ids prefix + hex,
+    CSV order = row order), generated chunk by chunk; kept when complete.json matches."""
+
+    directory = Path(directory)
+    want = {"n": int(n), "seed": int(seed), "noise": float(noise), "rows": int(shard_rows), "real": real.shape}
+    want = json.loads(json.dumps(want))
+    marker = directory / "complete.json"
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in directory.glob("*"):
+        p.unlink()
+    rng = np.random.default_rng(seed)
+    real = np.asarray(real, np.float32)
+    _, sv, vt = np.linalg.svd(real - real.mean(0), full_matrices=False)
+    std = (sv / math.sqrt(len(real))).astype(np.float32) * np.float32(noise)
+    iso = np.float32(0.05 * noise * float(std.mean()))
+    shards = max(1, -(-n // shard_rows))
+    for s in range(shards):
+        a, b = s * shard_rows, min(n, (s + 1) * shard_rows)
+        x = real[rng.integers(0, len(real), b - a)] + (rng.standard_normal((b - a, len(std)), np.float32) * std) @ vt
+        x += rng.standard_normal(x.shape, np.float32) * iso
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        write_shard(
+            directory / shard_name(s, shards), [f"{prefix}{i:014x}" for i in range(a, b)], x, None, order=range(a, b)
+        )
+    marker.write_text(json.dumps(want))
+    return directory
+
+
+def _stage_child(fn_path: str, args: tuple, settings: list[str]) -> dict:
+    import importlib
+    import logging
+    import resource
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    mod, _, name = fn_path.rpartition(".")
+    fn = getattr(importlib.import_module(mod), name)
+    cfg = load_config(None, settings)
+    t = time.perf_counter()
+    out = fn(cfg, *args)
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "out": str(out)}
+
+
+def measure_stage(fn_path: str, args: tuple, settings: list[str]) -> dict:
+    """Run the stage function `fn_path` (e.g. 'landmarks.knn.run_knn') as fn(cfg, *args) in a fresh
+    process with the config of `settings` (['knn.k=100', ...]): its wall s and peak RSS."""
+
+    return in_child(_stage_child, fn_path, tuple(str(a) for a in args), list(settings))
+
+
+# -- measurements behind knn.auto_exact_max and the graph index (docs/performance-gldv2.md) --------
+def real_descriptors(work_dir: str | Path) -> np.ndarray:
+    """The stored global descriptors of a work dir's train and test features (the seed of the
+    real-like data: ``common.realistic_descriptors``)."""
+
+    work = WorkLayout(work_dir)
+    return np.concatenate([FeatureStore(work.features(s)).global_matrix()[1] for s in ("train", "test")])
+
+
+def crossover(real: np.ndarray, n: int, queries: int = 1000, k: int = 100) -> dict:
+    """Exact (faiss.knn on the matrix) against IVF-Flat at the knn defaults (nlist sqrt(N), nprobe
+    64, k-means on 40 rows per list) at N real-like rows: ms per query, IVF build s, recall@k, and
+    the knn stage with DBA (N + 10 k queries; IVF built twice, before and after DBA) both ways."""
+    import faiss
+
+    q = realistic_descriptors(real, queries, 3, 1.0)
+    db = realistic_descriptors(real, n, 2, 1.0)
+    kk = k + knn.TIE_MARGIN
+    t = time.perf_counter()
+    _, ie = faiss.knn(q, db, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    te = time.perf_counter() - t
+    t = time.perf_counter()
+    index = knn.Index(KnnConfig(index="ivf"), knn.Rows(db))
+    tb = time.perf_counter() - t
+    t = time.perf_counter()
+    _, ii = index.search(q, k)
+    ts = time.perf_counter() - t
+    nq = n + 10_000
+    return {
+        "n": n,
+        "exact_ms_per_q": 1e3 * te / queries,
+        "ivf_build_s": tb,
+        "ivf_ms_per_q": 1e3 * ts / queries,
+        "recall100": _recall(ie, ii, k),
+        "stage_exact_s": te / queries * nq,
+        "stage_ivf_s": 2 * tb + ts / queries * nq,
+    }
+
+
+def graph(real: np.ndarray, n: int, queries: int = 1000, k: int = 100) -> dict:
+    """HNSW-Flat at the knn defaults (M 32, efConstruction 80, efSearch max(256, 2 k)) against exact
+    at N real-like rows: build s, search s per 10 k queries, recall@k, peak RSS of the process."""
+    import resource
+
+    import faiss
+
+    q = realistic_descriptors(real, queries, 3, 1.0)
+    db = realistic_descriptors(real, n, 2, 1.0)
+    t = time.perf_counter()
+    _, ie = faiss.knn(q, db, k + knn.TIE_MARGIN, metric=faiss.METRIC_INNER_PRODUCT)
+    te = time.perf_counter() - t
+    t = time.perf_counter()
+    index = knn.Index(KnnConfig(index="hnsw"), knn.Rows(db))
+    tb = time.perf_counter() - t
+    t = time.perf_counter()
+    _, ii = index.search(q, k)
+    ts = time.perf_counter() - t
+    return {
+        "n": n,
+        "exact_s_per_10k": te * 10_000 / queries,
+        "hnsw_build_s": tb,
+        "hnsw_search_s_per_10k": ts * 10_000 / queries,
+        "recall100": _recall(ie, ii, k),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "data_bytes": int(db.nbytes),
+    }
+
+
+def _recall(exact: np.ndarray, got: np.ndarray, k: int) -> float:
+    return float(np.mean([len(np.intersect1d(a[:k], b[:k])) for a, b in zip(exact, got)]) / k)
+
+
+def main(argv=None) -> int:
+    """python -m landmarks.tools.bench.gldv2 {crossover,graph} --work-dir W N [N ...]: one JSON line per N,
+    each N in a fresh process (clean peak RSS)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m landmarks.tools.bench.gldv2")
+    p.add_argument("what", choices=["crossover", "graph"])
+    p.add_argument("sizes", type=int, nargs="+")
+    p.add_argument("--work-dir", default="work", help="work dir whose stored features seed the data")
+    a = p.parse_args(argv)
+    real = real_descriptors(a.work_dir)
+    fn = crossover if a.what == "crossover" else graph
+    for n in a.sizes:
+        print(json.dumps(in_child(fn, real, n)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
