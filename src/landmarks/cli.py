@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from landmarks import __version__
 from landmarks.config import ConfigError, check_setting, dump_config, load_config
@@ -158,6 +159,8 @@ def _quiet_logging(verbose: bool) -> None:
     quiet = "ignore:resource_tracker:UserWarning"
     if quiet not in os.environ.get("PYTHONWARNINGS", ""):
         os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
+    if not verbose:  # loky restarting a worker (its memory-growth check) reruns the worker's tasks: no news
+        warnings.filterwarnings("ignore", message="A worker stopped while some jobs", category=UserWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
