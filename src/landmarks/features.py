@@ -59,17 +59,9 @@ from landmarks.utils import LandmarksError, cache, call_writing, configure_tenso
 from landmarks.utils.layout import WorkLayout
 from landmarks.utils.locks import stage_lock
 
-# ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not).
-RESULT_FIELDS = (
-    "global_scales",
-    "local_scales",
-    "max_feature_num",
-    "abs_thres",
-    "max_image_size",
-    "max_image_pixels",
-    "min_image_size",
-    "local_dtype",
-)
+# ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not): the local
+# path's fields and the global scales (the global path's other fields are among the local ones).
+RESULT_FIELDS = ("global_scales", *cache.LOCAL_FIELDS)
 
 
 PROGRESS_REPORT_SECONDS = 0.5  # a worker reports its done-image count this often (progress_path)
