@@ -312,6 +312,41 @@ def test_a_train_split_that_grows_a_little_keeps_its_adapted_model(tmp_path, cap
     rows.to_csv(data / "train.csv", index=False)
 
 
+def test_steps_scale_down_on_a_tiny_train_split(tmp_path, caplog, small_cfg):
+    """adapt.pairs_per_image: a tiny split runs fewer steps (never below min_steps), a large one
+    adapt.steps; the unscaled fingerprint ignores the new knobs, so large splits keep their models."""
+    import dataclasses
+
+    from landmarks.adapt import adapt, effective_steps, plan
+    from landmarks.config import Config
+
+    ac = Config().adapt
+    assert effective_steps(ac, 400) == ac.steps  # the demo's 400 train images: unchanged
+    tiny = effective_steps(ac, 12)
+    assert ac.min_steps <= tiny < ac.steps
+    assert tiny == max(ac.min_steps, -(-int(ac.pairs_per_image * 12) // ac.batch_size))
+    assert effective_steps(dataclasses.replace(ac, pairs_per_image=0), 12) == ac.steps  # 0 = off
+    assert effective_steps(dataclasses.replace(ac, min_steps=10_000), 12) == ac.steps  # capped by steps
+
+    data = _make_data(tmp_path / "data")  # 4 images, adapt.batch_size=2 in SMALL
+    scaled = small_cfg("adapt.steps=6", "adapt.pairs_per_image=1", "adapt.min_steps=3")
+    assert effective_steps(scaled.adapt, 4) == 3
+    fp_off = plan(small_cfg("adapt.steps=6", "adapt.pairs_per_image=0"), data)[2]
+    fp_big = plan(small_cfg("adapt.steps=6", "adapt.pairs_per_image=100", "adapt.min_steps=5"), data)[2]
+    assert fp_off == fp_big  # both run 6 steps: same adaptation, same fingerprint
+    assert plan(scaled, data)[2] != fp_off
+    caplog.set_level("INFO", logger="landmarks.adapt")
+    out = tmp_path / "model"
+    assert adapt(scaled, data, tmp_path / "work", out) == out
+    assert "3 steps, not adapt.steps=6" in caplog.text
+    state = json.loads((tmp_path / "work" / "adapt" / "state.json").read_text())
+    assert state["step"] == 3 and len(state["history"]) == 3
+    assert json.loads((out / "landmarks_model.json").read_text())["steps"] == 3
+    caplog.clear()
+    assert adapt(scaled, data, tmp_path / "work", out) == out  # up to date at its scaled steps
+    assert "up to date" in caplog.text and "3 steps on 4 train images" in caplog.text
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_predict_adapts_by_default_and_opts_out():
     """`make predict` runs the graph, which adapts by default and extracts with the export;

@@ -77,6 +77,9 @@ NOT_TRAINING = (
     "eval_data",
     "reuse_overlap",
     "models_cache",
+    # the step count a run uses enters the fingerprint as `steps`, or as its own input when scaled
+    "pairs_per_image",
+    "min_steps",
 )
 REPO = Path(__file__).resolve().parents[2]
 
@@ -300,9 +303,24 @@ def _heads_module(backbone, head, gem, score: str):
     return AdaptedHeads()
 
 
-def train_fingerprint(cfg, data_fp: str) -> str:
-    """What the learned head depends on: model + adapt settings except export/check-only keys + the images."""
-    return cache.fingerprint("adapt", cfg, [data_fp], sections=("model", "adapt"), drop={"adapt": NOT_TRAINING})
+def effective_steps(ac, n_images: int) -> int:
+    """The steps an adaptation on `n_images` train images runs: adapt.steps, scaled down on a tiny
+    split to about adapt.pairs_per_image warped pairs per image (never below adapt.min_steps).
+    300 steps x 8 pairs on 12 images shows each image 200 times: more than it can teach, and
+    80 s of a first run (measured on the hard protocols: docs/experiments.md)."""
+    if ac.pairs_per_image <= 0:
+        return ac.steps
+    scaled = math.ceil(ac.pairs_per_image * n_images / ac.batch_size)
+    return min(ac.steps, max(ac.min_steps, scaled))
+
+
+def train_fingerprint(cfg, data_fp: str, steps: int | None = None) -> str:
+    """What the learned head depends on: model + adapt settings except export/check-only keys + the
+    images (+ the step count when :func:`effective_steps` scaled it below adapt.steps)."""
+    scaled = [f"steps={steps}"] if steps is not None and steps != cfg.adapt.steps else []
+    return cache.fingerprint(
+        "adapt", cfg, [data_fp, *scaled], sections=("model", "adapt"), drop={"adapt": NOT_TRAINING}
+    )
 
 
 def image_keys(ids: list[str], paths: list[str], mode: str = "stat") -> list[str]:
@@ -317,7 +335,7 @@ def plan(cfg, data_dir: str | Path):
     df = _adapt_images(cfg.adapt, data_dir)
     keys = image_keys(df["id"].astype(str).tolist(), df["path"].astype(str).tolist(), cfg.extract.file_key)
     data_fp = cache.digest(str(len(keys)), ",".join(keys))
-    return df, data_fp, train_fingerprint(cfg, data_fp)
+    return df, data_fp, train_fingerprint(cfg, data_fp, effective_steps(cfg.adapt, len(df)))
 
 
 def reusable(cfg, out_dir: str | Path, df) -> float | None:
@@ -327,7 +345,8 @@ def reusable(cfg, out_dir: str | Path, df) -> float | None:
     extracted with it stay valid (incremental extraction), instead of re-adapting and re-extracting
     everything for a change that cannot move the learned head."""
     old = _export_meta(out_dir)
-    if old is None or not old.get("image_keys") or cfg.adapt.reuse_overlap >= 1 or not _same_export(cfg, old):
+    steps = effective_steps(cfg.adapt, len(df))
+    if old is None or not old.get("image_keys") or cfg.adapt.reuse_overlap >= 1 or not _same_export(cfg, old, steps=steps):
         return None
     if old.get("settings_fingerprint") != train_fingerprint(cfg, ""):
         return None
@@ -345,12 +364,12 @@ def _export_meta(out_dir: str | Path) -> dict | None:
         return None
 
 
-def _same_export(cfg, meta: dict, fp: str | None = None) -> bool:
+def _same_export(cfg, meta: dict, fp: str | None = None, *, steps: int) -> bool:
     """True when `meta` describes an export of this adaptation (fingerprint `fp` when given) with
-    today's steps, keypoint score and export format."""
+    `steps` steps (:func:`effective_steps`), today's keypoint score and export format."""
     return (
         (fp is None or meta.get("fingerprint") == fp)
-        and meta.get("steps") == cfg.adapt.steps
+        and meta.get("steps") == steps
         and meta.get("keypoint_score") == cfg.adapt.score
         and meta.get("format") == cache.FORMATS["model"]
     )
@@ -361,13 +380,13 @@ def models_cache_dir(cfg, models_cache: str | Path, fp: str) -> Path:
     return Path(models_cache) / f"adapt-{cache.digest(fp, cfg.adapt.score, str(cache.FORMATS['model']))}"
 
 
-def _from_models_cache(cfg, models_cache, out_dir, fp: str) -> bool:
+def _from_models_cache(cfg, models_cache, out_dir, fp: str, steps: int) -> bool:
     """Copy the export of this adaptation from the models cache to `out_dir` when it is there."""
     if not models_cache:
         return False
     src = models_cache_dir(cfg, models_cache, fp)
     meta = _export_meta(src)
-    if meta is None or not _same_export(cfg, meta, fp):
+    if meta is None or not _same_export(cfg, meta, fp, steps=steps):
         return False
     _copy_model(src, out_dir)
     log.info("adapt: taken from the models cache (%s -> %s): these train images were adapted on before", src, out_dir)
@@ -398,11 +417,12 @@ def _done_already(cfg, data_dir, out_dir, df, fp: str, t_plan: float, models_cac
     """True when OUT holds this adaptation, or one on nearly the same images, or the models cache
     holds it (copied to OUT); logged either way."""
     n = len(df)
+    steps = effective_steps(cfg.adapt, n)
     old = _export_meta(out_dir)
-    if old is not None and _same_export(cfg, old, fp):
+    if old is not None and _same_export(cfg, old, fp, steps=steps):
         log.info(
             "adapt: up to date (%s: %d steps on %d train images of %s, fingerprint %s); skipped in %.2fs",
-            *(out_dir, cfg.adapt.steps, n, data_dir, fp, time.time() - t_plan),
+            *(out_dir, steps, n, data_dir, fp, time.time() - t_plan),
         )
         return True
     share = reusable(cfg, out_dir, df)
@@ -413,7 +433,7 @@ def _done_already(cfg, data_dir, out_dir, df, fp: str, t_plan: float, models_cac
             *(out_dir, 100 * share, n, cfg.adapt.reuse_overlap),
         )
         return True
-    return _from_models_cache(cfg, models_cache, out_dir, fp)
+    return _from_models_cache(cfg, models_cache, out_dir, fp, steps)
 
 
 def _checkpointer(work_dir, fp: str, restart: bool, replace_stale: bool):
@@ -482,11 +502,17 @@ def adapt(
     keras.utils.set_random_seed(ac.seed)
     net = _AdaptNet(cfg)
     step, history, resumed = ck.resume(net.head, net.optimizer)
-    end = ac.steps if stop_after is None else min(ac.steps, int(stop_after))
+    steps = effective_steps(ac, len(df))
+    if steps < ac.steps:
+        log.info(
+            "adapt: %d steps, not adapt.steps=%d: %d train images need no more than adapt.pairs_per_image=%g pairs each",
+            *(steps, ac.steps, len(df), ac.pairs_per_image),
+        )
+    end = steps if stop_after is None else min(steps, int(stop_after))
     paths = df["path"].astype(str).tolist()
     if step < end:
         step = _run_steps(cfg, net, ck, paths, step, end, history, resumed, data_dir)
-    if step < ac.steps:
+    if step < steps:
         return None
     timing_path = ck.dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
