@@ -346,7 +346,12 @@ def reusable(cfg, out_dir: str | Path, df) -> float | None:
     everything for a change that cannot move the learned head."""
     old = _export_meta(out_dir)
     steps = effective_steps(cfg.adapt, len(df))
-    if old is None or not old.get("image_keys") or cfg.adapt.reuse_overlap >= 1 or not _same_export(cfg, old, steps=steps):
+    if (
+        old is None
+        or not old.get("image_keys")
+        or cfg.adapt.reuse_overlap >= 1
+        or not _same_export(cfg, old, steps=steps)
+    ):
         return None
     if old.get("settings_fingerprint") != train_fingerprint(cfg, ""):
         return None
