@@ -320,7 +320,8 @@ def test_steps_scale_down_on_a_tiny_train_split(tmp_path, caplog, small_cfg):
     from landmarks.adapt import adapt, effective_steps, plan
     from landmarks.config import Config
 
-    ac = Config().adapt
+    assert effective_steps(Config().adapt, 12) == Config().adapt.steps  # off by default (measured)
+    ac = dataclasses.replace(Config().adapt, pairs_per_image=50)
     assert effective_steps(ac, 400) == ac.steps  # the demo's 400 train images: unchanged
     tiny = effective_steps(ac, 12)
     assert ac.min_steps <= tiny < ac.steps
