@@ -181,9 +181,15 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
         "| K=2 seed=0 |",
         "Shortlist recall@R",
         "Inlier separation",
+        "## Where failures are: per landmark",
+        "### global only: P1",
+        "| (non-landmark products) |",
     ):
         assert needle in text
     res = json.loads((work / "hard" / "results.json").read_text())
+    rows = res["global only"]["landmarks"]["extra"]
+    assert {r["landmark"] for r in rows[:-1]} <= set(hard.pool_table(cfg.hard)["cls"].astype(str))
+    assert sum(r["correct"] + r["wrong"] for r in rows[:-1]) > 0
     gaps = res[hard.DEFAULT_ROW]["gap"]
     assert len(gaps["1"]) == len(gaps["2"]) == 2 and all(0 <= g <= 1 for g in gaps["1"] + gaps["2"])
     assert res["global only"]["separation"] is None and res[hard.DEFAULT_ROW]["separation"]["n_good"] > 0
@@ -334,3 +340,38 @@ def test_validate_hard_second_protocol_and_calibrated_rows(tmp_path, fake_model)
     assert set(res["calibrated"]["protocol_means"]) == {"extra", "nonlandmark"}
     assert 0 <= res["calibrated"]["mean"] <= 1
     assert list((work / "hard" / "probe").glob("probe-*-warp0-*.h5"))  # the known warps were probed
+
+
+def _queries(ids, truth, label, conf, shortlisted):
+    return {
+        "ids": ids,
+        "truth": np.asarray(truth, dtype=str),
+        "label": np.asarray(label, np.int64),
+        "conf": np.asarray(conf, float),
+        "shortlisted": np.asarray(shortlisted, bool),
+    }
+
+
+def test_landmark_table_on_a_tiny_result():
+    """Two seeds of one protocol pooled: counts per landmark, held-out queries apart, products last,
+    the landmark with most wrong answers first."""
+    pool = pd.DataFrame(
+        {
+            "id": ["a1", "a2", "b1", "b2", "p1", "p2"],
+            "cls": ["arch", "arch", "bridge", "bridge", "cup", "pen"],
+            "role": ["landmark", "landmark", "landmark", "landmark", "distractor", "nonlandmark"],
+        }
+    )
+    seed0 = {"queries": _queries(["a1", "b1", "p1"], ["0", "1", ""], [0, 0, 1], [0.9, 0.8, 0.4], [1, 1, 0])}
+    # seed 1: bridge held out (empty truth), arch answered wrong with the right landmark out of the top 20
+    seed1 = {"queries": _queries(["a2", "b2", "p2"], ["0", "", ""], [1, 0, 0], [0.3, 0.7, 0.2], [0, 0, 0])}
+    df = hard.landmark_table(pool, [None, None], [seed0, seed1])
+    assert list(df.columns) == hard.LANDMARK_COLUMNS
+    assert list(df["landmark"]) == ["bridge", "arch", "(non-landmark products)"]  # bridge: 1 wrong at 0.8
+    bridge, arch, prod = (df.iloc[i] for i in range(3))
+    assert (bridge["queries"], bridge["correct"], bridge["wrong"], bridge["in top 20"]) == (1, 0, 1, 1)
+    assert bridge["held-out queries"] == 1 and bridge["median conf held-out"] == pytest.approx(0.7)
+    assert (arch["queries"], arch["correct"], arch["wrong"], arch["in top 20"]) == (2, 1, 1, 1)
+    assert arch["median conf correct"] == pytest.approx(0.9) and arch["median conf wrong"] == pytest.approx(0.3)
+    assert prod["held-out queries"] == 2 and prod["median conf held-out"] == pytest.approx(0.3)
+    assert np.isnan(prod["queries"])
