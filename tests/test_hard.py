@@ -140,7 +140,11 @@ def test_recall_and_separation():
 
 
 def _hard_cfg(root, **over):
-    overrides = [
+    return load_config(None, _hard_cfg_overrides(root) + [f"{k}={v}" for k, v in over.items()])
+
+
+def _hard_cfg_overrides(root) -> list[str]:
+    return [
         f"hard.shared_data={root}",
         "hard.landmarks=hard",
         "hard.extra_train=extra",
@@ -161,7 +165,6 @@ def _hard_cfg(root, **over):
         "hard.demo_dir=",
         "hard.nonlandmark_sample=0",
     ]
-    return load_config(None, overrides + [f"{k}={v}" for k, v in over.items()])
 
 
 def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
@@ -375,3 +378,56 @@ def test_landmark_table_on_a_tiny_result():
     assert arch["median conf correct"] == pytest.approx(0.9) and arch["median conf wrong"] == pytest.approx(0.3)
     assert prod["held-out queries"] == 2 and prod["median conf held-out"] == pytest.approx(0.3)
     assert np.isnan(prod["queries"])
+
+
+def test_worst_cases_order():
+    """Wrong labels on landmark queries by falling confidence, then predictions on photos with no
+    train landmark (held-out landmark or product) by falling confidence; right answers never."""
+    from landmarks.tools.show import worst_cases
+
+    q = _queries(
+        ["a", "b", "c", "d", "e"], ["1", "1", "", "", "2"], [1, 2, 1, 2, 1], [0.9, 0.2, 0.5, 0.8, 0.4], [0] * 5
+    )
+    roles = {"c": "landmark", "d": "distractor"}
+    assert worst_cases(q, roles, 10) == [
+        (4, "wrong landmark"),
+        (1, "wrong landmark"),
+        (3, "non-landmark"),
+        (2, "held-out landmark"),
+    ]
+    assert worst_cases(q, roles, 1) == [(4, "wrong landmark")]
+
+
+def test_show_hard_split_draws_the_worst_cases(tmp_path, fake_model):
+    """`landmarks show --hard-split` on a generated pool: the split's failures with their neighbours
+    (named by landmark, marked right / wrong) and the right landmark's photo, in one PNG."""
+    from PIL import Image
+
+    from landmarks.cli import main
+    from landmarks.tools import show
+
+    root = tmp_path / "shared"
+    _write_set(root, "hard", 4, 3, 0)
+    _write_set(root, "extra", 2, 2, 1)
+    _write_set(root, "dis", 1, 5, 2, labelled=False)
+    cfg = _hard_cfg(root)
+    work = tmp_path / "work"
+    name, setting, cases = show.hard_cases(cfg, work, fake_model, "P1 K=1 seed=0", worst=50, top=3)
+    assert name == "K=1 seed=0" and setting == hard.DEFAULT_ROW
+    assert cases and all(len(c.neighbours) <= 3 for c in cases)
+    pool = hard.pool_table(cfg.hard)
+    names = set(pool["cls"].astype(str))
+    for c in cases:
+        assert c.kind in ("wrong landmark", "held-out landmark", "non-landmark")
+        assert all(nm in names for _, _, nm, _, _, _ in c.neighbours)
+        assert all(ok == (nm == c.truth_name and c.kind == "wrong landmark") for _, _, nm, _, _, ok in c.neighbours)
+        assert (c.right is not None) == (c.kind == "wrong landmark")
+        assert c.prediction != c.truth_name or c.kind != "wrong landmark"
+    with pytest.raises(LandmarksError, match="no split"):
+        show.hard_cases(cfg, work, fake_model, "K=9 seed=0")
+    out = tmp_path / "f.png"
+    args = ["show", "--hard-split", "K=2 seed=1", "--work-dir", str(work), "--model", str(fake_model)]
+    sets = [x for o in _hard_cfg_overrides(root) for x in ("--set", o)]
+    assert main([*args, "--variant", "global only", "--worst", "2", "--out", str(out), *sets]) == 0
+    with Image.open(out) as im:
+        assert im.size[0] > 400 and im.size[1] > 200

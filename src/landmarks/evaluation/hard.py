@@ -629,6 +629,9 @@ class Scorer:
         s["ranks"] = rank_figures(truth, labels, conf)
         s["conf"] = prediction_outcomes(truth, labels, conf)
         keep = min(idx.shape[1], QUERY_NEIGHBOURS)
+        hit = cand_labels == truth.astype(str)[:, None]  # neighbour of the right landmark
+        first, rows = hit.argmax(axis=1), np.arange(len(truth))
+        found = hit.any(axis=1)
         s["queries"] = {  # per test image, for the per-landmark table and `landmarks show --hard-split`
             "ids": list(split.test_ids),
             "truth": truth.astype(str),
@@ -638,6 +641,9 @@ class Scorer:
             "idx": idx[:, :keep],
             "sims": sims[:, :keep],
             "inliers": None if inl is None else inl[:, :keep],
+            "right_rank": np.where(found, first + 1, 0),  # 1-based rank of the right landmark's first photo, 0: none
+            "right_idx": np.where(found, idx[rows, first], -1),
+            "right_sim": np.where(found, sims[rows, first], np.nan),
         }
         return s
 
@@ -754,16 +760,39 @@ def variant_configs(cfg, names=None) -> list[tuple[str, object]]:
     return out
 
 
-def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
-    """Score every variant on every k-shot split; write WORK_DIR/hard/report.md (+ results.json)."""
-    work_dir = Path(work_dir) / "hard"
-    configs = variant_configs(cfg, variants)
+@dataclass
+class Setup:
+    """What scoring needs, ready: the pool, the k-shot splits and guards, a Scorer over the loaded
+    probe (pair cache read) and the pair cache's path."""
+
+    pool: pd.DataFrame
+    splits: list[Split]
+    guards: list[Split]
+    scorer: Scorer
+    pair_cache: Path
+
+    def split(self, name: str) -> Split:
+        """The split (or guard) called `name`; protocol 1's may be given as 'P1 K=1 seed=4'."""
+        want = name.strip()
+        if want.startswith("P1 "):
+            want = want[3:]
+        for s in self.splits + self.guards:
+            if s.name == want:
+                return s
+        known = ", ".join(f"'{s.name}'" for s in self.splits + self.guards)
+        raise LandmarksError(f"hard: no split {name!r} (known: {known})")
+
+
+def setup(cfg, configs, model_dir, tool_dir) -> Setup:
+    """Probe the pool with the model (only the images no probe file holds yet; known warps when a
+    calibrated setting needs them), load it, make the splits and a Scorer with the pair cache."""
+    tool_dir = Path(tool_dir)
     pool = pool_table(cfg.hard)
-    paths = extract_probe(cfg, pool, model_dir, work_dir)
+    paths = extract_probe(cfg, pool, model_dir, tool_dir)
     wanted = set(pool["id"])
     warp_pool = warp_candidates(cfg, configs, pool, set(wanted))
     if len(warp_pool):
-        paths = extract_probe(cfg, warp_pool, model_dir, work_dir, warp=int(cfg.calibrate.seed))
+        paths = extract_probe(cfg, warp_pool, model_dir, tool_dir, warp=int(cfg.calibrate.seed))
         wanted |= {warp_id(i, int(cfg.calibrate.seed)) for i in warp_pool["id"]}
     probe = Probe.load(paths, cfg.hard.probe_scales, wanted)
     if probe.failures:
@@ -775,8 +804,17 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
     splits = make_splits(cfg, pool, set(probe.globals_))
     guards = guard_splits(cfg, pool, set(probe.globals_))
     scorer = Scorer(probe)
-    pair_cache = work_dir / f"pairs-{probe_fingerprint(cfg, model_dir)}.pkl"
+    pair_cache = tool_dir / f"pairs-{probe_fingerprint(cfg, model_dir)}.pkl"
     scorer.load_pairs(pair_cache)
+    return Setup(pool, splits, guards, scorer, pair_cache)
+
+
+def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
+    """Score every variant on every k-shot split; write WORK_DIR/hard/report.md (+ results.json)."""
+    work_dir = Path(work_dir) / "hard"
+    configs = variant_configs(cfg, variants)
+    st = setup(cfg, configs, model_dir, work_dir)
+    pool, splits, guards, scorer, pair_cache = st.pool, st.splits, st.guards, st.scorer, st.pair_cache
     results = {}
     for name, c in configs:
         t0, v0 = time.time(), scorer.verify_seconds
