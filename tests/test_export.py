@@ -77,7 +77,7 @@ def test_default_model_metadata(default_model):
     assert meta["fold_batchnorm"] is True
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2", "resnet50"])
 def test_fold_batchnorm_is_the_same_function_without_bn(name):
     """Folding removes every BN (Lite0: 49, ResNet50: 53, convs with and without bias, depthwise
     ones) and keeps outputs, their layer names and the receptive field; floats move ~1e-6 relative."""

@@ -140,7 +140,11 @@ def test_recall_and_separation():
 
 
 def _hard_cfg(root, **over):
-    overrides = [
+    return load_config(None, _hard_cfg_overrides(root) + [f"{k}={v}" for k, v in over.items()])
+
+
+def _hard_cfg_overrides(root) -> list[str]:
+    return [
         f"hard.shared_data={root}",
         "hard.landmarks=hard",
         "hard.extra_train=extra",
@@ -161,7 +165,6 @@ def _hard_cfg(root, **over):
         "hard.demo_dir=",
         "hard.nonlandmark_sample=0",
     ]
-    return load_config(None, overrides + [f"{k}={v}" for k, v in over.items()])
 
 
 def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
@@ -181,9 +184,15 @@ def test_validate_hard_end_to_end(tmp_path, fake_model, capsys):
         "| K=2 seed=0 |",
         "Shortlist recall@R",
         "Inlier separation",
+        "## Where failures are: per landmark",
+        "### global only: P1",
+        "| (non-landmark products) |",
     ):
         assert needle in text
     res = json.loads((work / "hard" / "results.json").read_text())
+    rows = res["global only"]["landmarks"]["extra"]
+    assert {r["landmark"] for r in rows[:-1]} <= set(hard.pool_table(cfg.hard)["cls"].astype(str))
+    assert sum(r["correct"] + r["wrong"] for r in rows[:-1]) > 0
     gaps = res[hard.DEFAULT_ROW]["gap"]
     assert len(gaps["1"]) == len(gaps["2"]) == 2 and all(0 <= g <= 1 for g in gaps["1"] + gaps["2"])
     assert res["global only"]["separation"] is None and res[hard.DEFAULT_ROW]["separation"]["n_good"] > 0
@@ -334,3 +343,91 @@ def test_validate_hard_second_protocol_and_calibrated_rows(tmp_path, fake_model)
     assert set(res["calibrated"]["protocol_means"]) == {"extra", "nonlandmark"}
     assert 0 <= res["calibrated"]["mean"] <= 1
     assert list((work / "hard" / "probe").glob("probe-*-warp0-*.h5"))  # the known warps were probed
+
+
+def _queries(ids, truth, label, conf, shortlisted):
+    return {
+        "ids": ids,
+        "truth": np.asarray(truth, dtype=str),
+        "label": np.asarray(label, np.int64),
+        "conf": np.asarray(conf, float),
+        "shortlisted": np.asarray(shortlisted, bool),
+    }
+
+
+def test_landmark_table_on_a_tiny_result():
+    """Two seeds of one protocol pooled: counts per landmark, held-out queries apart, products last,
+    the landmark with most wrong answers first."""
+    pool = pd.DataFrame(
+        {
+            "id": ["a1", "a2", "b1", "b2", "p1", "p2"],
+            "cls": ["arch", "arch", "bridge", "bridge", "cup", "pen"],
+            "role": ["landmark", "landmark", "landmark", "landmark", "distractor", "nonlandmark"],
+        }
+    )
+    seed0 = {"queries": _queries(["a1", "b1", "p1"], ["0", "1", ""], [0, 0, 1], [0.9, 0.8, 0.4], [1, 1, 0])}
+    # seed 1: bridge held out (empty truth), arch answered wrong with the right landmark out of the top 20
+    seed1 = {"queries": _queries(["a2", "b2", "p2"], ["0", "", ""], [1, 0, 0], [0.3, 0.7, 0.2], [0, 0, 0])}
+    df = hard.landmark_table(pool, [None, None], [seed0, seed1])
+    assert list(df.columns) == hard.LANDMARK_COLUMNS
+    assert list(df["landmark"]) == ["bridge", "arch", "(non-landmark products)"]  # bridge: 1 wrong at 0.8
+    bridge, arch, prod = (df.iloc[i] for i in range(3))
+    assert (bridge["queries"], bridge["correct"], bridge["wrong"], bridge["in top 20"]) == (1, 0, 1, 1)
+    assert bridge["held-out queries"] == 1 and bridge["median conf held-out"] == pytest.approx(0.7)
+    assert (arch["queries"], arch["correct"], arch["wrong"], arch["in top 20"]) == (2, 1, 1, 1)
+    assert arch["median conf correct"] == pytest.approx(0.9) and arch["median conf wrong"] == pytest.approx(0.3)
+    assert prod["held-out queries"] == 2 and prod["median conf held-out"] == pytest.approx(0.3)
+    assert np.isnan(prod["queries"])
+
+
+def test_worst_cases_order():
+    """Wrong labels on landmark queries by falling confidence, then predictions on photos with no
+    train landmark (held-out landmark or product) by falling confidence; right answers never."""
+    from landmarks.tools.show import worst_cases
+
+    q = _queries(
+        ["a", "b", "c", "d", "e"], ["1", "1", "", "", "2"], [1, 2, 1, 2, 1], [0.9, 0.2, 0.5, 0.8, 0.4], [0] * 5
+    )
+    roles = {"c": "landmark", "d": "distractor"}
+    assert worst_cases(q, roles, 10) == [
+        (4, "wrong landmark"),
+        (1, "wrong landmark"),
+        (3, "non-landmark"),
+        (2, "held-out landmark"),
+    ]
+    assert worst_cases(q, roles, 1) == [(4, "wrong landmark")]
+
+
+def test_show_hard_split_draws_the_worst_cases(tmp_path, fake_model):
+    """`landmarks show --hard-split` on a generated pool: the split's failures with their neighbours
+    (named by landmark, marked right / wrong) and the right landmark's photo, in one PNG."""
+    from PIL import Image
+
+    from landmarks.cli import main
+    from landmarks.tools import show
+
+    root = tmp_path / "shared"
+    _write_set(root, "hard", 4, 3, 0)
+    _write_set(root, "extra", 2, 2, 1)
+    _write_set(root, "dis", 1, 5, 2, labelled=False)
+    cfg = _hard_cfg(root)
+    work = tmp_path / "work"
+    name, setting, cases = show.hard_cases(cfg, work, fake_model, "P1 K=1 seed=0", worst=50, top=3)
+    assert name == "K=1 seed=0" and setting == hard.DEFAULT_ROW
+    assert cases and all(len(c.neighbours) <= 3 for c in cases)
+    pool = hard.pool_table(cfg.hard)
+    names = set(pool["cls"].astype(str))
+    for c in cases:
+        assert c.kind in ("wrong landmark", "held-out landmark", "non-landmark")
+        assert all(nm in names for _, _, nm, _, _, _ in c.neighbours)
+        assert all(ok == (nm == c.truth_name and c.kind == "wrong landmark") for _, _, nm, _, _, ok in c.neighbours)
+        assert (c.right is not None) == (c.kind == "wrong landmark")
+        assert c.prediction != c.truth_name or c.kind != "wrong landmark"
+    with pytest.raises(LandmarksError, match="no split"):
+        show.hard_cases(cfg, work, fake_model, "K=9 seed=0")
+    out = tmp_path / "f.png"
+    args = ["show", "--hard-split", "K=2 seed=1", "--work-dir", str(work), "--model", str(fake_model)]
+    sets = [x for o in _hard_cfg_overrides(root) for x in ("--set", o)]
+    assert main([*args, "--variant", "global only", "--worst", "2", "--out", str(out), *sets]) == 0
+    with Image.open(out) as im:
+        assert im.size[0] > 400 and im.size[1] > 200

@@ -1,4 +1,4 @@
-"""DELG model: torch-free Lite0 conversion, receptive fields, heads."""
+"""DELG model: torch-free Lite0/1/2 conversion, receptive fields, heads."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ def lite0_classifier():
     return build_lite0_classifier("imagenet")
 
 
-def _top5(model, img):
+def _top5(model, img, side: int = 224):
     from landmarks.utils.tfquiet import tf
 
-    x = tf.image.resize(tf.cast(img, tf.float32)[None], (224, 224))
+    x = tf.image.resize(tf.cast(img, tf.float32)[None], (side, side))
     logits = np.asarray(model((x - 127.0) / 128.0, training=False))[0]
     return list(np.argsort(-logits)[:5])
 
@@ -56,6 +56,73 @@ def test_lite0_conversion_classifies_imagenet_photos(lite0_classifier):
     assert cat[0] == 285
     cup = _top5(lite0_classifier, data.coffee())
     assert {967, 968} & set(cup), cup
+
+
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+@pytest.mark.parametrize("name", LITES[1:])
+def test_bigger_lite_conversion_classifies_imagenet_photos(name):
+    """Lite1/2 at their ImageNet resolution: chelsea is an Egyptian cat (285), coffee an espresso (967)."""
+    from skimage import data
+
+    from landmarks.delg.model import LITE_SPECS, build_lite_classifier
+
+    model = build_lite_classifier(name, "imagenet")
+    side = LITE_SPECS[name].resolution
+    cat = _top5(model, data.chelsea(), side)
+    assert cat[0] == 285 and set(cat[:3]) <= {281, 282, 283, 284, 285}, cat
+    cup = _top5(model, data.coffee(), side)
+    assert cup[0] == 967 and 968 in cup, cup
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_lite_stages_match_the_checkpoint(name):
+    """The scaled stage table (width/depth rules) rebuilds every block's tensor shapes of the file."""
+    from landmarks.delg.model import lite_stages
+    from landmarks.delg.pth_weights import lite_weights_path, read_pth
+
+    sd = read_pth(lite_weights_path(name))
+    assert not any("_se_" in k for k in sd)
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)  # stem not scaled
+    cin, b = 32, 0
+    for k, s, e, cout, reps in lite_stages(name):
+        for _ in range(reps):
+            p = f"_blocks.{b}"
+            assert sd[f"{p}._depthwise_conv.weight"].shape == (cin * e, 1, k, k), p
+            assert sd[f"{p}._project_conv.weight"].shape == (cout, cin * e, 1, 1), p
+            assert (f"{p}._expand_conv.weight" in sd) == (e != 1), p
+            cin, b = cout, b + 1
+    assert f"_blocks.{b}._depthwise_conv.weight" not in sd  # no block left over
+    assert sd["_conv_head.weight"].shape == (1280, cin, 1, 1)  # head stays 1280
+
+
+def test_lite_backbone_shapes_and_local_layers():
+    from landmarks.delg.model import (
+        LITE0_LOCAL,
+        LITE0_LOCAL_EXPANDED,
+        build_backbone,
+        lite_local_layer,
+        output_layer_name,
+        receptive_field,
+    )
+
+    assert lite_local_layer("efficientnet_lite0") == LITE0_LOCAL
+    assert lite_local_layer("efficientnet_lite0", expanded=True) == LITE0_LOCAL_EXPANDED
+    x = np.zeros((1, 96, 128, 3), np.float32)
+    want = {"efficientnet_lite1": (112, 672), "efficientnet_lite2": (120, 720)}
+    for name, (local_c, expanded_c) in want.items():
+        assert lite_local_layer(name) == "block14_add"
+        net = build_backbone(name, "random")
+        local, top = net(x)
+        assert tuple(local.shape) == (1, 6, 8, local_c) and tuple(top.shape) == (1, 3, 4, 1280)
+        assert receptive_field(net, output_layer_name(net, 0)).stride == 16
+        wide = build_backbone(name, "random", local_layer=lite_local_layer(name, expanded=True))
+        assert wide.outputs[0].shape[-1] == expanded_c
+    with pytest.raises(LandmarksError, match="no offline ImageNet weights"):
+        from landmarks.delg.pth_weights import lite_weights_path
+
+        lite_weights_path("efficientnet_lite4")
 
 
 def _positive_tiny():

@@ -47,8 +47,9 @@ from landmarks.datasets.images import ImageError, load_image
 from landmarks.delg.delg_io import load_delg, postprocess, read_model_meta
 from landmarks.delg.export import export_backbone, local_graph, path_fingerprints, save_serving
 from landmarks.delg.model import (
-    LITE0_LOCAL,
     build_backbone,
+    is_lite,
+    lite_local_layer,
     make_gem,
     normalize_pixels,
     output_layer_name,
@@ -276,7 +277,7 @@ def build_head(channels: int, local_dim: int, hidden: int, context: int = 1):
 def _backbone(mc):
     """The backbone of model.backbone / model.init with the local block as its first output (Lite0: block 10)."""
 
-    layer = LITE0_LOCAL if mc.backbone == "efficientnet_lite0" else None
+    layer = lite_local_layer(mc.backbone) if is_lite(mc.backbone) else None
     return build_backbone(mc.backbone, mc.init, local_layer=layer)
 
 

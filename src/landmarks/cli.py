@@ -143,7 +143,8 @@ def _fill_defaults(args, cfg) -> None:
 
     if hasattr(args, "submission") and args.submission is None:
         args.submission = str(default_submission(getattr(args, "work_dir", "work")))
-    if hasattr(args, "model") and args.model is None and args.func not in (_cmd_run, _cmd_stage):
+    hard_split = getattr(args, "hard_split", None)  # show --hard-split: the zero-training model by default
+    if hasattr(args, "model") and args.model is None and args.func not in (_cmd_run, _cmd_stage) and not hard_split:
         # show, bench: the model the run of DATA_DIR / WORK_DIR uses
         run = Run(cfg, getattr(args, "data_dir", "data/demo"), getattr(args, "work_dir", "work"))
         args.model = str(run.model_dir)

@@ -95,7 +95,10 @@ class ExtractConfig:
 class ModelConfig:
     """Architecture of models built or trained here (`make model`, `make train`)."""
 
-    backbone: Literal["efficientnet_lite0", "resnet50", "resnet101", "tiny"] = "efficientnet_lite0"
+    # efficientnet_lite1/2: bigger ImageNet backbones, offline from pip like Lite0 (docs/backbones.md)
+    backbone: Literal[
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101", "tiny"
+    ] = "efficientnet_lite0"
     init: Literal["imagenet", "random"] = "imagenet"
     global_dim: int = ranged(1280, "[1, 65536]")  # FC whitening output (2048 for R50)
     local_dim: int = ranged(128, "[1, 65536]")  # autoencoder / projection size of local descriptors

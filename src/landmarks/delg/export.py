@@ -43,10 +43,10 @@ import numpy as np
 
 from landmarks.delg.delg_io import META_FILE, read_model_meta, serving_input_signature
 from landmarks.delg.model import (
-    LITE0_LOCAL,
-    LITE0_LOCAL_EXPANDED,
     build_backbone,
     fold_batchnorm,
+    is_lite,
+    lite_local_layer,
     make_gem,
     normalize_pixels,
     output_layer_name,
@@ -338,8 +338,8 @@ def build_default_model(cfg, out_dir: str | Path) -> Path:
         raise LandmarksError(
             f"unknown model.local_projection {mc.local_projection!r} (choose from {', '.join(PROJECTIONS)})"
         )
-    if mc.backbone == "efficientnet_lite0":
-        layer = LITE0_LOCAL if mc.local_projection.startswith("block10") else LITE0_LOCAL_EXPANDED
+    if is_lite(mc.backbone):  # "block10" = the stride-16 stage's last block (Lite1/2: block 14)
+        layer = lite_local_layer(mc.backbone, expanded=not mc.local_projection.startswith("block10"))
         backbone = build_backbone(mc.backbone, mc.init, local_layer=layer)
     else:
         backbone = build_backbone(mc.backbone, mc.init)
@@ -490,7 +490,9 @@ def register_cli(subparsers, common) -> None:
     p.add_argument("action", choices=["build"])
     p.add_argument("--out", default="models/default", help="SavedModel output directory")
     p.add_argument(
-        "--backbone", default=None, help="override model.backbone (efficientnet_lite0|resnet50|resnet101|tiny)"
+        "--backbone",
+        default=None,
+        help="override model.backbone (efficientnet_lite0|efficientnet_lite1|efficientnet_lite2|resnet50|resnet101|tiny)",
     )
     p.add_argument("--init", default=None, choices=["imagenet", "random"], help="override model.init")
     p.add_argument(

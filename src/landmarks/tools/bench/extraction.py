@@ -16,7 +16,7 @@ from pathlib import Path
 from landmarks import features
 from landmarks.datasets.data import load_split
 from landmarks.datasets.images import load_image
-from landmarks.delg.model import LITE0_LOCAL, build_backbone, fold_batchnorm, normalize_pixels
+from landmarks.delg.model import build_backbone, fold_batchnorm, is_lite, lite_local_layer, normalize_pixels
 from landmarks.tools.bench.common import cores as _cores
 from landmarks.tools.bench.common import cpu_info, fmt, median, model_meta, peak_gflops, rss_bytes, storage
 from landmarks.utils import LandmarksError, configure_tensorflow
@@ -32,8 +32,8 @@ def _backbone_net(meta: dict):
     name = meta.get("backbone")
     if not name:
         raise LandmarksError("model metadata names no backbone")
-    if name == "efficientnet_lite0":
-        return build_backbone(name, "random", local_layer=meta.get("local_layer") or LITE0_LOCAL)
+    if is_lite(name):
+        return build_backbone(name, "random", local_layer=meta.get("local_layer") or lite_local_layer(name))
     return build_backbone(name, "random")
 
 
