@@ -138,6 +138,21 @@ class WhitenConfig:
 
     global_pca: bool = False  # PCA-whitening of global descriptors
     global_pca_dim: int = ranged(0, "[0, 65536]")  # 0 = keep dimension
+    # learned whitening from positive pairs (Lw, Radenovic et al.; exclusive with global_pca): whiten the
+    # within-landmark covariance, rotate onto the principal axes (docs/retrieval.md)
+    global_lw: bool = False
+    lw_dim: int = ranged(0, "[0, 65536]")  # Lw output dimension (0 = keep dimension)
+    lw_shrinkage: float = ranged(0.1, "[0, 1]")  # within-landmark covariance shrunk toward a scaled identity
+    lw_min_pairs: int = ranged(10, "[0, inf)")  # fewer positives (degrees of freedom): Lw is the identity
+    # positives of Lw and the query transformation: same landmark_id (train.csv) | mined without labels
+    # (train images that are each other's top-mine_k global neighbours with cosine >= mine_min_sim)
+    positives: Literal["labels", "mined"] = "labels"
+    mine_k: int = ranged(2, "[1, 1000]")
+    mine_min_sim: float = ranged(0.6, "[-1, 1]")
+    # query feature transformation (Mercari): a ridge map of the test descriptors toward the other
+    # train descriptors of their landmark, learned on the positives, applied to the test queries only
+    query_transform: bool = False
+    qt_l2: float = ranged(1.0, "(0, 1e6]")  # ridge toward the identity, relative to the mean eigenvalue
     local_pca: bool = False  # PCA of local descriptors
     local_pca_dim: int = ranged(128, "[1, 65536]")
 
