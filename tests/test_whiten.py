@@ -45,9 +45,9 @@ def _unseen(seed=1):
 
 def test_lw_suppresses_within_landmark_directions_on_unseen_landmarks():
     x, labels = _landmarks(np.random.default_rng(0), 30, 5)
-    within, dof = whiten.class_covariance(x, labels)
+    within, dof = whiten.class_differences(x, labels)
     assert dof == 30 * 4
-    w = whiten.fit_lw(x, within, shrinkage=0.1)
+    w = whiten.fit_lw(x, within, dof, shrinkage=0.1)
     db, db_labels, q, q_labels = _unseen()
     raw = _nn_accuracy(db, db_labels, q, q_labels)
     lw = _nn_accuracy(whiten.apply_global(w, db), db_labels, whiten.apply_global(w, q), q_labels)
@@ -58,28 +58,47 @@ def test_lw_suppresses_within_landmark_directions_on_unseen_landmarks():
     assert share < 0.2 * NUISANCE / D
 
 
-def test_pair_covariance_matches_class_covariance_for_pairs():
+def test_pair_differences_match_class_differences_for_pairs():
     x, labels = _landmarks(np.random.default_rng(2), 10, 2)
     a, b = np.arange(0, 20, 2), np.arange(1, 20, 2)
-    c1, n1 = whiten.class_covariance(x, labels)
-    c2, n2 = whiten.pair_covariance(x, a, b)
+    r1, n1 = whiten.class_differences(x, labels)
+    r2, n2 = whiten.pair_differences(x, a, b)
     assert n1 == n2 == 10
-    np.testing.assert_allclose(c1, c2, atol=1e-10)
-    assert whiten.class_covariance(x, np.arange(20))[1] == 0  # no class with two rows
+    np.testing.assert_allclose(r1.T @ r1 / n1, r2.T @ r2 / n2, atol=1e-10)
+    assert whiten.class_differences(x, np.arange(20))[1] == 0  # no class with two rows
+
+
+def test_lw_projection_is_the_inverse_square_root_of_the_shrunk_covariance():
+    """The low-rank route (fewer pair rows than dimensions) and the full one agree with the
+    textbook S^(-1/2), S = (1 - s) C + s tr(C) / D I."""
+    rng = np.random.default_rng(8)
+    x = _unit(rng.normal(size=(50, D)))
+    for m in (10, 80):  # SVD route, eigh route
+        rows = rng.normal(size=(m, D)) * np.linspace(2, 0.1, D)
+        w = whiten.fit_lw(x, rows, m, shrinkage=0.2)
+        c = rows.T @ rows / m
+        s = 0.8 * c + 0.2 * np.trace(c) / D * np.eye(D)
+        eig, vec = np.linalg.eigh(s)
+        np.testing.assert_allclose(w["g_proj"], (vec / np.sqrt(eig)) @ vec.T, rtol=1e-4, atol=1e-4)
 
 
 def test_lw_shapes_determinism_and_unit_rows():
     x, labels = _landmarks(np.random.default_rng(3), 12, 3)
-    within, _ = whiten.class_covariance(x, labels)
-    w1 = whiten.fit_lw(x, within, dim=8)
-    w2 = whiten.fit_lw(x.copy(), within.copy(), dim=8)
+    within, dof = whiten.class_differences(x, labels)
+    w1 = whiten.fit_lw(x, within, dof, dim=8)
+    w2 = whiten.fit_lw(x.copy(), within.copy(), dof, dim=8)
     assert w1["g_mean"].shape == (D,) and w1["g_proj"].shape == (D, 8)
     np.testing.assert_array_equal(w1["g_proj"], w2["g_proj"])
     y = whiten.apply_global(w1, x)
     assert y.shape == (len(x), 8) and np.allclose(np.linalg.norm(y, axis=1), 1, atol=1e-5)
     assert whiten.apply_global(w1, x[:0]).shape == (0, 8)
+    # with `dim` the top principal axes of the whitened rows: their variances decrease
+    var = np.var((x - w1["g_mean"]) @ w1["g_proj"], axis=0)
+    assert np.all(np.diff(var) <= 1e-9)
     with pytest.raises(LandmarksError):
-        whiten.fit_lw(x[:1], within)
+        whiten.fit_lw(x[:1], within, dof)
+    with pytest.raises(LandmarksError):
+        whiten.fit_lw(x, within[:0], 0)
 
 
 def test_mine_pairs_keeps_mutual_neighbours_above_the_threshold():

@@ -63,41 +63,37 @@ def fit_global(x: np.ndarray, dim: int = 0) -> dict:
     return {"g_mean": mean.astype(np.float32), "g_proj": (vec[:, :d] * scale).astype(np.float32)}
 
 
-def class_covariance(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Pooled within-class covariance of [n, D] rows: the covariance of same-label pair differences
-    (up to a factor 2) with each class weighted by its size.  Returns (cov [D, D], degrees of freedom:
-    sum over classes of size - 1; 0 = no class with two rows)."""
+def class_differences(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows of classes with >= 2 members minus their class mean: R with R^T R / dof the pooled
+    within-class covariance (= the covariance of same-label pair differences / 2, each class
+    weighted by its size).  Returns (R [m, D], dof = sum over those classes of size - 1; 0 = none)."""
     x = np.asarray(x, np.float64)
     labels = np.asarray(labels)
-    d = x.shape[1]
     if not len(x):
-        return np.zeros((d, d)), 0
+        return np.zeros((0, x.shape[1])), 0
     uniq, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
     keep = counts[inv] >= 2
-    if not keep.any():
-        return np.zeros((d, d)), 0
-    sums = np.zeros((len(uniq), d))
+    sums = np.zeros((len(uniq), x.shape[1]))
     np.add.at(sums, inv, x)
     centred = x[keep] - (sums / counts[:, None])[inv[keep]]
-    dof = int((counts[counts >= 2] - 1).sum())
-    return centred.T @ centred / dof, dof
+    return centred, int((counts[counts >= 2] - 1).sum())
 
 
-def pair_covariance(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
-    """Covariance of positive-pair differences x[a] - x[b] / sqrt(2) (the scale of class_covariance);
-    returns (cov [D, D], number of pairs)."""
+def pair_differences(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+    """(x[a] - x[b]) / sqrt(2) of positive pairs (the scale of class_differences) and their count."""
     x = np.asarray(x, np.float64)
-    d = x.shape[1]
-    if not len(a):
-        return np.zeros((d, d)), 0
-    diff = (x[np.asarray(a)] - x[np.asarray(b)]) / np.sqrt(2.0)
-    return diff.T @ diff / len(diff), int(len(diff))
+    diff = (x[np.asarray(a, np.int64)] - x[np.asarray(b, np.int64)]) / np.sqrt(2.0)
+    return diff, int(len(diff))
 
 
-def shrink(cov: np.ndarray, shrinkage: float) -> np.ndarray:
-    """(1 - s) cov + s (trace / D) I: a covariance of few samples made full-rank and well-conditioned."""
-    d = cov.shape[0]
-    return (1.0 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
+def _eig_within(rows: np.ndarray, dof: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors [D, r] of rows^T rows / dof: an economy SVD when there are
+    fewer rows than dimensions (the usual few train pairs), else the covariance's eigh."""
+    rows = np.asarray(rows, np.float64)
+    if len(rows) < rows.shape[1]:
+        _, sv, vt = np.linalg.svd(rows, full_matrices=False)
+        return sv**2 / dof, vt.T
+    return np.linalg.eigh(rows.T @ rows / dof)
 
 
 def identity_whiten(d: int) -> dict:
@@ -105,24 +101,42 @@ def identity_whiten(d: int) -> dict:
     return {"g_mean": np.zeros(d, np.float32), "g_proj": np.eye(d, dtype=np.float32)}
 
 
-def fit_lw(x: np.ndarray, within: np.ndarray, dim: int = 0, shrinkage: float = 0.1) -> dict:
-    """Learned whitening (Lw) of [n, D] train rows given the within-landmark covariance `within`
-    [D, D] (class_covariance or pair_covariance) -> {'g_mean' [D], 'g_proj' [D, d]} (apply_global).
+def fit_lw(x: np.ndarray, within: np.ndarray, dof: int, dim: int = 0, shrinkage: float = 0.1) -> dict:
+    """Learned whitening (Lw) of [n, D] train rows given within-landmark difference rows `within`
+    (class_differences or pair_differences; covariance within^T within / dof)
+    -> {'g_mean' [D], 'g_proj' [D, d]} (apply_global).
 
-    Centre on the train mean, multiply by shrink(within)^(-1/2) (directions that vary between
-    photos of one landmark shrink, the others grow), rotate onto the principal axes of the
-    whitened train rows (no second scaling, as cirtorch's whitenlearn), keep the top `dim`."""
+    Centre on the train mean; multiply by S^(-1/2), S = the within covariance shrunk toward a
+    scaled identity (directions that vary between photos of one landmark shrink, the others
+    grow); with `dim` rotate onto the top `dim` principal axes of the whitened train rows (no
+    second scaling, as cirtorch's whitenlearn).  Without `dim` the rotation is left out: it
+    changes no cosine similarity."""
     x = np.asarray(x, np.float64)
     if x.shape[0] < 2:
         raise LandmarksError("whiten: need at least 2 train global descriptors to fit learned whitening")
-    s = shrink(np.asarray(within, np.float64), float(shrinkage))
-    eig, vec = np.linalg.eigh(s)
-    eig = np.clip(eig, EPS_REL * max(eig.max(), 1e-12), None)
-    p = (vec / np.sqrt(eig)) @ vec.T  # symmetric inverse square root
+    if dof < 1:
+        raise LandmarksError("whiten: learned whitening needs at least one positive pair")
+    d_in = x.shape[1]
+    eig, vec = _eig_within(within, dof)
+    eig = np.clip(eig, 0, None)
+    rest = float(shrinkage) * eig.sum() / d_in  # the shrunk covariance's eigenvalue off the pairs' span
+    shrunk = (1.0 - float(shrinkage)) * eig + rest
+    floor = EPS_REL * max(shrunk.max(), 1e-12)
+    p = (vec * (1.0 / np.sqrt(np.maximum(shrunk, floor)) - 1.0 / np.sqrt(max(rest, floor)))) @ vec.T
+    p[np.diag_indices(d_in)] += 1.0 / np.sqrt(max(rest, floor))  # symmetric inverse square root of S
     mean = x.mean(axis=0)
-    _, _, rot = _pca((x - mean) @ p)
-    d = min(dim or x.shape[1], x.shape[1])
-    return {"g_mean": mean.astype(np.float32), "g_proj": (p @ rot[:, :d]).astype(np.float32)}
+    if not dim or dim >= d_in:
+        return {"g_mean": mean.astype(np.float32), "g_proj": p.astype(np.float32)}
+    z = (x - mean) @ p
+    if len(z) < d_in:
+        _, _, vt = np.linalg.svd(z, full_matrices=False)
+        rot = vt.T
+    else:
+        _, _, rot = _pca(z)
+    rot = rot[:, : min(int(dim), rot.shape[1])]
+    signs = np.sign(rot[np.abs(rot).argmax(axis=0), np.arange(rot.shape[1])])  # reproducible axes
+    rot = rot * np.where(signs == 0, 1, signs)
+    return {"g_mean": mean.astype(np.float32), "g_proj": (p @ rot).astype(np.float32)}
 
 
 def mine_pairs(x: np.ndarray, k: int = 2, min_sim: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
@@ -213,14 +227,14 @@ def fit_global_learned(cfg, x: np.ndarray, labels: np.ndarray | None) -> dict:
     if wc.global_pca:
         out.update(fit_global(x, wc.global_pca_dim))
     elif wc.global_lw:
-        within, n = class_covariance(x, labels) if a is None else pair_covariance(x, a, b)
-        if n < int(wc.lw_min_pairs):
+        within, n = class_differences(x, labels) if a is None else pair_differences(x, a, b)
+        if n < max(1, int(wc.lw_min_pairs)):
             log.warning(
                 "whiten: %d positives (< whiten.lw_min_pairs %d): learned whitening left out", n, wc.lw_min_pairs
             )
             out.update(identity_whiten(x.shape[1]))
         else:
-            out.update(fit_lw(x, within, int(wc.lw_dim), float(wc.lw_shrinkage)))
+            out.update(fit_lw(x, within, n, int(wc.lw_dim), float(wc.lw_shrinkage)))
         log.info("whiten: Lw from %d %s positives", n, wc.positives)
     if wc.query_transform:
         xw = apply_global(out, x) if out else np.asarray(x, np.float32)
