@@ -142,9 +142,12 @@ def test_fit_global_learned_options():
     cfg.whiten.global_lw = True
     w = whiten.fit_global_learned(cfg, x, labels)
     assert set(w) == {"g_mean", "g_proj"} and w["g_proj"].shape == (D, D)
-    # too few positives (every train landmark has one photo): the identity, not a degenerate fit
+    # too few positives (every train landmark has one photo): Lw at full shrinkage, centring alone
     w1 = whiten.fit_global_learned(cfg, x, np.arange(len(x)))
     np.testing.assert_array_equal(w1["g_proj"], np.eye(D, dtype=np.float32))
+    np.testing.assert_allclose(w1["g_mean"], x.mean(axis=0), atol=1e-6)
+    full = whiten.fit_lw(x, *whiten.class_differences(x, labels), shrinkage=1.0)
+    np.testing.assert_allclose(full["g_proj"] / full["g_proj"][0, 0], np.eye(D), atol=1e-5)
     cfg.whiten.query_transform = True
     assert set(whiten.fit_global_learned(cfg, x, labels)) == {"g_mean", "g_proj", "q_map"}
     cfg.whiten.positives = "mined"

@@ -96,9 +96,10 @@ def _eig_within(rows: np.ndarray, dof: int) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.eigh(rows.T @ rows / dof)
 
 
-def identity_whiten(d: int) -> dict:
-    """The whitening that changes nothing (zero mean, identity projection)."""
-    return {"g_mean": np.zeros(d, np.float32), "g_proj": np.eye(d, dtype=np.float32)}
+def centre_only(x: np.ndarray) -> dict:
+    """Lw at full shrinkage (no positives to learn from): centre on the train mean, nothing else."""
+    x = np.asarray(x, np.float64)
+    return {"g_mean": x.mean(axis=0).astype(np.float32), "g_proj": np.eye(x.shape[1], dtype=np.float32)}
 
 
 def fit_lw(x: np.ndarray, within: np.ndarray, dof: int, dim: int = 0, shrinkage: float = 0.1) -> dict:
@@ -230,9 +231,11 @@ def fit_global_learned(cfg, x: np.ndarray, labels: np.ndarray | None) -> dict:
         within, n = class_differences(x, labels) if a is None else pair_differences(x, a, b)
         if n < max(1, int(wc.lw_min_pairs)):
             log.warning(
-                "whiten: %d positives (< whiten.lw_min_pairs %d): learned whitening left out", n, wc.lw_min_pairs
+                "whiten: %d positives (< whiten.lw_min_pairs %d): Lw at full shrinkage (centring on the train mean)",
+                n,
+                wc.lw_min_pairs,
             )
-            out.update(identity_whiten(x.shape[1]))
+            out.update(centre_only(x))
         else:
             out.update(fit_lw(x, within, n, int(wc.lw_dim), float(wc.lw_shrinkage)))
         log.info("whiten: Lw from %d %s positives", n, wc.positives)
