@@ -115,7 +115,13 @@ VARIANTS: dict[str, list[str]] = {
         "vote.power=3",
     ],
     # learned whitening from matching pairs and query feature transformation (issue 19, docs/retrieval.md)
+    "global only, centring on the train mean (Lw at full shrinkage)": [
+        "verify.enabled=false",
+        "whiten.global_lw=true",
+        "whiten.lw_shrinkage=1",
+    ],
     "global only, Lw (labels)": ["verify.enabled=false", "whiten.global_lw=true"],
+    "global only, Lw (labels) to 256-d": ["verify.enabled=false", "whiten.global_lw=true", "whiten.lw_dim=256"],
     "global only, Lw (mined)": ["verify.enabled=false", "whiten.global_lw=true", "whiten.positives=mined"],
     "global only, query transform (labels)": ["verify.enabled=false", "whiten.query_transform=true"],
     "global only, Lw + query transform (labels)": [
@@ -123,6 +129,7 @@ VARIANTS: dict[str, list[str]] = {
         "whiten.global_lw=true",
         "whiten.query_transform=true",
     ],
+    "Lw (labels)": ["whiten.global_lw=true"],
     "no DBA (k=0)": ["knn.dba_k=0"],
     "DBA k=1": ["knn.dba_k=1"],
     "DBA k=2": ["knn.dba_k=2"],
