@@ -146,7 +146,8 @@ class WhitenConfig:
     lw_shrinkage: float = ranged(0.3, "[0, 1]")
     lw_min_pairs: int = ranged(10, "[0, inf)")  # fewer positives (degrees of freedom): Lw is the identity
     # positives of Lw and the query transformation: same landmark_id (train.csv) | mined without labels
-    # (train images that are each other's top-mine_k global neighbours with cosine >= mine_min_sim)
+    # (train images that are each other's top-mine_k global neighbours with cosine >= mine_min_sim,
+    # on descriptors centred on the train mean)
     positives: Literal["labels", "mined"] = "labels"
     mine_k: int = ranged(2, "[1, 1000]")
     mine_min_sim: float = ranged(0.6, "[-1, 1]")
