@@ -149,8 +149,8 @@ class WhitenConfig:
     # (train images that are each other's top-mine_k global neighbours with cosine >= mine_min_sim,
     # on descriptors centred on the train mean)
     positives: Literal["labels", "mined"] = "labels"
-    mine_k: int = ranged(2, "[1, 1000]")
-    mine_min_sim: float = ranged(0.6, "[-1, 1]")
+    mine_k: int = ranged(5, "[1, 1000]")  # hard protocol, global only: k=5 > 2 > 10
+    mine_min_sim: float = ranged(0.6, "[-1, 1]")  # hard protocol: 0.6 > 0.4 > 0.3
     # query feature transformation (Mercari): a ridge map of the test descriptors toward the other
     # train descriptors of their landmark, learned on the positives, applied to the test queries only
     query_transform: bool = False

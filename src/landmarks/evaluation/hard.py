@@ -129,7 +129,16 @@ VARIANTS: dict[str, list[str]] = {
         "whiten.global_lw=true",
         "whiten.query_transform=true",
     ],
+    # with verification: whitened cosines are small (0.1-0.5), so sim**8 leaves the vote to the inliers
     "Lw (labels)": ["whiten.global_lw=true"],
+    "Lw (labels), power 1": ["whiten.global_lw=true", "vote.power=1"],
+    "Lw (labels), shrinkage 0.6, power 0.5": ["whiten.global_lw=true", "whiten.lw_shrinkage=0.6", "vote.power=0.5"],
+    "Lw (mined), shrinkage 0.6, power 0.5": [
+        "whiten.global_lw=true",
+        "whiten.positives=mined",
+        "whiten.lw_shrinkage=0.6",
+        "vote.power=0.5",
+    ],
     "no DBA (k=0)": ["knn.dba_k=0"],
     "DBA k=1": ["knn.dba_k=1"],
     "DBA k=2": ["knn.dba_k=2"],
