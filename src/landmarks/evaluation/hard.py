@@ -123,6 +123,7 @@ VARIANTS: dict[str, list[str]] = {
     "global only, Lw (labels)": ["verify.enabled=false", "whiten.global_lw=true"],
     "global only, Lw (labels) to 256-d": ["verify.enabled=false", "whiten.global_lw=true", "whiten.lw_dim=256"],
     "global only, Lw (mined)": ["verify.enabled=false", "whiten.global_lw=true", "whiten.positives=mined"],
+    "global only, PCA whitening (train)": ["verify.enabled=false", "whiten.global_pca=true"],
     "global only, query transform (labels)": ["verify.enabled=false", "whiten.query_transform=true"],
     "global only, Lw + query transform (labels)": [
         "verify.enabled=false",
@@ -133,6 +134,8 @@ VARIANTS: dict[str, list[str]] = {
     "Lw (labels)": ["whiten.global_lw=true"],
     "Lw (labels), power 1": ["whiten.global_lw=true", "vote.power=1"],
     "Lw (labels), shrinkage 0.6, power 0.5": ["whiten.global_lw=true", "whiten.lw_shrinkage=0.6", "vote.power=0.5"],
+    "global PCA whitening (train), power 0.5": ["whiten.global_pca=true", "vote.power=0.5"],
+    "centring on the train mean, power 0.5": ["whiten.global_lw=true", "whiten.lw_shrinkage=1", "vote.power=0.5"],
     "Lw (mined), shrinkage 0.6, power 0.5": [
         "whiten.global_lw=true",
         "whiten.positives=mined",
