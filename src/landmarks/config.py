@@ -141,6 +141,23 @@ class WhitenConfig:
 
     global_pca: bool = False  # PCA-whitening of global descriptors
     global_pca_dim: int = ranged(0, "[0, 65536]")  # 0 = keep dimension
+    # learned whitening from positive pairs (Lw, Radenovic et al.; exclusive with global_pca): whiten the
+    # within-landmark covariance, rotate onto the principal axes (docs/retrieval.md)
+    global_lw: bool = False
+    lw_dim: int = ranged(0, "[0, 65536]")  # Lw output dimension (0 = keep dimension)
+    # within-landmark covariance shrunk toward a scaled identity (1 = centring alone; hard protocol: 0.3 > 0.2, 0.4)
+    lw_shrinkage: float = ranged(0.3, "[0, 1]")
+    lw_min_pairs: int = ranged(10, "[0, inf)")  # fewer positives (degrees of freedom): Lw is the identity
+    # positives of Lw and the query transformation: same landmark_id (train.csv) | mined without labels
+    # (train images that are each other's top-mine_k global neighbours with cosine >= mine_min_sim,
+    # on descriptors centred on the train mean)
+    positives: Literal["labels", "mined"] = "labels"
+    mine_k: int = ranged(5, "[1, 1000]")  # hard protocol, global only: k=5 > 2 > 10
+    mine_min_sim: float = ranged(0.6, "[-1, 1]")  # hard protocol: 0.6 > 0.4 > 0.3
+    # query feature transformation (Mercari): a ridge map of the test descriptors toward the other
+    # train descriptors of their landmark, learned on the positives, applied to the test queries only
+    query_transform: bool = False
+    qt_l2: float = ranged(10.0, "(0, 1e6]")  # ridge toward the identity, relative to the mean eigenvalue (10 > 1, 0.1)
     local_pca: bool = False  # PCA of local descriptors
     local_pca_dim: int = ranged(128, "[1, 65536]")
 

@@ -425,7 +425,8 @@ def run_knn(
     """Stage: top-K train neighbours of every test image -> `out` (skipped when up to date).
 
     Reads the global descriptors of both feature directories (and the fitted whitening when
-    whiten.global_pca is on).  Output npz: test_ids [q], train_ids [n], sims [q, K] f32,
+    whiten.global_pca / global_lw / query_transform is on; the query transformation moves the
+    test side only).  Output npz: test_ids [q], train_ids [n], sims [q, K] f32,
     idx [q, K] i64 (row of train_ids; -1 = none), fingerprint.  Logs the index it chose.
     """
 
@@ -443,8 +444,8 @@ def run_knn(
     try:
         train_ids, train = _train_rows(cfg, store, w, scratch)
         test_ids, test = FeatureStore(test_features).global_matrix()
-        if w is not None:
-            test = whiten.apply_global(w, test)
+        if w is not None:  # the whitening, and the query transformation when fitted
+            test = whiten.apply_query(w, test)
         where = "in memory" if train.array is not None else f"in a float32 file ({train.nbytes / 1e9:.2f} GB)"
         dba_note = f"DBA k={cfg.knn.dba_k} and the test queries" if cfg.knn.dba_k > 0 else "the test queries"
         log.info("knn: %s for %s; train matrix %s", describe_choice(cfg.knn, train.n), dba_note, where)

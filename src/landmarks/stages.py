@@ -43,6 +43,7 @@ from landmarks.predict import run_predict, stage_paths
 from landmarks.utils import LandmarksError
 from landmarks.utils.layout import WorkLayout
 from landmarks.verify import run_verify
+from landmarks.whiten import is_on as whiten_is_on
 from landmarks.whiten import run_whiten
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _features(run: Run) -> str:
 
 def _whiten(run: Run) -> str:
 
-    return str(run_whiten(run.cfg, run.work.features("train"), run.work.whiten(run.cfg)))
+    return str(run_whiten(run.cfg, run.work.features("train"), run.work.whiten(run.cfg), run.data_dir))
 
 
 def _knn(run: Run) -> str:
@@ -224,7 +225,7 @@ def _validate(run: Run) -> str:
 
 
 def _whiten_on(run: Run) -> bool:
-    return bool(run.cfg.whiten.global_pca or run.cfg.whiten.local_pca)
+    return whiten_is_on(run.cfg)
 
 
 def _verify_on(run: Run) -> bool:
@@ -332,8 +333,9 @@ STAGES: list[Stage] = [
         ("whiten",),
         _whiten_on,
         lambda r: [r.work.whiten(r.cfg)],
-        "fit PCA-whitening on the train features (when whiten.global_pca or whiten.local_pca is on)",
-        off="off (whiten.global_pca and whiten.local_pca are false)",
+        "fit the global whitening (PCA or Lw), the query transformation and the local PCA on the train features "
+        "(when whiten.global_pca, global_lw, query_transform or local_pca is on)",
+        off="off (whiten.global_pca, global_lw, query_transform and local_pca are false)",
     ),
     Stage(
         "knn",

@@ -114,6 +114,34 @@ VARIANTS: dict[str, list[str]] = {
         "whiten.global_pca_dim=128",
         "vote.power=3",
     ],
+    # learned whitening from matching pairs and query feature transformation (issue 19, docs/retrieval.md)
+    "global only, centring on the train mean (Lw at full shrinkage)": [
+        "verify.enabled=false",
+        "whiten.global_lw=true",
+        "whiten.lw_shrinkage=1",
+    ],
+    "global only, Lw (labels)": ["verify.enabled=false", "whiten.global_lw=true"],
+    "global only, Lw (labels) to 256-d": ["verify.enabled=false", "whiten.global_lw=true", "whiten.lw_dim=256"],
+    "global only, Lw (mined)": ["verify.enabled=false", "whiten.global_lw=true", "whiten.positives=mined"],
+    "global only, PCA whitening (train)": ["verify.enabled=false", "whiten.global_pca=true"],
+    "global only, query transform (labels)": ["verify.enabled=false", "whiten.query_transform=true"],
+    "global only, Lw + query transform (labels)": [
+        "verify.enabled=false",
+        "whiten.global_lw=true",
+        "whiten.query_transform=true",
+    ],
+    # with verification: whitened cosines are small (0.1-0.5), so sim**8 leaves the vote to the inliers
+    "Lw (labels)": ["whiten.global_lw=true"],
+    "Lw (labels), power 1": ["whiten.global_lw=true", "vote.power=1"],
+    "Lw (labels), shrinkage 0.6, power 0.5": ["whiten.global_lw=true", "whiten.lw_shrinkage=0.6", "vote.power=0.5"],
+    "global PCA whitening (train), power 0.5": ["whiten.global_pca=true", "vote.power=0.5"],
+    "centring on the train mean, power 0.5": ["whiten.global_lw=true", "whiten.lw_shrinkage=1", "vote.power=0.5"],
+    "Lw (mined), shrinkage 0.6, power 0.5": [
+        "whiten.global_lw=true",
+        "whiten.positives=mined",
+        "whiten.lw_shrinkage=0.6",
+        "vote.power=0.5",
+    ],
     "no DBA (k=0)": ["knn.dba_k=0"],
     "DBA k=1": ["knn.dba_k=1"],
     "DBA k=2": ["knn.dba_k=2"],
@@ -455,6 +483,7 @@ class Scorer:
         self._pairs: dict = {}
         self._new_pairs = 0
         self._calib: dict = {}
+        self._whiten: dict = {}
         self.verify_seconds = 0.0
 
     def _lf(self, cfg, image_id: str, w_local=None, tag: str = ""):
@@ -475,10 +504,21 @@ class Scorer:
 
         db = self.probe.global_matrix(split.train_ids, cfg.extract.global_scales)
         q = self.probe.global_matrix(split.test_ids if queries is None else queries, cfg.extract.global_scales)
-        if cfg.whiten.global_pca:
-            w = whiten.fit_global(db, cfg.whiten.global_pca_dim)
-            db, q = whiten.apply_global(w, db), whiten.apply_global(w, q)
+        if whiten.global_on(cfg):
+            w = self.whitening(cfg, split)
+            db = whiten.apply_global(w, db)
+            # the query transformation moves the test queries only (as the knn stage does)
+            q = whiten.apply_query(w, q) if queries is None else whiten.apply_global(w, q)
         return knn.neighbours(cfg, db, q)
+
+    def whitening(self, cfg, split: Split) -> dict:
+        """The global part of the whiten stage fitted on the split's train images and labels
+        (whiten.fit_global_learned: PCA-whitening or Lw, and the query transformation)."""
+        key = json.dumps([split.name, cache.settings_hash(cfg, "whiten"), list(cfg.extract.global_scales)])
+        if key not in self._whiten:
+            db = self.probe.global_matrix(split.train_ids, cfg.extract.global_scales)
+            self._whiten[key] = whiten.fit_global_learned(cfg, db, split.train_labels)
+        return self._whiten[key]
 
     def calibration(self, cfg, split: Split) -> dict:
         """The calibration model of a split, learned on its train images alone (calibrate.fit_pairs):
