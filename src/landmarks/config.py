@@ -92,7 +92,9 @@ class ExtractConfig:
     )  # more shards than asked when needed: bounds worker memory (0 = no cap)
     # Affine view synthesis (ASIFT/MODS, docs/view_synthesis.md), test images only: local features
     # also from views rotated by each angle and compressed along x by each tilt, mapped back.
-    view_tilts: tuple[float, ...] = ranged((), "[1, 16]", empty=True)  # simulated tilts (2 = 60 degrees off frontal); () = off
+    view_tilts: tuple[float, ...] = ranged(
+        (), "[1, 16]", empty=True
+    )  # simulated tilts (2 = 60 degrees off frontal); () = off
     view_angles: tuple[float, ...] = ranged((0.0, 90.0), "[-180, 180]")  # degrees rotated before each tilt
     view_features: int = ranged(
         0, "[0, 100000]"
