@@ -999,12 +999,57 @@ def _separation_lines(results) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def _paired_lines(results) -> list[str]:
+    """Correct-class pairs of each verified setting against the default's, pair by pair: only for
+    settings with the default's shortlist (same pairs, same order), e.g. other local features."""
+
+    base = results.get(DEFAULT_ROW)
+    if base is None or "good" not in base["splits"][0]:
+        return []
+    g0 = np.concatenate([p["good"] for p in base["splits"]])
+    b0 = np.concatenate([p["bad"] for p in base["splits"]])
+    floor = validate.separation(g0, b0)["floor"]
+    lines = [
+        "",
+        f"## Correct pairs against the default, pair by pair (same shortlist; all splits pooled; "
+        f"the default's random floor = {floor:.0f} inliers)",
+        "",
+        "| setting | correct pairs | inliers mean / median change | correct above floor: default -> setting "
+        "| moved above / fell to the floor | wrong pairs above floor: default -> setting |",
+        "|---|---|---|---|---|---|",
+    ]
+    same_list = json.dumps([p["recall"] for p in base["splits"]])
+    for name, r in results.items():
+        if name == DEFAULT_ROW or "good" not in r["splits"][0]:
+            continue
+        if json.dumps([p["recall"] for p in r["splits"]]) != same_list:
+            continue
+        g = np.concatenate([p["good"] for p in r["splits"]])
+        b = np.concatenate([p["bad"] for p in r["splits"]])
+        if g.shape != g0.shape or b.shape != b0.shape:
+            continue
+        up = int(((g0 <= floor) & (g > floor)).sum())
+        down = int(((g0 > floor) & (g <= floor)).sum())
+        d = g.astype(np.int64) - g0
+        lines.append(
+            f"| {name} | {len(g)} | {d.mean():+.1f} / {np.median(d):+.0f} | {int((g0 > floor).sum())} -> "
+            f"{int((g > floor).sum())} | {up} / {down} | {int((b0 > floor).sum())} -> {int((b > floor).sum())} |"
+        )
+    return lines if len(lines) > 6 else []
+
+
 def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bool = True) -> Path:
     """WORK_DIR/report.md (GAP, per split, recall, separation) and results.json; prints the GAP table."""
     shots = list(cfg.hard.shots)
     gap_lines = _gap_lines(cfg, pool, splits, results, model_dir)
     sep_lines, summary = _separation_lines(results)
-    lines = gap_lines + _rank_lines(splits, results) + _recall_lines(cfg, splits, results) + sep_lines
+    lines = (
+        gap_lines
+        + _rank_lines(splits, results)
+        + _recall_lines(cfg, splits, results)
+        + sep_lines
+        + _paired_lines(results)
+    )
     out = work_dir / "report.md"
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
