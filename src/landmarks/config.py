@@ -56,9 +56,10 @@ class Range:
         return above and below
 
 
-def ranged(default: Any, interval: str) -> Any:
-    """A numeric field, or a tuple of numbers (each item), whose values must lie in `interval`: checked at load."""
-    return field(default=default, metadata={"range": Range.parse(interval)})
+def ranged(default: Any, interval: str, empty: bool = False) -> Any:
+    """A numeric field, or a tuple of numbers (each item), whose values must lie in `interval`: checked at load.
+    A tuple may be empty only when `empty` (an empty list then means "off")."""
+    return field(default=default, metadata={"range": Range.parse(interval), "empty": empty})
 
 
 @dataclass
@@ -89,6 +90,15 @@ class ExtractConfig:
     max_shard_images: int = ranged(
         5000, "[0, inf)"
     )  # more shards than asked when needed: bounds worker memory (0 = no cap)
+    # Affine view synthesis (ASIFT/MODS, docs/view_synthesis.md), test images only: local features
+    # also from views rotated by each angle and compressed along x by each tilt, mapped back.
+    view_tilts: tuple[float, ...] = ranged(
+        (), "[1, 16]", empty=True
+    )  # simulated tilts (2 = 60 degrees off frontal); () = off
+    view_angles: tuple[float, ...] = ranged((0.0, 90.0), "[-180, 180]")  # degrees rotated before each tilt
+    view_features: int = ranged(
+        0, "[0, 100000]"
+    )  # features each view adds to max_feature_num (0: original and views share max_feature_num by score)
 
 
 @dataclass
@@ -493,7 +503,7 @@ def _allowed(typ: Any, meta: Any) -> str:
         item = get_args(typ)[0]
         if get_origin(item) is Literal:
             return "a comma-separated list of " + ", ".join(get_args(item))
-        return f"a comma-separated list of {_NAMES[item]}s{where}"
+        return f"a comma-separated list of {_NAMES[item]}s{where}{' (may be empty)' if meta.get('empty') else ''}"
     if get_origin(typ) is Literal:
         return "one of " + ", ".join(get_args(typ))
     return f"{'an' if typ is int else 'a'} {_NAMES[typ]}{where}"
@@ -576,7 +586,7 @@ def _problem(value: Any, typ: Any, meta: Any) -> str | None:
     if get_origin(typ) is tuple:
         if not isinstance(value, tuple):
             return "is not a tuple"
-        if "range" in meta and not value:
+        if "range" in meta and not value and not meta.get("empty"):
             return "is empty"
         item = get_args(typ)[0]
         return next((p for p in (_problem(v, item, meta) for v in value) if p), None)

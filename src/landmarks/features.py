@@ -58,6 +58,7 @@ from landmarks.store import (
 from landmarks.utils import LandmarksError, cache, call_writing, configure_tensorflow, log
 from landmarks.utils.layout import WorkLayout
 from landmarks.utils.locks import stage_lock
+from landmarks.views import map_back, merge_views, views_of, warp_view
 
 # ExtractConfig fields that change what is stored (jobs/shards/scheduler/prefetch do not): the local
 # path's fields and the global scales (the global path's other fields are among the local ones).
@@ -93,10 +94,12 @@ def features_dir(work_dir: str | Path, split: str) -> Path:
     return WorkLayout(work_dir).features(split)
 
 
-def result_settings(cfg) -> dict:
-    """The extraction settings that change stored features (RESULT_FIELDS), JSON-ready."""
+def result_settings(cfg, split: str = "") -> dict:
+    """The extraction settings that change stored features of `split` (RESULT_FIELDS, and the
+    view synthesis settings on the test split when views are on: ``cache.local_fields``), JSON-ready."""
     e = cfg.extract
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(e, k)) for k in RESULT_FIELDS)}
+    names = dict.fromkeys(RESULT_FIELDS + cache.local_fields(cfg, split))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(e, k)) for k in names)}
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ class RowKeys:
     local_fp: str
 
     @staticmethod
-    def of(cfg, model_dir) -> "RowKeys":
-        return RowKeys(*cache.feature_fingerprints(cfg, model_dir))
+    def of(cfg, model_dir, split: str = "") -> "RowKeys":
+        return RowKeys(*cache.feature_fingerprints(cfg, model_dir, split))
 
     def attrs(self, local: bool) -> dict:
         return {"global_fingerprint": self.global_fp, "local_fingerprint": self.local_fp if local else ""}
@@ -202,13 +205,35 @@ def describe_image(model, image: np.ndarray, scales, cap: int, abs_thres: float,
 
 
 def run_model(model, image: np.ndarray, settings: dict, local: bool):
-    """One image through the DELG model -> (global unit vector, LocalFeatures at the local scales)."""
+    """One image through the DELG model -> (global unit vector, LocalFeatures at the local scales;
+    with synthetic views (settings ``view_tilts``, test split) their features merged in)."""
 
     scales, rows, cap = model_call(settings, local)
     per_scale, lf = describe_image(model, image, scales, cap, settings["abs_thres"], rows)
     if local and cap == ALL_FEATURES:
         lf = select_local(lf, settings["local_scales"], int(settings["max_feature_num"]))
+    if local and settings.get("view_tilts"):
+        lf = add_views(model, image, lf, settings)
     return pool_global(per_scale), lf
+
+
+def view_budget(settings: dict) -> int:
+    """Features taken from each synthetic view: view_features, or max_feature_num when they share it."""
+    return int(settings.get("view_features") or 0) or int(settings["max_feature_num"])
+
+
+def add_views(model, image: np.ndarray, lf, settings: dict):
+    """`lf` (the image's own local features) merged with those of its synthetic views
+    (``views``: ASIFT tilts): each view goes through the same model call at the local scales,
+    its keypoints are mapped back to `image` pixels, and ``views.merge_views`` keeps the best."""
+    extra = []
+    for view in views_of(settings["view_tilts"], settings["view_angles"]):
+        warped, a = warp_view(image, view)
+        _, vlf = describe_image(
+            model, warped, settings["local_scales"], view_budget(settings), settings["abs_thres"], [0]
+        )
+        extra.append(map_back(vlf, a, warped.shape))
+    return merge_views(lf, extra, int(settings["max_feature_num"]), int(settings.get("view_features") or 0))
 
 
 def extract_shard(task: ShardTask) -> dict:
@@ -391,7 +416,7 @@ def plan(
     other rows, and a changed shard keeps the rows of its old file whose file key is unchanged,
     so appending or removing rows only sends the new images through the model.  Every row is
     stored with its file key (``cache.file_keys``)."""
-    settings = result_settings(cfg)
+    settings = result_settings(cfg, split)
     all_paths, todo = [], []
     keys_all = cache.file_keys(ids, paths, cfg.extract.file_key)
     if by_hash:
@@ -529,7 +554,7 @@ def _run_features(
     out_dir = features_dir(Path(work_dir).resolve(), split)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = sticky_shards(out_dir, n_shards, cap_shards(cfg, n_shards, len(df)), len(df), cfg)
-    row_keys = RowKeys.of(cfg, model_dir)
+    row_keys = RowKeys.of(cfg, model_dir, split)
     keep = {shard_name(i, n_shards) for i in range(n_shards)}
     clean_dir(out_dir, keep, row_keys)
     ids, paths = df["id"].tolist(), df["path"].tolist()

@@ -74,7 +74,7 @@ def ensure_local(
         row_keys = None
         if model_dir is not None and (Path(model_dir) / "saved_model.pb").exists():
             model_dir = check_model(model_dir)
-            row_keys = RowKeys.of(cfg, model_dir)
+            row_keys = RowKeys.of(cfg, model_dir, split)
             clean_dir(out_dir, {p.name for p in out_dir.glob(SHARD_GLOB)}, row_keys)  # caches of another model
         store = FeatureStore(out_dir, index=load_index(out_dir, local_only=True))  # 1.58 M global ids unread
         need = [i for i in wanted if not store.has_local(i)]
@@ -94,7 +94,7 @@ def ensure_local(
         if model_dir is None:
             raise LandmarksError(f"{len(need)} {split} image(s) need local features and no model was given (--model)")
         model_dir = check_model(model_dir)
-        row_keys = RowKeys.of(cfg, model_dir)
+        row_keys = RowKeys.of(cfg, model_dir, split)
         _extract_local(cfg, model_dir, split, need, [path_of[i] for i in need], out_dir, row_keys, jobs, scheduler)
     return FeatureStore(out_dir, index=load_index(out_dir, local_only=local_only))
 

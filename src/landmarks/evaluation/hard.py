@@ -49,10 +49,12 @@ from landmarks.predict import NO_LABEL, calibrated_vote, gate_inliers, vote
 from landmarks.store import ProbeRecord, probe_ids, read_probe, write_probe
 from landmarks.utils import LandmarksError, atomic_path, available_cores, cache, file_digest
 from landmarks.verify import EVIDENCE, pca_local, verify_evidence
+from landmarks.views import View, map_back, merge_views, view_affine, views_of, warp_view
 
 log = logging.getLogger(__name__)
 
 PROBE_VERSION = 1
+VIEWS_VERSION = "views-1"  # bump when views.warp_view changes: probed views are then redone
 
 # Named settings scored by the protocol: config overrides on top of the effective config.
 # "old defaults" restores the defaults before the hard protocol existed; the levers are each
@@ -163,7 +165,23 @@ VARIANTS: dict[str, list[str]] = {
     "calibrated, ridge l2=10": ["vote.method=calibrated", "calibrate.l2=10"],
     "calibrated, no warps": ["vote.method=calibrated", "calibrate.warps=0"],
     "a-contrario gate: inliers count when NFA <= 1": ["vote.significance_gate=0"],
+    # affine view synthesis of the test images (docs/view_synthesis.md)
+    "views: tilt 2 at 0 deg (shared 1000)": ["extract.view_tilts=2", "extract.view_angles=0"],
+    "views: tilt 2 at 0 deg, +1000 per view": [
+        "extract.view_tilts=2",
+        "extract.view_angles=0",
+        "extract.view_features=1000",
+    ],
+    "views: tilt 2 at 0, 90 deg (shared 1000)": ["extract.view_tilts=2", "extract.view_angles=0,90"],
+    "views: tilt 2 at 0, 90 deg, +500 per view": [
+        "extract.view_tilts=2",
+        "extract.view_angles=0,90",
+        "extract.view_features=500",
+    ],
 }
+# Pool roles that can be test images of a scored split: the only ones whose synthetic views are
+# probed (the guards' test images, extra-train and demo photos, keep their own features alone).
+VIEW_ROLES = ("landmark", "distractor", "nonlandmark")
 DEFAULT_ROW = "current config (default)"
 SHORTLIST = 20  # per-landmark table: is the right landmark among the first SHORTLIST global neighbours
 QUERY_NEIGHBOURS = 10  # global neighbours kept per test image in a split's results (for show --hard-split)
@@ -228,22 +246,34 @@ def demo_rows(hc) -> pd.DataFrame:
 
 # -- probe extraction -------------------------------------------------------------------------------
 def _probe_batch(
-    model_dir: str, threads: int, ids: list[str], files: list[str], settings: dict, out: str, warp: int | None = None
+    model_dir: str,
+    threads: int,
+    ids: list[str],
+    files: list[str],
+    settings: dict,
+    out: str,
+    warp: int | None = None,
+    view: tuple[View, tuple[float, ...]] | None = None,
 ) -> str:
     """Worker: every image through the features core at every probe scale -> one probe file (store).
 
     `warp` (a seed): probe a known warp of each image instead (calibrate.warp_image), stored
-    under warp_id(id, warp): the calibration's positives where a split has no same-label pairs."""
+    under warp_id(id, warp): the calibration's positives where a split has no same-label pairs.
+    `view` (a synthetic view and its scales): probe that view of each image at those scales
+    (views.warp_view), stored in view pixels under view_id(id, view, scales)."""
 
     model = get_model(model_dir, threads)
-    scales = [float(s) for s in settings["probe_scales"]]
+    scales = [float(s) for s in (settings["probe_scales"] if view is None else view[1])]
     records = {}
     for image_id, path in zip(ids, files):
         key = image_id if warp is None else warp_id(image_id, warp)
+        key = key if view is None else view_id(image_id, *view)
         try:
             image, scale = read_image(path, settings)
             if warp is not None:
                 image = warp_image(image, np.random.default_rng(warp_seed(image_id, warp)))
+            if view is not None:
+                image, _ = warp_view(image, view[0])
             per_scale, lf = describe_image(
                 model, image, scales, ALL_FEATURES, settings["abs_thres"], list(range(len(scales)))
             )
@@ -258,6 +288,18 @@ def _probe_batch(
 def warp_id(image_id: str, seed: int) -> str:
     """Probe key of the known warp `seed` of an image."""
     return f"{image_id}~warp{int(seed)}"
+
+
+def view_id(image_id: str, view: View, scales) -> str:
+    """Probe key of a synthetic view of an image, probed at `scales`."""
+    return f"{image_id}~{view.key}~{cache.digest(VIEWS_VERSION, *(f'{float(s):.4f}' for s in scales))[:6]}"
+
+
+def probe_views(cfg) -> list[tuple[View, tuple[float, ...]]]:
+    """The (view, local scales) pairs a setting's test images need probed (none when views are off)."""
+    e = cfg.extract
+    scales = tuple(float(s) for s in e.local_scales)
+    return [(v, scales) for v in views_of(e.view_tilts, e.view_angles)]
 
 
 def probe_settings(cfg) -> dict:
@@ -278,10 +320,13 @@ def probe_fingerprint(cfg, model_dir) -> str:
     return cache.digest(*cache.model_fingerprints(model_dir), json.dumps(probe_settings(cfg), sort_keys=True))[:12]
 
 
-def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir, warp: int | None = None) -> list[Path]:
+def extract_probe(
+    cfg, pool: pd.DataFrame, model_dir, work_dir, warp: int | None = None, view: tuple | None = None
+) -> list[Path]:
     """Probe the pool images that no stored probe file holds yet (skip by id, as a rerun or a larger
     pool needs); returns every probe file of this model and these settings.  `warp`: probe the
-    known warp of that seed of each pool image instead (ids warp_id(id, warp))."""
+    known warp of that seed of each pool image instead (ids warp_id(id, warp)); `view`: probe that
+    (synthetic view, scales) of each pool image instead (ids view_id(id, *view))."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
@@ -292,6 +337,7 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir, warp: int | None
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {i for p in out_dir.glob(f"probe-{fp}-*.h5") for i in probe_ids(p)}
     keys = pool["id"] if warp is None else pool["id"].map(lambda i: warp_id(i, warp))
+    keys = keys if view is None else pool["id"].map(lambda i: view_id(i, *view))
     todo_rows = pool[~keys.isin(done)]
     size = max(1, int(cfg.hard.probe_batch))
     todo = [todo_rows.iloc[a : a + size] for a in range(0, len(todo_rows), size)]
@@ -299,10 +345,11 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir, warp: int | None
         jobs = max(1, min(int(cfg.extract.jobs), len(todo)))
         threads = max(1, available_cores() // jobs)
         log.info(
-            "hard: probing %d of %d pool images at scales %s (%d jobs)",
+            "hard: probing %d of %d pool images%s at scales %s (%d jobs)",
             len(todo_rows),
             len(pool),
-            settings["probe_scales"],
+            "" if view is None else f" (view {view[0].key})",
+            settings["probe_scales"] if view is None else list(view[1]),
             jobs,
         )
         tasks = (
@@ -312,8 +359,9 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir, warp: int | None
                 list(b["id"]),
                 list(b["file"]),
                 settings,
-                str(out_dir / f"probe-{fp}-{'' if warp is None else f'warp{warp}-'}{cache.digest(*b['id'])}.h5"),
+                str(out_dir / f"probe-{fp}-{_probe_tag(warp, view)}{cache.digest(*b['id'])}.h5"),
                 warp,
+                view,
             )
             for b in todo
         )
@@ -321,6 +369,12 @@ def extract_probe(cfg, pool: pd.DataFrame, model_dir, work_dir, warp: int | None
             for _ in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
                 bar.update(1)
     return sorted(out_dir.glob(f"probe-{fp}-*.h5"))
+
+
+def _probe_tag(warp: int | None, view: tuple | None) -> str:
+    if view is not None:
+        return f"{view_id('', *view)[1:].replace('~', '-')}-"
+    return "" if warp is None else f"warp{warp}-"
 
 
 @dataclass
@@ -362,12 +416,29 @@ class Probe:
         rows = self._rows(scales)
         return np.stack([pool_global(self.globals_[i][rows]) for i in ids]).astype(np.float32)
 
-    def local(self, image_id: str, scales, cap: int):
-        """Local features at `scales` with `cap`, as the features stage stores them."""
+    def local(self, image_id: str, scales, cap: int, extract=None):
+        """Local features at `scales` with `cap`, as the features stage stores them; with the
+        synthetic views of `extract` (an ExtractConfig whose view_tilts are set) merged in as
+        ``features.add_views`` merges them, when the probe holds every view of this image."""
 
         self._rows(scales)
         lf, shape, scale = self.raw_local[image_id]
-        return inside_image(select_local(lf, scales, cap), shape, scale)
+        lf = select_local(lf, scales, cap)
+        views = views_of(extract.view_tilts, extract.view_angles) if extract is not None else []
+        extra = []
+        for v in views:
+            rec = self.raw_local.get(view_id(image_id, v, scales))
+            if rec is None:  # not probed (an image no scored split tests): its own features alone
+                return inside_image(lf, shape, scale)
+            vlf, vshape, _ = rec
+            a, expect = view_affine(shape, v)
+            if tuple(vshape) != tuple(expect):
+                raise LandmarksError(f"hard: view {v.key} of {image_id} has shape {vshape}, expected {expect}")
+            budget = int(extract.view_features) or int(cap)
+            extra.append(map_back(select_local(vlf, scales, budget), a, vshape))
+        if extra:
+            lf = merge_views(lf, extra, cap, int(extract.view_features))
+        return inside_image(lf, shape, scale)
 
 
 # -- splits -----------------------------------------------------------------------------------------
@@ -469,9 +540,13 @@ def guard_splits(cfg, pool: pd.DataFrame, usable: set[str]) -> list[Split]:
 
 
 # -- scoring ----------------------------------------------------------------------------------------
-def _local_key(cfg) -> str:
+def _local_key(cfg, views: bool = False) -> str:
+    """What a local-feature selection depends on; `views`: the query side, with synthetic views."""
     e = cfg.extract
-    return json.dumps([list(e.local_scales), e.max_feature_num, cfg.whiten.local_pca, cfg.whiten.local_pca_dim])
+    key = [list(e.local_scales), e.max_feature_num, cfg.whiten.local_pca, cfg.whiten.local_pca_dim]
+    if views and e.view_tilts:
+        key.append([list(e.view_tilts), list(e.view_angles), e.view_features])
+    return json.dumps(key)
 
 
 class Scorer:
@@ -486,12 +561,14 @@ class Scorer:
         self._whiten: dict = {}
         self.verify_seconds = 0.0
 
-    def _lf(self, cfg, image_id: str, w_local=None, tag: str = ""):
-        """Local features of one image under cfg (PCA-projected with w_local, fitted on split `tag`)."""
-        key = (_local_key(cfg), tag if w_local is not None else "", image_id)
+    def _lf(self, cfg, image_id: str, w_local=None, tag: str = "", views: bool = False):
+        """Local features of one image under cfg (PCA-projected with w_local, fitted on split `tag`);
+        `views`: as a test image (with the synthetic views of extract.view_tilts when set)."""
+        key = (_local_key(cfg, views), tag if w_local is not None else "", image_id)
         lf = self._local.get(key)
         if lf is None:
-            lf = self.probe.local(image_id, cfg.extract.local_scales, int(cfg.extract.max_feature_num))
+            e = cfg.extract
+            lf = self.probe.local(image_id, e.local_scales, int(e.max_feature_num), e if views else None)
             if w_local is not None:
                 lf = pca_local(lf, w_local)
             self._local[key] = lf
@@ -587,30 +664,35 @@ class Scorer:
         self._calib[key] = model
         return model
 
-    def _vkey(self, cfg, split: Split):
-        """(pair-cache key of the verify settings, local PCA fitted on the split's train or None)."""
+    def _vkey(self, cfg, split: Split, views: bool = False):
+        """(pair-cache key of the verify settings, local PCA fitted on the split's train or None);
+        `views`: the queries are test images (with synthetic views when on)."""
 
         w_local = None
         if cfg.whiten.local_pca:
             desc = np.concatenate([self._lf(cfg, i).descriptors for i in split.train_ids])
             w_local = whiten.fit_local(desc, cfg.whiten.local_pca_dim)
         vkey = json.dumps(
-            [_local_key(cfg), split.name if w_local is not None else "", cache.settings_hash(cfg, "verify")]
+            [_local_key(cfg, views), split.name if w_local is not None else "", cache.settings_hash(cfg, "verify")]
         )
         return vkey, w_local
 
-    def pair_evidence(self, cfg, split: Split, queries: list[str], cands: list[list[str]]) -> np.ndarray:
+    def pair_evidence(
+        self, cfg, split: Split, queries: list[str], cands: list[list[str]], test: bool = False
+    ) -> np.ndarray:
         """verify.EVIDENCE of each (query, candidate) pair [q, R, 4]; pairs are verified once per run
-        (and across runs through the pair cache file)."""
+        (and across runs through the pair cache file).  `test`: the queries are test images (their
+        local features include the synthetic views when extract.view_tilts is set; train images'
+        never do, as in the pipeline)."""
 
-        vkey, w_local = self._vkey(cfg, split)
+        vkey, w_local = self._vkey(cfg, split, test)
         R = max((len(c) for c in cands), default=0)
         ev = np.zeros((len(queries), R, len(EVIDENCE)), np.float64)
         t0 = time.time()
         for r, (qid, cand) in enumerate(zip(queries, cands)):
             todo = [c for c in cand if (vkey, qid, c) not in self._pairs]
             if todo:
-                q = self._lf(cfg, qid, w_local, split.name)
+                q = self._lf(cfg, qid, w_local, split.name, views=test)
                 lfs = [self._lf(cfg, c, w_local, split.name) for c in todo]
                 for c, e in zip(todo, verify_evidence(cfg.verify, q, lfs)):
                     self._pairs[(vkey, qid, c)] = e
@@ -623,7 +705,7 @@ class Scorer:
     def _evidence(self, cfg, split: Split, idx: np.ndarray) -> np.ndarray:
         R = min(int(cfg.verify.num_to_rerank), idx.shape[1])
         cands = [[split.train_ids[j] for j in idx[r, :R] if j >= 0] for r in range(len(split.test_ids))]
-        ev = self.pair_evidence(cfg, split, split.test_ids, cands)
+        ev = self.pair_evidence(cfg, split, split.test_ids, cands, test=True)
         if ev.shape[1] < R:
             ev = np.concatenate([ev, np.zeros((ev.shape[0], R - ev.shape[1], ev.shape[2]))], axis=1)
         return ev
@@ -834,6 +916,10 @@ def setup(cfg, configs, model_dir, tool_dir) -> Setup:
     if len(warp_pool):
         paths = extract_probe(cfg, warp_pool, model_dir, tool_dir, warp=int(cfg.calibrate.seed))
         wanted |= {warp_id(i, int(cfg.calibrate.seed)) for i in warp_pool["id"]}
+    view_rows = pool[pool["role"].isin(VIEW_ROLES)]
+    for view in dict.fromkeys(v for _, c in configs if c.verify.enabled for v in probe_views(c)):
+        paths = extract_probe(cfg, view_rows, model_dir, tool_dir, view=view)
+        wanted |= {view_id(i, *view) for i in view_rows["id"]}
     probe = Probe.load(paths, cfg.hard.probe_scales, wanted)
     if probe.failures:
         log.warning(
@@ -1107,6 +1193,44 @@ def _landmark_lines(pool, splits, results) -> tuple[list[str], dict]:
                 lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return lines, tables
 
+def _paired_lines(results) -> list[str]:
+    """Correct-class pairs of each verified setting against the default's, pair by pair: only for
+    settings with the default's shortlist (same pairs, same order), e.g. other local features."""
+
+    base = results.get(DEFAULT_ROW)
+    if base is None or "good" not in base["splits"][0]:
+        return []
+    g0 = np.concatenate([p["good"] for p in base["splits"]])
+    b0 = np.concatenate([p["bad"] for p in base["splits"]])
+    floor = validate.separation(g0, b0)["floor"]
+    lines = [
+        "",
+        f"## Correct pairs against the default, pair by pair (same shortlist; all splits pooled; "
+        f"the default's random floor = {floor:.0f} inliers)",
+        "",
+        "| setting | correct pairs | inliers mean / median change | correct above floor: default -> setting "
+        "| moved above / fell to the floor | wrong pairs above floor: default -> setting |",
+        "|---|---|---|---|---|---|",
+    ]
+    same_list = json.dumps([p["recall"] for p in base["splits"]])
+    for name, r in results.items():
+        if name == DEFAULT_ROW or "good" not in r["splits"][0]:
+            continue
+        if json.dumps([p["recall"] for p in r["splits"]]) != same_list:
+            continue
+        g = np.concatenate([p["good"] for p in r["splits"]])
+        b = np.concatenate([p["bad"] for p in r["splits"]])
+        if g.shape != g0.shape or b.shape != b0.shape:
+            continue
+        up = int(((g0 <= floor) & (g > floor)).sum())
+        down = int(((g0 > floor) & (g <= floor)).sum())
+        d = g.astype(np.int64) - g0
+        lines.append(
+            f"| {name} | {len(g)} | {d.mean():+.1f} / {np.median(d):+.0f} | {int((g0 > floor).sum())} -> "
+            f"{int((g > floor).sum())} | {up} / {down} | {int((b0 > floor).sum())} -> {int((b > floor).sum())} |"
+        )
+    return lines if len(lines) > 6 else []
+
 
 def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bool = True) -> Path:
     """WORK_DIR/report.md (GAP, per split, recall, separation) and results.json; prints the GAP table."""
@@ -1115,6 +1239,14 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bo
     sep_lines, summary = _separation_lines(results)
     lm_lines, lm_tables = _landmark_lines(pool, splits, results)
     lines = gap_lines + _rank_lines(splits, results) + _recall_lines(cfg, splits, results) + sep_lines + lm_lines
+
+    lines = (
+        gap_lines
+        + _rank_lines(splits, results)
+        + _recall_lines(cfg, splits, results)
+        + sep_lines
+        + _paired_lines(results)
+    )
     out = work_dir / "report.md"
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -75,6 +75,10 @@ LOCAL_FIELDS = (
     "min_image_size",
     "local_dtype",
 )
+# Affine view synthesis (docs/view_synthesis.md): test images only, so these enter the local
+# fingerprint of the test split alone, and only when views are on (off keeps today's fingerprints).
+VIEW_FIELDS = ("view_tilts", "view_angles", "view_features")
+VIEW_SPLITS = ("test",)
 HASH_LEN = 10  # hex digits of the settings hash in output names
 MODEL_META = "landmarks_model.json"  # our exports' settings and fingerprints, beside saved_model.pb
 
@@ -201,13 +205,20 @@ def model_fingerprints(model_dir: str | Path) -> tuple[str, str]:
     return whole, whole
 
 
-def feature_fingerprints(cfg, model_dir: str | Path) -> tuple[str, str]:
-    """(global, local) fingerprints of stored feature rows: the model path's fingerprint and the
-    extraction settings that path uses (``GLOBAL_FIELDS``, ``LOCAL_FIELDS``)."""
+def local_fields(cfg, split: str = "") -> tuple[str, ...]:
+    """The extraction settings a split's local features depend on: ``LOCAL_FIELDS``, plus
+    ``VIEW_FIELDS`` for the test split when synthetic views are on (``extract.view_tilts``)."""
+    views = split in VIEW_SPLITS and bool(cfg.extract.view_tilts)
+    return LOCAL_FIELDS + (VIEW_FIELDS if views else ())
+
+
+def feature_fingerprints(cfg, model_dir: str | Path, split: str = "") -> tuple[str, str]:
+    """(global, local) fingerprints of stored feature rows of `split`: the model path's fingerprint
+    and the extraction settings that path uses (``GLOBAL_FIELDS``, ``local_fields``)."""
     g_model, l_model = model_fingerprints(model_dir)
     e = cfg.extract
     g_set = json.dumps({k: _plain(getattr(e, k)) for k in GLOBAL_FIELDS}, sort_keys=True)
-    l_set = json.dumps({k: _plain(getattr(e, k)) for k in LOCAL_FIELDS}, sort_keys=True)
+    l_set = json.dumps({k: _plain(getattr(e, k)) for k in local_fields(cfg, split)}, sort_keys=True)
     v = f"features-v{FORMATS['features']}"
     return digest(v, "global", g_model, g_set), digest(v, "local", l_model, l_set)
 
