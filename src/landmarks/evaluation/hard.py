@@ -35,6 +35,7 @@ from landmarks.datasets import data
 from landmarks.datasets.dataset_import import plan_split, read_labels, sample_distractors
 from landmarks.datasets.images import describe_failure
 from landmarks.delg.delg_io import pool_global
+from landmarks.delg.featuremaps import maps_fingerprint
 from landmarks.evaluation import metrics, validate
 from landmarks.features import (
     ALL_FEATURES,
@@ -45,8 +46,9 @@ from landmarks.features import (
     read_image,
     select_local,
 )
+from landmarks.local_features import maps_batch
 from landmarks.predict import NO_LABEL, calibrated_vote, gate_inliers, vote
-from landmarks.store import ProbeRecord, probe_ids, read_probe, write_probe
+from landmarks.store import FeatureMaps, ProbeRecord, maps_keys, probe_ids, read_maps, read_probe, write_probe
 from landmarks.utils import LandmarksError, atomic_path, available_cores, cache, file_digest
 from landmarks.verify import EVIDENCE, pca_local, verify_evidence
 
@@ -135,6 +137,10 @@ VARIANTS: dict[str, list[str]] = {
     "calibrated, ridge l2=10": ["vote.method=calibrated", "calibrate.l2=10"],
     "calibrated, no warps": ["vote.method=calibrated", "calibrate.warps=0"],
     "a-contrario gate: inliers count when NFA <= 1": ["vote.significance_gate=0"],
+    # Neural Best-Buddies on ImageNet Lite0 feature maps (docs/nbb.md); 8 px: the finest cells are 8 px
+    # at 384 px, about 20 px in a 1024 px photo, so a 4 px reprojection bound cuts true matches
+    "NBB matcher": ["verify.matcher=nbb", "verify.reproj_threshold=8"],
+    "NBB matcher, threshold 4 px": ["verify.matcher=nbb"],
 }
 DEFAULT_ROW = "current config (default)"
 
@@ -454,6 +460,7 @@ class Scorer:
         self._new_pairs = 0
         self._calib: dict = {}
         self.verify_seconds = 0.0
+        self.maps: dict = {}  # maps fingerprint -> id -> FeatureMaps (verify.matcher=nbb)
 
     def _lf(self, cfg, image_id: str, w_local=None, tag: str = ""):
         """Local features of one image under cfg (PCA-projected with w_local, fitted on split `tag`)."""
@@ -567,7 +574,10 @@ class Scorer:
         t0 = time.time()
         for r, (qid, cand) in enumerate(zip(queries, cands)):
             todo = [c for c in cand if (vkey, qid, c) not in self._pairs]
-            if todo:
+            if todo and cfg.verify.matcher == "nbb":
+                maps = self.maps[maps_fingerprint(cfg.verify)]
+                q, lfs = maps.get(qid), [maps.get(c) for c in todo]
+            elif todo:
                 q = self._lf(cfg, qid, w_local, split.name)
                 lfs = [self._lf(cfg, c, w_local, split.name) for c in todo]
                 for c, e in zip(todo, verify_evidence(cfg.verify, q, lfs)):
@@ -694,6 +704,9 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
     splits = make_splits(cfg, pool, set(probe.globals_))
     guards = guard_splits(cfg, pool, set(probe.globals_))
     scorer = Scorer(probe)
+    for name, c in configs:  # NBB settings: the maps of the pool, once per maps setting
+        if c.verify.enabled and c.verify.matcher == "nbb" and maps_fingerprint(c.verify) not in scorer.maps:
+            scorer.maps[maps_fingerprint(c.verify)] = extract_maps_probe(c.verify, pool, work_dir)
     pair_cache = work_dir / f"pairs-{probe_fingerprint(cfg, model_dir)}.pkl"
     scorer.load_pairs(pair_cache)
     results = {}
@@ -721,6 +734,28 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
         if len(results) < len(configs):  # a partial report survives a later failure
             write_report(cfg, work_dir, pool, splits, results, model_dir, echo=False)
     return write_report(cfg, work_dir, pool, splits, results, model_dir)
+
+
+def extract_maps_probe(vcfg, pool: pd.DataFrame, work_dir) -> dict:
+    """NBB feature maps of the pool (``local_features.maps_batch``), cached in WORK_DIR/probe-nbb/ as
+    nbb-maps-<maps fingerprint>-<digest>.h5 (resumed by id, like the probe); id -> FeatureMaps."""
+    fp = maps_fingerprint(vcfg)
+    out_dir = Path(work_dir) / "probe-nbb"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    for p in out_dir.glob(f"nbb-maps-{fp}-*.h5"):
+        done |= set(maps_keys(p))
+    todo = pool[~pool["id"].isin(done)]
+    if len(todo):
+        log.info("hard: NBB maps of %d of %d pool images (%s)", len(todo), len(pool), ", ".join(vcfg.nbb_layers))
+        from tqdm import tqdm
+
+        size = 64
+        for a in tqdm(range(0, len(todo), size), desc="hard: NBB maps", unit="batch", disable=None):
+            b = todo.iloc[a : a + size]
+            maps_batch(vcfg, list(b["id"]), list(b["file"]), out_dir / f"nbb-maps-{fp}-{cache.digest(*b['id'])}.h5")
+    maps = read_maps(sorted(out_dir.glob(f"nbb-maps-{fp}-*.h5")), set(pool["id"]))
+    return {k: v for k, v in maps.items() if isinstance(v, FeatureMaps)}
 
 
 def warp_candidates(cfg, configs, pool: pd.DataFrame, usable: set[str]) -> pd.DataFrame:
