@@ -120,3 +120,75 @@ def test_nbb_on_lite0_maps_of_a_shifted_photo():
     assert len(xy_a) >= 50 and np.median(err) <= 8.0
     ev = verify.verify_evidence(vc, a, [b, c])
     assert ev[0, 0] >= 50 and ev[0, 0] >= 4 * ev[1, 0]
+
+
+def test_run_verify_stage_with_nbb(tmp_path, planted_pair):
+    """The verify stage with verify.matcher=nbb reads the maps files beside the shards (named by the
+    maps fingerprint): the true pairs get many inliers, the others few; no maps -> the stage to run."""
+    from landmarks.config import Config
+    from landmarks.delg.featuremaps import maps_fingerprint
+    from landmarks.store import load_npz, write_shard
+    from test_verify import run_knn_verify
+
+    rng = np.random.default_rng(5)
+    mix = [rng.normal(size=(16, 24)) / 4, rng.normal(size=(24, 32)) / 5]
+    scenes = [rng.normal(size=(72, 80, 16)).astype(np.float32) for _ in range(3)]
+    train = {f"tr{i}": _pyramid(s[0:64, 0:64], mix) for i, s in enumerate(scenes)}
+    test = {f"te{i}": _pyramid(s[8:72, 16:80], mix) for i, s in enumerate(scenes[:2])}
+    g = rng.normal(size=(3, 8))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    lf = [planted_pair(rng, n=30, shared=5)[0] for _ in range(5)]
+    write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", list(train), g.astype(np.float32), lf[:3])
+    write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", list(test), g[:2].astype(np.float32), lf[3:])
+    cfg = Config()
+    cfg.knn.k = 3
+    cfg.verify.num_to_rerank = 3
+    cfg.verify.jobs = 1
+    cfg.verify.matcher = "nbb"
+    cfg.verify.nbb_min_activation = 0.0
+    cfg.verify.reproj_threshold = 1.0
+    with pytest.raises(LandmarksError, match="no NBB feature maps.*local-features"):
+        run_knn_verify(cfg, tmp_path)
+    fp = maps_fingerprint(cfg.verify)
+    write_maps(tmp_path / f"features/train/nbb-maps-{fp}-a.h5", train)
+    write_maps(tmp_path / f"features/test/nbb-maps-{fp}-a.h5", test)
+    out = load_npz(run_knn_verify(cfg, tmp_path))
+    knn_out = np.load(next((tmp_path).glob("knn-*.npz")))
+    for r, tid in enumerate(out["test_ids"]):
+        cands = [str(knn_out["train_ids"][j]) for j in knn_out["idx"][r, :3]]
+        for c, n in zip(cands, out["inliers"][r]):
+            assert (n >= 1000) == (c == tid.replace("te", "tr")), (tid, cands, out["inliers"][r])
+
+
+def test_ensure_maps_extracts_once_and_redoes_a_replaced_image(tmp_path):
+    """local-features' maps step: maps files beside the shards, resumed by file key."""
+    pytest.importorskip("skimage")
+    from PIL import Image
+    from skimage import data as skdata
+
+    from landmarks.config import Config
+    from landmarks.local_features import ensure_maps
+    from landmarks.utils import cache
+
+    cfg = Config()
+    cfg.verify.matcher = "nbb"
+    cfg.verify.nbb_image_size = 128
+    paths = []
+    for name, img in (("a", skdata.astronaut()), ("b", skdata.coffee())):
+        p = tmp_path / f"{name}.jpg"
+        Image.fromarray(img).save(p)
+        paths.append(str(p))
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    ids, paths = ["a", "b", "bad"], paths + [str(tmp_path / "bad.jpg")]
+    out = tmp_path / "features"
+    out.mkdir()
+    files = ensure_maps(cfg, out, ids, paths, cache.file_keys(ids, paths))
+    got = read_maps(files, set(ids))
+    assert isinstance(got["bad"], str) and got["a"].maps[0].shape[:2] == (4, 4)  # 128 px / stride 32
+    assert np.allclose(got["b"].shape, (400, 600), atol=3)  # the original size, from the resize factor
+    again = ensure_maps(cfg, out, ids, paths, cache.file_keys(ids, paths))
+    assert again == files  # nothing redone
+    Image.fromarray(skdata.chelsea()).save(paths[0])  # a replaced image: its row is redone
+    files2 = ensure_maps(cfg, out, ids, paths, cache.file_keys(ids, paths))
+    assert len(files2) == 2 and set(files) < set(files2)
+    assert np.allclose(read_maps(files2, {"a"})["a"].shape, (300, 451), atol=3)

@@ -34,7 +34,7 @@ from landmarks.features import (
     summary,
 )
 from landmarks.shards import resolve_jobs, run_tasks
-from landmarks.store import SHARD_GLOB, FeatureStore, load_index, maps_keys, write_maps
+from landmarks.store import SHARD_GLOB, FeatureStore, drop_maps, load_index, maps_keys, write_maps
 from landmarks.utils import LandmarksError, cache, log
 from landmarks.utils.locks import stage_lock
 
@@ -156,9 +156,14 @@ def ensure_maps(cfg, directory: str | Path, ids: list[str], paths: list[str], ke
     none) are extracted in files of MAPS_BATCH images; returns every maps file of these settings."""
     vc, e = cfg.verify, cfg.extract
     directory = Path(directory)
+    key_of = dict(zip(ids, keys))
     have: dict[str, str] = {}
     for p in maps_files(vc, directory):
-        have.update(maps_keys(p))
+        old = maps_keys(p)
+        stale = {i for i, k in old.items() if i in key_of and key_of[i] != k}
+        if stale:  # a replaced image: its old record goes, the new one is extracted below
+            drop_maps(p, stale)
+        have.update({i: k for i, k in old.items() if i not in stale})
     todo = [k for k, (i, key) in enumerate(zip(ids, keys)) if have.get(i) != key]
     if todo:
         t0 = time.time()

@@ -119,9 +119,21 @@ def maps_keys(path: str | Path) -> dict[str, str]:
         return {}
 
 
+def drop_maps(path: str | Path, ids: set[str]) -> None:
+    """Rewrite a maps file without the records of `ids` (atomically; removed when none is left)."""
+    keys = maps_keys(path)
+    keep = set(keys) - set(ids)
+    if len(keep) == len(keys):
+        return
+    if not keep:
+        Path(path).unlink(missing_ok=True)
+        return
+    write_maps(path, read_maps([path], keep), {i: keys[i] for i in keep})
+
+
 def read_maps(paths: Iterable[str | Path], wanted: set[str]) -> dict:
     """id -> FeatureMaps (float16 maps) or failure reason (str) of the `wanted` ids in the files
-    (a later file's record of an id replaces an earlier one's)."""
+    (an id has one record: ``drop_maps`` removes a replaced image's old one)."""
     import h5py
 
     out: dict = {}
