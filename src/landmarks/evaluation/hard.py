@@ -450,6 +450,9 @@ def _local_key(cfg) -> str:
     return json.dumps([list(e.local_scales), e.max_feature_num, cfg.whiten.local_pca, cfg.whiten.local_pca_dim])
 
 
+PAIRS_SAVE_EVERY = 5000  # newly verified pairs between saves of the pair cache
+
+
 class Scorer:
     """Scores settings on splits with the stage functions; caches local features and pair inliers."""
 
@@ -458,6 +461,7 @@ class Scorer:
         self._local: dict = {}
         self._pairs: dict = {}
         self._new_pairs = 0
+        self._pairs_path: Path | None = None  # the pair cache file (load_pairs): saved as it grows
         self._calib: dict = {}
         self.verify_seconds = 0.0
         self.maps: dict = {}  # maps fingerprint -> id -> FeatureMaps (verify.matcher=nbb)
@@ -583,6 +587,8 @@ class Scorer:
                 for c, e in zip(todo, verify_evidence(cfg.verify, q, lfs)):
                     self._pairs[(vkey, qid, c)] = e
                     self._new_pairs += 1
+                if self._pairs_path is not None and self._new_pairs >= PAIRS_SAVE_EVERY:
+                    self.save_pairs(self._pairs_path)  # a slow setting killed midway keeps its pairs
             if cand:
                 ev[r, : len(cand)] = [self._pairs[(vkey, qid, c)] for c in cand]
         self.verify_seconds += time.time() - t0
@@ -599,6 +605,7 @@ class Scorer:
     def load_pairs(self, path: Path) -> None:
         import pickle
 
+        self._pairs_path = path
         if path.exists():
             try:
                 self._pairs.update(pickle.loads(path.read_bytes()))
