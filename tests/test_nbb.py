@@ -192,3 +192,26 @@ def test_ensure_maps_extracts_once_and_redoes_a_replaced_image(tmp_path):
     files2 = ensure_maps(cfg, out, ids, paths, cache.file_keys(ids, paths))
     assert len(files2) == 2 and set(files) < set(files2)
     assert np.allclose(read_maps(files2, {"a"})["a"].shape, (300, 451), atol=3)
+
+
+def test_hard_scorer_verifies_nbb_pairs_on_the_pool_maps(shifted_maps, monkeypatch):
+    """The hard protocol's Scorer: a setting with matcher=nbb verifies its pairs on the pool's maps,
+    once (the pair cache answers the second time)."""
+    from types import SimpleNamespace
+
+    from landmarks.config import Config
+    from landmarks.delg.featuremaps import maps_fingerprint
+    from landmarks.evaluation import hard
+
+    a, b, other = shifted_maps
+    cfg = Config()
+    cfg.verify.matcher = "nbb"
+    cfg.verify.nbb_min_activation = 0.0
+    cfg.verify.reproj_threshold = 1.0
+    scorer = hard.Scorer(probe=None)
+    scorer.maps[maps_fingerprint(cfg.verify)] = {"q": a, "t": b, "o": other}
+    split = SimpleNamespace(name="s")
+    ev = scorer.pair_evidence(cfg, split, ["q"], [["t", "o", "missing"]])
+    assert ev.shape == (1, 3, 4) and ev[0, 0, 0] >= 1000 and ev[0, 1, 0] < 0.1 * ev[0, 0, 0] and ev[0, 2, 0] == 0
+    monkeypatch.setattr(hard, "verify_evidence", lambda *a: pytest.fail("verified twice"))
+    np.testing.assert_array_equal(scorer.pair_evidence(cfg, split, ["q"], [["t", "o", "missing"]]), ev)

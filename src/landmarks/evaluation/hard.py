@@ -578,12 +578,13 @@ class Scorer:
         t0 = time.time()
         for r, (qid, cand) in enumerate(zip(queries, cands)):
             todo = [c for c in cand if (vkey, qid, c) not in self._pairs]
-            if todo and cfg.verify.matcher == "nbb":
-                maps = self.maps[maps_fingerprint(cfg.verify)]
-                q, lfs = maps.get(qid), [maps.get(c) for c in todo]
-            elif todo:
-                q = self._lf(cfg, qid, w_local, split.name)
-                lfs = [self._lf(cfg, c, w_local, split.name) for c in todo]
+            if todo:
+                if cfg.verify.matcher == "nbb":  # the pool's feature maps (extract_maps_probe)
+                    maps = self.maps[maps_fingerprint(cfg.verify)]
+                    q, lfs = maps.get(qid), [maps.get(c) for c in todo]
+                else:
+                    q = self._lf(cfg, qid, w_local, split.name)
+                    lfs = [self._lf(cfg, c, w_local, split.name) for c in todo]
                 for c, e in zip(todo, verify_evidence(cfg.verify, q, lfs)):
                     self._pairs[(vkey, qid, c)] = e
                     self._new_pairs += 1
