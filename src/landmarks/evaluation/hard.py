@@ -141,6 +141,9 @@ VARIANTS: dict[str, list[str]] = {
     # at 384 px, about 20 px in a 1024 px photo, so a 4 px reprojection bound cuts true matches
     "NBB matcher": ["verify.matcher=nbb", "verify.reproj_threshold=8"],
     "NBB matcher, threshold 4 px": ["verify.matcher=nbb"],
+    # NBB's wrong candidates keep more chance inliers (random floor 16 against 6): discount them
+    "NBB matcher, inlier floor 16": ["verify.matcher=nbb", "verify.reproj_threshold=8", "vote.inlier_floor=16"],
+    "NBB matcher, a-contrario gate": ["verify.matcher=nbb", "verify.reproj_threshold=8", "vote.significance_gate=0"],
 }
 DEFAULT_ROW = "current config (default)"
 
