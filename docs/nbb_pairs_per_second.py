@@ -50,11 +50,13 @@ def main(work: str, model: str, n: int = 400) -> None:
     e = cfg.extract
     lf = {i: probe.local(i, e.local_scales, int(e.max_feature_num)) for i in ids if i in probe.raw_local}
     nbb = copy.deepcopy(cfg.verify)
-    nbb.matcher, nbb.reproj_threshold = "nbb", 8.0
+    nbb.matcher = "nbb"
+    nbb8 = copy.deepcopy(nbb)
+    nbb8.reproj_threshold = 8.0
     maps = {
         k: v for k, v in read_maps(maps_files(nbb, hard_dir / "probe-nbb"), ids).items() if isinstance(v, FeatureMaps)
     }
-    for name, vc, feats in (("mutual", cfg.verify, lf), ("nbb", nbb, maps)):
+    for name, vc, feats in (("mutual", cfg.verify, lf), ("nbb", nbb, maps), ("nbb, 8 px", nbb8, maps)):
         t0 = time.perf_counter()
         done = 0
         for q, cs in groups.items():
