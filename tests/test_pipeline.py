@@ -124,3 +124,22 @@ def test_calibrated_confidence_stage(run, tmp_path):
     lm("validate", *common)
     report = (run["work"] / "report.md").read_text()
     assert "Reliability" in report and (run["work"] / "plots" / "reliability.png").stat().st_size > 1000
+
+
+def test_nbb_matcher_stages(run, tmp_path):
+    """verify.matcher=nbb through the CLI: verify asks for local-features, which then stores the NBB
+    maps beside the shards; verify and predict run on them, their output beside the mutual one's."""
+    sub = tmp_path / "nbb.csv"
+    common = [a if a != run["sub"] else sub for a in run["common"]]
+    common += ["--set", "verify.matcher=nbb", "--set", "verify.reproj_threshold=8"]
+    r = lm("verify", *common, check=False)
+    assert r.returncode != 0 and "no NBB feature maps" in r.stderr and "local-features" in r.stderr
+    lm("local-features", *common)
+    for split in ("test", "train"):
+        assert list((run["work"] / "features" / split).glob("nbb-maps-*.h5"))
+    lm("verify", *common)
+    assert len(list(run["work"].glob("verified-*.npz"))) == 2
+    lm("predict", *common)
+    got = pd.read_csv(sub, dtype=str, keep_default_na=False)
+    want = pd.read_csv(run["sub"], dtype=str, keep_default_na=False)
+    assert list(got["id"]) == list(want["id"]) and (got["landmarks"] != "").any()

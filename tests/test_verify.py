@@ -66,7 +66,7 @@ def test_config_choices_are_the_registries():
     from landmarks.config import ConfigError, load_config
 
     hints = get_type_hints(VerifyConfig)
-    assert set(get_args(hints["matcher"])) == set(verify.MATCHERS)
+    assert set(get_args(hints["matcher"])) == set(verify.MATCHERS) | set(verify.MAP_MATCHERS)
     assert set(get_args(hints["geometry"])) == set(verify.GEOMETRIES)
     with pytest.raises(ConfigError, match="verify.geometry"):
         load_config(None, ["verify.geometry=affine"])

@@ -204,7 +204,9 @@ class VerifyConfig:
     num_to_rerank: int = ranged(
         20, "[1, 100000]"
     )  # top global candidates verified (hard protocol: 20 > 10 and 100; 50 level with DBA k=1)
-    matcher: Literal["mutual", "kdtree"] = "mutual"
+    # mutual: mutual NN of the local descriptors | kdtree: the host baseline | nbb: Neural Best-Buddies on
+    # ImageNet Lite0 feature maps, deep to shallow (docs/nbb.md; maps stored by `landmarks local-features`)
+    matcher: Literal["mutual", "kdtree", "nbb"] = "mutual"
     kdtree_distance: float = ranged(0.9, "(0, 2]")  # host baseline distance bound (unit descriptors)
     mutual_min_sim: float = ranged(0.0, "[-1, 1]")  # minimum cosine similarity of a mutual-NN match
     ratio: float = ranged(1.0, "(0, 1]")  # Lowe ratio test on similarities' distances (1.0 = off)
@@ -215,6 +217,11 @@ class VerifyConfig:
     min_matches: int = ranged(4, "[0, 100000]")  # fewer matches than this -> 0 inliers
     seed: int = ranged(0, SEED)
     jobs: int = ranged(2, "[1, 1024]")
+    # nbb: Lite0 layers, deep first (delg.featuremaps.NBB_LAYERS: strides 32, 16, 8 by default)
+    nbb_layers: tuple[str, ...] = ("block14_add", "block10_add", "block4_add")
+    nbb_image_size: int = ranged(384, "[32, 4096]")  # nbb: long side of the image the maps are computed on
+    nbb_window: int = ranged(1, "[0, 16]")  # nbb: finer cells searched around a coarse match's footprint
+    nbb_min_activation: float = ranged(0.2, "[0, 1]")  # nbb: both cells' normalised activation >= this
 
 
 @dataclass

@@ -4,6 +4,11 @@ Reads the knn output, finds the test images and the top ``verify.num_to_rerank``
 neighbours of each that lack local features, and extracts global + local features for them
 through the features stage's worker, cached as ``local-cache-<digest>-i-of-N.h5`` next to the
 shards (``ensure_local``).  Verification then reads them from the store.
+
+With ``verify.matcher=nbb`` the same images also get their NBB feature maps (``ensure_maps``):
+the ImageNet Lite0 maps of ``verify.nbb_layers`` at long side ``verify.nbb_image_size``, stored
+as ``nbb-maps-<maps fingerprint>-<digest>.h5`` beside the shards, each row with its image's file
+key (a replaced image is redone).  The maps do not depend on the DELG model (docs/nbb.md).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Iterable
 import numpy as np
 
 from landmarks.datasets.data import load_split
+from landmarks.datasets.images import describe_failure, load_image
+from landmarks.delg.featuremaps import feature_maps, map_model, maps_fingerprint
 from landmarks.features import (
     RowKeys,
     cap_shards,
@@ -27,11 +34,7 @@ from landmarks.features import (
     summary,
 )
 from landmarks.shards import resolve_jobs, run_tasks
-from landmarks.store import (
-    SHARD_GLOB,
-    FeatureStore,
-    load_index,
-)
+from landmarks.store import SHARD_GLOB, FeatureStore, drop_maps, load_index, maps_keys, write_maps
 from landmarks.utils import LandmarksError, cache, log
 from landmarks.utils.locks import stage_lock
 
@@ -124,6 +127,64 @@ def _extract_local(cfg, model_dir, split, need, paths, out_dir, row_keys: RowKey
         log.info(summary(f"{split} (local cache)", results, n_shards - len(todo), time.time() - t0))
 
 
+MAPS_BATCH = 64  # images per NBB maps file (the unit of resume)
+
+
+def maps_files(vcfg, directory: str | Path) -> list[Path]:
+    """The NBB maps files of these settings (``maps_fingerprint``) in a directory."""
+    return sorted(Path(directory).glob(f"nbb-maps-{maps_fingerprint(vcfg)}-*.h5"))
+
+
+def maps_batch(vcfg, ids: list[str], files: list[str], out: str | Path, keys: dict | None = None, **limits) -> Path:
+    """The maps core: each image decoded at long side verify.nbb_image_size, through the ImageNet
+    Lite0 map model -> one maps file (a bad image is recorded as a failure, never stops it).
+    `limits`: load_image's max_pixels / min_size."""
+    model_geo = map_model(vcfg.nbb_layers)
+    size = int(vcfg.nbb_image_size)
+    records: dict = {}
+    for image_id, path in zip(ids, files):
+        try:
+            image, scale = load_image(path, size, **limits)
+            records[image_id] = feature_maps(model_geo, image, size, scale)
+        except Exception as e:  # noqa: BLE001 - recorded, like the features stage does
+            records[image_id] = describe_failure(e)
+    return write_maps(out, records, keys)
+
+
+def ensure_maps(cfg, directory: str | Path, ids: list[str], paths: list[str], keys: list[str]) -> list[Path]:
+    """NBB maps of the given images in `directory`: ids whose stored row has another file key (or
+    none) are extracted in files of MAPS_BATCH images; returns every maps file of these settings."""
+    vc, e = cfg.verify, cfg.extract
+    directory = Path(directory)
+    key_of = dict(zip(ids, keys))
+    have: dict[str, str] = {}
+    for p in maps_files(vc, directory):
+        old = maps_keys(p)
+        stale = {i for i, k in old.items() if i in key_of and key_of[i] != k}
+        if stale:  # a replaced image: its old record goes, the new one is extracted below
+            drop_maps(p, stale)
+        have.update({i: k for i, k in old.items() if i not in stale})
+    todo = [k for k, (i, key) in enumerate(zip(ids, keys)) if have.get(i) != key]
+    if todo:
+        t0 = time.time()
+        fp = maps_fingerprint(vc)
+        for a in range(0, len(todo), MAPS_BATCH):
+            rows = todo[a : a + MAPS_BATCH]
+            b_ids = [ids[k] for k in rows]
+            out = directory / f"nbb-maps-{fp}-{cache.digest(*b_ids, *(keys[k] for k in rows))}.h5"
+            maps_batch(
+                vc,
+                b_ids,
+                [paths[k] for k in rows],
+                out,
+                {ids[k]: keys[k] for k in rows},
+                max_pixels=e.max_image_pixels,
+                min_size=e.min_image_size,
+            )
+        log.info("local-features: NBB maps of %d images in %.1f s -> %s", len(todo), time.time() - t0, directory)
+    return maps_files(vc, directory)
+
+
 def shortlist(cfg, knn_path: str | Path) -> tuple[list[str], list[str]]:
     """(test ids, shortlisted train ids) of a knn output: the train images that verification
     compares, the top verify.num_to_rerank neighbours of each test image."""
@@ -153,6 +214,12 @@ def run_local_features(
         )
         missing = [i for i in ids if not store.has_local(i)]
         store.close()
+        if cfg.verify.matcher == "nbb":
+            df = load_split(Path(data_dir).resolve(), split)
+            path_of = dict(zip(df["id"].astype(str), df["path"].astype(str)))
+            known = [i for i in ids if i in path_of]
+            paths = [path_of[i] for i in known]
+            ensure_maps(cfg, directory, known, paths, cache.file_keys(known, paths, cfg.extract.file_key))
         log.info(
             "local-features: %s: %d of %d images have local features%s",
             split,

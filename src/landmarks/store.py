@@ -52,6 +52,109 @@ class LocalFeatures:
         return int(self.keypoints.shape[0])
 
 
+@dataclass
+class FeatureMaps:
+    """One image's NBB maps, deep layer first, and where their cells lie in the original image."""
+
+    maps: list  # [h_l, w_l, c_l] float16/float32 per layer
+    strides: np.ndarray  # [L] cell spacing in resized-image pixels
+    offsets: np.ndarray  # [L] centre of cell 0 in resized-image pixels
+    scale: float  # resized pixels per original pixel
+    shape: tuple  # (rows, columns) of the original image
+
+    def flat(self, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cells [h*w, c] float32, NBB activation [h*w]: each cell's L2 norm scaled to [0, 1] over
+        the map), computed once per level: an image is matched against many others."""
+        cache = self.__dict__.setdefault("_flat", {})
+        if level not in cache:
+            m = self.maps[level]
+            f = np.asarray(m, np.float32).reshape(-1, m.shape[-1])
+            h = np.linalg.norm(f, axis=1)
+            lo, hi = float(h.min()), float(h.max())
+            cache[level] = (f, (h - lo) / max(hi - lo, 1e-9))
+        return cache[level]
+
+    def centres(self, level: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(x, y) in original-image pixels of cells (rows, cols) of `level`."""
+        s, o = float(self.strides[level]), float(self.offsets[level])
+        xy = np.stack([cols * s + o, rows * s + o], axis=1).astype(np.float64)
+        return xy / float(self.scale)
+
+    def extent(self) -> np.ndarray:
+        """Corners (0, 0) and (w - 1, h - 1) of the original image."""
+        return np.array([[0.0, 0.0], [self.shape[1] - 1.0, self.shape[0] - 1.0]])
+
+
+def write_maps(path: str | Path, records: dict, keys: dict | None = None) -> Path:
+    """Write one batch of NBB feature maps atomically: id -> FeatureMaps, or a failure reason (str).
+
+    Layout: one group per id with datasets l0, l1, ... (float16 [h, w, c], deep first) and attrs
+    strides, offsets, scale, shape, key (the image's file key, "" when unknown) or failure."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for image_id, r in records.items():
+            g = f.create_group(image_id)
+            g.attrs["key"] = (keys or {}).get(image_id, "")
+            if isinstance(r, str):
+                g.attrs["failure"] = r
+                continue
+            for i, m in enumerate(r.maps):
+                g.create_dataset(f"l{i}", data=np.asarray(m, np.float16))
+            g.attrs["strides"] = np.asarray(r.strides, np.float64)
+            g.attrs["offsets"] = np.asarray(r.offsets, np.float64)
+            g.attrs["scale"] = float(r.scale)
+            g.attrs["shape"] = np.asarray(r.shape[:2], np.int64)
+    return Path(path)
+
+
+def maps_keys(path: str | Path) -> dict[str, str]:
+    """id -> file key of every record (failures included) of a maps file ({} when unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {i: str(g.attrs.get("key", "")) for i, g in f.items()}
+    except OSError:  # unreadable (a killed writer leaves none: files are renamed when complete)
+        return {}
+
+
+def drop_maps(path: str | Path, ids: set[str]) -> None:
+    """Rewrite a maps file without the records of `ids` (atomically; removed when none is left)."""
+    keys = maps_keys(path)
+    keep = set(keys) - set(ids)
+    if len(keep) == len(keys):
+        return
+    if not keep:
+        Path(path).unlink(missing_ok=True)
+        return
+    write_maps(path, read_maps([path], keep), {i: keys[i] for i in keep})
+
+
+def read_maps(paths: Iterable[str | Path], wanted: set[str]) -> dict:
+    """id -> FeatureMaps (float16 maps) or failure reason (str) of the `wanted` ids in the files
+    (an id has one record: ``drop_maps`` removes a replaced image's old one)."""
+    import h5py
+
+    out: dict = {}
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            for image_id in wanted & set(f.keys()):
+                g = f[image_id]
+                if "failure" in g.attrs:
+                    out[image_id] = str(g.attrs["failure"])
+                    continue
+                n = len(g.attrs["strides"])
+                out[image_id] = FeatureMaps(
+                    [g[f"l{i}"][()] for i in range(n)],
+                    np.asarray(g.attrs["strides"], np.float64),
+                    np.asarray(g.attrs["offsets"], np.float64),
+                    float(g.attrs["scale"]),
+                    tuple(int(x) for x in g.attrs["shape"]),
+                )
+    return out
+
+
 def shard_name(index: int, num_shards: int) -> str:
     return f"shard-{index:05d}-of-{num_shards:05d}.h5"
 

@@ -19,7 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from landmarks import whiten
-from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, StoreIndex, load_index
+from landmarks.delg.featuremaps import maps_fingerprint
+from landmarks.store import (
+    INDEX_NAME,
+    FeatureMaps,
+    FeatureStore,
+    LocalFeatures,
+    StoreIndex,
+    load_index,
+    maps_keys,
+    read_maps,
+)
 from landmarks.utils import LandmarksError, cache
 from landmarks.whiten import apply_local
 
@@ -97,9 +107,116 @@ def _match_all_mutual(cfg, desc_q: np.ndarray, descs_t: list[np.ndarray]) -> lis
     return match_mutual_batch(desc_q, descs_t, cfg.mutual_min_sim, cfg.ratio)
 
 
+# -- Neural Best-Buddies on feature maps ---------------------------------------------------------
+def _standardise(f: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per region (first axis) and channel: zero mean, unit std over the valid cells, then unit rows.
+
+    NBB's "common appearance": both regions are mapped to one mean and spread per channel before
+    comparing (the paper's target is the pair's average; here zero / one, which cosine similarity
+    compares the same way), so a global change of light or colour cancels out."""
+    w = mask[..., None].astype(np.float32)
+    n = np.maximum(w.sum(axis=1, keepdims=True), 1.0)
+    mu = (f * w).sum(axis=1, keepdims=True) / n
+    sd = np.sqrt((((f - mu) * w) ** 2).sum(axis=1, keepdims=True) / n) + 1e-5
+    z = (f - mu) / sd * w
+    return z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+
+
+def _window_cells(r: np.ndarray, c: np.ndarray, k: int, radius: int, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Flat cell indices [m, n] (n = (k + 2 radius)^2) of the finer map inside each coarse cell's
+    footprint (k x k children) widened by `radius` cells, and which of them lie on the map."""
+    d = np.arange(-radius, k + radius)
+    rows = r[:, None] * k + d[None, :]
+    cols = c[:, None] * k + d[None, :]
+    rr = np.repeat(rows, len(d), axis=1)
+    cc = np.tile(cols, (1, len(d)))
+    ok = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+    return np.where(ok, rr * shape[1] + cc, 0), ok
+
+
+def _region_buddies(fa, fb, ia, ib, oka, okb) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours inside each pair of regions: flat cells (a, b) and their cosine."""
+    ga = _standardise(fa[ia], oka)
+    gb = _standardise(fb[ib], okb)
+    sims = np.einsum("mic,mjc->mij", ga, gb)
+    sims = np.where(oka[:, :, None] & okb[:, None, :], sims, -np.inf)
+    nn12 = sims.argmax(axis=2)  # [m, na]
+    nn21 = sims.argmax(axis=1)  # [m, nb]
+    m_idx, i_idx = np.nonzero(oka)
+    j = nn12[m_idx, i_idx]
+    mutual = (nn21[m_idx, j] == i_idx) & okb[m_idx, j]
+    m_idx, i_idx, j = m_idx[mutual], i_idx[mutual], j[mutual]
+    return ia[m_idx, i_idx], ib[m_idx, j], sims[m_idx, i_idx, j]
+
+
+def _one_to_one(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping regions may pair a cell twice: keep each cell's most similar pair only."""
+    order = np.argsort(-sim, kind="stable")
+    a, b = a[order], b[order]
+    _, first_a = np.unique(a, return_index=True)
+    a, b = a[np.sort(first_a)], b[np.sort(first_a)]
+    _, first_b = np.unique(b, return_index=True)
+    keep = np.sort(first_b)
+    return a[keep], b[keep]
+
+
+def match_nbb(vcfg, fa, fb) -> tuple[np.ndarray, np.ndarray]:
+    """Neural Best-Buddies (Aberman et al. 2018) of two images' FeatureMaps -> (xy_a, xy_b) [n, 2]
+    in original-image pixels, row i of each being one match.
+
+    Deepest layer: mutual nearest neighbours over the whole maps (cells standardised per channel
+    over each map).  Each next, shallower layer: for every match of the layer above, mutual
+    nearest neighbours among the finer cells inside the two coarse cells' footprints widened by
+    verify.nbb_window cells (the paper searches the receptive field; the footprint plus a margin is
+    the simplified search region), standardised per region pair.  At every layer a pair is kept
+    only when both cells' activation (normalised L2 norm) reaches verify.nbb_min_activation."""
+
+    gamma = float(vcfg.nbb_min_activation)
+    levels = len(fa.maps)
+    flat_a, flat_b = fa.flat(0)[0], fb.flat(0)[0]
+    ia, ib = np.arange(len(flat_a))[None], np.arange(len(flat_b))[None]
+    a, b, sim = _region_buddies(flat_a, flat_b, ia, ib, np.ones_like(ia, bool), np.ones_like(ib, bool))
+    for lev in range(levels):
+        keep = (fa.flat(lev)[1][a] >= gamma) & (fb.flat(lev)[1][b] >= gamma)
+        a, b, sim = a[keep], b[keep], sim[keep]
+        if lev:
+            a, b = _one_to_one(a, b, sim)
+        if lev + 1 == levels or not len(a):
+            break
+        wa, wb = fa.maps[lev].shape[1], fb.maps[lev].shape[1]
+        k = max(1, int(round(fa.strides[lev] / fa.strides[lev + 1])))
+        ia, oka = _window_cells(a // wa, a % wa, k, int(vcfg.nbb_window), fa.maps[lev + 1].shape[:2])
+        ib, okb = _window_cells(b // wb, b % wb, k, int(vcfg.nbb_window), fb.maps[lev + 1].shape[:2])
+        a, b, sim = _region_buddies(fa.flat(lev + 1)[0], fb.flat(lev + 1)[0], ia, ib, oka, okb)
+    wa, wb = fa.maps[lev].shape[1], fb.maps[lev].shape[1]
+    return fa.centres(lev, a // wa, a % wa), fb.centres(lev, b // wb, b % wb)
+
+
+def nbb_evidence(vcfg, query, candidates: list) -> np.ndarray:
+    """EVIDENCE rows of one test image's FeatureMaps against candidates' (None = absent: zeros).
+
+    The matched cell centres are the keypoints; each image's corners join its keypoints so that
+    `area` and `spread` measure against the whole image, as the local features' extent does."""
+    out = np.zeros((len(candidates), len(EVIDENCE)), np.float64)
+    if query is None:
+        return out
+    for j, cand in enumerate(candidates):
+        if cand is None:
+            continue
+        xy_q, xy_t = match_nbb(vcfg, query, cand)
+        n = len(xy_q)
+        kp_q = np.concatenate([xy_q, query.extent()])
+        kp_t = np.concatenate([xy_t, cand.extent()])
+        out[j] = pair_evidence(vcfg, kp_q, kp_t, np.stack([np.arange(n), np.arange(n)], axis=1))
+    return out
+
+
 # Matchers: one test image's descriptors against its candidates' -> [matches (i_q, i_t)] per candidate.
 # Keys are the choices of config.VerifyConfig.matcher (a test keeps them equal).
 MATCHERS = {"mutual": _match_all_mutual, "kdtree": _match_all_kdtree}
+# Matchers of feature maps rather than descriptors: (cfg, query FeatureMaps, [candidate FeatureMaps]) -> EVIDENCE
+# rows.  MATCHERS and MAP_MATCHERS together are the choices of config.VerifyConfig.matcher.
+MAP_MATCHERS = {"nbb": lambda cfg, query, candidates: nbb_evidence(cfg, query, candidates)}
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -157,7 +274,12 @@ def pair_evidence(cfg, kp_q: np.ndarray, kp_t: np.ndarray, matches: np.ndarray) 
 
 
 def verify_evidence(cfg, query, candidates: list) -> np.ndarray:
-    """EVIDENCE rows [n, 4] of one test image's LocalFeatures against candidates (None = absent: zeros)."""
+    """EVIDENCE rows [n, 4] of one test image's LocalFeatures against candidates (None = absent: zeros);
+    with verify.matcher=nbb, of its FeatureMaps against the candidates' FeatureMaps."""
+    if cfg.matcher in MAP_MATCHERS:
+        if query is not None and not isinstance(query, FeatureMaps):
+            raise LandmarksError("verify.matcher=nbb compares feature maps, not local features (docs/nbb.md)")
+        return MAP_MATCHERS[cfg.matcher](cfg, query, candidates)
     out = np.zeros((len(candidates), len(EVIDENCE)), np.float64)
     if query is None or len(query) == 0 or not candidates:
         return out
@@ -223,6 +345,8 @@ def _verify_batch(
 
     `digests`: the (test, train) index digests of this stage; None = look the stores up afresh."""
 
+    if cfg_verify.matcher == "nbb":
+        return _nbb_batch(cfg_verify, test_dir, train_dir, test_ids, cand_ids)
     if digests is None:
         digests = (load_index(test_dir).digest, load_index(train_dir).digest)
     test_store, train_store = _store(str(test_dir), digests[0]), _store(str(train_dir), digests[1])
@@ -234,6 +358,41 @@ def _verify_batch(
         cands = [pca_local(t_local.get(c), w_local) for c in row]
         out[r, : len(row)] = verify_evidence(cfg_verify, q, cands)
     return out
+
+
+def _maps_paths(vc, directory) -> list[Path]:
+    return sorted(Path(directory).glob(f"nbb-maps-{maps_fingerprint(vc)}-*.h5"))
+
+
+def _nbb_batch(vc, test_dir: str, train_dir: str, test_ids: list[str], cand_ids: list[list[str]]) -> np.ndarray:
+    """One batch with verify.matcher=nbb: the NBB maps of the batch's images, read once -> EVIDENCE."""
+    q_maps = read_maps(_maps_paths(vc, test_dir), set(test_ids))
+    t_maps = read_maps(_maps_paths(vc, train_dir), {c for row in cand_ids for c in row})
+    out = np.zeros((len(test_ids), max((len(r) for r in cand_ids), default=0), len(EVIDENCE)), np.float64)
+    for r, (tid, row) in enumerate(zip(test_ids, cand_ids)):
+        q = q_maps.get(tid)
+        cands = [t_maps.get(c) for c in row]
+        out[r, : len(row)] = nbb_evidence(
+            vc, q if isinstance(q, FeatureMaps) else None, [c if isinstance(c, FeatureMaps) else None for c in cands]
+        )
+    return out
+
+
+def _check_maps(vc, test_features: Path, train_features: Path, test_ids: list[str], cand: list[list[str]]) -> None:
+    """verify.matcher=nbb: every image to compare has a maps row (failures count as present)."""
+    for split, directory, wanted in (
+        ("test", test_features, test_ids),
+        ("train", train_features, sorted({c for row in cand for c in row})),
+    ):
+        have: set[str] = set()
+        for p in _maps_paths(vc, directory):
+            have |= set(maps_keys(p))
+        missing = [i for i in wanted if i not in have]
+        if missing:
+            raise LandmarksError(
+                f"verify: {len(missing)} {split} images to compare have no NBB feature maps "
+                f"(e.g. {missing[0]}): run `landmarks local-features` with verify.matcher=nbb first"
+            )
 
 
 def verify_fingerprint(cfg, knn_fp: str) -> str:
@@ -384,6 +543,8 @@ def run_verify(
     R = min(int(vc.num_to_rerank), knn["idx"].shape[1])
     cand = [[str(train_ids[j]) for j in row if j >= 0] for row in knn["idx"][:, :R]]
     try:
+        if vc.matcher == "nbb":
+            _check_maps(vc, test_features, train_features, test_ids, cand)
         digests = _open_stores(test_features, train_features, test_ids, cand)
         w_local = whiten.load_whiten(cfg, whiten_path, train_features, "local")
         t_batches = time.perf_counter()

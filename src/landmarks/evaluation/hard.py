@@ -35,6 +35,7 @@ from landmarks.datasets import data
 from landmarks.datasets.dataset_import import plan_split, read_labels, sample_distractors
 from landmarks.datasets.images import describe_failure
 from landmarks.delg.delg_io import pool_global
+from landmarks.delg.featuremaps import maps_fingerprint
 from landmarks.evaluation import metrics, validate
 from landmarks.features import (
     ALL_FEATURES,
@@ -45,8 +46,9 @@ from landmarks.features import (
     read_image,
     select_local,
 )
+from landmarks.local_features import maps_batch
 from landmarks.predict import NO_LABEL, calibrated_vote, gate_inliers, vote
-from landmarks.store import ProbeRecord, probe_ids, read_probe, write_probe
+from landmarks.store import FeatureMaps, ProbeRecord, maps_keys, probe_ids, read_maps, read_probe, write_probe
 from landmarks.utils import LandmarksError, atomic_path, available_cores, cache, file_digest
 from landmarks.verify import EVIDENCE, pca_local, verify_evidence
 from landmarks.views import View, map_back, merge_views, view_affine, views_of, warp_view
@@ -178,6 +180,13 @@ VARIANTS: dict[str, list[str]] = {
         "extract.view_angles=0,90",
         "extract.view_features=500",
     ],
+    # Neural Best-Buddies on ImageNet Lite0 feature maps (docs/nbb.md); 8 px: the finest cells are 8 px
+    # at 384 px, about 20 px in a 1024 px photo (hard mean 0.600 on 2 seeds; 4 px: 0.710; mutual 0.775)
+    "NBB matcher": ["verify.matcher=nbb", "verify.reproj_threshold=8"],
+    "NBB matcher, threshold 4 px": ["verify.matcher=nbb"],
+    # NBB's wrong candidates keep more chance inliers (random floor 16 against 6): discount them
+    "NBB matcher, inlier floor 16": ["verify.matcher=nbb", "verify.reproj_threshold=8", "vote.inlier_floor=16"],
+    "NBB matcher, a-contrario gate": ["verify.matcher=nbb", "verify.reproj_threshold=8", "vote.significance_gate=0"],
 }
 # Pool roles that can be test images of a scored split: the only ones whose synthetic views are
 # probed (the guards' test images, extra-train and demo photos, keep their own features alone).
@@ -549,6 +558,9 @@ def _local_key(cfg, views: bool = False) -> str:
     return json.dumps(key)
 
 
+PAIRS_SAVE_EVERY = 5000  # newly verified pairs between saves of the pair cache
+
+
 class Scorer:
     """Scores settings on splits with the stage functions; caches local features and pair inliers."""
 
@@ -557,9 +569,11 @@ class Scorer:
         self._local: dict = {}
         self._pairs: dict = {}
         self._new_pairs = 0
+        self._pairs_path: Path | None = None  # the pair cache file (load_pairs): saved as it grows
         self._calib: dict = {}
         self._whiten: dict = {}
         self.verify_seconds = 0.0
+        self.maps: dict = {}  # maps fingerprint -> id -> FeatureMaps (verify.matcher=nbb)
 
     def _lf(self, cfg, image_id: str, w_local=None, tag: str = "", views: bool = False):
         """Local features of one image under cfg (PCA-projected with w_local, fitted on split `tag`);
@@ -692,11 +706,17 @@ class Scorer:
         for r, (qid, cand) in enumerate(zip(queries, cands)):
             todo = [c for c in cand if (vkey, qid, c) not in self._pairs]
             if todo:
-                q = self._lf(cfg, qid, w_local, split.name, views=test)
-                lfs = [self._lf(cfg, c, w_local, split.name) for c in todo]
+                if cfg.verify.matcher == "nbb":  # the pool's feature maps (extract_maps_probe)
+                    maps = self.maps[maps_fingerprint(cfg.verify)]
+                    q, lfs = maps.get(qid), [maps.get(c) for c in todo]
+                else:
+                    q = self._lf(cfg, qid, w_local, split.name, views=test)
+                    lfs = [self._lf(cfg, c, w_local, split.name) for c in todo]
                 for c, e in zip(todo, verify_evidence(cfg.verify, q, lfs)):
                     self._pairs[(vkey, qid, c)] = e
                     self._new_pairs += 1
+                if self._pairs_path is not None and self._new_pairs >= PAIRS_SAVE_EVERY:
+                    self.save_pairs(self._pairs_path)  # a slow setting killed midway keeps its pairs
             if cand:
                 ev[r, : len(cand)] = [self._pairs[(vkey, qid, c)] for c in cand]
         self.verify_seconds += time.time() - t0
@@ -713,6 +733,7 @@ class Scorer:
     def load_pairs(self, path: Path) -> None:
         import pickle
 
+        self._pairs_path = path
         if path.exists():
             try:
                 self._pairs.update(pickle.loads(path.read_bytes()))
@@ -930,6 +951,9 @@ def setup(cfg, configs, model_dir, tool_dir) -> Setup:
     splits = make_splits(cfg, pool, set(probe.globals_))
     guards = guard_splits(cfg, pool, set(probe.globals_))
     scorer = Scorer(probe)
+    for name, c in configs:  # NBB settings: the maps of the pool, once per maps setting
+        if c.verify.enabled and c.verify.matcher == "nbb" and maps_fingerprint(c.verify) not in scorer.maps:
+            scorer.maps[maps_fingerprint(c.verify)] = extract_maps_probe(c.verify, pool, tool_dir)
     pair_cache = tool_dir / f"pairs-{probe_fingerprint(cfg, model_dir)}.pkl"
     scorer.load_pairs(pair_cache)
     return Setup(pool, splits, guards, scorer, pair_cache)
@@ -966,6 +990,28 @@ def run_validate_hard(cfg, work_dir, model_dir, variants=None) -> Path:
         if len(results) < len(configs):  # a partial report survives a later failure
             write_report(cfg, work_dir, pool, splits, results, model_dir, echo=False)
     return write_report(cfg, work_dir, pool, splits, results, model_dir)
+
+
+def extract_maps_probe(vcfg, pool: pd.DataFrame, work_dir) -> dict:
+    """NBB feature maps of the pool (``local_features.maps_batch``), cached in WORK_DIR/probe-nbb/ as
+    nbb-maps-<maps fingerprint>-<digest>.h5 (resumed by id, like the probe); id -> FeatureMaps."""
+    fp = maps_fingerprint(vcfg)
+    out_dir = Path(work_dir) / "probe-nbb"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    for p in out_dir.glob(f"nbb-maps-{fp}-*.h5"):
+        done |= set(maps_keys(p))
+    todo = pool[~pool["id"].isin(done)]
+    if len(todo):
+        log.info("hard: NBB maps of %d of %d pool images (%s)", len(todo), len(pool), ", ".join(vcfg.nbb_layers))
+        from tqdm import tqdm
+
+        size = 64
+        for a in tqdm(range(0, len(todo), size), desc="hard: NBB maps", unit="batch", disable=None):
+            b = todo.iloc[a : a + size]
+            maps_batch(vcfg, list(b["id"]), list(b["file"]), out_dir / f"nbb-maps-{fp}-{cache.digest(*b['id'])}.h5")
+    maps = read_maps(sorted(out_dir.glob(f"nbb-maps-{fp}-*.h5")), set(pool["id"]))
+    return {k: v for k, v in maps.items() if isinstance(v, FeatureMaps)}
 
 
 def warp_candidates(cfg, configs, pool: pd.DataFrame, usable: set[str]) -> pd.DataFrame:
@@ -1192,6 +1238,7 @@ def _landmark_lines(pool, splits, results) -> tuple[list[str], dict]:
             for row in df.itertuples(index=False):
                 lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return lines, tables
+
 
 def _paired_lines(results) -> list[str]:
     """Correct-class pairs of each verified setting against the default's, pair by pair: only for

@@ -96,7 +96,8 @@ def inlier_matches(vcfg, query, cand) -> tuple[np.ndarray, np.ndarray, int]:
     empty = np.zeros((0, 2), np.float32)
     if query is None or cand is None or len(query) == 0 or len(cand) == 0:
         return empty, empty, 0
-    (m,) = verify.MATCHERS[vcfg.matcher](vcfg, query.descriptors, [cand.descriptors])
+    # a feature-map matcher (nbb) is drawn with the mutual matches of the local features
+    (m,) = verify.MATCHERS.get(vcfg.matcher, verify.MATCHERS["mutual"])(vcfg, query.descriptors, [cand.descriptors])
     m, mask = verify.ransac_inliers(vcfg, query.keypoints, cand.keypoints, m)
     inl = m[mask]
     return query.keypoints[inl[:, 0]].astype(np.float32), cand.keypoints[inl[:, 1]].astype(np.float32), len(m)
