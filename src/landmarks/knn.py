@@ -134,6 +134,12 @@ def ivf_nlist(cfg, n: int) -> int:
     return max(1, min(nlist, n))
 
 
+def dba_nprobe(cfg, n: int) -> int:
+    """IVF nprobe of DBA's neighbour search at n rows: knn.dba_nprobe (0 = knn.ivf_nprobe), at most nlist."""
+    want = int(getattr(cfg, "dba_nprobe", 0)) or int(cfg.ivf_nprobe)
+    return max(1, min(want, ivf_nlist(cfg, n)))
+
+
 def describe_choice(cfg, n: int) -> str:
     """One line: which index the database of n rows gets, and why."""
     kind = choose_index(cfg, n)
@@ -146,6 +152,8 @@ def describe_choice(cfg, n: int) -> str:
     if kind == "ivf":
         nlist = ivf_nlist(cfg, n)
         extra = f", IVF-Flat nlist {nlist} nprobe {min(cfg.ivf_nprobe, nlist)}"
+        if int(getattr(cfg, "dba_k", 0)) > 0:
+            extra += f", DBA nprobe {dba_nprobe(cfg, n)}"
     elif kind == "hnsw":
         extra = f", HNSW-Flat M {cfg.hnsw_m} efSearch >= {cfg.hnsw_ef_search}"
     return f"index {kind} ({why}{extra})"
@@ -248,8 +256,8 @@ class Index:
     """A searchable database: `kind` exact / numpy search the Rows themselves (no copy; blocks of
     a file-backed matrix), ivf / hnsw build a faiss index from its blocks."""
 
-    def __init__(self, cfg, db: Rows, kind: str | None = None):
-        self.cfg, self.db = cfg, db
+    def __init__(self, cfg, db: Rows, kind: str | None = None, nprobe: int | None = None):
+        self.cfg, self.db, self.nprobe = cfg, db, nprobe
         self.kind = kind or choose_index(cfg, db.n)
         self.index = None
         if self.kind in ("ivf", "hnsw"):
@@ -264,7 +272,7 @@ class Index:
             nlist = ivf_nlist(cfg, db.n)
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(ivf_sample(db, nlist, cfg.ivf_train_per_centroid))
-            index.nprobe = min(cfg.ivf_nprobe, nlist)
+            index.nprobe = min(self.nprobe or cfg.ivf_nprobe, nlist)
             _fill_ivf(index, db)
             return index
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -339,6 +347,42 @@ def _weighted_sum(base: np.ndarray, db: Rows, sims: np.ndarray, idx: np.ndarray,
     return l2_normalize(base + agg)
 
 
+def dba_neighbours(index: Index, rows: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, idx) [n, k] of the k nearest other database rows of `rows` (database rows `own`):
+    k + 1 searched, self dropped from whichever column it sits in."""
+    s, i = index.search(rows, min(k + 1, index.db.n))
+    order = np.argsort(i == np.asarray(own)[:, None], axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+def own_list_neighbours(index: Index, k: int, step: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, idx) [n, k] of every database row's k nearest other rows within its own IVF list:
+    what an IVF search of the rows themselves at nprobe 1 finds (a row's nearest centroid is its
+    list), computed list by list as one matrix product per list instead of one scan per row, so
+    it runs at BLAS speed rather than memory bandwidth.  Missing neighbours (lists with fewer
+    than k + 1 rows) are idx -1."""
+    faiss = _faiss()
+    ivf, d, n = index.index, index.db.d, index.db.n
+    inv = ivf.invlists
+    sims, idx = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+    for lst in range(ivf.nlist):
+        m = int(inv.list_size(lst))
+        if m < 2:
+            continue
+        ids = faiss.rev_swig_ptr(inv.get_ids(lst), m).copy()
+        x = faiss.rev_swig_ptr(inv.get_codes(lst), m * d * 4).view(np.float32).reshape(m, d).copy()
+        kk = min(k, m - 1)
+        for a in range(0, m, step):
+            g = x[a : a + step] @ x.T
+            g[np.arange(len(g)), np.arange(a, a + len(g))] = -np.inf  # not its own neighbour
+            c = min(m, kk + TIE_MARGIN + 1)  # as the search: boundary ties resolved by index
+            cand = np.argpartition(-g, c - 1, axis=1)[:, :c] if c < m else np.broadcast_to(np.arange(m), g.shape)
+            s, i = _sort_rows(np.take_along_axis(g, cand, 1), ids[cand], kk)
+            rows = ids[a : a + len(g)]
+            sims[rows, :kk], idx[rows, :kk] = s, i
+    return np.where(idx < 0, 0.0, sims).astype(np.float32), idx
+
+
 def dba(db, k: int, alpha: float = 3.0, cfg=None, out: str | Path | None = None):
     """Database-side augmentation: each row becomes the sim**alpha-weighted sum of itself and
     its k nearest other database rows, re-normalised (pulls views of one landmark together).
@@ -352,19 +396,23 @@ def dba(db, k: int, alpha: float = 3.0, cfg=None, out: str | Path | None = None)
         return db if rows_in else rows.array
     cfg = cfg or KnnConfig(index="exact")
     kk = min(k + 1, rows.n)
-    index = Index(cfg, rows)
+    index = Index(cfg, rows, nprobe=dba_nprobe(cfg, rows.n))
     writer = RowsWriter(rows.n, rows.d, out if rows.array is None else None)
+    by_list = None
+    if index.kind == "ivf" and index.index.nprobe == 1:  # nprobe 1 = each row's own list: one product per list
+        t0 = time.perf_counter()
+        by_list = own_list_neighbours(index, kk - 1)
+        log.info("knn: DBA neighbours list by list (IVF nprobe 1) in %.0f s", time.perf_counter() - t0)
     t0 = time.perf_counter()
     for a in range(0, rows.n, DBA_BLOCK):
         if a:  # progress of a long DBA (1.58 M rows: hours on a small machine)
             rate = a / max(time.perf_counter() - t0, 1e-9)
             log.info("knn: DBA %d / %d rows (%.0f rows/s, %.1f min left)", a, rows.n, rate, (rows.n - a) / rate / 60)
         blk = rows.block(a, a + DBA_BLOCK)
-        s, i = index.search(blk, kk)
-        own = np.arange(a, a + len(blk))[:, None]
-        # drop self (whichever column it sits in), keep k others
-        order = np.argsort(i == own, axis=1, kind="stable")[:, : kk - 1]
-        s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+        if by_list is None:
+            s, i = dba_neighbours(index, blk, np.arange(a, a + len(blk)), kk - 1)
+        else:
+            s, i = by_list[0][a : a + len(blk)], by_list[1][a : a + len(blk)]
         writer.write(_weighted_sum(blk, rows, s, i, alpha))
     del index
     res = writer.close()
