@@ -233,7 +233,8 @@ def test_file_backed_train_matrix_gives_the_in_memory_result(tmp_path, monkeypat
     np.testing.assert_array_equal(z1["idx"], z2["idx"])
     np.testing.assert_allclose(z1["sims"], z2["sims"], atol=1e-6)
     assert not list((tmp_path / "b").glob(".*scratch*"))  # the scratch files are gone
-    cfg.knn.auto_exact_max = 100  # above it: IVF, also file-backed
+    cfg.knn.auto_exact_max = 100  # above it: IVF, also file-backed (DBA probing every list: exact DBA)
+    cfg.knn.dba_nprobe = 0
     with caplog.at_level("INFO", logger="landmarks.knn"):
         z3 = load_npz(_run_knn_at(cfg, tmp_path, "c"))
     assert "index ivf (auto: 300 train rows > knn.auto_exact_max 100" in caplog.text
@@ -291,7 +292,8 @@ def test_dba_probes_its_own_nprobe_and_says_so(monkeypatch):
     test queries'; the stage's choice line names it."""
     kc = KnnConfig(auto_exact_max=100, ivf_nlist=50, ivf_nprobe=40, dba_nprobe=3)
     assert knn.dba_nprobe(kc, 10_000) == 3
-    assert knn.dba_nprobe(KnnConfig(ivf_nprobe=40, ivf_nlist=50), 10_000) == 40
+    assert knn.dba_nprobe(KnnConfig(ivf_nprobe=40, ivf_nlist=50, dba_nprobe=0), 10_000) == 40
+    assert knn.dba_nprobe(KnnConfig(ivf_nlist=50), 10_000) == 2  # the default
     assert knn.dba_nprobe(KnnConfig(ivf_nlist=50, dba_nprobe=500), 10_000) == 50
     line = knn.describe_choice(kc, 10_000)
     assert "nlist 50 nprobe 40, DBA nprobe 3" in line
@@ -327,26 +329,29 @@ def test_dba_through_ivf_at_full_probe_is_exact_dba():
     assert not (ie == np.arange(300)[:, None]).any()  # self is never its own neighbour
 
 
-def test_dba_at_nprobe_1_list_by_list_is_the_ivf_search_result():
-    """At DBA nprobe 1, DBA computes each list's neighbours as one product per list: the same
-    neighbours as searching every row through the IVF index at nprobe 1, and the same DBA."""
+@pytest.mark.parametrize("nprobe", [1, 2, 5])
+def test_dba_list_by_list_is_the_ivf_search_result(nprobe):
+    """DBA through IVF computes each list against all rows that probe it, one product per list:
+    the same neighbours as searching every row through the index at that nprobe, the same DBA."""
     rng = np.random.default_rng(10)
     db = _unit(np.repeat(rng.normal(size=(80, 16)), 6, axis=0) + 0.4 * rng.normal(size=(480, 16)))
-    cfg = KnnConfig(index="ivf", ivf_nlist=15, dba_nprobe=1)
-    index = knn.Index(cfg, knn.Rows(db), nprobe=1)
-    s1, i1 = knn.own_list_neighbours(index, 2)
+    cfg = KnnConfig(index="ivf", ivf_nlist=15, dba_nprobe=nprobe)
+    index = knn.Index(cfg, knn.Rows(db), nprobe=nprobe)
+    s1, i1 = knn.neighbours_by_list(index, 2, nprobe)
     s2, i2 = knn.dba_neighbours(index, db, np.arange(480), 2)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2, atol=1e-5)
-    few = knn.Index(KnnConfig(index="ivf", ivf_nlist=100, ivf_train_per_centroid=0), knn.Rows(db[:220]), nprobe=1)
-    lists = few.index.quantizer.assign(db[:220], 1).ravel()
+    got = knn.dba(db, 2, 3.0, cfg)
+    expect = knn.l2_normalize(db + np.einsum("nk,nkd->nd", np.clip(s2, 0, None) ** 3.0, knn.Rows(db).take(i2)))
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
+def test_dba_list_by_list_pads_short_lists():
+    rng = np.random.default_rng(11)
+    db = _unit(rng.normal(size=(220, 16)))
+    few = knn.Index(KnnConfig(index="ivf", ivf_nlist=100, ivf_train_per_centroid=0), knn.Rows(db), nprobe=1)
+    lists = few.index.quantizer.assign(db, 1).ravel()
     sizes = np.bincount(lists, minlength=100)[lists]
-    valid = (knn.own_list_neighbours(few, 3)[1] >= 0).sum(axis=1)
+    valid = (knn.neighbours_by_list(few, 3, 1)[1] >= 0).sum(axis=1)
     np.testing.assert_array_equal(valid, np.minimum(3, sizes - 1))  # short lists: the rest is -1
     assert (sizes < 4).any()
-    ref = knn.dba(db, 2, 3.0, KnnConfig(index="ivf", ivf_nlist=15, dba_nprobe=2))  # the per-row search path
-    got = knn.dba(db, 2, 3.0, cfg)
-    assert got.shape == ref.shape and np.isfinite(got).all()
-    blk = knn.Rows(db)
-    expect = knn.l2_normalize(db + np.einsum("nk,nkd->nd", np.clip(s2, 0, None) ** 3.0, blk.take(i2)))
-    np.testing.assert_allclose(got, expect, atol=1e-5)
