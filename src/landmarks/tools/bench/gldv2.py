@@ -213,14 +213,20 @@ def _recall(exact: np.ndarray, got: np.ndarray, k: int) -> float:
 
 def main(argv=None) -> int:
     """python -m landmarks.tools.bench.gldv2 {crossover,graph} --work-dir W N [N ...]: one JSON line per N,
-    each N in a fresh process (clean peak RSS)."""
+    each N in a fresh process (clean peak RSS).  ``dba --train DIR --scratch DIR P [P ...]``: DBA's
+    neighbour recall and time at each IVF nprobe P on a written train store (``dba_probe``)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m landmarks.tools.bench.gldv2")
-    p.add_argument("what", choices=["crossover", "graph"])
-    p.add_argument("sizes", type=int, nargs="+")
+    p.add_argument("what", choices=["crossover", "graph", "dba"])
+    p.add_argument("sizes", type=int, nargs="+", help="N (crossover, graph) or nprobe values (dba)")
     p.add_argument("--work-dir", default="work", help="work dir whose stored features seed the data")
+    p.add_argument("--train", default="", help="dba: the train feature store (e.g. written by write_store)")
+    p.add_argument("--scratch", default="", help="dba: where the float32 train matrix is written")
     a = p.parse_args(argv)
+    if a.what == "dba":
+        print(json.dumps(in_child(dba_probe, a.train, a.scratch, tuple(a.sizes))), flush=True)
+        return 0
     real = real_descriptors(a.work_dir)
     fn = crossover if a.what == "crossover" else graph
     for n in a.sizes:
