@@ -233,7 +233,8 @@ def test_file_backed_train_matrix_gives_the_in_memory_result(tmp_path, monkeypat
     np.testing.assert_array_equal(z1["idx"], z2["idx"])
     np.testing.assert_allclose(z1["sims"], z2["sims"], atol=1e-6)
     assert not list((tmp_path / "b").glob(".*scratch*"))  # the scratch files are gone
-    cfg.knn.auto_exact_max = 100  # above it: IVF, also file-backed
+    cfg.knn.auto_exact_max = 100  # above it: IVF, also file-backed (DBA probing every list: exact DBA)
+    cfg.knn.dba_nprobe = 0
     with caplog.at_level("INFO", logger="landmarks.knn"):
         z3 = load_npz(_run_knn_at(cfg, tmp_path, "c"))
     assert "index ivf (auto: 300 train rows > knn.auto_exact_max 100" in caplog.text
@@ -284,3 +285,73 @@ def test_ivf_lists_sized_once_search_like_add(monkeypatch):
     s2, i2 = ref.search(q, 30)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(s1, s2)
+
+
+def test_dba_probes_its_own_nprobe_and_says_so(monkeypatch):
+    """knn.dba_nprobe (0 = ivf_nprobe, at most nlist) is the probe of DBA's index, not of the
+    test queries'; the stage's choice line names it."""
+    kc = KnnConfig(auto_exact_max=100, ivf_nlist=50, ivf_nprobe=40, dba_nprobe=3)
+    assert knn.dba_nprobe(kc, 10_000) == 3
+    assert knn.dba_nprobe(KnnConfig(ivf_nprobe=40, ivf_nlist=50, dba_nprobe=0), 10_000) == 40
+    assert knn.dba_nprobe(KnnConfig(ivf_nlist=50), 10_000) == 2  # the default
+    assert knn.dba_nprobe(KnnConfig(ivf_nlist=50, dba_nprobe=500), 10_000) == 50
+    line = knn.describe_choice(kc, 10_000)
+    assert "nlist 50 nprobe 40, DBA nprobe 3" in line
+    assert "DBA" not in knn.describe_choice(KnnConfig(auto_exact_max=100, dba_k=0), 10_000)
+    rng = np.random.default_rng(8)
+    db = _unit(rng.normal(size=(400, 16)))
+    built = []
+    real_build = knn.Index._build
+
+    def spy(self):
+        index = real_build(self)
+        built.append(index.nprobe)
+        return index
+
+    monkeypatch.setattr(knn.Index, "_build", spy)
+    cfg = KnnConfig(index="ivf", ivf_nlist=10, ivf_nprobe=7, dba_nprobe=2)
+    knn.dba(db, 2, 3.0, cfg)
+    knn.search(cfg, db[:5], db, 10)
+    assert built == [2, 7]  # DBA's index at dba_nprobe, the queries' at ivf_nprobe
+
+
+def test_dba_through_ivf_at_full_probe_is_exact_dba():
+    """With every list probed, DBA through IVF finds the exact neighbours: the same result."""
+    rng = np.random.default_rng(9)
+    db = _unit(np.repeat(rng.normal(size=(60, 16)), 5, axis=0) + 0.3 * rng.normal(size=(300, 16)))
+    exact = knn.dba(db, 2, 3.0, KnnConfig(index="exact"))
+    ivf = knn.dba(db, 2, 3.0, KnnConfig(index="ivf", ivf_nlist=12, dba_nprobe=12))
+    np.testing.assert_allclose(ivf, exact, atol=1e-5)
+    ie = knn.dba_neighbours(knn.Index(KnnConfig(index="exact"), knn.Rows(db)), db, np.arange(300), 2)[1]
+    cfg = KnnConfig(index="ivf", ivf_nlist=12)
+    ii = knn.dba_neighbours(knn.Index(cfg, knn.Rows(db), nprobe=12), db, np.arange(300), 2)[1]
+    np.testing.assert_array_equal(ii, ie)
+    assert not (ie == np.arange(300)[:, None]).any()  # self is never its own neighbour
+
+
+@pytest.mark.parametrize("nprobe", [1, 2, 5])
+def test_dba_list_by_list_is_the_ivf_search_result(nprobe):
+    """DBA through IVF computes each list against all rows that probe it, one product per list:
+    the same neighbours as searching every row through the index at that nprobe, the same DBA."""
+    rng = np.random.default_rng(10)
+    db = _unit(np.repeat(rng.normal(size=(80, 16)), 6, axis=0) + 0.4 * rng.normal(size=(480, 16)))
+    cfg = KnnConfig(index="ivf", ivf_nlist=15, dba_nprobe=nprobe)
+    index = knn.Index(cfg, knn.Rows(db), nprobe=nprobe)
+    s1, i1 = knn.neighbours_by_list(index, 2, nprobe)
+    s2, i2 = knn.dba_neighbours(index, db, np.arange(480), 2)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    got = knn.dba(db, 2, 3.0, cfg)
+    expect = knn.l2_normalize(db + np.einsum("nk,nkd->nd", np.clip(s2, 0, None) ** 3.0, knn.Rows(db).take(i2)))
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
+def test_dba_list_by_list_pads_short_lists():
+    rng = np.random.default_rng(11)
+    db = _unit(rng.normal(size=(220, 16)))
+    few = knn.Index(KnnConfig(index="ivf", ivf_nlist=100, ivf_train_per_centroid=0), knn.Rows(db), nprobe=1)
+    lists = few.index.quantizer.assign(db, 1).ravel()
+    sizes = np.bincount(lists, minlength=100)[lists]
+    valid = (knn.neighbours_by_list(few, 3, 1)[1] >= 0).sum(axis=1)
+    np.testing.assert_array_equal(valid, np.minimum(3, sizes - 1))  # short lists: the rest is -1
+    assert (sizes < 4).any()

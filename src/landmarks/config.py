@@ -191,6 +191,9 @@ class KnnConfig:
     hnsw_ef_search: int = ranged(256, "[1, inf)")  # at least 2*k is used
     hnsw_ef_construction: int = ranged(80, "[1, inf)")
     dba_k: int = ranged(2, "[0, 100000]")  # database-side augmentation neighbours (0 = off; hard protocol: 2 > 1 > 0)
+    # IVF nprobe of DBA's neighbour search (0 = ivf_nprobe): DBA needs only the top dba_k; at 1.58 M
+    # recall@2 is 0.81 / 0.955 / 0.98 / 0.99 at nprobe 1 / 2 / 4 / 8 (docs/performance-gldv2.md)
+    dba_nprobe: int = ranged(2, "[0, 16777216]")
     qe_k: int = ranged(0, "[0, 100000]")  # alpha query expansion neighbours (0 = off)
     qe_alpha: float = ranged(3.0, "[0, 1000]")
     dba_alpha: float = ranged(3.0, "[0, 1000]")  # DBA neighbour weights sim**alpha
@@ -384,6 +387,14 @@ class BenchConfig:
     incr_images: int = ranged(
         100, "[2, inf)"
     )  # row 7: images of the extracted set (the data dir's train split) before 1 % is added
+    # row 8 (not in the default rows: an hour at full size): the GLDv2-size dry run after extraction
+    dryrun_train: int = ranged(1_580_000, "[2, 10000000000]")  # row 8: real-like train global descriptors
+    dryrun_test: int = ranged(10_000, "[1, 10000000000]")  # row 8: test images (global + local features)
+    dryrun_features: int = ranged(1000, "[1, 100000]")  # row 8: synthetic local features per test image
+    dryrun_local_gb: float = ranged(
+        12.0, "(0, 1e6]"
+    )  # row 8: disk for the shortlisted train images' local features (fewer per image when more are needed)
+    dryrun_dir: str = ""  # row 8: its inputs and outputs ("" = WORK_DIR/bench/dryrun; kept for a rerun)
 
 
 @dataclass

@@ -134,6 +134,12 @@ def ivf_nlist(cfg, n: int) -> int:
     return max(1, min(nlist, n))
 
 
+def dba_nprobe(cfg, n: int) -> int:
+    """IVF nprobe of DBA's neighbour search at n rows: knn.dba_nprobe (0 = knn.ivf_nprobe), at most nlist."""
+    want = int(getattr(cfg, "dba_nprobe", 0)) or int(cfg.ivf_nprobe)
+    return max(1, min(want, ivf_nlist(cfg, n)))
+
+
 def describe_choice(cfg, n: int) -> str:
     """One line: which index the database of n rows gets, and why."""
     kind = choose_index(cfg, n)
@@ -146,6 +152,8 @@ def describe_choice(cfg, n: int) -> str:
     if kind == "ivf":
         nlist = ivf_nlist(cfg, n)
         extra = f", IVF-Flat nlist {nlist} nprobe {min(cfg.ivf_nprobe, nlist)}"
+        if int(getattr(cfg, "dba_k", 0)) > 0:
+            extra += f", DBA nprobe {dba_nprobe(cfg, n)}"
     elif kind == "hnsw":
         extra = f", HNSW-Flat M {cfg.hnsw_m} efSearch >= {cfg.hnsw_ef_search}"
     return f"index {kind} ({why}{extra})"
@@ -248,8 +256,8 @@ class Index:
     """A searchable database: `kind` exact / numpy search the Rows themselves (no copy; blocks of
     a file-backed matrix), ivf / hnsw build a faiss index from its blocks."""
 
-    def __init__(self, cfg, db: Rows, kind: str | None = None):
-        self.cfg, self.db = cfg, db
+    def __init__(self, cfg, db: Rows, kind: str | None = None, nprobe: int | None = None):
+        self.cfg, self.db, self.nprobe = cfg, db, nprobe
         self.kind = kind or choose_index(cfg, db.n)
         self.index = None
         if self.kind in ("ivf", "hnsw"):
@@ -264,7 +272,7 @@ class Index:
             nlist = ivf_nlist(cfg, db.n)
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(ivf_sample(db, nlist, cfg.ivf_train_per_centroid))
-            index.nprobe = min(cfg.ivf_nprobe, nlist)
+            index.nprobe = min(self.nprobe or cfg.ivf_nprobe, nlist)
             _fill_ivf(index, db)
             return index
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -339,6 +347,66 @@ def _weighted_sum(base: np.ndarray, db: Rows, sims: np.ndarray, idx: np.ndarray,
     return l2_normalize(base + agg)
 
 
+def dba_neighbours(index: Index, rows: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, idx) [n, k] of the k nearest other database rows of `rows` (database rows `own`):
+    k + 1 searched, self dropped from whichever column it sits in."""
+    s, i = index.search(rows, min(k + 1, index.db.n))
+    order = np.argsort(i == np.asarray(own)[:, None], axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+def neighbours_by_list(index: Index, k: int, nprobe: int, step: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, idx) [n, k] of every database row's k nearest other rows through its IVF index at
+    `nprobe`: the candidates are the lists of the row's nprobe nearest centroids, exactly as an
+    IVF search of the rows themselves would scan them, but computed list by list: each list meets
+    all the rows that probe it in one matrix product (BLAS speed), where the search scans the list
+    once per row (memory bandwidth: ~22 ms per row at nprobe 64 and 1.58 M rows).  Ordered by
+    similarity desc, ties by index asc; missing neighbours are idx -1."""
+    faiss = _faiss()
+    ivf, d, n = index.index, index.db.d, index.db.n
+    inv, nlist, nprobe = ivf.invlists, ivf.nlist, max(1, min(int(nprobe), ivf.nlist))
+    sizes = [int(inv.list_size(lst)) for lst in range(nlist)]
+    codes, ids = [], []
+    home, off = np.empty(n, np.int64), np.empty(n, np.int64)
+    for lst, m in enumerate(sizes):  # views of the index's own lists (no copy)
+        x = faiss.rev_swig_ptr(inv.get_codes(lst), m * d * 4).view(np.float32).reshape(m, d) if m else None
+        i = faiss.rev_swig_ptr(inv.get_ids(lst), m).copy() if m else np.zeros(0, np.int64)
+        codes.append(x)
+        ids.append(i)
+        home[i], off[i] = lst, np.arange(m)
+    probe = home[:, None]
+    if nprobe > 1:  # each row's nearest centroids, as the search's quantizer picks them
+        probe = np.empty((n, nprobe), np.int64)
+        for lst, m in enumerate(sizes):
+            if m:
+                probe[ids[lst]] = ivf.quantizer.search(codes[lst], nprobe)[1]
+    order = np.argsort(probe.ravel(), kind="stable")
+    bounds = np.searchsorted(probe.ravel()[order], np.arange(nlist + 1))
+    best_s, best_i = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+    for lst, m in enumerate(sizes):
+        rows_all = order[bounds[lst] : bounds[lst + 1]] // probe.shape[1]
+        if not m or not len(rows_all):
+            continue
+        for a in range(0, len(rows_all), step):
+            rows = rows_all[a : a + step]
+            xq = np.empty((len(rows), d), np.float32)
+            for h in np.unique(home[rows]).tolist():
+                sel = home[rows] == h
+                xq[sel] = codes[h][off[rows[sel]]]
+            g = xq @ codes[lst].T
+            mine = np.flatnonzero(home[rows] == lst)
+            g[mine, off[rows[mine]]] = -np.inf  # a row is not its own neighbour
+            c = min(m, k + TIE_MARGIN)  # boundary ties resolved by index, as in the search
+            cand = np.argpartition(-g, c - 1, axis=1)[:, :c] if c < m else np.broadcast_to(np.arange(m), g.shape)
+            cand_i = np.where(np.isneginf(np.take_along_axis(g, cand, 1)), -1, ids[lst][cand])
+            best_s[rows], best_i[rows] = _sort_rows(
+                np.concatenate([best_s[rows], np.take_along_axis(g, cand, 1)], 1),
+                np.concatenate([best_i[rows], cand_i], 1),
+                k,
+            )
+    return np.where(best_i < 0, 0.0, best_s).astype(np.float32), best_i
+
+
 def dba(db, k: int, alpha: float = 3.0, cfg=None, out: str | Path | None = None):
     """Database-side augmentation: each row becomes the sim**alpha-weighted sum of itself and
     its k nearest other database rows, re-normalised (pulls views of one landmark together).
@@ -352,19 +420,25 @@ def dba(db, k: int, alpha: float = 3.0, cfg=None, out: str | Path | None = None)
         return db if rows_in else rows.array
     cfg = cfg or KnnConfig(index="exact")
     kk = min(k + 1, rows.n)
-    index = Index(cfg, rows)
+    index = Index(cfg, rows, nprobe=dba_nprobe(cfg, rows.n))
     writer = RowsWriter(rows.n, rows.d, out if rows.array is None else None)
+    by_list = None
+    if index.kind == "ivf":  # the IVF search's neighbours, one matrix product per list
+        t0 = time.perf_counter()
+        by_list = neighbours_by_list(index, kk - 1, index.index.nprobe)
+        log.info(
+            "knn: DBA neighbours list by list (IVF nprobe %d) in %.0f s", index.index.nprobe, time.perf_counter() - t0
+        )
     t0 = time.perf_counter()
     for a in range(0, rows.n, DBA_BLOCK):
         if a:  # progress of a long DBA (1.58 M rows: hours on a small machine)
             rate = a / max(time.perf_counter() - t0, 1e-9)
             log.info("knn: DBA %d / %d rows (%.0f rows/s, %.1f min left)", a, rows.n, rate, (rows.n - a) / rate / 60)
         blk = rows.block(a, a + DBA_BLOCK)
-        s, i = index.search(blk, kk)
-        own = np.arange(a, a + len(blk))[:, None]
-        # drop self (whichever column it sits in), keep k others
-        order = np.argsort(i == own, axis=1, kind="stable")[:, : kk - 1]
-        s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+        if by_list is None:
+            s, i = dba_neighbours(index, blk, np.arange(a, a + len(blk)), kk - 1)
+        else:
+            s, i = by_list[0][a : a + len(blk)], by_list[1][a : a + len(blk)]
         writer.write(_weighted_sum(blk, rows, s, i, alpha))
     del index
     res = writer.close()

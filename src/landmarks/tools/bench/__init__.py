@@ -15,6 +15,8 @@ each runs on its own, a failing row prints its error and the others go on):
 6. ``verification``: time per test image at N = 1 k and 1.58 M synthetic train ids (flat: one id
    index per stage).
 7. ``incremental``: time to add 1 % of rows to an extracted set vs extracting it all.
+8. ``dryrun``: the GLDv2-size dry run after extraction (whiten, knn + DBA, verify, predict), wall s
+   and peak RSS per stage (not in the default rows: ``--rows 8``).
 
 ``scale`` computes the "GLDv2 scale on paper" section from the measured rows; ``driver`` runs
 the rows and writes the report; ``common`` holds the shared helpers.  Every timing is the median

@@ -11,12 +11,21 @@ import time
 import traceback
 from pathlib import Path
 
-from landmarks.tools.bench import data_layer, e2e, extraction, incremental, matching, retrieval, verification
+from landmarks.tools.bench import data_layer, dryrun, e2e, extraction, incremental, matching, retrieval, verification
 from landmarks.tools.bench.common import cpu_info, gb, model_meta, versions
 from landmarks.tools.bench.scale import scale_section
 from landmarks.utils import LandmarksError, atomic_path, log
 
-_MODULES = {1: extraction, 2: matching, 3: retrieval, 4: e2e, 5: data_layer, 6: verification, 7: incremental}
+_MODULES = {
+    1: extraction,
+    2: matching,
+    3: retrieval,
+    4: e2e,
+    5: data_layer,
+    6: verification,
+    7: incremental,
+    8: dryrun,
+}
 ROW_TITLES = {i: m.TITLE for i, m in _MODULES.items()}
 # row -> (measure(cfg, data_dir, work_dir, model_dir) -> dict, markdown(result) -> lines)
 ROWS = {
@@ -27,6 +36,7 @@ ROWS = {
     5: (data_layer.row_data, data_layer.markdown),
     6: (verification.row_verify, verification.markdown),
     7: (incremental.row_incremental, incremental.markdown),
+    8: (dryrun.row_dryrun, dryrun.markdown),
 }
 
 
@@ -52,6 +62,9 @@ def quick_config(bc):
     q.verify_test_images = 8
     q.incr_images = 8
     q.knn_stream_n = min(bc.knn_stream_n, 5000)
+    q.dryrun_train = min(bc.dryrun_train, 5000)
+    q.dryrun_test = min(bc.dryrun_test, 50)
+    q.dryrun_features = min(bc.dryrun_features, 100)
     return q
 
 

@@ -217,6 +217,7 @@ def row_extraction(cfg, data_dir, work_dir, model_dir) -> dict:
         "scales": list(scales),
         "backbone": None,
         "folded": (meta or {}).get("fold_batchnorm"),
+        "model": f"{model_dir} ({(meta or {}).get('kind', 'kind unknown')})",  # what `make predict` uses by default
         "group": GROUP,
     }
     timers = {"pipe": lambda rows, g: pipeline(rows, f"g{g}"), "model": lambda rows, g: model_only(rows)}
@@ -243,7 +244,8 @@ def markdown(r: dict) -> list[str]:
     L = [
         f"Images: {r['n']} train images of the data dir, mean input {r['mpix']:.3f} MP after max_image_size, "
         f"scales {r['scales']}; {r['feat_per_img']:.0f} local features/image; TF threads = all cores, one process; "
-        f"the methods take turns on each group of {r.get('group', 'all')} images (the pipeline writes a shard per group).",
+        f"the methods take turns on each group of {r.get('group', 'all')} images (the pipeline writes a shard per group). "
+        f"Model: {r.get('model', 'not recorded')}.",
         "",
         "| measurement | images/s | s/image | ratio to backbone |",
         "|---|---|---|---|",

@@ -18,19 +18,42 @@ import numpy as np
 
 from landmarks import knn
 from landmarks.config import KnnConfig, load_config
-from landmarks.store import FeatureStore, shard_name, write_shard
+from landmarks.store import FeatureStore, LocalFeatures, shard_name, write_shard
 from landmarks.tools.bench.common import in_child, realistic_descriptors
 from landmarks.utils.layout import WorkLayout
 
 
+def synthetic_local(rng: np.random.Generator, n_feat: int, dim: int = 128) -> LocalFeatures:
+    """Random local features of one image (unit descriptors: RANSAC finds no model and runs its
+    full iterations, the slow case of verification)."""
+    desc = rng.standard_normal((n_feat, dim), np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    return LocalFeatures(
+        rng.uniform(0, 800, (n_feat, 2)).astype(np.float32),
+        desc,
+        np.ones(n_feat, np.float32),
+        rng.random(n_feat, np.float32),
+    )
+
+
 def write_store(
-    directory: str | Path, real: np.ndarray, n: int, seed: int, noise: float = 1.0, shard_rows: int = 5000, prefix="tr"
+    directory: str | Path,
+    real: np.ndarray,
+    n: int,
+    seed: int,
+    noise: float = 1.0,
+    shard_rows: int = 5000,
+    prefix="tr",
+    local: int = 0,
 ) -> Path:
     """N real-like unit descriptors as shards of `shard_rows` global-only rows (ids prefix + hex,
-    CSV order = row order), generated chunk by chunk; kept when complete.json matches."""
+    CSV order = row order), generated chunk by chunk; kept when complete.json matches.
+    `local` > 0: each row also gets that many synthetic local features (a test split)."""
 
     directory = Path(directory)
     want = {"n": int(n), "seed": int(seed), "noise": float(noise), "rows": int(shard_rows), "real": real.shape}
+    if local:
+        want["local"] = int(local)
     want = json.loads(json.dumps(want))
     marker = directory / "complete.json"
     if marker.exists() and json.loads(marker.read_text()) == want:
@@ -49,8 +72,9 @@ def write_store(
         x = real[rng.integers(0, len(real), b - a)] + (rng.standard_normal((b - a, len(std)), np.float32) * std) @ vt
         x += rng.standard_normal(x.shape, np.float32) * iso
         x /= np.linalg.norm(x, axis=1, keepdims=True)
+        lf = [synthetic_local(rng, int(local)) for _ in range(b - a)] if local else None
         write_shard(
-            directory / shard_name(s, shards), [f"{prefix}{i:014x}" for i in range(a, b)], x, None, order=range(a, b)
+            directory / shard_name(s, shards), [f"{prefix}{i:014x}" for i in range(a, b)], x, lf, order=range(a, b)
         )
     marker.write_text(json.dumps(want))
     return directory
@@ -146,20 +170,63 @@ def graph(real: np.ndarray, n: int, queries: int = 1000, k: int = 100) -> dict:
     }
 
 
+def dba_probe(
+    train_dir: str | Path, scratch: str | Path, nprobes=(1, 2, 4, 8, 16, 64), sample: int = 1000, k: int = 2
+) -> dict:
+    """DBA's neighbour search at the size of a train store: recall of the k nearest other rows
+    (``knn.dba_neighbours``, as DBA asks them) through IVF-Flat at each nprobe against exact
+    search, on `sample` random rows, with ms per query and the DBA search time that implies for
+    all N rows.  `scratch` holds the train matrix as a float32 file (kept for a rerun)."""
+    import resource
+
+    store = FeatureStore(train_dir)
+    n, d = store.global_shape()
+    path = Path(scratch) / "train.f32"
+    if not path.exists() or path.stat().st_size != n * d * 4:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        store.write_global_matrix(path)
+    rows = knn.Rows(path=path, shape=(n, d))
+    own = np.sort(np.random.default_rng(0).choice(n, min(sample, n), replace=False))
+    q = rows.take(own)
+    t = time.perf_counter()
+    _, ie = knn.dba_neighbours(knn.Index(KnnConfig(index="exact"), rows), q, own, k)
+    out = {"n": n, "sample": len(own), "k": k, "exact_ms_per_q": 1e3 * (time.perf_counter() - t) / len(own)}
+    cfg = KnnConfig(index="ivf")
+    t = time.perf_counter()
+    index = knn.Index(cfg, rows)
+    out["ivf_build_s"], out["nlist"], out["probes"] = time.perf_counter() - t, knn.ivf_nlist(cfg, n), []
+    for p in nprobes:
+        index.index.nprobe = min(int(p), out["nlist"])
+        t = time.perf_counter()
+        _, ii = knn.dba_neighbours(index, q, own, k)
+        ms = 1e3 * (time.perf_counter() - t) / len(own)
+        rec = _recall(ie, ii, k)
+        out["probes"].append({"nprobe": int(p), "recall": rec, "ms_per_q": ms, "dba_search_min": ms * n / 6e4})
+        print(json.dumps(out["probes"][-1]), flush=True)
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
 def _recall(exact: np.ndarray, got: np.ndarray, k: int) -> float:
     return float(np.mean([len(np.intersect1d(a[:k], b[:k])) for a, b in zip(exact, got)]) / k)
 
 
 def main(argv=None) -> int:
     """python -m landmarks.tools.bench.gldv2 {crossover,graph} --work-dir W N [N ...]: one JSON line per N,
-    each N in a fresh process (clean peak RSS)."""
+    each N in a fresh process (clean peak RSS).  ``dba --train DIR --scratch DIR P [P ...]``: DBA's
+    neighbour recall and time at each IVF nprobe P on a written train store (``dba_probe``)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m landmarks.tools.bench.gldv2")
-    p.add_argument("what", choices=["crossover", "graph"])
-    p.add_argument("sizes", type=int, nargs="+")
+    p.add_argument("what", choices=["crossover", "graph", "dba"])
+    p.add_argument("sizes", type=int, nargs="+", help="N (crossover, graph) or nprobe values (dba)")
     p.add_argument("--work-dir", default="work", help="work dir whose stored features seed the data")
+    p.add_argument("--train", default="", help="dba: the train feature store (e.g. written by write_store)")
+    p.add_argument("--scratch", default="", help="dba: where the float32 train matrix is written")
     a = p.parse_args(argv)
+    if a.what == "dba":
+        print(json.dumps(in_child(dba_probe, a.train, a.scratch, tuple(a.sizes))), flush=True)
+        return 0
     real = real_descriptors(a.work_dir)
     fn = crossover if a.what == "crossover" else graph
     for n in a.sizes:
