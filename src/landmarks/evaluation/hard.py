@@ -1285,14 +1285,13 @@ def write_report(cfg, work_dir: Path, pool, splits, results, model_dir, echo: bo
     gap_lines = _gap_lines(cfg, pool, splits, results, model_dir)
     sep_lines, summary = _separation_lines(results)
     lm_lines, lm_tables = _landmark_lines(pool, splits, results)
-    lines = gap_lines + _rank_lines(splits, results) + _recall_lines(cfg, splits, results) + sep_lines + lm_lines
-
     lines = (
         gap_lines
         + _rank_lines(splits, results)
         + _recall_lines(cfg, splits, results)
         + sep_lines
         + _paired_lines(results)
+        + lm_lines
     )
     out = work_dir / "report.md"
     with atomic_path(out) as tmp:
