@@ -199,3 +199,33 @@ def test_whiten_and_knn_stages_with_lw_and_query_transform(tmp_path):
     cfg.whiten.positives = "mined"  # another setting: its own file, no labels needed
     out2 = whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg))
     assert out2 != out and out2.exists()
+
+
+def test_label_positives_are_learned_from_a_seeded_sample_of_a_big_train_split(tmp_path, monkeypatch, caplog):
+    """Above whiten.LABEL_SAMPLE train images (GLDv2), Lw learns from a seeded sample with its own
+    labels: the labels follow the sampled ids, and the fit is the one of that sample."""
+    rng = np.random.default_rng(3)
+    x, labels = _landmarks(rng, 20, 4)
+    q = _unit(x[::4] + 0.05 * rng.normal(size=(20, D)))
+    data_dir = _dataset(tmp_path, x, labels, q)
+    work = WorkLayout(tmp_path)
+    cfg = Config()
+    cfg.whiten.global_lw = True
+    monkeypatch.setattr(whiten, "LABEL_SAMPLE", 50)
+    seen = {}
+    real = whiten.fit_global_learned
+
+    def spy(cfg_, xs, ls):
+        seen["x"], seen["labels"] = xs, ls
+        return real(cfg_, xs, ls)
+
+    monkeypatch.setattr(whiten, "fit_global_learned", spy)
+    caplog.set_level("INFO", logger="landmarks.whiten")
+    whiten.run_whiten(cfg, work.features("train"), work.whiten(cfg), data_dir)
+    assert "seeded sample of 50 of 80" in caplog.text
+    assert seen["x"].shape == (50, D) and len(seen["labels"]) == 50
+    # each sampled row keeps its own label: rows of one label are the same landmark (near each other)
+    xs, ls = np.asarray(seen["x"]), np.asarray(seen["labels"])
+    same = [xs[i] @ xs[j] for i in range(50) for j in range(i + 1, 50) if ls[i] == ls[j]]
+    other = [xs[i] @ xs[j] for i in range(50) for j in range(i + 1, 50) if ls[i] != ls[j]]
+    assert same and np.mean(same) > np.mean(other) + 0.3
