@@ -146,7 +146,7 @@ def test_rows_are_independent_and_selectable(tmp_path, dataset, tiny_model, monk
 def test_parse_rows_and_bad_input(tmp_path, small_cfg):
     assert bench.parse_rows("3,1, 3") == [1, 3]
     assert bench.parse_rows((2, 5)) == [2, 5]
-    for bad in ("8", "a,b", ""):
+    for bad in ("9", "a,b", ""):
         with pytest.raises(LandmarksError, match="rows"):
             bench.parse_rows(bad)
     with pytest.raises(ConfigError, match="knn_approx"):  # an unknown choice fails when the config loads
@@ -228,8 +228,8 @@ def test_gldv2_dry_run_runs_the_stages_after_extraction(tmp_path):
     real = rng.normal(size=(30, 16)).astype(np.float32)
     r = dryrun.dry_run(tmp_path, real, 300, 6, 20, local_gb=300 * 20 * dryrun.LOCAL_BYTES / 2 / 1e9)
     by = {s["stage"]: s for s in r["stages"]}
-    assert list(by) == ["whiten", "knn", "verify", "predict"] and by["whiten"]["off"]
-    for name in ("knn", "verify", "predict"):
+    assert list(by) == ["whiten", "knn", "verify", "predict"] and "off" not in by["whiten"]  # Lw: on
+    for name in ("whiten", "knn", "verify", "predict"):
         assert by[name]["wall_s"] > 0 and by[name]["peak_rss"] > 1e7, by[name]
     z = load_npz(by["knn"]["out"])
     short = {str(z["train_ids"][j]) for j in np.unique(z["idx"][:, :20])}
@@ -240,4 +240,4 @@ def test_gldv2_dry_run_runs_the_stages_after_extraction(tmp_path):
     sub = (tmp_path / "submission.csv").read_text().splitlines()
     assert sub[0].startswith("id,") and len(sub) == 7
     md = "\n".join(dryrun.markdown(r))
-    assert "| knn |" in md and "| whiten | off" in md and "300 train x 6 test" in dryrun.summary(r)
+    assert "| knn |" in md and "| whiten |" in md and "300 train x 6 test" in dryrun.summary(r)

@@ -19,6 +19,7 @@ from landmarks.local_features import ensure_local
 from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, load_index, write_shard
 from landmarks.utils import LandmarksError, cache
 from landmarks.utils.layout import WorkLayout
+from plain import plain_config
 
 
 def _path(root, split, i):
@@ -181,7 +182,7 @@ def _flip(path: Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate, _flip])
 def test_damaged_stage_outputs_are_reported_and_redone(tmp_path, caplog, damage):
     _stores(tmp_path)
-    cfg = Config()
+    cfg = plain_config()
     cfg.knn.k = 5
     cfg.verify.num_to_rerank = 3
     cfg.whiten.global_pca = True

@@ -72,7 +72,9 @@ def test_exported_model_loads_in_a_fresh_process(tiny_model):
 
 def test_default_model_metadata(default_model):
     meta = json.loads((default_model / "landmarks_model.json").read_text())
-    assert meta["receptive_field"] == {"size": 339, "stride": 16, "padding": 154.0}
+    # the default backbone, EfficientNet-Lite2: its stride-16 local block (block14_add) sees 475 px
+    assert meta["backbone"] == "efficientnet_lite2"
+    assert meta["receptive_field"] == {"size": 475, "stride": 16, "padding": 222.0}
     assert meta["local_projection"] == "block10" and meta["preprocess"] == "tf127"
     assert meta["fold_batchnorm"] is True
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from landmarks import knn, whiten
-from landmarks.config import Config, KnnConfig
+from landmarks.config import KnnConfig
 from landmarks.store import load_npz, write_shard
 from landmarks.utils import LandmarksError
 from landmarks.utils.layout import WorkLayout
+from plain import plain_config
 
 
 def _unit(x):
@@ -105,7 +106,7 @@ def _run_knn(cfg, root):
 
 def test_run_knn_writes_and_skips(tmp_path):
     _stores(tmp_path)
-    cfg = Config()
+    cfg = plain_config()
     cfg.knn.k = 5
     out = _run_knn(cfg, tmp_path)
     z = load_npz(out)
@@ -125,7 +126,7 @@ def test_run_knn_writes_and_skips(tmp_path):
 def test_run_knn_redoes_stale_output(tmp_path):
     """Same settings, other train features: the file's input fingerprint no longer matches."""
     tr, _ = _stores(tmp_path)
-    cfg = Config()
+    cfg = plain_config()
     out = _run_knn(cfg, tmp_path)
     first = load_npz(out)["sims"]  # nearest train row of te<i> is tr<i>
     write_shard(
@@ -142,7 +143,7 @@ def test_run_knn_redoes_stale_output(tmp_path):
 
 def test_run_knn_with_whitening_dba_qe(tmp_path):
     _stores(tmp_path, n_train=60, dim=16)
-    cfg = Config()
+    cfg = plain_config()
     cfg.knn.k = 3
     cfg.knn.dba_k = 2
     cfg.knn.qe_k = 1
@@ -154,7 +155,7 @@ def test_run_knn_with_whitening_dba_qe(tmp_path):
 
 def test_knn_needs_the_whiten_stage_when_whitening_is_on(tmp_path):
     _stores(tmp_path, n_train=60, dim=16)
-    cfg = Config()
+    cfg = plain_config()
     cfg.whiten.global_pca = True
     work = WorkLayout(tmp_path)
     with pytest.raises(LandmarksError, match="landmarks whiten"):
@@ -220,7 +221,7 @@ def test_file_backed_train_matrix_gives_the_in_memory_result(tmp_path, monkeypat
             order=rows,
         )
     write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", [f"te{i:03d}" for i in range(20)], te, None)
-    cfg = Config()
+    cfg = plain_config()
     cfg.knn.k, cfg.knn.dba_k, cfg.knn.qe_k = 10, 2, 1
     z1 = load_npz(_run_knn_at(cfg, tmp_path, "a"))
     monkeypatch.setattr(knn, "FILE_BLOCK", 64)

@@ -9,6 +9,7 @@ from landmarks import verify
 from landmarks.config import ConfigError, VerifyConfig, load_config
 from landmarks.store import FeatureMaps, LocalFeatures, maps_keys, read_maps, write_maps
 from landmarks.utils import LandmarksError
+from plain import plain_config
 
 
 def _pool2(x: np.ndarray) -> np.ndarray:
@@ -125,7 +126,6 @@ def test_nbb_on_lite0_maps_of_a_shifted_photo():
 def test_run_verify_stage_with_nbb(tmp_path, planted_pair):
     """The verify stage with verify.matcher=nbb reads the maps files beside the shards (named by the
     maps fingerprint): the true pairs get many inliers, the others few; no maps -> the stage to run."""
-    from landmarks.config import Config
     from landmarks.delg.featuremaps import maps_fingerprint
     from landmarks.store import load_npz, write_shard
     from test_verify import run_knn_verify
@@ -140,7 +140,7 @@ def test_run_verify_stage_with_nbb(tmp_path, planted_pair):
     lf = [planted_pair(rng, n=30, shared=5)[0] for _ in range(5)]
     write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", list(train), g.astype(np.float32), lf[:3])
     write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", list(test), g[:2].astype(np.float32), lf[3:])
-    cfg = Config()
+    cfg = plain_config()
     cfg.knn.k = 3
     cfg.verify.num_to_rerank = 3
     cfg.verify.jobs = 1
@@ -166,11 +166,10 @@ def test_ensure_maps_extracts_once_and_redoes_a_replaced_image(tmp_path):
     from PIL import Image
     from skimage import data as skdata
 
-    from landmarks.config import Config
     from landmarks.local_features import ensure_maps
     from landmarks.utils import cache
 
-    cfg = Config()
+    cfg = plain_config()
     cfg.verify.matcher = "nbb"
     cfg.verify.nbb_image_size = 128
     paths = []
@@ -199,12 +198,11 @@ def test_hard_scorer_verifies_nbb_pairs_on_the_pool_maps(shifted_maps, monkeypat
     once (the pair cache answers the second time)."""
     from types import SimpleNamespace
 
-    from landmarks.config import Config
     from landmarks.delg.featuremaps import maps_fingerprint
     from landmarks.evaluation import hard
 
     a, b, other = shifted_maps
-    cfg = Config()
+    cfg = plain_config()
     cfg.verify.matcher = "nbb"
     cfg.verify.nbb_min_activation = 0.0
     cfg.verify.reproj_threshold = 1.0

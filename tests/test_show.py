@@ -12,6 +12,7 @@ from landmarks.datasets.data import image_path
 from landmarks.store import LocalFeatures, write_shard
 from landmarks.tools import show
 from landmarks.utils import LandmarksError
+from plain import PLAIN
 
 H = np.array([[0.9, 0.05, 15.0], [-0.05, 0.95, 10.0], [1e-4, 0.0, 1.0]])
 
@@ -63,14 +64,14 @@ def make_case_data(tmp_path, small_cfg):
     write_shard(work / "features/train/shard-00000-of-00001.h5", [t[0] for t in train], g, tr_local)
     write_shard(work / "features/test/shard-00000-of-00001.h5", [t[0] for t in test], te_g, te_local)
     pipeline.run_after_features(
-        small_cfg("verify.mutual_min_sim=0.5"), data, work, None, tmp_path / "submission.csv"
+        small_cfg("verify.mutual_min_sim=0.5", *PLAIN), data, work, None, tmp_path / "submission.csv"
     )  # show reads the outputs
     return data, work
 
 
 def test_show_case_png_and_inliers(tmp_path, small_cfg):
     data, work = make_case_data(tmp_path, small_cfg)
-    cfg = small_cfg("verify.mutual_min_sim=0.5")
+    cfg = small_cfg("verify.mutual_min_sim=0.5", *PLAIN)
     case = show.load_case(cfg, data, work, tmp_path / "no-model", "c0" * 8, top=3)
     assert [c.train_id for c in case.candidates][0] == "a0" * 8
     first = case.candidates[0]
@@ -117,6 +118,7 @@ def test_cli_show_and_unknown_id(tmp_path, capsys, small_cfg):
         "verify.jobs=1",
         "--set",
         "verify.mutual_min_sim=0.5",
+        *(a for kv in PLAIN for a in ("--set", kv)),
     ]
     assert cli.main(["show", "d0" * 8, *common]) == 0
     png = work / "show" / f"{'d0' * 8}.png"
@@ -132,7 +134,7 @@ def test_cli_show_and_unknown_id(tmp_path, capsys, small_cfg):
     # --docs picks the correct, verified example
     assert cli.main(["show", "--docs", *common, "--out", str(tmp_path / "docs" / "ex.png")]) == 0
     assert (tmp_path / "docs" / "ex.png").exists()
-    assert show.pick_docs_example(small_cfg("verify.mutual_min_sim=0.5"), data, work, None) == "c0" * 8
+    assert show.pick_docs_example(small_cfg("verify.mutual_min_sim=0.5", *PLAIN), data, work, None) == "c0" * 8
 
 
 def test_test_id_without_features_is_explained(tmp_path, small_cfg):
@@ -143,12 +145,12 @@ def test_test_id_without_features_is_explained(tmp_path, small_cfg):
         data / "sample_submission.csv", index=False
     )
     with pytest.raises(LandmarksError, match="has no features"):
-        show.load_case(small_cfg("verify.mutual_min_sim=0.5"), data, work, None, extra)
+        show.load_case(small_cfg("verify.mutual_min_sim=0.5", *PLAIN), data, work, None, extra)
 
 
 def test_tables_and_data_plots(tmp_path, small_cfg):
     data, work = make_case_data(tmp_path, small_cfg)
-    cfg = small_cfg("verify.mutual_min_sim=0.5")
+    cfg = small_cfg("verify.mutual_min_sim=0.5", *PLAIN)
     table = show.predictions_table(cfg, data, work, None)
     assert set(table["id"]) == {"c0" * 8, "d0" * 8}
     row = table.set_index("id").loc["c0" * 8]

@@ -257,7 +257,8 @@ def test_ctrl_c_says_what_is_kept_without_traceback(data, tmp_path, monkeypatch,
     (work / "features" / "test").mkdir(parents=True)
     for i in range(2):
         (work / "features" / "train" / f"shard-{i:05d}-of-00004.h5").write_bytes(b"")
-    rc = cli.main(["knn", "--data-dir", str(data), "--work-dir", str(work), "--model", str(fake_model)])
+    knn_alone = ["--set", "whiten.global_lw=false"]  # no whiten stage run first
+    rc = cli.main(["knn", "--data-dir", str(data), "--work-dir", str(work), "--model", str(fake_model), *knn_alone])
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err.count("\n") == 0, err
     assert err.startswith("interrupted during knn") and "rerun the same command to resume" in err

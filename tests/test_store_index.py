@@ -7,9 +7,9 @@ import os
 import numpy as np
 
 from landmarks import knn, store, verify
-from landmarks.config import Config
 from landmarks.store import INDEX_NAME, FeatureStore, LocalFeatures, load_index, load_npz, write_shard
 from landmarks.utils.layout import WorkLayout
+from plain import plain_config
 
 
 def _unit(x):
@@ -79,7 +79,7 @@ def test_verify_builds_each_index_once_per_stage(tmp_path, monkeypatch):
         te_g,
         [_lf(rng) for _ in range(n_test)],
     )
-    cfg = Config()
+    cfg = plain_config()
     cfg.knn.k = 5
     cfg.verify.num_to_rerank = 3
     work = WorkLayout(tmp_path)

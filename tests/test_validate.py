@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from landmarks import pipeline
-from landmarks.config import Config
 from landmarks.evaluation import validate
 from landmarks.store import write_shard
 from landmarks.utils import LandmarksError
+from plain import plain_config
 
 
 def test_validate_global_only(tmp_path, capsys, make_dataset):
     data, work = make_dataset(tmp_path)
-    cfg = Config()
+    cfg = plain_config()
     cfg.verify.enabled = False
     sub = pipeline.run_after_features(cfg, data, work, tmp_path / "model", tmp_path / "sub.csv")
     out = validate.run_validate(cfg, data, work, tmp_path / "model", sub)
@@ -50,7 +50,7 @@ def test_validate_with_verification_and_options(tmp_path, make_dataset, planted_
     write_shard(
         work / "features/test/shard-00000-of-00001.h5", te_ids, te, q_local, failures=[("fail0001", "unreadable image")]
     )
-    cfg = Config()
+    cfg = plain_config()
     cfg.verify.jobs = 1
     cfg.verify.mutual_min_sim = 0.5
     cfg.knn.qe_k = 1

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from landmarks import knn, verify, whiten
-from landmarks.config import Config, VerifyConfig
+from landmarks.config import VerifyConfig
 from landmarks.store import load_npz, write_shard
 from landmarks.utils import LandmarksError
 from landmarks.utils.layout import WorkLayout
+from plain import plain_config
 
 
 def _unit(x):
@@ -95,7 +96,7 @@ def test_run_verify_stage(tmp_path, planted_pair):
     te_g = _unit(tr_g[:3] + 0.05 * rng.normal(size=(3, 8)))
     write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", [f"tr{i}" for i in range(6)], tr_g, trains)
     write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", [f"te{i}" for i in range(3)], te_g, queries)
-    cfg = Config()
+    cfg = plain_config()
     cfg.knn.k = 4
     cfg.verify.num_to_rerank = 3
     cfg.verify.mutual_min_sim = 0.5
@@ -125,7 +126,7 @@ def test_verify_asks_for_the_local_features_stage(tmp_path, planted_pair):
     write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", ["tr0", "tr1"], g, None)
     write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", ["te0"], g[:1], [pair[0]])
     with pytest.raises(LandmarksError, match="2 train images to compare have no local features.*local-features"):
-        run_knn_verify(Config(), tmp_path)
+        run_knn_verify(plain_config(), tmp_path)
 
 
 def test_local_pca_whitening_keeps_planted_matches(tmp_path, planted_pair):
@@ -139,7 +140,7 @@ def test_local_pca_whitening_keeps_planted_matches(tmp_path, planted_pair):
     g = _unit(rng.normal(size=(2, 8)))
     write_shard(tmp_path / "features/train/shard-00000-of-00001.h5", ["tr0", "tr1"], g, [p[1] for p in pairs])
     write_shard(tmp_path / "features/test/shard-00000-of-00001.h5", ["te0", "te1"], g, [p[0] for p in pairs])
-    cfg = Config()
+    cfg = plain_config()
     cfg.whiten.local_pca = True
     cfg.whiten.local_pca_dim = 64
     cfg.verify.jobs = 1
