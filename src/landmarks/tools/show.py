@@ -463,6 +463,11 @@ def render_case(case: Case, out: str | Path, dpi: int = 90, colors: int = 0) -> 
     fig.suptitle(title, fontsize=14, color=color, y=1 - 0.1 / height)
     if case.notes:
         fig.text(0.5, 0.002, "; ".join(dict.fromkeys(case.notes)), ha="center", fontsize=8, color="#555555")
+    return save_png(fig, out, dpi, colors)
+
+
+def save_png(fig, out, dpi: int, colors: int) -> Path:
+    """Write `fig` to `out` atomically; `colors` > 0 quantises it to that many colours (small docs PNGs)."""
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
@@ -613,16 +618,7 @@ def render_hard_cases(split_name: str, setting: str, cases: list[HardCase], out,
             axes[r, 0].set_axis_off()
     fig.suptitle(f"hard split {split_name!r}, {setting}: the {len(cases)} worst cases", fontsize=12)
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        if colors > 0:
-            from PIL import Image
-
-            with Image.open(tmp) as im:
-                small = im.convert("RGB").quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT)
-            small.save(tmp, format="PNG", optimize=True)
-    return out
+    return save_png(fig, out, dpi, colors)
 
 
 def show_hard_failures(
