@@ -356,3 +356,22 @@ def test_dba_list_by_list_pads_short_lists():
     valid = (knn.neighbours_by_list(few, 3, 1)[1] >= 0).sum(axis=1)
     np.testing.assert_array_equal(valid, np.minimum(3, sizes - 1))  # short lists: the rest is -1
     assert (sizes < 4).any()
+
+
+@pytest.mark.parametrize("nprobe", [1, 3, 15])
+def test_test_queries_list_by_list_are_the_ivf_search_result(nprobe):
+    """knn.search through IVF scores each list against all the queries that probe it: the same
+    neighbours (and similarities) as faiss's IVF search of each query at that nprobe, also where
+    short lists leave fewer than k candidates."""
+    rng = np.random.default_rng(12)
+    db = _unit(np.repeat(rng.normal(size=(70, 16)), 6, axis=0) + 0.4 * rng.normal(size=(420, 16)))
+    q = _unit(rng.normal(size=(90, 16)))
+    cfg = KnnConfig(index="ivf", ivf_nlist=15, ivf_nprobe=nprobe)
+    s1, i1 = knn.search(cfg, q, db, 40)
+    s2, i2 = knn.Index(cfg, knn.Rows(db)).search(q, 40)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    if nprobe == 1:
+        assert (i1 < 0).any() and np.isneginf(s1[i1 < 0]).all()  # short lists: the rest is missing
+    if nprobe == 15:  # every list probed: exact search
+        np.testing.assert_array_equal(i1, knn.search(KnnConfig(index="exact"), q, db, 40)[1])

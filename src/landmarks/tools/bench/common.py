@@ -40,6 +40,22 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss_own() -> int:
+    """Peak resident memory of this process's own address space (``VmHWM``).  ``ru_maxrss`` is
+    kept over fork + exec, so a spawned child reports its parent's high-water mark when that was
+    higher; ``VmHWM`` starts afresh with the exec'd image."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class PeakRss:
     """Peak resident memory above the level at entry, sampled every `period` seconds."""
 

@@ -6,7 +6,8 @@ descriptors plus noise shaped like them), bench.dryrun_test test ids with global
 bench.dryrun_features synthetic local features each, and a train.csv / test.csv with synthetic
 labels.  Then ``whiten -> knn (with DBA) -> verify -> predict`` run through the stage shells
 (``stages.stage(name).run``, what the CLI runs), each in a fresh process: its wall s, peak RSS
-(``ru_maxrss``) and the load average around it.  Between knn and verify, synthetic local features
+(``VmHWM``: its own, not the parent's, which ``ru_maxrss`` keeps over exec) and the load average
+around it.  Between knn and verify, synthetic local features
 are written for the train images the knn output shortlists (``verify.num_to_rerank`` per test
 image), as the local-features stage would leave them, at most bench.dryrun_local_gb of them (fewer
 features per train image when the shortlist touches many images).  Not in the default rows: an
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from landmarks.store import load_npz, write_shard
-from landmarks.tools.bench.common import gb, in_child
+from landmarks.tools.bench.common import gb, in_child, peak_rss_own
 from landmarks.tools.bench.gldv2 import real_descriptors, synthetic_local, write_store
 from landmarks.utils import atomic_path
 from landmarks.utils.layout import WorkLayout
@@ -78,7 +79,6 @@ def write_train_local(train_dir: Path, knn_path: Path, rerank: int, n_feat: int,
 
 def _stage_child(name: str, data_dir: str, work_dir: str, settings: list[str]) -> dict:
     import logging
-    import resource
 
     from landmarks import stages
     from landmarks.config import load_config
@@ -93,7 +93,7 @@ def _stage_child(name: str, data_dir: str, work_dir: str, settings: list[str]) -
     t = time.perf_counter()
     out = st.run(run)
     wall = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_own()
     return {"stage": name, "wall_s": wall, "peak_rss": rss, "load": [load0, os.getloadavg()[0]], "out": out}
 
 

@@ -4,7 +4,7 @@
 plus noise drawn from their own principal components) as global-only feature shards, the way
 extraction leaves a train split, so the real stage functions (``knn.run_knn`` ...) read them.
 ``measure_stage`` runs one stage function in a fresh process and reports its wall seconds and
-peak RSS (``ru_maxrss`` of that process: every byte it held, data included).
+peak RSS (``VmHWM`` of that process: every byte it held, data included).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from landmarks import knn
 from landmarks.config import KnnConfig, load_config
 from landmarks.store import FeatureStore, LocalFeatures, shard_name, write_shard
-from landmarks.tools.bench.common import in_child, realistic_descriptors
+from landmarks.tools.bench.common import in_child, peak_rss_own, realistic_descriptors
 from landmarks.utils.layout import WorkLayout
 
 
@@ -83,7 +83,6 @@ def write_store(
 def _stage_child(fn_path: str, args: tuple, settings: list[str]) -> dict:
     import importlib
     import logging
-    import resource
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     mod, _, name = fn_path.rpartition(".")
@@ -92,7 +91,7 @@ def _stage_child(fn_path: str, args: tuple, settings: list[str]) -> dict:
     t = time.perf_counter()
     out = fn(cfg, *args)
     wall = time.perf_counter() - t
-    return {"wall_s": wall, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "out": str(out)}
+    return {"wall_s": wall, "peak_rss": peak_rss_own(), "out": str(out)}
 
 
 def measure_stage(fn_path: str, args: tuple, settings: list[str]) -> dict:
@@ -144,7 +143,6 @@ def crossover(real: np.ndarray, n: int, queries: int = 1000, k: int = 100) -> di
 def graph(real: np.ndarray, n: int, queries: int = 1000, k: int = 100) -> dict:
     """HNSW-Flat at the knn defaults (M 32, efConstruction 80, efSearch max(256, 2 k)) against exact
     at N real-like rows: build s, search s per 10 k queries, recall@k, peak RSS of the process."""
-    import resource
 
     import faiss
 
@@ -165,8 +163,47 @@ def graph(real: np.ndarray, n: int, queries: int = 1000, k: int = 100) -> dict:
         "hnsw_build_s": tb,
         "hnsw_search_s_per_10k": ts * 10_000 / queries,
         "recall100": _recall(ie, ii, k),
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss_own(),
         "data_bytes": int(db.nbytes),
+    }
+
+
+def graph_store(
+    train_dir: str | Path, test_dir: str | Path, scratch: str | Path, queries: int = 1000, k: int = 100
+) -> dict:
+    """The graph index at the size of a written train store (the GLDv2 dry run's 1.58 M rows):
+    HNSW-Flat at the knn defaults built from the float32 matrix file block by block, as the knn
+    stage builds it, against exact search on the same file; `queries` rows of the test store.
+    Build s, search s per 10 k queries, recall@k, peak RSS of the process (one index copy)."""
+
+    train, test = FeatureStore(train_dir), FeatureStore(test_dir)
+    n, d = train.global_shape()
+    path = Path(scratch) / "train.f32"
+    if not path.exists() or path.stat().st_size != n * d * 4:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        train.write_global_matrix(path)
+    rows = knn.Rows(path=path, shape=(n, d))
+    q = np.ascontiguousarray(test.global_matrix()[1][:queries], np.float32)
+    t = time.perf_counter()
+    _, ie = knn.Index(KnnConfig(index="exact"), rows).search(q, k)
+    te = time.perf_counter() - t
+    print(json.dumps({"n": n, "exact_s_per_10k": te * 10_000 / len(q)}), flush=True)
+    t = time.perf_counter()
+    index = knn.Index(KnnConfig(index="hnsw"), rows)
+    tb = time.perf_counter() - t
+    print(json.dumps({"n": n, "hnsw_build_s": tb}), flush=True)
+    t = time.perf_counter()
+    _, ii = index.search(q, k)
+    ts = time.perf_counter() - t
+    return {
+        "n": n,
+        "queries": len(q),
+        "exact_s_per_10k": te * 10_000 / len(q),
+        "hnsw_build_s": tb,
+        "hnsw_search_s_per_10k": ts * 10_000 / len(q),
+        "recall100": _recall(ie, ii, k),
+        "peak_rss": peak_rss_own(),
+        "data_bytes": int(n * d * 4),
     }
 
 
@@ -177,7 +214,6 @@ def dba_probe(
     (``knn.dba_neighbours``, as DBA asks them) through IVF-Flat at each nprobe against exact
     search, on `sample` random rows, with ms per query and the DBA search time that implies for
     all N rows.  `scratch` holds the train matrix as a float32 file (kept for a rerun)."""
-    import resource
 
     store = FeatureStore(train_dir)
     n, d = store.global_shape()
@@ -203,7 +239,7 @@ def dba_probe(
         rec = _recall(ie, ii, k)
         out["probes"].append({"nprobe": int(p), "recall": rec, "ms_per_q": ms, "dba_search_min": ms * n / 6e4})
         print(json.dumps(out["probes"][-1]), flush=True)
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = peak_rss_own()
     return out
 
 
@@ -218,14 +254,18 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m landmarks.tools.bench.gldv2")
-    p.add_argument("what", choices=["crossover", "graph", "dba"])
+    p.add_argument("what", choices=["crossover", "graph", "graph-store", "dba"])
     p.add_argument("sizes", type=int, nargs="+", help="N (crossover, graph) or nprobe values (dba)")
     p.add_argument("--work-dir", default="work", help="work dir whose stored features seed the data")
     p.add_argument("--train", default="", help="dba: the train feature store (e.g. written by write_store)")
-    p.add_argument("--scratch", default="", help="dba: where the float32 train matrix is written")
+    p.add_argument("--test", default="", help="graph-store: the test feature store whose rows are the queries")
+    p.add_argument("--scratch", default="", help="dba, graph-store: where the float32 train matrix is written")
     a = p.parse_args(argv)
     if a.what == "dba":
         print(json.dumps(in_child(dba_probe, a.train, a.scratch, tuple(a.sizes))), flush=True)
+        return 0
+    if a.what == "graph-store":  # sizes: the number of queries
+        print(json.dumps(in_child(graph_store, a.train, a.test, a.scratch, a.sizes[0])), flush=True)
         return 0
     real = real_descriptors(a.work_dir)
     fn = crossover if a.what == "crossover" else graph
