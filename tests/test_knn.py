@@ -375,3 +375,20 @@ def test_test_queries_list_by_list_are_the_ivf_search_result(nprobe):
         assert (i1 < 0).any() and np.isneginf(s1[i1 < 0]).all()  # short lists: the rest is missing
     if nprobe == 15:  # every list probed: exact search
         np.testing.assert_array_equal(i1, knn.search(KnnConfig(index="exact"), q, db, 40)[1])
+
+
+def test_hnsw_built_in_blocks_into_storage_sized_once(monkeypatch, tmp_path):
+    """HNSW from a file-backed matrix, block by block, into vectors allocated once at their
+    final size: every row is there once, and the search finds the near-duplicates."""
+    rng = np.random.default_rng(13)
+    base = _unit(rng.normal(size=(200, 16)))
+    db = _unit(np.concatenate([base, base + 0.01 * rng.normal(size=(200, 16))]))
+    path = tmp_path / "db.f32"
+    db.tofile(path)
+    monkeypatch.setattr(knn, "FILE_BLOCK", 70)
+    index = knn.Index(KnnConfig(index="hnsw"), knn.Rows(path=path, shape=db.shape))
+    assert index.index.ntotal == 400
+    stored = index.index.storage.reconstruct_n(0, 400)
+    np.testing.assert_array_equal(stored, db)
+    _, i = index.search(db[:200], 2)
+    assert (i[:, 1] == np.arange(200) + 200).mean() > 0.95

@@ -277,6 +277,11 @@ class Index:
             return index
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = max(40, int(cfg.hnsw_ef_construction))
+        # the vectors allocated once at their final size: add() grows them by vector doubling,
+        # old and new buffers at once (12.0 GB peak for the 8.1 GB of vectors at 1.58 M x 1280)
+        flat = faiss.downcast_index(index.storage)
+        flat.codes.resize(db.n * flat.code_size)
+        flat.codes.resize(0)  # size 0, capacity kept
         for _, blk in db.blocks():
             index.add(blk)
         return index
