@@ -229,3 +229,42 @@ def test_label_positives_are_learned_from_a_seeded_sample_of_a_big_train_split(t
     same = [xs[i] @ xs[j] for i in range(50) for j in range(i + 1, 50) if ls[i] == ls[j]]
     other = [xs[i] @ xs[j] for i in range(50) for j in range(i + 1, 50) if ls[i] != ls[j]]
     assert same and np.mean(same) > np.mean(other) + 0.3
+
+
+def test_relabelled_train_split_refits_the_whitening_and_reruns_knn(tmp_path, caplog):
+    """Lw reads the train labels: a train.csv with other labels (same features) refits it, and the
+    knn output, whose inputs include the fitted whitening's stamp, is redone; the same labels
+    rewritten keep both."""
+    rng = np.random.default_rng(5)
+    x, labels = _landmarks(rng, 20, 4)
+    q = _unit(x[::4] + 0.05 * rng.normal(size=(20, D)))
+    data_dir = _dataset(tmp_path, x, labels, q)
+    work = WorkLayout(tmp_path)
+    cfg = Config()
+    cfg.knn.k, cfg.knn.dba_k, cfg.whiten.global_lw = 3, 0, True
+    train, test = work.features("train"), work.features("test")
+
+    def run():
+        out = whiten.run_whiten(cfg, train, work.whiten(cfg), data_dir)
+        return out, knn.run_knn(cfg, train, test, work.knn(cfg), out)
+
+    w_out, k_out = run()
+    w_fp, proj = load_npz(w_out)["fingerprint"], load_npz(w_out)["g_proj"]
+    k_fp = load_npz(k_out)["fingerprint"]
+    csv = data_dir / "train.csv"
+    csv.write_text(csv.read_text())  # the same labels, a new mtime: nothing is redone
+    caplog.set_level("INFO", logger="landmarks")
+    run()
+    assert "whiten: " in caplog.text and "is up to date" in caplog.text
+    assert load_npz(k_out)["fingerprint"] == k_fp
+    shuffled = rng.permutation(labels)  # relabelled: other positives
+    ids = [f"tr{i:04d}" for i in range(len(x))]
+    csv.write_text("id,landmark_id\n" + "".join(f"{i},{c}\n" for i, c in zip(ids, shuffled)))
+    w2, k2 = run()
+    assert (w2, k2) == (w_out, k_out)  # same settings, same file names
+    assert load_npz(w2)["fingerprint"] != w_fp and load_npz(k2)["fingerprint"] != k_fp
+    assert not np.allclose(load_npz(w2)["g_proj"], proj)  # refitted on the new positives
+    # the knn stage refuses a whitening fitted on other features (checked at load)
+    write_shard(train / "shard-00000-of-00001.h5", [f"tr{i:04d}" for i in range(len(x))], x[::-1].copy(), None)
+    with pytest.raises(LandmarksError, match="other train features"):
+        whiten.load_whiten(cfg, w2, train, "global")

@@ -505,10 +505,12 @@ def alpha_qe(queries: np.ndarray, db, sims: np.ndarray, idx: np.ndarray, k: int,
 
 
 # -- stage -----------------------------------------------------------------------------------
-def knn_fingerprint(cfg, train_features: Path, test_features: Path) -> str:
-    """Inputs of the knn stage: both splits' shards and the knn + whiten settings."""
-    shards = [cache.dir_fingerprint(d, SHARD_GLOB) for d in (train_features, test_features)]
-    return cache.fingerprint("knn", cfg, shards)
+def knn_fingerprint(cfg, train_features: Path, test_features: Path, whiten_path: str | Path | None = None) -> str:
+    """Inputs of the knn stage: both splits' shards, the knn + whiten settings and, when the
+    global whitening is on, the fitted whitening's own stamp (a refit on other labels reruns knn)."""
+    inputs = [cache.dir_fingerprint(d, SHARD_GLOB) for d in (train_features, test_features)]
+    fitted = whiten.output_fingerprint(cfg, whiten_path)
+    return cache.fingerprint("knn", cfg, inputs + ([f"whiten:{fitted}"] if fitted else []))
 
 
 def neighbours(cfg, train, test: np.ndarray, scratch: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -554,7 +556,7 @@ def run_knn(
     """
 
     train_features, test_features, out = Path(train_features), Path(test_features), Path(out)
-    fp = knn_fingerprint(cfg, train_features, test_features)
+    fp = knn_fingerprint(cfg, train_features, test_features, whiten_path)
     if cache.up_to_date(out, fp):
         log.info("knn: %s is up to date", out)
         return out

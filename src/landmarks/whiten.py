@@ -289,9 +289,34 @@ def is_on(cfg) -> bool:
     return bool(global_on(cfg) or cfg.whiten.local_pca)
 
 
-def whiten_fingerprint(cfg, train_features: Path) -> str:
-    """Inputs of the whiten stage: the train shards and the whiten settings."""
-    return cache.fingerprint("whiten", cfg, [cache.dir_fingerprint(train_features, SHARD_GLOB)])
+def uses_labels(cfg) -> bool:
+    """True when the fit reads the train labels (Lw or the query transformation from labels)."""
+    wc = cfg.whiten
+    return bool(global_on(cfg) and (wc.global_lw or wc.query_transform) and wc.positives == "labels")
+
+
+def labels_fingerprint(cfg, data_dir: str | Path | None) -> str:
+    """The content digest of the train.csv the fit reads its labels from; '' when it reads none.
+    A relabelled train.csv with the same features refits the whitening (and so reruns knn)."""
+    if not uses_labels(cfg) or data_dir is None:
+        return ""
+    path = Path(data_dir) / data.SPLITS["train"]
+    return cache.content_digest(path) if path.exists() else ""
+
+
+def whiten_fingerprint(cfg, train_features: Path, labels_fp: str = "") -> str:
+    """Inputs of the whiten stage: the train shards, the train labels when the fit reads them
+    (`labels_fp`, ``labels_fingerprint``) and the whiten settings."""
+    inputs = [cache.dir_fingerprint(train_features, SHARD_GLOB)] + ([f"labels:{labels_fp}"] if labels_fp else [])
+    return cache.fingerprint("whiten", cfg, inputs)
+
+
+def output_fingerprint(cfg, path: str | Path | None) -> str:
+    """The fingerprint stamped in the fitted whitening a later stage reads ('' when whitening is
+    off or not fitted yet): part of knn's inputs, so a refit (other labels) reruns knn and what follows."""
+    if not global_on(cfg) or path is None:
+        return ""
+    return cache.read_stamp(path, check=False) or ""
 
 
 def _local_sample(store) -> np.ndarray:
@@ -333,7 +358,8 @@ def run_whiten(cfg, train_features: str | Path, out: str | Path, data_dir: str |
         return None
 
     train_features, out = Path(train_features), Path(out)
-    fp = whiten_fingerprint(cfg, train_features)
+    labels_fp = labels_fingerprint(cfg, data_dir)
+    fp = whiten_fingerprint(cfg, train_features, labels_fp)
     if cache.up_to_date(out, fp):
         log.info("whiten: %s is up to date", out)
         return out
@@ -359,7 +385,7 @@ def run_whiten(cfg, train_features: str | Path, out: str | Path, data_dir: str |
         arrays.update(fit_global_learned(cfg, x, labels))
     if cfg.whiten.local_pca:
         arrays.update(fit_local(_local_sample(store), cfg.whiten.local_pca_dim))
-    cache.save_npz(out, fp, **arrays)
+    cache.save_npz(out, fp, labels_fingerprint=np.array(labels_fp), **arrays)
     log.info("whiten: fitted %s -> %s", ", ".join(sorted(arrays)), out)
     return out
 
@@ -371,8 +397,10 @@ def load_whiten(cfg, path: str | Path | None, train_features: str | Path, part: 
         return None
     if path is None or not Path(path).exists():
         raise LandmarksError(f"whiten ({part}) is on but {path} does not exist: run `landmarks whiten` (make whiten)")
-    if not cache.up_to_date(path, whiten_fingerprint(cfg, Path(train_features))):
+    arrays = cache.load_npz(path, "`landmarks whiten`")
+    labels_fp = str(arrays.get("labels_fingerprint", ""))  # checked by the whiten stage itself
+    if str(arrays.get("fingerprint", "")) != whiten_fingerprint(cfg, Path(train_features), labels_fp):
         raise LandmarksError(
             f"{path} is damaged or was fitted on other train features or settings: rerun `landmarks whiten`"
         )
-    return cache.load_npz(path, "`landmarks whiten`")
+    return arrays

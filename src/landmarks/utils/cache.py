@@ -170,7 +170,7 @@ def file_keys(ids: Sequence[str], paths: Sequence[str], mode: str = "stat") -> l
     for i, p in zip(ids, paths):
         try:
             if mode == "content":
-                out.append(f"{i}:c{_content_digest(p)}")
+                out.append(f"{i}:c{content_digest(p)}")
             else:
                 st = os.stat(p)
                 out.append(f"{i}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}")
@@ -179,7 +179,8 @@ def file_keys(ids: Sequence[str], paths: Sequence[str], mode: str = "stat") -> l
     return out
 
 
-def _content_digest(path) -> str:
+def content_digest(path) -> str:
+    """sha1 of a file's bytes (20 hex): for small inputs whose content, not mtime, matters."""
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
