@@ -203,6 +203,13 @@ VARIANTS: dict[str, list[str]] = {
     "calibrated, ridge l2=10": ["vote.method=calibrated", "calibrate.l2=10"],
     "calibrated, no warps": ["vote.method=calibrated", "calibrate.warps=0"],
     "a-contrario gate: inliers count when NFA <= 1": ["vote.significance_gate=0"],
+    # the inlier term on the Lw + power 0.5 defaults: chance inliers (5-6, the random floor) lift
+    # every candidate by 0.07-0.09; discount them, or weigh real matches more
+    "inlier floor 6": ["vote.inlier_floor=6"],
+    "inlier floor 6, weight 2": ["vote.inlier_floor=6", "vote.inlier_weight=2"],
+    "inlier weight 2": ["vote.inlier_weight=2"],
+    "inlier cap 30": ["vote.inlier_cap=30"],
+    "inlier floor 6, cap 30": ["vote.inlier_floor=6", "vote.inlier_cap=30"],
     # affine view synthesis of the test images (docs/view_synthesis.md)
     "views: tilt 2 at 0 deg (shared 1000)": ["extract.view_tilts=2", "extract.view_angles=0"],
     "views: tilt 2 at 0 deg, +1000 per view": [
