@@ -184,18 +184,28 @@ def test_streamed_knn_exact_matches_numpy_and_ivf_recall(tmp_path):
     knn_stream.STEP, step = 700, knn_stream.STEP  # several chunks
     try:
         s = knn_stream.stream_child(
-            3000, 30, 20, str(tmp_path / "real.npy"), 1.0, str(tmp_path / "db.f32"), ("flat", "sq8"), 0, (4, 55), 40
+            3000,
+            30,
+            20,
+            str(tmp_path / "real.npy"),
+            1.0,
+            str(tmp_path / "db.f32"),
+            ("flat", "sq8", "hnsw"),
+            0,
+            (4, 55),
+            40,
         )
     finally:
         knn_stream.STEP = step
     db = np.fromfile(tmp_path / "db.f32", np.float32).reshape(3000, 24)
     assert np.allclose(np.linalg.norm(db, axis=1), 1, atol=1e-5)
-    assert [v["kind"] for v in s["ivf"]] == ["flat", "sq8"] and s["ivf"][0]["nlist"] == 55  # sqrt(3000)
+    assert [v["kind"] for v in s["ivf"]] == ["flat", "sq8", "hnsw"] and s["ivf"][0]["nlist"] == 55  # sqrt(3000)
     full = {v["kind"]: v["searches"][-1]["recall"] for v in s["ivf"]}  # nprobe = nlist: every list scanned
-    assert full["flat"] == 1.0 and full["sq8"] > 0.9
-    assert "| ivf-flat | 55 | 55 |" in "\n".join(knn_stream.markdown(s, 300))
+    assert full["flat"] == 1.0 and full["sq8"] > 0.9 and full["hnsw"] > 0.9  # the graph index, built from the file
+    table = "\n".join(knn_stream.markdown(s, 300))
+    assert "| ivf-flat | 55 | 55 |" in table and "| hnsw | M 32, efC 80 | efSearch 256 |" in table
     b = knn_stream.best(s, 300)
-    assert b["recall"] >= 0.95 and b["ratio"] > 0
+    assert b["recall"] >= 0.95 and b["ratio"] > 0 and b["kind"] != "hnsw"
     cfg = load_config(None, [])
     rows = scale._knn_rows(cfg, {"stream": s, "k": 20})
     assert any(r[0].startswith("DBA (knn.dba_k=2") for r in rows) and any("ivf-" in r[0] for r in rows)

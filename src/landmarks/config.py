@@ -377,10 +377,10 @@ class BenchConfig:
     knn_stream_n: int = ranged(
         0, "[0, 10000000000]"
     )  # row 3: also exact vs IVF at this N (e.g. 1580000), database streamed from disk (~30 min; 0 = off)
-    knn_stream_kinds: tuple[Literal["flat", "sq8", "fp16"], ...] = (
+    knn_stream_kinds: tuple[Literal["flat", "sq8", "fp16", "hnsw"], ...] = (
         "flat",
         "sq8",
-    )  # row 3 streamed: IVF storage variants
+    )  # row 3 streamed: IVF storage variants, and hnsw (the graph index at knn.hnsw_*)
     knn_stream_nlist: int = ranged(0, "[0, 16777216]")  # row 3 streamed: IVF lists (0 = sqrt(N))
     knn_stream_nprobes: tuple[int, ...] = ranged(
         (32, 64, 128), "[1, 16777216]"

@@ -239,6 +239,7 @@ def _stream(cfg, work_dir, real, real_path, k: int, q: int) -> dict | None:
         int(bc.knn_stream_nlist),
         tuple(bc.knn_stream_nprobes),
         int(cfg.knn.ivf_train_per_centroid) or 40,
+        (int(cfg.knn.hnsw_m), int(cfg.knn.hnsw_ef_construction), int(cfg.knn.hnsw_ef_search)),
     )
     path.unlink(missing_ok=True)  # GBs of generated data: not kept
     return out
