@@ -98,3 +98,20 @@ def test_verify_builds_each_index_once_per_stage(tmp_path, monkeypatch):
     out2 = verify.run_verify(cfg, knn_path, work.features("test"), work.features("train"), tmp_path / "v2.npz")
     assert len(builds) == 2
     np.testing.assert_array_equal(load_npz(out2)["inliers"], first)
+
+
+def test_global_matrix_reads_a_sample_of_rows_shard_by_shard(tmp_path):
+    """global_matrix(rows=...) is the full matrix's rows (CSV order, across shards written out of
+    order), read without the rest: what whiten's seeded sample of a big split reads."""
+    rng = np.random.default_rng(4)
+    x = _unit(rng.normal(size=(90, 8)))
+    ids = [f"id{i:03d}" for i in range(90)]
+    order = rng.permutation(90)
+    for s, part in enumerate(np.array_split(order, 3)):
+        write_shard(tmp_path / f"shard-{s:05d}-of-00003.h5", [ids[i] for i in part], x[part], None, order=part)
+    full_ids, full = FeatureStore(tmp_path).global_matrix()
+    assert full_ids == ids and np.array_equal(full, x)
+    rows = np.sort(rng.choice(90, 17, replace=False))
+    got_ids, got = FeatureStore(tmp_path).global_matrix(rows=rows)
+    assert got_ids == [ids[i] for i in rows] and np.array_equal(got, x[rows])
+    assert FeatureStore(tmp_path).global_matrix(rows=np.arange(0))[1].shape == (0, 8)

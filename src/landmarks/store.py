@@ -518,18 +518,28 @@ class FeatureStore:
         ids, _, dim = self._global_layout()
         return len(ids), dim
 
-    def global_matrix(self, dtype=np.float32) -> tuple[list[str], np.ndarray]:
+    def global_matrix(self, dtype=np.float32, rows=None) -> tuple[list[str], np.ndarray]:
         """All global descriptors of the shards as one [n, D] array with their ids, in CSV order
-        (the shards' ``order`` rows; shard order for shards written without one)."""
+        (the shards' ``order`` rows; shard order for shards written without one).  `rows`: only
+        these positions of that order (sorted, unique), read shard by shard: a sample of a big
+        split without the whole matrix in memory."""
         import h5py
 
         ids, files, dim = self._global_layout()
         if not files:
             return [], np.zeros((0, 0), dtype)
+        if rows is not None:
+            rows = np.asarray(rows, np.int64)
+            ids = [ids[i] for i in rows]
         mat = np.empty((len(ids), dim), dtype)
         for p, pos in files:
+            keep = None if rows is None else np.isin(pos, rows)
+            if keep is not None and not keep.any():
+                continue
             with h5py.File(p, "r") as f:
                 block = f["global"][:].astype(dtype, copy=False)
+            if keep is not None:
+                block, pos = block[keep], np.searchsorted(rows, pos[keep])
             _check_finite(p, block)
             mat[pos] = block
         return ids, mat

@@ -366,20 +366,22 @@ def run_whiten(cfg, train_features: str | Path, out: str | Path, data_dir: str |
     store = FeatureStore(train_features)
     arrays: dict = {}
     if global_on(cfg):
-        ids, x = store.global_matrix()
         wc = cfg.whiten
         labels = None
         learned = wc.global_lw or wc.query_transform
         cap = LABEL_SAMPLE if wc.positives == "labels" else MINE_SAMPLE
-        if learned and len(ids) > cap:
-            pick = np.sort(np.random.default_rng(0).choice(len(ids), cap, replace=False))
+        n = store.global_shape()[0]
+        if learned and n > cap:  # only the sample is read (GLDv2: 1 GB of 8)
+            pick = np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
             log.info(
                 "whiten: learning from a seeded sample of %d of %d train images (%s positives)",
                 cap,
-                len(ids),
+                n,
                 wc.positives,
             )
-            x, ids = x[pick], [ids[i] for i in pick]
+            ids, x = store.global_matrix(rows=pick)
+        else:
+            ids, x = store.global_matrix()
         if learned and wc.positives == "labels":
             labels = train_labels(data_dir, ids)
         arrays.update(fit_global_learned(cfg, x, labels))
