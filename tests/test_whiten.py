@@ -171,12 +171,17 @@ def _dataset(tmp_path, x, labels, q):
     return d
 
 
-def test_whiten_and_knn_stages_with_lw_and_query_transform(tmp_path):
-    rng = np.random.default_rng(7)
+def _stage_split(tmp_path, seed):
+    """20 landmarks x 4 train rows, one query near each landmark's first row, written as a dataset
+    and feature stores: (rng, x, labels, q, data_dir, work)."""
+    rng = np.random.default_rng(seed)
     x, labels = _landmarks(rng, 20, 4)
     q = _unit(x[::4] + 0.05 * rng.normal(size=(20, D)))
-    data_dir = _dataset(tmp_path, x, labels, q)
-    work = WorkLayout(tmp_path)
+    return rng, x, labels, q, _dataset(tmp_path, x, labels, q), WorkLayout(tmp_path)
+
+
+def test_whiten_and_knn_stages_with_lw_and_query_transform(tmp_path):
+    rng, x, labels, q, data_dir, work = _stage_split(tmp_path, 7)
     cfg = Config()
     cfg.knn.k = 3
     cfg.knn.dba_k = 0
@@ -204,11 +209,7 @@ def test_whiten_and_knn_stages_with_lw_and_query_transform(tmp_path):
 def test_label_positives_are_learned_from_a_seeded_sample_of_a_big_train_split(tmp_path, monkeypatch, caplog):
     """Above whiten.LABEL_SAMPLE train images (GLDv2), Lw learns from a seeded sample with its own
     labels: the labels follow the sampled ids, and the fit is the one of that sample."""
-    rng = np.random.default_rng(3)
-    x, labels = _landmarks(rng, 20, 4)
-    q = _unit(x[::4] + 0.05 * rng.normal(size=(20, D)))
-    data_dir = _dataset(tmp_path, x, labels, q)
-    work = WorkLayout(tmp_path)
+    rng, x, labels, q, data_dir, work = _stage_split(tmp_path, 3)
     cfg = Config()
     cfg.whiten.global_lw = True
     monkeypatch.setattr(whiten, "LABEL_SAMPLE", 50)
@@ -235,11 +236,7 @@ def test_relabelled_train_split_refits_the_whitening_and_reruns_knn(tmp_path, ca
     """Lw reads the train labels: a train.csv with other labels (same features) refits it, and the
     knn output, whose inputs include the fitted whitening's stamp, is redone; the same labels
     rewritten keep both."""
-    rng = np.random.default_rng(5)
-    x, labels = _landmarks(rng, 20, 4)
-    q = _unit(x[::4] + 0.05 * rng.normal(size=(20, D)))
-    data_dir = _dataset(tmp_path, x, labels, q)
-    work = WorkLayout(tmp_path)
+    rng, x, labels, q, data_dir, work = _stage_split(tmp_path, 5)
     cfg = Config()
     cfg.knn.k, cfg.knn.dba_k, cfg.whiten.global_lw = 3, 0, True
     train, test = work.features("train"), work.features("test")

@@ -168,6 +168,18 @@ def graph(real: np.ndarray, n: int, queries: int = 1000, k: int = 100) -> dict:
     }
 
 
+def train_file_rows(train_dir: str | Path, scratch: str | Path) -> knn.Rows:
+    """A train store's global matrix as a float32 file in `scratch` (written once, kept for a
+    rerun: GBs at GLDv2 size), read in blocks as the knn stage reads its own."""
+    store = FeatureStore(train_dir)
+    n, d = store.global_shape()
+    path = Path(scratch) / "train.f32"
+    if not path.exists() or path.stat().st_size != n * d * 4:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        store.write_global_matrix(path)
+    return knn.Rows(path=path, shape=(n, d))
+
+
 def graph_store(
     train_dir: str | Path, test_dir: str | Path, scratch: str | Path, queries: int = 1000, k: int = 100
 ) -> dict:
@@ -176,14 +188,9 @@ def graph_store(
     stage builds it, against exact search on the same file; `queries` rows of the test store.
     Build s, search s per 10 k queries, recall@k, peak RSS of the process (one index copy)."""
 
-    train, test = FeatureStore(train_dir), FeatureStore(test_dir)
-    n, d = train.global_shape()
-    path = Path(scratch) / "train.f32"
-    if not path.exists() or path.stat().st_size != n * d * 4:
-        Path(scratch).mkdir(parents=True, exist_ok=True)
-        train.write_global_matrix(path)
-    rows = knn.Rows(path=path, shape=(n, d))
-    q = np.ascontiguousarray(test.global_matrix()[1][:queries], np.float32)
+    rows = train_file_rows(train_dir, scratch)
+    n, d = rows.n, rows.d
+    q = np.ascontiguousarray(FeatureStore(test_dir).global_matrix()[1][:queries], np.float32)
     t = time.perf_counter()
     _, ie = knn.Index(KnnConfig(index="exact"), rows).search(q, k)
     te = time.perf_counter() - t
@@ -215,13 +222,8 @@ def dba_probe(
     search, on `sample` random rows, with ms per query and the DBA search time that implies for
     all N rows.  `scratch` holds the train matrix as a float32 file (kept for a rerun)."""
 
-    store = FeatureStore(train_dir)
-    n, d = store.global_shape()
-    path = Path(scratch) / "train.f32"
-    if not path.exists() or path.stat().st_size != n * d * 4:
-        Path(scratch).mkdir(parents=True, exist_ok=True)
-        store.write_global_matrix(path)
-    rows = knn.Rows(path=path, shape=(n, d))
+    rows = train_file_rows(train_dir, scratch)
+    n = rows.n
     own = np.sort(np.random.default_rng(0).choice(n, min(sample, n), replace=False))
     q = rows.take(own)
     t = time.perf_counter()
