@@ -246,7 +246,8 @@ def test_verify_on_the_cluster_matches_local_and_survives_a_killed_worker(cluste
 
     box = {}
     driver = threading.Thread(
-        target=lambda: box.update(out=verify.run_verify(cfg, *args, tmp_path / "dask2.npz", scheduler=cluster.address))
+        target=lambda: box.update(out=verify.run_verify(cfg, *args, tmp_path / "dask2.npz", scheduler=cluster.address)),
+        daemon=True,  # a stuck driver fails this test, never the interpreter's exit
     )
     driver.start()
     with Client(cluster.address, timeout="10s") as c:
@@ -257,5 +258,11 @@ def test_verify_on_the_cluster_matches_local_and_survives_a_killed_worker(cluste
             time.sleep(0.02)
         cluster.kill("worker0")
     driver.join(300)
-    assert not driver.is_alive() and "out" in box
+    if driver.is_alive():  # say where it waits, and what the cluster said
+        import faulthandler
+
+        faulthandler.dump_traceback(all_threads=True)
+        logs = "\n".join(f"--- {n}\n{p.read_text()[-2000:]}" for n, p in cluster.logs.items())
+        pytest.fail(f"verify on the cluster did not end within 300 s of the kill\n{logs}")
+    assert "out" in box
     np.testing.assert_array_equal(load_npz(box["out"])["inliers"], ref)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from landmarks.config import check_setting
 from landmarks.utils import LandmarksError, available_cores, log
 
 WATCH_SECONDS = 0.25  # the dask driver checks which workers are alive this often
+RESULT_SECONDS = 60  # a finished task's result not fetched by then is computed again (run_on_dask)
 POLL_SECONDS = 0.5  # the driver's bar reads the tasks' progress files this often
 
 
@@ -95,18 +97,8 @@ def run_tasks(worker, tasks: list, jobs: int, scheduler, desc: str) -> list[dict
             return results
         watcher.start()
         if scheduler:
-            from dask.distributed import Client
-
-            own = isinstance(scheduler, str)
-            try:
-                client = Client(scheduler, timeout="30s") if own else scheduler
-            except (OSError, TimeoutError) as e:
-                raise LandmarksError(f"cannot reach dask scheduler {scheduler}: {e}") from None
-            try:
+            with dask_client(scheduler) as client:
                 _run_dask(client, worker, tasks, done)
-            finally:
-                if own:
-                    client.close()
         elif jobs <= 1 or len(tasks) == 1:
             for t in tasks:
                 done(worker(t))
@@ -174,40 +166,87 @@ class ProgressWatcher:
 
 
 def _run_dask(client, worker, tasks: list, done) -> None:
-    """client.map the tasks; while waiting, watch the workers: when one leaves (killed, lost), log
-    which shards it was running: the scheduler reruns them on the remaining workers (its
-    allowed-failures bound applies), and since a shard is written atomically a half-run task
-    leaves nothing behind."""
+    """The shard tasks on the cluster (`run_on_dask`); each finished shard is logged with its worker.
+    A shard is written atomically, so a half-run task leaves nothing behind."""
+    names = [Path(t.out).name for t in tasks]
+    for _, r in run_on_dask(client, worker, [(t,) for t in tasks], names, "shard"):
+        log.info(
+            "%s done on %s (%d extracted, %d kept)",
+            Path(r["path"]).name,
+            r.get("worker", "?"),
+            r.get("extracted", r["n"]),
+            r.get("kept", 0),
+        )
+        done(r)
+
+
+@contextmanager
+def dask_client(scheduler):
+    """A Client for `scheduler` (an address, closed at the end) or the given Client itself; a clear
+    error when the scheduler cannot be reached."""
+    from dask.distributed import Client
+
+    if not isinstance(scheduler, str):
+        yield scheduler
+        return
+    try:
+        client = Client(scheduler, timeout="30s")
+    except (OSError, TimeoutError) as e:
+        raise LandmarksError(f"cannot reach dask scheduler {scheduler}: {e}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def run_on_dask(client, fn, args: list[tuple], names: list[str], what: str = "task"):
+    """Yield (task number, fn(*args[k])) as the cluster finishes them, in any order.
+
+    While waiting it watches the workers: one that leaves (killed, lost) is logged with the tasks it
+    held, and the scheduler reruns them on the others (its allowed-failures bound applies; a task
+    that failed on every try raises here).  A finished task whose result cannot be fetched within
+    RESULT_SECONDS (its worker died while sending it) is submitted again: every task's result
+    depends only on its inputs, so a rerun changes nothing."""
     from dask.distributed import wait
 
-    futures = client.map(worker, tasks, pure=False)
-    shard_of = {f.key: Path(t.out).name for f, t in zip(futures, tasks)}
-    pending = set(futures)
+    number: dict = {}
+
+    def submit(k: int):
+        fut = client.submit(fn, *args[k], pure=False)
+        number[fut.key] = k
+        return fut
+
+    pending = {submit(k) for k in range(len(args))}
 
     def running() -> dict:
         try:
-            return {w: [shard_of[k] for k in keys if k in shard_of] for w, keys in client.processing().items()}
+            return {w: [names[number[key]] for key in keys if key in number] for w, keys in client.processing().items()}
         except Exception:  # noqa: BLE001 - the watch must never break the run
             return {}
 
-    held: dict[str, set] = {w: set(v) for w, v in running().items()}  # shards seen on each worker, not yet done
+    held: dict[str, set] = {w: set(v) for w, v in running().items()}  # tasks seen on each worker, not yet done
     while pending:
         try:
             finished, pending = wait(pending, timeout=WATCH_SECONDS, return_when="FIRST_COMPLETED")
         except TimeoutError:  # nothing finished within the watch period
             finished = set()
         for fut in finished:
-            r = fut.result()  # a task that failed on every try raises here
-            log.info(
-                "%s done on %s (%d extracted, %d kept)",
-                Path(r["path"]).name,
-                r.get("worker", "?"),
-                r.get("extracted", r["n"]),
-                r.get("kept", 0),
-            )
-            done(r)
+            k = number[fut.key]
+            try:
+                result = fut.result(timeout=RESULT_SECONDS)
+            except TimeoutError:
+                log.warning(
+                    "dask: the result of %s %s was not fetched within %d s (its worker may have left); submitted again",
+                    what,
+                    names[k],
+                    RESULT_SECONDS,
+                )
+                fut.cancel()
+                pending.add(submit(k))
+                continue
             for v in held.values():
-                v.discard(Path(r["path"]).name)
+                v.discard(names[k])
+            yield k, result
         now = running()
         if not now:  # the scheduler did not answer: keep what we know
             continue
@@ -215,7 +254,7 @@ def _run_dask(client, worker, tasks: list, done) -> None:
             log.warning(
                 "dask worker %s left while holding %s; the scheduler retries them on %d remaining worker(s)",
                 w,
-                ", ".join(sorted(held[w])) or "no shard",
+                ", ".join(sorted(held[w])) or f"no {what}",
                 len(now),
             )
             del held[w]

@@ -20,6 +20,7 @@ import numpy as np
 
 from landmarks import whiten
 from landmarks.delg.featuremaps import maps_fingerprint
+from landmarks.shards import dask_client, run_on_dask
 from landmarks.store import (
     INDEX_NAME,
     FeatureMaps,
@@ -481,32 +482,18 @@ def _batch_results(args: list[tuple], jobs: int, scheduler):
 
 def _dask_results(args: list[tuple], scheduler):
     """The batches as tasks on a Dask cluster (each worker opens the stores' persisted id index
-    once, ``_store``).  A worker that dies mid-run loses nothing: the scheduler reruns its tasks
-    on the others, and a batch's result depends only on its inputs, so the output equals a local
-    run's."""
-    from dask.distributed import Client, as_completed
-
-    own = isinstance(scheduler, str)
-    try:
-        client = Client(scheduler, timeout="30s") if own else scheduler
-    except (OSError, TimeoutError) as e:
-        raise LandmarksError(f"cannot reach dask scheduler {scheduler}: {e}") from None
-    try:
-        workers = len(client.scheduler_info().get("workers", {}))
+    once, ``_store``); `shards.run_on_dask` watches the workers and reruns what a lost one held.  A
+    batch's result depends only on its inputs, so the output equals a local run's."""
+    with dask_client(scheduler) as client:
         log.info(
             "verify: %d batches of <= %d test images on dask %s (%d workers)",
             len(args),
             BATCH_IMAGES,
             client.scheduler.address,
-            workers,
+            len(client.scheduler_info().get("workers", {})),
         )
-        futures = [client.submit(_verify_batch, *a, pure=False) for a in args]
-        number = {f.key: k for k, f in enumerate(futures)}
-        for fut in as_completed(futures):
-            yield number[fut.key], fut.result()  # a batch that failed on every try raises here
-    finally:
-        if own:
-            client.close()
+        names = [f"batch-{k}" for k in range(len(args))]
+        yield from run_on_dask(client, _verify_batch, args, names, "batch")
 
 
 def run_verify(

@@ -104,7 +104,19 @@ def in_child(fn, *args):
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-        return ex.submit(fn, *args).result()
+        return ex.submit(_call_and_release, fn, *args).result()
+
+
+def _call_and_release(fn, *args):
+    """fn(*args), then stop the child's idle joblib (loky) workers: left alone they hold the child's
+    exit, and the bench with it, for loky's idle timeout (5 min)."""
+    try:
+        return fn(*args)
+    finally:
+        from joblib.externals.loky import reusable_executor
+
+        if reusable_executor._executor is not None:
+            reusable_executor._executor.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------- machine
