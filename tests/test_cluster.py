@@ -266,3 +266,33 @@ def test_verify_on_the_cluster_matches_local_and_survives_a_killed_worker(cluste
         pytest.fail(f"verify on the cluster did not end within 300 s of the kill\n{logs}")
     assert "out" in box
     np.testing.assert_array_equal(load_npz(box["out"])["inliers"], ref)
+
+
+def _square(x):
+    return x * x
+
+
+def test_run_on_dask_resubmits_a_task_whose_result_cannot_be_fetched(monkeypatch, caplog):
+    """A finished task whose result does not arrive in time (its worker died while sending it) is
+    submitted again and its result still comes back once, with a warning that names it."""
+    import logging
+
+    from dask.distributed import Client, Future, LocalCluster
+
+    from landmarks import shards
+
+    real_result, stuck = Future.result, set()
+
+    def result(self, timeout=None):
+        if self.key not in stuck and len(stuck) < 2:  # the first two fetches hang
+            stuck.add(self.key)
+            raise TimeoutError
+        return real_result(self, timeout=timeout)
+
+    monkeypatch.setattr(Future, "result", result)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        with Client(lc) as client, caplog.at_level(logging.WARNING, logger="landmarks"):
+            got = dict(shards.run_on_dask(client, _square, [(k,) for k in range(6)], [f"t{k}" for k in range(6)]))
+    assert got == {k: k * k for k in range(6)} and len(stuck) == 2
+    warned = [r.getMessage() for r in caplog.records if "submitted again" in r.getMessage()]
+    assert len(warned) == 2 and all("task t" in w for w in warned)
