@@ -296,3 +296,18 @@ def test_run_on_dask_resubmits_a_task_whose_result_cannot_be_fetched(monkeypatch
     assert got == {k: k * k for k in range(6)} and len(stuck) == 2
     warned = [r.getMessage() for r in caplog.records if "submitted again" in r.getMessage()]
     assert len(warned) == 2 and all("task t" in w for w in warned)
+
+
+def test_run_on_dask_stops_with_a_clear_error_when_a_result_never_arrives(monkeypatch):
+    from dask.distributed import Client, Future, LocalCluster
+
+    from landmarks import shards
+    from landmarks.utils import LandmarksError
+
+    def result(self, timeout=None):
+        raise TimeoutError
+
+    monkeypatch.setattr(Future, "result", result)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        with Client(lc) as client, pytest.raises(LandmarksError, match="could not be fetched in 3 tries"):
+            list(shards.run_on_dask(client, _square, [(2,)], ["t0"]))

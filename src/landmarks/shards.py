@@ -23,6 +23,7 @@ from landmarks.utils import LandmarksError, available_cores, log
 
 WATCH_SECONDS = 0.25  # the dask driver checks which workers are alive this often
 RESULT_SECONDS = 60  # a finished task's result not fetched by then is computed again (run_on_dask)
+RESULT_TRIES = 3  # ... at most this many times in all, then the run stops with an error
 POLL_SECONDS = 0.5  # the driver's bar reads the tasks' progress files this often
 
 
@@ -210,10 +211,12 @@ def run_on_dask(client, fn, args: list[tuple], names: list[str], what: str = "ta
     from dask.distributed import wait
 
     number: dict = {}
+    tries = [0] * len(args)
 
     def submit(k: int):
         fut = client.submit(fn, *args[k], pure=False)
         number[fut.key] = k
+        tries[k] += 1
         return fut
 
     pending = {submit(k) for k in range(len(args))}
@@ -235,6 +238,11 @@ def run_on_dask(client, fn, args: list[tuple], names: list[str], what: str = "ta
             try:
                 result = fut.result(timeout=RESULT_SECONDS)
             except TimeoutError:
+                if tries[k] >= RESULT_TRIES:
+                    raise LandmarksError(
+                        f"dask: the result of {what} {names[k]} could not be fetched in {RESULT_TRIES} tries of "
+                        f"{RESULT_SECONDS} s each: are the workers reachable from this machine?"
+                    ) from None
                 log.warning(
                     "dask: the result of %s %s was not fetched within %d s (its worker may have left); submitted again",
                     what,
